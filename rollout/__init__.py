@@ -1,0 +1,1 @@
+"""reasonrl rollout side: prompts, tasks, rewards and generation engines (vLLM and HF)."""

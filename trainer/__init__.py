@@ -1,0 +1,1 @@
+"""reasonrl learner side: losses, data, learners (GRPO, SFT, DPO, expert iteration), CLI."""
