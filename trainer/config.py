@@ -1,0 +1,316 @@
+"""Typed run configuration: one YAML file per run, validated at load with every problem reported at once.
+
+`load_config(path, overrides)` reads YAML, applies ``dotted.key=value`` overrides (values parsed as YAML),
+and validates with pydantic (`extra="forbid"`: unknown keys are errors). Field errors (unknown keys, wrong
+types, out-of-range values) and batch-arithmetic problems (the CS336 checks) are collected into a single
+`ConfigError` naming each field, the value, and the fix. Cluster-dependent checks (world size, devices)
+live in `validate_for_cluster`, run once the process group exists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """All problems found in a config, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        super().__init__(f"{source} has {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field(description="HF checkpoint directory or hub id (loaded with from_pretrained)")
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+
+
+class DataConfig(_Section):
+    task: Literal["gsm8k", "math", "arithmetic"] = "gsm8k"
+    train_source: str | None = Field(None, description="hub id or local JSONL path for training questions")
+    eval_source: str | None = Field(None, description="hub id or local JSONL path for held-out questions")
+    prompt_template: str = "r1_zero"
+    templates: dict[str, str] = Field(default_factory=dict, description="extra user prompt templates")
+    arithmetic_level: int = Field(2, ge=1, le=5)
+    train_limit: int | None = Field(None, ge=1)
+    eval_limit: int | None = Field(None, ge=1)
+    sft_path: str | None = Field(None, description='JSONL of {"prompt","response"} (SFT mode)')
+    preference_path: str | None = Field(None, description='JSONL of {"prompt","chosen","rejected"} (DPO)')
+
+
+class SamplingSection(_Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(1024, ge=1)
+    min_tokens: int = Field(4, ge=0)
+    stop: list[str] = Field(default_factory=lambda: ["</answer>"])
+
+
+class RolloutConfig(SamplingSection):
+    engine: Literal["vllm", "hf"] = "vllm"
+    placement: Literal["colocated", "dedicated", "remote"] = "colocated"
+    device: str | None = Field(None, description="device for a dedicated engine, e.g. cuda:1")
+    server_url: str | None = Field(None, description="rollout server URL for placement=remote")
+    weight_transfer_dir: str | None = Field(None, description="shared directory for filesystem weight sync")
+    gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
+    max_model_len: int = Field(2048, ge=16)
+    enforce_eager: bool = False
+    sleep_between_rollouts: bool = True
+    sync_bucket_mb: int = Field(256, ge=1)
+    probe_threshold: float = Field(1e-3, gt=0.0)
+    probe_action: Literal["raise", "warn"] = "raise"
+
+
+class RewardConfig(_Section):
+    fn: Literal["r1_zero", "question_only"] = "r1_zero"
+    timeout_s: float = Field(1.0, gt=0.0)
+    num_workers: int = Field(2, ge=1)
+
+
+class OptimConfig(_Section):
+    learning_rate: float = Field(1e-5, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "rmsprop"] = "adamw"
+
+
+class GRPOConfig(_Section):
+    n_grpo_steps: int = Field(200, ge=1)
+    rollout_batch_size: int = Field(256, ge=1)
+    group_size: int = Field(8, ge=2)
+    epochs_per_rollout_batch: int = Field(1, ge=1)
+    train_batch_size: int = Field(256, ge=1)
+    gradient_accumulation_steps: int = Field(128, ge=1)
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"] = (
+        "reinforce_with_baseline"
+    )
+    use_std_normalization: bool = True
+    advantage_eps: float = Field(1e-6, ge=0.0)
+    length_normalization: Literal["sequence_mean", "constant", "token"] = "sequence_mean"
+    cliprange: float = Field(0.2, gt=0.0)
+    cliprange_high: float | None = Field(None, gt=0.0, description="DAPO clip-higher; None = cliprange")
+    kl_coef: float = Field(0.0, ge=0.0, description="k3 KL penalty to the frozen initial policy")
+    entropy_coef: float = Field(0.0, ge=0.0)
+    dynamic_sampling: bool = Field(False, description="DAPO: drop zero-std groups and refill")
+    max_refill_rounds: int = Field(3, ge=0)
+    tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling cap; None = off")
+
+
+class SFTConfig(_Section):
+    num_epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+    packed: bool = Field(False, description="instruction tuning on packed Alpaca text")
+    seq_length: int = Field(512, ge=8)
+    max_examples: int | None = Field(None, ge=1)
+    filter_correct: bool = False
+    validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+
+
+class DPOConfig(_Section):
+    beta: float = Field(0.1, gt=0.0)
+    template: str = "alpaca"
+    num_epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    pairs_per_step: int = Field(64, ge=1)
+    micro_batch_pairs: int = Field(1, ge=1)
+    reference_device: str | None = Field(None, description="e.g. cuda:1; default: the policy's device")
+    validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+
+
+class EIConfig(_Section):
+    n_ei_steps: int = Field(5, ge=1)
+    questions_per_step: int = Field(512, ge=1)
+    group_size: int = Field(4, ge=1)
+    ei_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(8, ge=1)
+
+
+class WarmStartConfig(_Section):
+    """Optional short SFT on the synthetic task before RL (the CPU demo), so the policy is not random."""
+
+    steps: int = Field(0, ge=0)
+    batch_size: int = Field(32, ge=1)
+    learning_rate: float = Field(3e-3, gt=0.0)
+
+
+class EvalConfig(SamplingSection):
+    every: int = Field(0, ge=0, description="evaluate every N steps; 0 = only before and after training")
+    limit: int | None = Field(None, ge=1)
+    log_samples: int = Field(16, ge=0)
+
+
+class LoggingConfig(_Section):
+    wandb_mode: Literal["online", "offline", "disabled"] = "disabled"
+    project: str = "reasonrl"
+    run_name: str | None = None
+    every: int = Field(1, ge=1)
+    progress: bool = True
+
+
+class CheckpointConfig(_Section):
+    save_every: int = Field(0, ge=0, description="0 = only at the end")
+    keep_last: int = Field(2, ge=1)
+
+
+class RunConfig(_Section):
+    mode: Literal["grpo", "sft", "dpo", "ei"] = "grpo"
+    seed: int = 0
+    output_dir: str = "runs/default"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    ei: EIConfig = Field(default_factory=EIConfig)
+    warmstart: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_arithmetic(self) -> RunConfig:
+        problems = batch_arithmetic_problems(self.grpo.model_dump())
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+def batch_arithmetic_problems(grpo: dict[str, Any]) -> list[str]:
+    """The CS336 batch checks on a (possibly partial, possibly invalid) ``grpo`` mapping."""
+    defaults = GRPOConfig.model_fields
+    values = {k: grpo.get(k, defaults[k].default) for k in defaults}
+    tbs, gas = values["train_batch_size"], values["gradient_accumulation_steps"]
+    rbs, group = values["rollout_batch_size"], values["group_size"]
+
+    def ok(*xs: Any) -> bool:  # type errors are reported by field validation
+        return all(isinstance(x, int) and x > 0 for x in xs)
+
+    problems = []
+    if ok(tbs, gas) and tbs % gas:
+        problems.append(
+            f"grpo.train_batch_size={tbs} is not divisible by grpo.gradient_accumulation_steps={gas}: "
+            f"choose gradient_accumulation_steps among {_divisors(tbs)}"
+        )
+    if ok(rbs, group) and rbs % group:
+        problems.append(
+            f"grpo.rollout_batch_size={rbs} is not divisible by grpo.group_size={group}: "
+            f"use a multiple of {group}, e.g. {max(group, rbs - rbs % group)}"
+        )
+    if ok(tbs, group) and tbs < group:
+        problems.append(f"grpo.train_batch_size={tbs} < grpo.group_size={group}: raise train_batch_size")
+    if ok(rbs, tbs) and rbs % tbs:
+        problems.append(
+            f"grpo.rollout_batch_size={rbs} is not divisible by grpo.train_batch_size={tbs}: "
+            "each epoch must split into whole optimizer batches"
+        )
+    return problems
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0][:8]
+
+
+def _format_validation_error(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "config"
+        if e["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key (check spelling; see configs/ for valid keys)")
+        elif e["type"] == "value_error" and not e["loc"]:
+            problems.extend(str(e["ctx"]["error"]).split("; "))
+        else:
+            problems.append(f"{where}={e.get('input')!r}: {e['msg']}")
+    return problems
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides in place; values are parsed as YAML (``x=1e-5`` → float)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError([f"override {item!r} must look like section.key=value"], "command line")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError([f"override {item!r}: {part!r} is not a section"], "command line")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
+    """Validate a mapping, reporting every field and batch-arithmetic problem together."""
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = _format_validation_error(err)
+        grpo = raw.get("grpo")
+        if isinstance(grpo, dict):
+            problems += [p for p in batch_arithmetic_problems(grpo) if p not in problems]
+        raise ConfigError(problems, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config, apply overrides, validate; raises `ConfigError` listing all problems."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["top level must be a mapping of sections"], str(path))
+    return config_from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def validate_for_cluster(config: RunConfig, world_size: int, devices: list[str]) -> None:
+    """Checks that need the launched cluster: batch sharding and engine placement."""
+    problems = []
+    if config.mode == "grpo":
+        grpo = config.grpo
+        micro = grpo.train_batch_size // grpo.gradient_accumulation_steps
+        if micro % world_size:
+            problems.append(
+                f"micro-batch size train_batch_size/gradient_accumulation_steps={micro} is not divisible "
+                f"by world size {world_size}: lower grpo.gradient_accumulation_steps"
+            )
+        if (grpo.rollout_batch_size // grpo.group_size) % world_size:
+            problems.append(
+                f"rollout_batch_size/group_size={grpo.rollout_batch_size // grpo.group_size} questions "
+                f"cannot be split whole-group across {world_size} ranks"
+            )
+    rollout = config.rollout
+    if rollout.placement == "dedicated" and rollout.device in devices:
+        problems.append(
+            f"rollout.device={rollout.device} is also a learner device; use placement=colocated "
+            "(sleep/wake) or give the engine its own device"
+        )
+    if rollout.placement == "remote" and not rollout.server_url:
+        problems.append("rollout.placement=remote needs rollout.server_url (see `reasonrl rollout-server`)")
+    if problems:
+        raise ConfigError(problems, "config (cluster checks)")

@@ -1,0 +1,102 @@
+"""The learner shared by every mode: model, tokenizer, optimizer and scheduler under one Accelerator.
+
+Gradient accumulation is explicit (losses are divided by the number of accumulation steps in
+`trainer.masking.aggregate_loss`), so DDP gradient all-reduce is skipped (`no_sync`) on all but the last
+micro-batch of an optimizer batch. Optimizer: AdamW (β = 0.9, 0.95, weight decay 0 by default) or
+RMSprop (DPO paper), gradient-norm clipping (1.0), constant learning rate after an optional linear warm-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from trainer.config import ModelConfig, OptimConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
+    """A causal LM from a local checkpoint or hub id, in the configured dtype."""
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    except OSError as err:
+        raise FileNotFoundError(f"model.path={cfg.path!r} could not be loaded: {err}") from err
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model.to(device) if device is not None else model
+
+
+def load_tokenizer(path: str) -> Any:
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None = None) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = cfg.learning_rate if lr is None else lr
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    )
+
+
+class Learner:
+    """Prepared model + optimizer; `accumulate` and `step` implement one optimizer batch."""
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, accelerator: Accelerator | None = None):
+        self.accelerator = accelerator or Accelerator()
+        self.tokenizer = load_tokenizer(model_cfg.path)
+        model = load_model(model_cfg)
+        self.max_grad_norm = optim_cfg.max_grad_norm
+        optimizer = build_optimizer(model, optim_cfg)
+        scheduler = build_scheduler(optimizer, optim_cfg.warmup_steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @contextlib.contextmanager
+    def accumulate(self, is_last_micro_batch: bool) -> Iterator[None]:
+        """Skip the DDP all-reduce on every micro-batch but the last of an optimizer batch."""
+        ctx = contextlib.nullcontext() if is_last_micro_batch else self.accelerator.no_sync(self.model)
+        with ctx:
+            yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def step(self) -> float:
+        """Clip, step, zero grads; returns the pre-clip gradient norm."""
+        grad_norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of the unwrapped model, one at a time (gathered under ZeRO-3)."""
+        from rollout.weight_sync import iter_weights
+
+        return iter_weights(self.unwrapped)

@@ -1,0 +1,124 @@
+"""Metric tracking: a local ``metrics.jsonl`` always, plus wandb (online/offline) or nothing.
+
+No caller asks "is wandb on?": `make_tracker` returns an object with `log`, `log_table` and `finish`
+whatever the mode. Metric names are namespaced (``train/…``, ``eval/…``, ``rollout/…``, ``time/…``,
+``reward/…``); wandb gets two step axes, ``train_step`` for training and ``eval_step`` for evaluation.
+A tracker that fails (network, disk, wandb bug) is logged once and disabled; training goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+_EVAL_PREFIXES = ("eval/",)
+
+
+class Tracker:
+    """Writes metrics.jsonl; subclasses add a remote backend."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.run_id: str | None = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self._remote_log(metrics, step)
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        """A sample table (e.g. eval generations); only remote backends show it."""
+
+    def finish(self) -> None:
+        """Flush and close the remote backend."""
+
+    def _remote_log(self, metrics: dict[str, float], step: int) -> None:
+        """Send to the remote backend (none here)."""
+
+
+class WandbTracker(Tracker):
+    """wandb in online or offline mode; disabled (with one warning) on its first failure."""
+
+    def __init__(self, run_dir: str | Path, mode: str, project: str, name: str | None,
+                 config: dict[str, Any], resume_id: str | None = None) -> None:
+        super().__init__(run_dir)
+        self._run: Any = None
+        try:
+            import wandb
+
+            self._run = wandb.init(
+                project=project, name=name, mode=mode, dir=str(run_dir), config=config,
+                id=resume_id, resume="allow" if resume_id else None,
+            )
+            self._run.define_metric("train_step")
+            self._run.define_metric("eval_step")
+            for prefix in ("train", "rollout", "time", "reward"):
+                self._run.define_metric(f"{prefix}/*", step_metric="train_step")
+            self._run.define_metric("eval/*", step_metric="eval_step")
+            self.run_id = self._run.id
+        except Exception as err:  # a tracker must never stop training
+            self._fail(err)
+
+    def _remote_log(self, metrics: dict[str, float], step: int) -> None:
+        if self._run is None:
+            return
+        axis = "eval_step" if any(k.startswith(_EVAL_PREFIXES) for k in metrics) else "train_step"
+        try:
+            self._run.log({**metrics, axis: step})
+        except Exception as err:
+            self._fail(err)
+
+    def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
+        if self._run is None or not rows:
+            return
+        try:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            self._run.log({name: table, "eval_step": step})
+        except Exception as err:
+            self._fail(err)
+
+    def finish(self) -> None:
+        if self._run is None:
+            return
+        try:
+            self._run.finish()
+        except Exception as err:
+            self._fail(err)
+        self._run = None
+
+    def _fail(self, err: Exception) -> None:
+        logger.warning("wandb disabled after error (metrics.jsonl still written): %s", err)
+        self._run = None
+
+
+def make_tracker(run_dir: str | Path, mode: str, project: str = "reasonrl", name: str | None = None,
+                 config: dict[str, Any] | None = None, resume_id: str | None = None) -> Tracker:
+    """The tracker for `mode` ("online", "offline" or "disabled": metrics.jsonl only)."""
+    if mode == "disabled":
+        return Tracker(run_dir)
+    return WandbTracker(run_dir, mode, project, name, config or {}, resume_id)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's metrics.jsonl (for plotting and tests)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
