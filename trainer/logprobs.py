@@ -1,0 +1,134 @@
+"""Per-token log-probabilities and entropies of a causal LM, without a second full-vocabulary copy.
+
+The naive computation ``torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])`` allocates a
+float32 ``(batch, seq, vocab)`` tensor next to the logits (≈ 4.6 GiB for 8 × 1024 tokens at a 150k
+vocabulary). Here the label logit is gathered and the log-normaliser subtracted chunk by chunk:
+``log p(y_t) = z_t[y_t] − logsumexp(z_t)``, so the only extra full-vocabulary memory is one chunk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position: ``H = −Σ_v p_v log p_v``.
+
+    Computed as ``log p = z − logsumexp(z)`` and ``H = −Σ_v exp(log p_v) · log p_v``, which stays finite
+    and accurate for logits of magnitude 1e4 (no ``exp(z)`` overflow, no ``0 · log 0``).
+
+    Args:
+        logits: (..., vocab).
+    Returns:
+        (...) entropy in nats, float32 (or float64 for float64 input).
+    """
+    # logits: (batch, seq, vocab) -> (batch, seq)
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (..., vocab)
+    return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def chunked_label_log_probs(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    return_token_entropy: bool = False,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``log softmax(logits)[label]`` per position, computed ``chunk_tokens`` flattened tokens at a time.
+
+    Equals the naive ``torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)``
+    (tested to 1e-5), and the entropy equals ``compute_entropy(logits)``, but only one chunk of
+    ``(chunk_tokens, vocab)`` float32 is ever alive besides the logits themselves.
+
+    Args:
+        logits: (batch, seq, vocab), any float dtype.
+        labels: (batch, seq) long.
+    Returns:
+        (log_probs (batch, seq) float32, token_entropy (batch, seq) float32 or None).
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1; got {chunk_tokens}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (batch*seq, vocab), a view when contiguous
+    flat_labels = labels.reshape(-1)  # (batch*seq,)
+    log_prob_chunks: list[torch.Tensor] = []
+    entropy_chunks: list[torch.Tensor] = []
+    # torch.split (one SplitBackward) rather than slicing, so backward assembles the logits gradient once
+    # instead of allocating a full-size zero tensor per chunk.
+    for logit_chunk, y in zip(
+        flat_logits.split(chunk_tokens), flat_labels.split(chunk_tokens), strict=True
+    ):
+        z = logit_chunk.to(out_dtype)  # (chunk, vocab): the only full-vocabulary copy (none if fp32)
+        lse = torch.logsumexp(z, dim=-1)  # (chunk,)
+        log_prob_chunks.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse)
+        if return_token_entropy:
+            entropy_chunks.append(compute_entropy(z))
+    log_probs = torch.cat(log_prob_chunks).view(labels.shape)  # (batch, seq)
+    entropy = torch.cat(entropy_chunks).view(labels.shape) if return_token_entropy else None
+    return log_probs, entropy
+
+
+def get_response_log_probs(
+    model: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    return_token_entropy: bool = False,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> dict[str, torch.Tensor]:
+    """``log p_θ(labels_t | input_ids_{≤t})`` for every position of a causal LM.
+
+    Equals the naive one-liner
+    ``torch.log_softmax(model(input_ids).logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)``
+    (a test checks this within 1e-5) but gathers the label logit and subtracts ``logsumexp`` over
+    ``chunk_tokens``-sized chunks (`chunked_label_log_probs`) instead of materialising a float32
+    log-softmax of the full ``(batch, seq, vocab)`` logits.
+
+    Args:
+        model: a HF causal LM (anything whose call returns ``.logits`` (batch, seq, vocab)).
+        input_ids: (batch, seq) long.
+        labels: (batch, seq) long (``input_ids`` shifted left by one).
+        return_token_entropy: also return the per-position entropy (`compute_entropy`).
+        attention_mask: optional (batch, seq) mask passed to the model (1 = real token).
+    Returns:
+        ``{"log_probs": (batch, seq) float32}`` plus ``"token_entropy": (batch, seq)`` when asked.
+    """
+    if attention_mask is None:
+        logits = model(input_ids=input_ids).logits  # (batch, seq, vocab)
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    log_probs, entropy = chunked_label_log_probs(
+        logits, labels, return_token_entropy=return_token_entropy, chunk_tokens=chunk_tokens
+    )
+    result = {"log_probs": log_probs}
+    if entropy is not None:
+        result["token_entropy"] = entropy
+    return result
+
+
+def sequence_log_probs(
+    model: Any,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> torch.Tensor:
+    """Summed log-probability of the masked labels of each sequence: ``Σ_t m_t log p_θ(y_t | x_{≤t})``.
+
+    Args: as `get_response_log_probs`, plus ``response_mask`` (batch, seq) bool or 0/1.
+    Returns: (batch,) float32.
+    """
+    log_probs = get_response_log_probs(
+        model, input_ids, labels, attention_mask=attention_mask, chunk_tokens=chunk_tokens
+    )["log_probs"]  # (batch, seq)
+    return (log_probs * response_mask.to(log_probs.dtype)).sum(dim=-1)

@@ -1,0 +1,122 @@
+"""Masked reductions and the single loss-aggregation rule shared by GRPO, SFT and DPO.
+
+Every learner turns a per-token loss ``(batch, seq)`` into the scalar it backpropagates through
+`aggregate_loss` and nothing else (verl's ``agg_loss``), so the normalisation rule lives in one place and
+its micro-batch / gradient-accumulation / world-size invariance is tested once
+(``tests/test_invariance.py``).
+
+Modes (``L`` = per-token loss, ``m`` = response mask, ``B`` = micro-batch size, ``G`` = gradient
+accumulation steps, ``W`` = world size):
+
+- ``"sequence_mean"`` (CS336 / original GRPO): ``(1/B) Σ_i [Σ_t m_it L_it / Σ_t m_it] / G``.
+- ``"constant"`` (Dr. GRPO; SFT with a constant): ``(1/B) Σ_i [Σ_t m_it L_it / C] / G`` with ``C`` the
+  ``normalize_constant`` (e.g. the maximum generation length).
+- ``"token"`` (DAPO token-level): ``W · Σ_{i,t} m_it L_it / N`` where ``N`` is the number of response
+  tokens in the whole optimizer batch (all micro-batches, all ranks). The factor ``W`` undoes the mean
+  that DDP takes over ranks; there is no ``/ G`` because ``N`` already spans every micro-batch.
+
+With equal-sized micro-batches, summing the ``G`` micro-batch losses of any mode gives exactly the loss of
+the whole optimizer batch processed at once (and averaging over ``W`` ranks, the whole global batch).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+LossAggMode = Literal["sequence_mean", "constant", "token"]
+LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `tensor` over the elements where `mask` is 1: ``Σ m·x / Σ m`` (along `dim`, or all).
+
+    `mask` may be bool or numeric (0/1) and must broadcast to `tensor`. Where the mask is empty along the
+    reduced dimension the result is NaN (0/0), as a plain mean of nothing would be; `aggregate_loss`
+    guards against that case itself.
+
+    Example: ``masked_mean([[1., 2.], [3., 4.]], [[1, 0], [1, 1]]) == (1 + 3 + 4) / 3``.
+    """
+    # tensor: (...), mask: broadcastable to tensor
+    mask_f = mask.to(tensor.dtype)
+    if dim is None:
+        return (tensor * mask_f).sum() / mask_f.expand_as(tensor).sum()
+    return (tensor * mask_f).sum(dim=dim) / mask_f.expand_as(tensor).sum(dim=dim)
+
+
+def masked_normalize(
+    tensor: torch.Tensor,
+    mask: torch.Tensor,
+    normalize_constant: float = 1.0,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """Masked sum divided by a constant: ``Σ m·x / normalize_constant`` (along `dim`, or all).
+
+    Example: ``masked_normalize([[1., 2.], [3., 4.]], [[1, 0], [1, 1]], 2.0) == (1 + 3 + 4) / 2``.
+    """
+    # tensor: (...), mask: broadcastable to tensor
+    masked = tensor * mask.to(tensor.dtype)
+    total = masked.sum() if dim is None else masked.sum(dim=dim)
+    return total / normalize_constant
+
+
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    gradient_accumulation_steps: int = 1,
+    normalize_constant: float | None = None,
+    global_token_count: int | float | torch.Tensor | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """Reduce a per-token loss ``(batch, seq)`` to the scalar one micro-batch backpropagates.
+
+    Implements the modes in the module docstring:
+
+    - ``"sequence_mean"``: ``mean_i(masked_mean(L_i, m_i)) / G``. A sequence with no unmasked token
+      contributes 0 (its denominator is clamped to 1) instead of NaN.
+    - ``"constant"``: ``mean_i(masked_normalize(L_i, m_i, C)) / G``; needs `normalize_constant`.
+    - ``"token"``: ``W · masked_sum(L, m) / N``; needs `global_token_count` (``N``, response tokens in the
+      whole optimizer batch across micro-batches and ranks). `gradient_accumulation_steps` is not used.
+
+    Raises ValueError for an unknown mode, a missing argument the mode needs (named), or non-positive
+    `gradient_accumulation_steps` / `world_size` / constants.
+    """
+    # per_token_loss: (batch, seq); mask: (batch, seq) bool or 0/1
+    if mode not in LOSS_AGG_MODES:
+        raise ValueError(f"unknown loss aggregation mode {mode!r}; valid modes: {list(LOSS_AGG_MODES)}")
+    if per_token_loss.dim() != 2:
+        raise ValueError(f"per_token_loss must be (batch, seq); got shape {tuple(per_token_loss.shape)}")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1; got {gradient_accumulation_steps}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1; got {world_size}")
+    mask_f = mask.to(per_token_loss.dtype).expand_as(per_token_loss)  # (batch, seq)
+
+    if mode == "sequence_mean":
+        token_counts = mask_f.sum(dim=-1).clamp(min=1.0)  # (batch,)
+        per_seq = (per_token_loss * mask_f).sum(dim=-1) / token_counts  # (batch,)
+        return per_seq.mean() / gradient_accumulation_steps
+    if mode == "constant":
+        if normalize_constant is None:
+            raise ValueError("aggregate_loss mode 'constant' needs normalize_constant (e.g. max generation length)")
+        if normalize_constant <= 0:
+            raise ValueError(f"normalize_constant must be > 0; got {normalize_constant}")
+        per_seq = masked_normalize(per_token_loss, mask_f, normalize_constant, dim=-1)  # (batch,)
+        return per_seq.mean() / gradient_accumulation_steps
+    # mode == "token"
+    if global_token_count is None:
+        raise ValueError(
+            "aggregate_loss mode 'token' needs global_token_count (response tokens in the whole optimizer "
+            "batch, summed over micro-batches and ranks)"
+        )
+    count = (
+        global_token_count.to(device=per_token_loss.device, dtype=per_token_loss.dtype)
+        if isinstance(global_token_count, torch.Tensor)
+        else float(global_token_count)
+    )
+    if float(count) <= 0:
+        raise ValueError(f"global_token_count must be > 0; got {float(count)}")
+    return (per_token_loss * mask_f).sum() * world_size / count

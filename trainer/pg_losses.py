@@ -1,0 +1,164 @@
+"""Per-token policy-gradient losses (CS336 §7). Pure functions: tensors in, ``(per-token loss, metrics)`` out.
+
+None of these reduce over tokens; `trainer.masking.aggregate_loss` alone turns the ``(batch, seq)`` loss
+into a scalar. Advantages / rewards are per sequence, shape ``(batch, 1)`` (a ``(batch,)`` tensor is
+accepted and reshaped, never silently broadcast along the sequence axis).
+
+- naive / REINFORCE:   ``ℓ_t = −A · log π_θ(o_t)``
+- GRPO-Clip (PPO):     ``ℓ_t = −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A)``, ``ρ_t = π_θ(o_t)/π_old(o_t)``
+  (ε_low = ε_high = ε in the paper; DAPO "clip-higher" raises ε_high)
+- GRPO-No-Clip:        ``ℓ_t = −ρ_t A``
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+
+PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
+POLICY_LOSS_TYPES: tuple[str, ...] = get_args(PolicyLossType)
+
+
+def _per_sequence(values: torch.Tensor, policy_log_probs: torch.Tensor, name: str) -> torch.Tensor:
+    """(batch,) or (batch, 1) → (batch, 1), checked against policy_log_probs (batch, seq)."""
+    if values.dim() == 1:
+        values = values.unsqueeze(-1)
+    if values.dim() != 2 or values.shape[1] != 1 or values.shape[0] != policy_log_probs.shape[0]:
+        raise ValueError(
+            f"{name} must be (batch, 1) with batch={policy_log_probs.shape[0]}; got {tuple(values.shape)}"
+        )
+    return values.to(policy_log_probs.dtype)
+
+
+def compute_naive_policy_gradient_loss(
+    raw_rewards_or_advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+) -> torch.Tensor:
+    """REINFORCE per-token loss ``ℓ_t = −A · log π_θ(o_t | q, o_<t)`` (CS336 eq. 32).
+
+    Args:
+        raw_rewards_or_advantages: (batch, 1) — raw rewards (no baseline) or advantages.
+        policy_log_probs: (batch, seq).
+    Returns:
+        (batch, seq) per-token loss.
+    """
+    adv = _per_sequence(raw_rewards_or_advantages, policy_log_probs, "raw_rewards_or_advantages")
+    return -adv * policy_log_probs  # (batch, seq)
+
+
+def compute_grpo_clip_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    cliprange: float,
+    *,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO-Clip per-token loss ``−min(ρ A, clip(ρ, 1−ε_low, 1+ε_high) A)`` (CS336 eq. 33, PPO-Clip).
+
+    ``ρ = exp(log π_θ − log π_old)``. ``ε_low`` / ``ε_high`` default to `cliprange`; pass
+    `cliprange_high` > `cliprange` for DAPO's clip-higher.
+
+    Args:
+        advantages: (batch, 1).
+        policy_log_probs, old_log_probs: (batch, seq); ``old_log_probs`` is treated as a constant.
+    Returns:
+        ``(loss (batch, seq), metadata)`` with ``"clipped"`` (batch, seq) bool — true where the clipped
+        term is strictly smaller than the unclipped one (the clip is active and the token gets no
+        gradient) — and ``"clip_fraction"`` (0-dim), the mean of ``clipped`` over *all* positions
+        (use `grpo_microbatch_train_step`'s masked value for logging).
+    """
+    eps_low = cliprange if cliprange_low is None else cliprange_low
+    eps_high = cliprange if cliprange_high is None else cliprange_high
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"clip ranges must be >= 0; got low={eps_low}, high={eps_high}")
+    if policy_log_probs.shape != old_log_probs.shape:
+        raise ValueError(
+            f"policy_log_probs {tuple(policy_log_probs.shape)} and old_log_probs "
+            f"{tuple(old_log_probs.shape)} disagree"
+        )
+    adv = _per_sequence(advantages, policy_log_probs, "advantages")  # (batch, 1)
+    ratio = torch.exp(policy_log_probs - old_log_probs.detach())  # (batch, seq)
+    unclipped = ratio * adv  # (batch, seq)
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv  # (batch, seq)
+    loss = -torch.minimum(unclipped, clipped)  # (batch, seq)
+    is_clipped = clipped < unclipped  # (batch, seq) bool
+    return loss, {"clipped": is_clipped, "clip_fraction": is_clipped.float().mean()}
+
+
+def compute_grpo_no_clip_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO-No-Clip per-token loss ``−ρ A`` with ``ρ = π_θ / π_old`` (CS336 §7.6 ablation).
+
+    Args: as `compute_grpo_clip_loss`. Returns ``(loss (batch, seq), {})``.
+    """
+    if policy_log_probs.shape != old_log_probs.shape:
+        raise ValueError(
+            f"policy_log_probs {tuple(policy_log_probs.shape)} and old_log_probs "
+            f"{tuple(old_log_probs.shape)} disagree"
+        )
+    adv = _per_sequence(advantages, policy_log_probs, "advantages")  # (batch, 1)
+    ratio = torch.exp(policy_log_probs - old_log_probs.detach())  # (batch, seq)
+    return -ratio * adv, {}
+
+
+def compute_policy_gradient_loss(
+    policy_log_probs: torch.Tensor,
+    loss_type: str,
+    raw_rewards: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
+    cliprange: float | None = None,
+    *,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Dispatch to the per-token loss of `loss_type` (CS336 §7 ``compute_policy_gradient_loss``).
+
+    - ``"no_baseline"``: `compute_naive_policy_gradient_loss` with ``A = raw_rewards`` (needs raw_rewards).
+    - ``"reinforce_with_baseline"``: naive loss with ``A = advantages`` (needs advantages).
+    - ``"grpo_clip"``: needs advantages, old_log_probs and cliprange (or both cliprange_low/high).
+    - ``"grpo_no_clip"``: needs advantages and old_log_probs.
+
+    Returns ``(loss (batch, seq), metadata)``. Raises ValueError naming a missing argument, or listing
+    the valid loss types for an unknown one.
+    """
+    # policy_log_probs: (batch, seq); raw_rewards / advantages: (batch, 1)
+    if loss_type not in POLICY_LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid loss types: {list(POLICY_LOSS_TYPES)}")
+
+    def need(value: torch.Tensor | float | None, name: str) -> None:
+        if value is None:
+            raise ValueError(f"loss_type {loss_type!r} needs {name}, which was not given")
+
+    if loss_type == "no_baseline":
+        need(raw_rewards, "raw_rewards")
+        assert raw_rewards is not None
+        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
+    need(advantages, "advantages")
+    assert advantages is not None
+    if loss_type == "reinforce_with_baseline":
+        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
+    need(old_log_probs, "old_log_probs")
+    assert old_log_probs is not None
+    if loss_type == "grpo_no_clip":
+        return compute_grpo_no_clip_loss(advantages, policy_log_probs, old_log_probs)
+    # grpo_clip
+    if cliprange is None and (cliprange_low is None or cliprange_high is None):
+        raise ValueError(
+            "loss_type 'grpo_clip' needs cliprange (or both cliprange_low and cliprange_high), "
+            "which was not given"
+        )
+    return compute_grpo_clip_loss(
+        advantages,
+        policy_log_probs,
+        old_log_probs,
+        cliprange if cliprange is not None else 0.0,
+        cliprange_low=cliprange_low,
+        cliprange_high=cliprange_high,
+    )
