@@ -122,3 +122,13 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
+
+
+class NullTracker(Tracker):
+    """For non-main ranks: logs nothing anywhere."""
+
+    def __init__(self) -> None:
+        self.run_id = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Drop the metrics."""

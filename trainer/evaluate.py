@@ -1,0 +1,84 @@
+"""Held-out evaluation shared by every mode and by `reasonrl eval`.
+
+Generates one sample per question with the eval sampling params (CS336: temperature 1.0, top_p 1.0,
+max 1024 tokens, stop ``</answer>``), grades with the reward module, and reports accuracy (answer
+reward), format rate, mean response length overall / for correct / for incorrect answers and, when a
+policy model is given, mean token entropy of the responses under it. Per-sample JSONL (prompt, response,
+gold, rewards, length, entropy) is written to `out_path`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rollout.engine import RolloutEngine, SamplingConfig
+from rollout.prompts import format_prompt
+from rollout.rewards import RewardScorer
+from rollout.tasks import Example
+from trainer.batching import pack_token_ids
+from trainer.logprobs import get_response_log_probs
+
+
+def eval_sampling(cfg: Any, seed: int) -> SamplingConfig:
+    """SamplingConfig from an `EvalConfig` / `RolloutConfig` section (n=1)."""
+    return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                          min_tokens=cfg.min_tokens, stop=tuple(cfg.stop), n=1, seed=seed)
+
+
+@torch.inference_mode()
+def response_entropy(model: torch.nn.Module, samples: Sequence[Any], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean per-token entropy of each sample's response under `model`."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start : start + batch_size]
+        batch = pack_token_ids([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id).to(device)
+        ent = get_response_log_probs(model, batch.input_ids, batch.labels, True,
+                                     attention_mask=batch.attention_mask)["token_entropy"]  # (b, s)
+        mask = batch.response_mask.float()
+        out += ((ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    return out
+
+
+def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
+             scorer: RewardScorer, out_path: str | Path | None = None, policy: torch.nn.Module | None = None,
+             pad_id: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Evaluate `engine` on `examples`; returns (``eval/…`` metrics, per-sample records)."""
+    prompts = [format_prompt(template, question=ex.question) for ex in examples]
+    samples = engine.generate(prompts, sampling)
+    scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples])
+    entropies = response_entropy(policy, samples, pad_id) if policy is not None else [float("nan")] * len(samples)
+    records = [
+        {"prompt": p, "response": s.text, "gold": ex.answer, **sc, "length": len(s.response_ids),
+         "entropy": h, "finish_reason": s.finish_reason}
+        for p, s, ex, sc, h in zip(prompts, samples, examples, scores, entropies, strict=True)
+    ]
+    if out_path is not None:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with Path(out_path).open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return summarize(records), records
+
+
+def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    def mean(xs: Sequence[float]) -> float:
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    correct = [r for r in records if r["answer_reward"] > 0]
+    wrong = [r for r in records if r["answer_reward"] <= 0]
+    return {
+        "eval/accuracy": mean([r["answer_reward"] for r in records]),
+        "eval/reward": mean([r["reward"] for r in records]),
+        "eval/format_rate": mean([r["format_reward"] for r in records]),
+        "eval/mean_length": mean([r["length"] for r in records]),
+        "eval/mean_length_correct": mean([r["length"] for r in correct]),
+        "eval/mean_length_incorrect": mean([r["length"] for r in wrong]),
+        "eval/token_entropy": mean([r["entropy"] for r in records]),
+        "eval/n": float(len(records)),
+    }

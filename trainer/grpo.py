@@ -1,0 +1,317 @@
+"""GRPO learner (Shao et al. 2024, "DeepSeekMath", §4.1) as specified by CS336 assignment 5.
+
+Exactly this variant, per step:
+
+1. sample ``rollout_batch_size / group_size`` questions, ``group_size`` samples each (the rollout engine);
+2. rewards from the reward module; group-normalised advantages ``A = (r − mean_g) / (std_g + eps)``
+   (unbiased std), or ``r − mean_g`` with ``use_std_normalization: false`` (Dr. GRPO); optional DAPO
+   dynamic sampling drops zero-std groups and refills from new questions;
+3. old log-probs computed once under `torch.inference_mode()`, only when off-policy
+   (``epochs_per_rollout_batch > 1`` or ``train_batch_size < rollout_batch_size``); on-policy they equal
+   the detached current log-probs (ratio 1);
+4. ``epochs_per_rollout_batch`` epochs of optimizer batches of ``train_batch_size``, each split into
+   ``gradient_accumulation_steps`` micro-batches; per-token loss = policy-gradient loss (`loss_type`)
+   [× truncated importance weight min(π_learner/π_rollout, cap) when ``tis_cap`` is set]
+   [+ ``kl_coef`` · k3 KL to the frozen initial policy] [− ``entropy_coef`` · token entropy],
+   aggregated by `trainer.masking.aggregate_loss` (sequence mean, constant, or token level);
+5. gradient-norm clip (1.0), AdamW (β = 0.9, 0.95, weight decay 0);
+6. weight sync to the rollout engine, checked by the stale-weight probe; 7. logging.
+
+No KL term by default (as in CS336 and Dr. GRPO). Data parallel: every rank draws the same questions and
+takes its own whole groups, so a group is never split across ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from rollout.engine import Sample
+from rollout.prompts import format_prompt
+from rollout.tasks import Example
+from trainer.advantages import group_normalize, reward_metadata
+from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
+from trainer.config import GRPOConfig, RunConfig
+from trainer.learner import load_model
+from trainer.logprobs import get_response_log_probs
+from trainer.masking import aggregate_loss
+from trainer.pg_losses import compute_policy_gradient_loss
+from trainer.sampler import QuestionSampler
+from trainer.session import Session
+
+
+@dataclass
+class RolloutBatch:
+    """This rank's share of one step's rollouts, as learner tensors (all row-aligned)."""
+
+    tokens: TokenBatch
+    raw_rewards: torch.Tensor  # (b,)
+    advantages: torch.Tensor  # (b,)
+    rollout_log_probs: torch.Tensor  # (b, s) log-probs under the sampling engine (0 off the response)
+    old_log_probs: torch.Tensor | None = None  # (b, s), off-policy only
+
+
+# ---- phase 1-2: sample and score -----------------------------------------------------------------
+Groups = tuple[list[Sample], torch.Tensor, list[dict[str, float]]]  # samples, rewards (N,), score dicts
+
+
+def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -> tuple[list[Sample], torch.Tensor,
+                                                                                       torch.Tensor, dict[str, float]]:
+    """Generate this rank's groups, score them and compute advantages.
+
+    With DAPO dynamic sampling, zero-std groups are dropped and refilled from fresh questions for up to
+    ``max_refill_rounds`` rounds; every rank draws the same questions each round (so samplers stay in
+    step) and any still-missing groups are filled back with dropped ones, keeping batch shapes fixed.
+    """
+    g = s.cfg.grpo
+    n_questions = g.rollout_batch_size // g.group_size // s.accelerator.num_processes
+    kept = _sample_groups(s, sampler, n_questions, n_questions, step, 0)
+    dropped: Groups = ([], torch.zeros(0), [])
+    for round_ in range(1, g.max_refill_rounds + 1 if g.dynamic_sampling else 1):
+        keep = _nonzero_std_groups(kept[1], g.group_size)
+        dropped = _concat(dropped, _select(kept, ~keep))
+        kept = _select(kept, keep)
+        missing = n_questions - len(kept[0]) // g.group_size
+        if _global_max(s, missing) == 0:
+            break
+        kept = _concat(kept, _sample_groups(s, sampler, n_questions, missing, step, round_))
+    missing_rows = n_questions * g.group_size - len(kept[0])
+    samples, rewards, scores = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
+    advantages = group_normalize(rewards, g.group_size, g.advantage_eps, g.use_std_normalization)
+    metrics = {f"reward/{k}": float(v) for k, v in reward_metadata(scores, rewards, g.group_size).items()}
+    if g.dynamic_sampling:
+        metrics["rollout/dropped_zero_std_groups"] = float(len(dropped[0]) // g.group_size)
+    return samples, rewards, advantages, metrics
+
+
+def _sample_groups(s: Session, sampler: QuestionSampler[Example], n_questions: int, n_needed: int, step: int,
+                   round_: int) -> Groups:
+    """Every rank draws ``n_questions × world`` questions; this rank generates for ``n_needed`` of its slice."""
+    g = s.cfg.grpo
+    world, rank = s.accelerator.num_processes, s.accelerator.process_index
+    questions = sampler.draw(n_questions * world)[rank * n_questions : rank * n_questions + n_needed]
+    if not questions:
+        return [], torch.zeros(0), []
+    prompts = [format_prompt(s.cfg.data.prompt_template, question=q.question) for q in questions]
+    seed = s.cfg.seed + 1_000 * step + 100 * round_ + rank
+    with s.timer("generate"):
+        samples = s.engine.generate(prompts, s.rollout_sampling(g.group_size, seed))
+    golds = [q.answer for q in questions for _ in range(g.group_size)]
+    with s.timer("score"):
+        scores = s.scorer.score([x.text for x in samples], golds)
+    return samples, torch.tensor([sc["reward"] for sc in scores], dtype=torch.float32), scores
+
+
+def _nonzero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    grouped = rewards.view(-1, group_size)  # (n_groups, G)
+    return (grouped.max(-1).values > grouped.min(-1).values).repeat_interleave(group_size)  # (N,)
+
+
+def _select(groups: Groups, keep: torch.Tensor) -> Groups:
+    idx = keep.nonzero().flatten().tolist()
+    return [groups[0][i] for i in idx], groups[1][keep], [groups[2][i] for i in idx]
+
+
+def _concat(a: Groups, b: Groups) -> Groups:
+    return a[0] + b[0], torch.cat([a[1], b[1]]), a[2] + b[2]
+
+
+def _global_max(s: Session, value: int) -> int:
+    if s.accelerator.num_processes == 1:
+        return value
+    return int(s.accelerator.reduce(torch.tensor(value, device=s.accelerator.device), "max"))
+
+
+def to_batch(samples: list[Sample], rewards: torch.Tensor, advantages: torch.Tensor, pad_id: int) -> RolloutBatch:
+    tokens = pack_token_ids([x.prompt_ids for x in samples], [x.response_ids for x in samples], pad_id)
+    rollout_lp = pad_float_rows([x.logprobs for x in samples], [len(x.prompt_ids) - 1 for x in samples],
+                                tokens.labels.shape[1])
+    return RolloutBatch(tokens, rewards, advantages, rollout_lp)
+
+
+# ---- phase 3: old log-probs ----------------------------------------------------------------------
+def is_off_policy(g: GRPOConfig) -> bool:
+    return g.epochs_per_rollout_batch > 1 or g.train_batch_size < g.rollout_batch_size
+
+
+@torch.inference_mode()
+def compute_old_log_probs(model: torch.nn.Module, tokens: TokenBatch, micro_batch_size: int,
+                          device: torch.device) -> torch.Tensor:
+    """log π_old(o_t) for every row, computed once per rollout batch; (b, s) on CPU."""
+    chunks = []
+    for sl in micro_batch_slices(len(tokens), micro_batch_size):
+        mb = tokens.select(sl).to(device)
+        chunks.append(get_response_log_probs(model, mb.input_ids, mb.labels,
+                                             attention_mask=mb.attention_mask)["log_probs"].float().cpu())
+    return torch.cat(chunks)
+
+
+# ---- phase 4-5: update --------------------------------------------------------------------------
+def update_policy(s: Session, batch: RolloutBatch, ref_model: torch.nn.Module | None) -> dict[str, float]:
+    """``epochs_per_rollout_batch`` passes of optimizer steps over this rank's rollout batch."""
+    g, world = s.cfg.grpo, s.accelerator.num_processes
+    opt_bs, micro_bs = g.train_batch_size // world, g.train_batch_size // g.gradient_accumulation_steps // world
+    totals: dict[str, list[float]] = {}
+    for _epoch in range(g.epochs_per_rollout_batch):
+        for opt_slice in micro_batch_slices(len(batch.tokens), opt_bs):
+            metrics = optimizer_step(s, batch, opt_slice, micro_bs, ref_model)
+            for k, v in metrics.items():
+                totals.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in totals.items()}
+
+
+def optimizer_step(s: Session, batch: RolloutBatch, opt_slice: slice, micro_bs: int,
+                   ref_model: torch.nn.Module | None) -> dict[str, float]:
+    g, learner = s.cfg.grpo, s.learner
+    rows = range(len(batch.tokens))[opt_slice]
+    token_count = _global_token_count(s, batch.tokens.response_mask[opt_slice])
+    sums: dict[str, float] = {}
+    micro = micro_batch_slices(len(rows), micro_bs)
+    for i, sl in enumerate(micro):
+        index = torch.arange(rows.start, rows.stop)[sl]
+        with learner.accumulate(is_last_micro_batch=i == len(micro) - 1):
+            for k, v in micro_step(s, batch, index, token_count, ref_model).items():
+                sums[k] = sums.get(k, 0.0) + v / len(micro)
+    sums["train/grad_norm"] = learner.step()
+    sums["train/lr"] = learner.scheduler.get_last_lr()[0]
+    return sums
+
+
+def _global_token_count(s: Session, mask: torch.Tensor) -> float:
+    count = mask.sum().to(s.accelerator.device, torch.float32)
+    return float(s.accelerator.reduce(count, "sum")) if s.accelerator.num_processes > 1 else float(count)
+
+
+def micro_step(s: Session, batch: RolloutBatch, index: torch.Tensor, global_tokens: float,
+               ref_model: torch.nn.Module | None) -> dict[str, float]:
+    """Forward, per-token loss (PG [× TIS] [+ KL] [− entropy]), aggregate, backward; returns metrics."""
+    g, device = s.cfg.grpo, s.learner.device
+    mb = batch.tokens.select(index).to(device)
+    mask = mb.response_mask
+    out = get_response_log_probs(s.learner.model, mb.input_ids, mb.labels, True, attention_mask=mb.attention_mask)
+    log_probs, entropy = out["log_probs"], out["token_entropy"]  # (b, s) each
+    old = batch.old_log_probs[index].to(device) if batch.old_log_probs is not None else log_probs.detach()
+    per_token, meta = compute_policy_gradient_loss(
+        log_probs, g.loss_type, raw_rewards=batch.raw_rewards[index, None].to(device),
+        advantages=batch.advantages[index, None].to(device), old_log_probs=old, cliprange=g.cliprange,
+        cliprange_low=g.cliprange, cliprange_high=g.cliprange_high or g.cliprange,
+    )
+    rollout_lp = batch.rollout_log_probs[index].to(device)
+    metrics = mismatch_metrics(log_probs.detach(), rollout_lp, mask)
+    if g.tis_cap is not None:
+        per_token = per_token * torch.exp(old - rollout_lp).clamp(max=g.tis_cap).detach()
+    if ref_model is not None and g.kl_coef > 0:
+        kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb))
+        per_token = per_token + g.kl_coef * kl
+        metrics["train/kl"] = _masked_mean(kl.detach(), mask)
+    if g.entropy_coef > 0:
+        per_token = per_token - g.entropy_coef * entropy
+    loss = aggregate_loss(per_token, mask, g.length_normalization,
+                          gradient_accumulation_steps=g.gradient_accumulation_steps,
+                          normalize_constant=float(s.cfg.rollout.max_tokens), global_token_count=global_tokens,
+                          world_size=s.accelerator.num_processes)
+    s.learner.backward(loss)
+    metrics["train/loss"] = float(loss.detach()) * g.gradient_accumulation_steps
+    metrics["train/entropy"] = _masked_mean(entropy.detach(), mask)
+    if "clipped" in meta:
+        metrics["train/clip_fraction"] = _masked_mean(meta["clipped"].float(), mask)
+    return metrics
+
+
+def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π_θ‖π_ref) per token: exp(r) − r − 1 with r = log π_ref − log π_θ."""
+    r = ref_log_probs - log_probs
+    return torch.exp(r) - r - 1
+
+
+def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Rollout-vs-learner log-prob mismatch: k1 and k3 KL(π_rollout‖π_learner) estimates on sampled tokens."""
+    r = learner_lp - rollout_lp
+    return {"train/mismatch_kl_k1": _masked_mean(-r, mask), "train/mismatch_kl_k3": _masked_mean(torch.exp(r) - r - 1, mask)}
+
+
+@torch.no_grad()
+def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch) -> torch.Tensor:
+    return get_response_log_probs(ref_model, mb.input_ids, mb.labels, attention_mask=mb.attention_mask)["log_probs"]
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(x.dtype)
+    return float((x * m).sum() / m.sum().clamp(min=1))
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def rollout_metrics(samples: list[Sample], seconds: float) -> dict[str, float]:
+    lengths = [len(x.response_ids) for x in samples]
+    return {
+        "rollout/response_length_mean": sum(lengths) / len(lengths),
+        "rollout/response_length_max": float(max(lengths)),
+        "rollout/prompt_tokens": float(sum(len(x.prompt_ids) for x in samples)),
+        "rollout/output_tokens_per_s": sum(lengths) / seconds if seconds > 0 else math.nan,
+        "rollout/finish_length_fraction": sum(x.finish_reason == "length" for x in samples) / len(samples),
+        "rollout/policy_lag": float(max(0, samples[0].policy_version - min(x.policy_version for x in samples))),
+    }
+
+
+def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
+              ref_model: torch.nn.Module | None) -> dict[str, Any]:
+    """One GRPO step; reads like the algorithm. Returns the metrics to log."""
+    samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
+    metrics |= rollout_metrics(samples, s.timer.seconds.get("generate", 0.0))
+    batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
+    g = s.cfg.grpo
+    if is_off_policy(g):
+        with s.timer("old_log_probs"):
+            micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
+            batch.old_log_probs = compute_old_log_probs(s.learner.model, batch.tokens, micro, s.learner.device)
+    with s.timer("train"):
+        metrics |= update_policy(s, batch, ref_model)
+    metrics |= s.sync_weights()
+    tokens = float(batch.tokens.attention_mask.sum()) * g.epochs_per_rollout_batch
+    metrics["train/learner_tokens_per_s"] = tokens / max(s.timer.seconds["train"], 1e-9)
+    return metrics | s.timer.pop()
+
+
+def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    """Run GRPO as configured; returns the final evaluation metrics."""
+    with Session(cfg, resume) as s:
+        sampler = QuestionSampler(s.train_examples(), cfg.seed)
+        if "sampler" in s.trainer_state:
+            sampler.load_state_dict(s.trainer_state["sampler"])
+        start = int(s.trainer_state["step"])
+        if start == 0 and cfg.warmstart.steps:
+            from trainer.warmstart import warm_start
+
+            warm_start(s)
+        ref_model = _reference_model(s) if cfg.grpo.kl_coef > 0 else None
+        s.sync_weights()
+        if start == 0:
+            s.evaluate(0)
+        bar = tqdm(range(start + 1, cfg.grpo.n_grpo_steps + 1), desc="grpo", disable=not s.progress_enabled,
+                   initial=start, total=cfg.grpo.n_grpo_steps)
+        final: dict[str, float] = {}
+        for step in bar:
+            metrics = grpo_step(s, sampler, step, ref_model)
+            if step % cfg.logging.every == 0:
+                s.tracker.log(metrics, step)
+            bar.set_postfix(reward=f"{metrics['reward/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.3f}")
+            last = step == cfg.grpo.n_grpo_steps
+            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                final = s.evaluate(step)
+            s.maybe_save(step, last, sampler=sampler.state_dict())
+        return final
+
+
+def _reference_model(s: Session) -> torch.nn.Module:
+    """The frozen initial policy (after the warm start, if any) for the KL penalty."""
+    model_cfg = s.cfg.model
+    if s.cfg.warmstart.steps:
+        model_cfg = model_cfg.model_copy(update={"path": str(s.run_dir / "warmstart")})
+    ref = load_model(model_cfg, s.learner.device).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

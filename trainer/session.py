@@ -1,0 +1,165 @@
+"""What every learner mode shares: run directory, learner, tracker, reward scorer, rollout engine,
+evaluation, checkpoint/resume, and cleanup in `close` (engines closed, trackers finished, process group
+destroyed) even when training fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rollout.engine import RolloutEngine, SamplingConfig
+from rollout.prompts import register_template
+from rollout.rewards import RewardScorer
+from rollout.tasks import Example, load_task
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.config import RunConfig, save_config, validate_for_cluster
+from trainer.evaluate import eval_sampling, evaluate
+from trainer.learner import Learner
+from trainer.timing import PhaseTimer
+from trainer.tracking import NullTracker, Tracker, make_tracker
+
+logger = logging.getLogger("reasonrl")
+
+
+class Session:
+    """One training run. Use as a context manager: ``with Session(cfg) as s: ...``."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(cfg.output_dir)
+        set_seed(cfg.seed)
+        for name, template in cfg.data.templates.items():
+            register_template(name, template)
+        self.accelerator = Accelerator()
+        validate_for_cluster(cfg, self.accelerator.num_processes, [str(self.accelerator.device)])
+        self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
+        self.timer = PhaseTimer()
+        self.trainer_state: dict[str, Any] = {"step": 0, "policy_version": 0}
+        checkpoint = latest_checkpoint(self.run_dir) if resume else None
+        if resume and checkpoint is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
+        if checkpoint is not None:
+            self.trainer_state = load_checkpoint(self.accelerator, checkpoint)
+            logger.info("resumed from %s (step %d)", checkpoint, self.trainer_state["step"])
+        self.tracker = self._make_tracker()
+        self.scorer = RewardScorer(cfg.reward.fn, timeout_s=cfg.reward.timeout_s,
+                                   num_workers=cfg.reward.num_workers)
+        self._engine: RolloutEngine | None = None
+        self._eval_examples: list[Example] | None = None
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _make_tracker(self) -> Tracker:
+        if not self.accelerator.is_main_process:
+            return NullTracker()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / "config.yaml")
+        log = self.cfg.logging
+        return make_tracker(self.run_dir, log.wandb_mode, log.project, log.run_name,
+                            self.cfg.model_dump(mode="json"), self.trainer_state.get("wandb_run_id"))
+
+    @property
+    def is_main(self) -> bool:
+        return bool(self.accelerator.is_main_process)
+
+    @property
+    def progress_enabled(self) -> bool:
+        return self.cfg.logging.progress and self.is_main and sys.stderr.isatty() and not os.environ.get("CI")
+
+    @property
+    def engine(self) -> RolloutEngine:
+        """The rollout engine, built on first use and kept in sync with the learner's weights."""
+        if self._engine is None:
+            from trainer.engines import build_engine
+
+            self._engine = build_engine(self.cfg, self.learner)
+        return self._engine
+
+    def train_examples(self) -> list[Example]:
+        d = self.cfg.data
+        return load_task(d.task, d.train_source, "train", d.train_limit, self.cfg.seed,
+                         **_task_kwargs(self.cfg))
+
+    def eval_examples(self) -> list[Example]:
+        if self._eval_examples is None:
+            d = self.cfg.data
+            limit = self.cfg.eval.limit or d.eval_limit
+            self._eval_examples = load_task(d.task, d.eval_source, "test", limit, self.cfg.seed + 1,
+                                            **_task_kwargs(self.cfg))
+        return self._eval_examples
+
+    # ---- shared phases ----------------------------------------------------------------------------
+    def sync_weights(self) -> dict[str, float]:
+        """Push the learner's weights into the rollout engine and check them with the probe."""
+        from trainer.engines import sync_and_probe
+
+        with self.timer("sync"):
+            metrics = sync_and_probe(self.engine, self.learner, self.cfg.rollout)
+        self.trainer_state["policy_version"] = self.engine.policy_version
+        return metrics
+
+    def evaluate(self, step: int, tag: str = "") -> dict[str, float]:
+        """Held-out evaluation on the main process; per-sample JSONL under run_dir/eval/."""
+        metrics: dict[str, float] = {}
+        if self.is_main:
+            with self.timer("eval"), torch.inference_mode():
+                name = f"step_{step:06d}{tag}.jsonl"
+                metrics, records = evaluate(
+                    self.engine, self.eval_examples(), self.cfg.data.prompt_template,
+                    eval_sampling(self.cfg.eval, self.cfg.seed + step), self.scorer,
+                    self.run_dir / "eval" / name, self.learner.unwrapped, self.learner.tokenizer.pad_token_id,
+                )
+            self.tracker.log(metrics, step)
+            self.tracker.log_table("eval/samples", records[: self.cfg.eval.log_samples], step)
+        self.accelerator.wait_for_everyone()
+        return metrics
+
+    def rollout_sampling(self, n: int, seed: int) -> SamplingConfig:
+        r = self.cfg.rollout
+        return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
+                              min_tokens=r.min_tokens, stop=tuple(r.stop), n=n, seed=seed)
+
+    def save(self, step: int, **state: Any) -> None:
+        self.trainer_state.update(state, step=step, wandb_run_id=self.tracker.run_id)
+        with self.timer("save"):
+            save_checkpoint(self.accelerator, self.learner.model, self.learner.tokenizer, self.run_dir, step,
+                            self.trainer_state, self.cfg, self.cfg.checkpoint.keep_last)
+
+    def maybe_save(self, step: int, last: bool, **state: Any) -> None:
+        every = self.cfg.checkpoint.save_every
+        if last or (every and step % every == 0):
+            self.save(step, **state)
+
+    # ---- cleanup ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        for closer in (self._close_engine, self.scorer.close, self.tracker.finish, self._end_distributed):
+            try:
+                closer()
+            except Exception as err:  # keep closing the rest
+                logger.warning("cleanup step %s failed: %s", getattr(closer, "__name__", closer), err)
+
+    def _close_engine(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def _end_distributed(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _task_kwargs(cfg: RunConfig) -> dict[str, Any]:
+    return {"level": cfg.data.arithmetic_level} if cfg.data.task == "arithmetic" else {}
