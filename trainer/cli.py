@@ -1,0 +1,153 @@
+"""The `reasonrl` command line (also ``python -m trainer``).
+
+    reasonrl train --config configs/grpo_tiny_cpu.yaml [section.key=value ...] [--resume]
+    reasonrl eval --config CONFIG --checkpoint DIR [section.key=value ...]
+    reasonrl plot RUN_DIR
+    reasonrl tiny OUT_DIR
+    reasonrl demo [--out runs/demo]
+    reasonrl rollout-server --model PATH [--host 127.0.0.1 --port 8000 ...]
+    reasonrl doctor
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from trainer.config import ConfigError, RunConfig, load_config
+
+TRAINERS = {"grpo": "trainer.grpo:train_grpo", "sft": "trainer.sft:train_sft", "dpo": "trainer.dpo:train_dpo",
+            "ei": "trainer.expert_iteration:train_ei"}
+
+
+def _import(target: str) -> Callable[..., object]:
+    import importlib
+
+    module, name = target.split(":")
+    fn: Callable[..., object] = getattr(importlib.import_module(module), name)
+    return fn
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.overrides)
+    if getattr(args, "resume", None):
+        overrides.append(f"output_dir={args.resume}")
+    return load_config(args.config, overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.resume and not Path(args.resume).is_dir():
+        raise FileNotFoundError(f"--resume {args.resume}: no such run directory")
+    result = _import(TRAINERS[cfg.mode])(cfg, resume=bool(args.resume))
+    if isinstance(result, dict) and result:
+        print("final:", " ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from trainer.eval_cli import run_eval
+
+    metrics = run_eval(_load(args), args.checkpoint, args.out)
+    for k, v in sorted(metrics.items()):
+        print(f"{k:32s} {v:.4f}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from trainer.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from trainer.tiny import main as tiny_main
+
+    tiny_main([args.out_dir, "--seed", str(args.seed)])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from trainer.demo import run_demo
+
+    run_demo(args.out, args.overrides)
+    return 0
+
+
+def cmd_rollout_server(args: argparse.Namespace) -> int:
+    from rollout.server import main as server_main
+
+    server_main(args.server_args)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from trainer.doctor import main as doctor_main
+
+    return doctor_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reasonrl", description="RL post-training for reasoning LLMs")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train with a config (mode: grpo, sft, dpo, ei)")
+    train.add_argument("--config", required=True)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value")
+    train.set_defaults(fn=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set (zero-shot baseline too)")
+    ev.add_argument("--config", required=True)
+    ev.add_argument("--checkpoint", help="HF model dir or a run checkpoint dir; default: config model.path")
+    ev.add_argument("--out", help="per-sample JSONL path")
+    ev.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ev.set_defaults(fn=cmd_eval)
+
+    plot = sub.add_parser("plot", help="PNG of reward, accuracy and length curves of a run")
+    plot.add_argument("run_dir")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    plot.set_defaults(fn=cmd_plot)
+
+    tiny = sub.add_parser("tiny", help="build the tiny local test models")
+    tiny.add_argument("out_dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(fn=cmd_tiny)
+
+    demo = sub.add_parser("demo", help="the CPU demo: tiny model, SFT warm start, GRPO with vLLM, plot")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", metavar="section.key=value")
+    demo.set_defaults(fn=cmd_demo)
+
+    server = sub.add_parser("rollout-server", help="serve rollouts to a remote learner (vLLM server)",
+                            add_help=False)
+    server.add_argument("server_args", nargs=argparse.REMAINDER)
+    server.set_defaults(fn=cmd_rollout_server)
+
+    doctor = sub.add_parser("doctor", help="check the installation and the machine")
+    doctor.set_defaults(fn=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        code: int = args.fn(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"reasonrl: error: {err}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
