@@ -1,0 +1,54 @@
+"""Tracker: metrics.jsonl always; real wandb in offline mode; a failing wandb never stops training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from trainer.plot import plot_run
+from trainer.tracking import NullTracker, Tracker, WandbTracker, make_tracker, read_metrics
+
+
+def test_disabled_mode_writes_jsonl_only(tmp_path: Path) -> None:
+    tracker = make_tracker(tmp_path, "disabled")
+    assert type(tracker) is Tracker
+    tracker.log({"train/loss": 1.5, "eval/accuracy": float("nan")}, step=3)
+    tracker.finish()
+    [record] = read_metrics(tmp_path)
+    assert record["step"] == 3 and record["train/loss"] == 1.5 and record["eval/accuracy"] == "nan"
+
+
+def test_wandb_offline_logs_a_real_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = make_tracker(tmp_path, "offline", project="reasonrl-test", config={"lr": 1e-5})
+    assert isinstance(tracker, WandbTracker) and tracker.run_id
+    tracker.log({"train/loss": 0.5}, step=1)
+    tracker.log({"eval/accuracy": 0.25}, step=1)
+    tracker.log_table("eval/samples", [{"prompt": "p", "response": "r", "reward": 1.0}], step=1)
+    tracker.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].glob("*.wandb"))
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 1]
+
+
+def test_broken_wandb_is_disabled_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    tracker = make_tracker(tmp_path, "not-a-wandb-mode")  # wandb.init raises on an invalid mode
+    tracker.log({"train/loss": 2.0}, step=1)
+    tracker.finish()
+    assert "wandb disabled" in caplog.text
+    assert read_metrics(tmp_path)[0]["train/loss"] == 2.0
+
+
+def test_null_tracker_writes_nothing(tmp_path: Path) -> None:
+    NullTracker().log({"train/loss": 1.0}, step=0)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_plot_writes_png(tmp_path: Path) -> None:
+    tracker = Tracker(tmp_path)
+    for step in range(3):
+        tracker.log({"reward/reward_mean": step / 3, "rollout/response_length_mean": 10.0 + step}, step)
+    tracker.log({"eval/accuracy": 0.5, "eval/format_rate": 0.9, "eval/mean_length": 11.0}, 2)
+    path = plot_run(tmp_path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
