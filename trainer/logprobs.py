@@ -18,8 +18,10 @@ DEFAULT_CHUNK_TOKENS = 1024
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy of the next-token distribution at each position: ``H = −Σ_v p_v log p_v``.
 
-    Computed as ``log p = z − logsumexp(z)`` and ``H = −Σ_v exp(log p_v) · log p_v``, which stays finite
-    and accurate for logits of magnitude 1e4 (no ``exp(z)`` overflow, no ``0 · log 0``).
+    Computed on max-shifted logits ``z' = z − max_v z_v``: ``log p = z' − logsumexp(z')`` and
+    ``H = −Σ_v exp(log p_v) · log p_v``. The shift keeps ``log p`` accurate for logits of magnitude 1e4
+    (``logsumexp(z)`` itself would round to the float32 spacing at 1e4, ~1e-3), nothing overflows, and
+    ``−inf`` logits contribute 0 instead of ``0 · (−inf)``.
 
     Args:
         logits: (..., vocab).
@@ -28,8 +30,18 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     """
     # logits: (batch, seq, vocab) -> (batch, seq)
     z = logits if logits.dtype == torch.float64 else logits.float()
-    log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)  # (..., vocab)
+    log_p = _shifted_log_softmax(z)  # (..., vocab)
+    log_p = log_p.clamp(min=torch.finfo(log_p.dtype).min)  # -inf -> finite, so exp(.)·(.) = 0
     return -(log_p.exp() * log_p).sum(dim=-1)
+
+
+def _shifted_log_softmax(z: torch.Tensor) -> torch.Tensor:
+    """``z' − logsumexp(z')`` with ``z' = z − max(z)``: log-softmax without re-adding the max.
+
+    The max is detached: it cancels exactly in the value, so its gradient is zero anyway.
+    """
+    shifted = z - z.amax(dim=-1, keepdim=True).detach()  # (..., vocab)
+    return shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
 
 
 def chunked_label_log_probs(
@@ -66,8 +78,11 @@ def chunked_label_log_probs(
         flat_logits.split(chunk_tokens), flat_labels.split(chunk_tokens), strict=True
     ):
         z = logit_chunk.to(out_dtype)  # (chunk, vocab): the only full-vocabulary copy (none if fp32)
-        lse = torch.logsumexp(z, dim=-1)  # (chunk,)
-        log_prob_chunks.append(z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse)
+        # log p(y) = (z_y − max) − logsumexp(z − max): the max is not added back, which would round
+        # to float32 spacing at large logits. All temporaries here are (chunk, vocab).
+        shifted = z - z.amax(dim=-1, keepdim=True).detach()  # (chunk, vocab)
+        lse = torch.logsumexp(shifted, dim=-1)  # (chunk,)
+        log_prob_chunks.append(shifted.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse)
         if return_token_entropy:
             entropy_chunks.append(compute_entropy(z))
     log_probs = torch.cat(log_prob_chunks).view(labels.shape)  # (batch, seq)
