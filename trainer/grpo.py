@@ -36,7 +36,7 @@ from rollout.tasks import Example
 from trainer.advantages import group_normalize, reward_metadata
 from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.config import GRPOConfig, RunConfig
-from trainer.learner import load_model
+from trainer.learner import Learner, load_model
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.pg_losses import compute_policy_gradient_loss
@@ -151,48 +151,51 @@ def compute_old_log_probs(model: torch.nn.Module, tokens: TokenBatch, micro_batc
 
 
 # ---- phase 4-5: update --------------------------------------------------------------------------
-def update_policy(s: Session, batch: RolloutBatch, ref_model: torch.nn.Module | None) -> dict[str, float]:
+def update_policy(learner: Learner, cfg: RunConfig, batch: RolloutBatch,
+                  ref_model: torch.nn.Module | None = None) -> dict[str, float]:
     """``epochs_per_rollout_batch`` passes of optimizer steps over this rank's rollout batch."""
-    g, world = s.cfg.grpo, s.accelerator.num_processes
+    g, world = cfg.grpo, learner.accelerator.num_processes
     opt_bs, micro_bs = g.train_batch_size // world, g.train_batch_size // g.gradient_accumulation_steps // world
     totals: dict[str, list[float]] = {}
     for _epoch in range(g.epochs_per_rollout_batch):
         for opt_slice in micro_batch_slices(len(batch.tokens), opt_bs):
-            metrics = optimizer_step(s, batch, opt_slice, micro_bs, ref_model)
+            metrics = optimizer_step(learner, cfg, batch, opt_slice, micro_bs, ref_model)
             for k, v in metrics.items():
                 totals.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in totals.items()}
 
 
-def optimizer_step(s: Session, batch: RolloutBatch, opt_slice: slice, micro_bs: int,
+def optimizer_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, opt_slice: slice, micro_bs: int,
                    ref_model: torch.nn.Module | None) -> dict[str, float]:
-    g, learner = s.cfg.grpo, s.learner
+    """One optimizer step over rows `opt_slice`, accumulated over micro-batches of `micro_bs` rows."""
     rows = range(len(batch.tokens))[opt_slice]
-    token_count = _global_token_count(s, batch.tokens.response_mask[opt_slice])
+    token_count = global_token_count(learner, batch.tokens.response_mask[opt_slice])
     sums: dict[str, float] = {}
     micro = micro_batch_slices(len(rows), micro_bs)
     for i, sl in enumerate(micro):
         index = torch.arange(rows.start, rows.stop)[sl]
         with learner.accumulate(is_last_micro_batch=i == len(micro) - 1):
-            for k, v in micro_step(s, batch, index, token_count, ref_model).items():
+            for k, v in micro_step(learner, cfg, batch, index, token_count, ref_model).items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
     sums["train/grad_norm"] = learner.step()
     sums["train/lr"] = learner.scheduler.get_last_lr()[0]
     return sums
 
 
-def _global_token_count(s: Session, mask: torch.Tensor) -> float:
-    count = mask.sum().to(s.accelerator.device, torch.float32)
-    return float(s.accelerator.reduce(count, "sum")) if s.accelerator.num_processes > 1 else float(count)
+def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
+    """Response tokens of the optimizer batch summed over ranks (token-level normalisation needs it)."""
+    acc = learner.accelerator
+    count = mask.sum().to(acc.device, torch.float32)
+    return float(acc.reduce(count, "sum")) if acc.num_processes > 1 else float(count)
 
 
-def micro_step(s: Session, batch: RolloutBatch, index: torch.Tensor, global_tokens: float,
+def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: torch.Tensor, global_tokens: float,
                ref_model: torch.nn.Module | None) -> dict[str, float]:
     """Forward, per-token loss (PG [× TIS] [+ KL] [− entropy]), aggregate, backward; returns metrics."""
-    g, device = s.cfg.grpo, s.learner.device
+    g, device = cfg.grpo, learner.device
     mb = batch.tokens.select(index).to(device)
     mask = mb.response_mask
-    out = get_response_log_probs(s.learner.model, mb.input_ids, mb.labels, True, attention_mask=mb.attention_mask)
+    out = get_response_log_probs(learner.model, mb.input_ids, mb.labels, True, attention_mask=mb.attention_mask)
     log_probs, entropy = out["log_probs"], out["token_entropy"]  # (b, s) each
     old = batch.old_log_probs[index].to(device) if batch.old_log_probs is not None else log_probs.detach()
     per_token, meta = compute_policy_gradient_loss(
@@ -212,9 +215,9 @@ def micro_step(s: Session, batch: RolloutBatch, index: torch.Tensor, global_toke
         per_token = per_token - g.entropy_coef * entropy
     loss = aggregate_loss(per_token, mask, g.length_normalization,
                           gradient_accumulation_steps=g.gradient_accumulation_steps,
-                          normalize_constant=float(s.cfg.rollout.max_tokens), global_token_count=global_tokens,
-                          world_size=s.accelerator.num_processes)
-    s.learner.backward(loss)
+                          normalize_constant=float(cfg.rollout.max_tokens), global_token_count=global_tokens,
+                          world_size=learner.accelerator.num_processes)
+    learner.backward(loss)
     metrics["train/loss"] = float(loss.detach()) * g.gradient_accumulation_steps
     metrics["train/entropy"] = _masked_mean(entropy.detach(), mask)
     if "clipped" in meta:
@@ -269,7 +272,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
             micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
             batch.old_log_probs = compute_old_log_probs(s.learner.model, batch.tokens, micro, s.learner.device)
     with s.timer("train"):
-        metrics |= update_policy(s, batch, ref_model)
+        metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()
     tokens = float(batch.tokens.attention_mask.sum()) * g.epochs_per_rollout_batch
     metrics["train/learner_tokens_per_s"] = tokens / max(s.timer.seconds["train"], 1e-9)
