@@ -57,7 +57,7 @@ def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
     assert cfg.optim.learning_rate == 3e-4
     assert cfg.grpo.use_std_normalization is False
     assert cfg.rollout.stop == ["x", "y"]
-    with pytest.raises(ConfigError, match="must look like section.key=value"):
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(path, ["optim.learning_rate"])
 
 

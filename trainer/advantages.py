@@ -29,7 +29,8 @@ def group_normalize(
     Args:
         raw_rewards: (N,) with ``N = n_groups · group_size``, group-contiguous.
     Returns:
-        (N,) advantages, float32 (float64 for float64 input).
+        (N,) advantages, float32 (float64 for float64 input). A group whose rewards are all equal gets
+        advantages 0 (what the formula gives for any eps > 0; also for eps = 0, where it would be NaN).
     Raises:
         ValueError if ``N`` is not divisible by ``group_size``, or if ``normalize_by_std`` is asked for
         groups of one (the unbiased std of one sample is undefined).
@@ -50,7 +51,9 @@ def group_normalize(
     grouped = raw_rewards.to(dtype).view(-1, group_size)  # (n_groups, group_size)
     centred = grouped - grouped.mean(dim=-1, keepdim=True)  # (n_groups, group_size)
     if normalize_by_std:
-        centred = centred / (grouped.std(dim=-1, keepdim=True) + advantage_eps)
+        std = grouped.std(dim=-1, keepdim=True)  # (n_groups, 1)
+        # A group with std 0 has a zero numerator; keep its advantages 0 even when eps = 0 (not 0/0 = NaN).
+        centred = torch.where(std > 0, centred / (std + advantage_eps), centred)
     return centred.reshape(-1)  # (N,)
 
 
