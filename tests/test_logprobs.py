@@ -193,3 +193,14 @@ def test_entropy_with_minus_inf_logits() -> None:
     torch.testing.assert_close(h, torch.tensor([math.log(2.0)]))
     h.sum().backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
+
+
+def test_chunked_compute_dtype_float64() -> None:
+    """fp32 logits, compute_dtype=float64: equal to a float64 log-softmax of the same values to 1e-12."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 9, 40, generator=gen) * 5
+    labels = torch.randint(0, 40, (2, 9), generator=gen)
+    got, _ = chunked_label_log_probs(logits, labels, chunk_tokens=4, compute_dtype=torch.float64)
+    assert got.dtype == torch.float64
+    want = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
