@@ -118,6 +118,9 @@ class SFTConfig(_Section):
     max_examples: int | None = Field(None, ge=1)
     filter_correct: bool = False
     validation_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_generation: bool = Field(
+        False, description="also report held-out generation accuracy (math SFT; uses data.task/eval_source)"
+    )
 
 
 class DPOConfig(_Section):
@@ -130,6 +133,7 @@ class DPOConfig(_Section):
     reference_device: str | None = Field(None, description="e.g. cuda:1; default: the policy's device")
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    simpo_gamma: float = Field(0.5, ge=0.0, description="SimPO target reward margin γ (loss: simpo only)")
 
 
 class EIConfig(_Section):
