@@ -40,7 +40,9 @@ def straightforward_logp(model: torch.nn.Module, tokenizer: object, text: str) -
     return float(logp)
 
 
-def straightforward_dpo(lm: torch.nn.Module, ref: torch.nn.Module, tok: object, template: str, eos: str) -> float:
+def straightforward_dpo(
+    lm: torch.nn.Module, ref: torch.nn.Module, tok: object, template: str, eos: str
+) -> float:
     texts = [template.format(instruction=PROMPT, response=r) + eos for r in (CHOSEN, REJECTED)]
     pw, pl = (straightforward_logp(lm, tok, t) for t in texts)
     rw, rl = (straightforward_logp(ref, tok, t) for t in texts)
@@ -94,7 +96,9 @@ def test_template_and_eos_matter(models: tuple) -> None:
     assert abs(got - no_template) > 1e-4
     assert abs(got - no_eos) > 1e-4
     # and the template is a real parameter: passing the bare template reproduces the bare value
-    bare = compute_per_instance_dpo_loss(lm, ref, tok, BETA, PROMPT, CHOSEN, REJECTED, "{instruction}{response}").item()
+    bare = compute_per_instance_dpo_loss(
+        lm, ref, tok, BETA, PROMPT, CHOSEN, REJECTED, "{instruction}{response}"
+    ).item()
     assert abs(bare - no_template) <= 1e-6 * abs(no_template)
 
 
@@ -121,7 +125,10 @@ def test_batched_equals_per_instance_and_grads_reach_policy_only(models: tuple) 
     batch_grads = [p.grad.clone() for p in lm.parameters()]
     assert all(p.grad is None for p in ref.parameters())
     lm.zero_grad(set_to_none=True)
-    singles = [compute_per_instance_dpo_loss(lm, ref, tok, BETA, *args) for args in zip(prompts, chosen, rejected, strict=True)]
+    singles = [
+        compute_per_instance_dpo_loss(lm, ref, tok, BETA, *args)
+        for args in zip(prompts, chosen, rejected, strict=True)
+    ]
     torch.stack(singles).mean().backward()
     torch.testing.assert_close(batched, torch.stack(singles).detach(), rtol=1e-6, atol=1e-7)
     for p, g in zip(lm.parameters(), batch_grads, strict=True):
@@ -136,3 +143,20 @@ def test_errors(models: tuple) -> None:
         batched_dpo_loss(lm, ref, tok, BETA, ["a"], ["b", "c"], ["d"])
     with pytest.raises(ValueError, match="at least one text"):
         sequence_logp(lm, tok, [])
+
+
+@pytest.mark.gpu
+def test_result_on_policy_device_when_reference_elsewhere(tiny_gpt2_path: str, tiny_qwen2_path: str) -> None:
+    """Policy on CUDA, reference on CPU: the loss lives on CUDA and matches the all-CPU value. Tolerance
+    1e-4 relative because the CUDA and CPU forward passes round differently (not the same computation)."""
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_path)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_gpt2_path).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path).eval()
+    on_cpu = compute_per_instance_dpo_loss(lm, ref, tok, BETA, PROMPT, CHOSEN, REJECTED).item()
+    lm = lm.to("cuda")
+    got = compute_per_instance_dpo_loss(lm, ref, tok, BETA, PROMPT, CHOSEN, REJECTED)
+    assert got.device.type == "cuda"
+    assert next(ref.parameters()).device.type == "cpu"
+    got.backward()
+    assert all(p.grad is None or p.grad.device.type == "cuda" for p in lm.parameters())
+    assert abs(got.item() - on_cpu) <= 1e-4 * abs(on_cpu)

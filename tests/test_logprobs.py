@@ -46,7 +46,12 @@ def test_entropy_hand_values() -> None:
     [0, ln 3] → p = (1/4, 3/4): H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335."""
     logits = torch.tensor(
         [
-            [[0.0, 0.0, 0.0, 0.0], [1e4, 1e4, -1e4, -1e4], [1e4, 0.0, 0.0, -1e4], [0.0, math.log(3.0), -1e4, -1e4]],
+            [
+                [0.0, 0.0, 0.0, 0.0],
+                [1e4, 1e4, -1e4, -1e4],
+                [1e4, 0.0, 0.0, -1e4],
+                [0.0, math.log(3.0), -1e4, -1e4],
+            ],
         ]
     )
     want = torch.tensor([[math.log(4.0), math.log(2.0), 0.0, 0.562335]])
@@ -106,7 +111,9 @@ def test_chunked_gradcheck() -> None:
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=gen, requires_grad=True)
     labels = torch.randint(0, 5, (2, 3), generator=gen)
-    assert torch.autograd.gradcheck(lambda z: chunked_label_log_probs(z, labels, chunk_tokens=2)[0], (logits,))
+    assert torch.autograd.gradcheck(
+        lambda z: chunked_label_log_probs(z, labels, chunk_tokens=2)[0], (logits,)
+    )
 
 
 def test_chunked_bf16_logits_upcast_per_chunk() -> None:
@@ -131,7 +138,9 @@ def test_get_response_log_probs_matches_naive(gpt2: torch.nn.Module, batch: dict
     out = get_response_log_probs(gpt2, batch["input_ids"], batch["labels"], True, chunk_tokens=5)
     logits = gpt2(input_ids=batch["input_ids"]).logits
     assert out["log_probs"].shape == batch["labels"].shape
-    torch.testing.assert_close(out["log_probs"], naive_log_probs(logits, batch["labels"]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out["log_probs"], naive_log_probs(logits, batch["labels"]), rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(out["token_entropy"], compute_entropy(logits), rtol=1e-5, atol=1e-5)
     assert "token_entropy" not in get_response_log_probs(gpt2, batch["input_ids"], batch["labels"])
 
@@ -165,7 +174,9 @@ def test_attention_mask_right_padding(gpt2: torch.nn.Module, tiny_gpt2_path: str
 def test_sequence_log_probs_is_masked_sum(gpt2: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
     per_token = get_response_log_probs(gpt2, batch["input_ids"], batch["labels"])["log_probs"]
     want = torch.stack([per_token[i][batch["response_mask"][i]].sum() for i in range(per_token.shape[0])])
-    got = sequence_log_probs(gpt2, batch["input_ids"], batch["labels"], batch["response_mask"], chunk_tokens=3)
+    got = sequence_log_probs(
+        gpt2, batch["input_ids"], batch["labels"], batch["response_mask"], chunk_tokens=3
+    )
     assert got.shape == (2,)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
 

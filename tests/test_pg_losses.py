@@ -19,7 +19,9 @@ LN15 = math.log(1.5)
 LN05 = math.log(0.5)
 
 
-def _random(seed: int, b: int = 4, s: int = 6, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+def _random(
+    seed: int, b: int = 4, s: int = 6, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     adv = torch.randn(b, 1, generator=gen, dtype=dtype)
     logp = -torch.rand(b, s, generator=gen, dtype=dtype) * 3
@@ -32,7 +34,9 @@ def _random(seed: int, b: int = 4, s: int = 6, dtype: torch.dtype = torch.float3
 
 def test_naive_hand_values() -> None:
     """A = [[2], [−1]], log p = [[−1, −2], [−0.5, 0]] → −A·log p = [[2, 4], [−0.5, 0]]."""
-    got = compute_naive_policy_gradient_loss(torch.tensor([[2.0], [-1.0]]), torch.tensor([[-1.0, -2.0], [-0.5, 0.0]]))
+    got = compute_naive_policy_gradient_loss(
+        torch.tensor([[2.0], [-1.0]]), torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    )
     torch.testing.assert_close(got, torch.tensor([[2.0, 4.0], [-0.5, 0.0]]))
 
 
@@ -78,7 +82,9 @@ def test_grpo_clip_higher_hand_values() -> None:
     loss, meta = compute_grpo_clip_loss(adv, logp, torch.zeros(2, 1), 0.2, cliprange_high=0.28)
     torch.testing.assert_close(loss, torch.tensor([[-1.28], [0.8]]))
     assert meta["clipped"].all()
-    loss2, _ = compute_grpo_clip_loss(adv, logp, torch.zeros(2, 1), 0.5, cliprange_low=0.2, cliprange_high=0.28)
+    loss2, _ = compute_grpo_clip_loss(
+        adv, logp, torch.zeros(2, 1), 0.5, cliprange_low=0.2, cliprange_high=0.28
+    )
     torch.testing.assert_close(loss2, loss)
 
 
@@ -149,7 +155,9 @@ def test_dispatch_matches_direct_calls() -> None:
     torch.testing.assert_close(got, compute_naive_policy_gradient_loss(raw, logp))
     got, _ = compute_policy_gradient_loss(logp, "reinforce_with_baseline", advantages=adv)
     torch.testing.assert_close(got, compute_naive_policy_gradient_loss(adv, logp))
-    got, meta = compute_policy_gradient_loss(logp, "grpo_clip", advantages=adv, old_log_probs=old, cliprange=0.2)
+    got, meta = compute_policy_gradient_loss(
+        logp, "grpo_clip", advantages=adv, old_log_probs=old, cliprange=0.2
+    )
     want, want_meta = compute_grpo_clip_loss(adv, logp, old, 0.2)
     torch.testing.assert_close(got, want)
     assert torch.equal(meta["clipped"], want_meta["clipped"])

@@ -39,7 +39,9 @@ def test_packing_hand_values_without_bos(tmp_path: Path) -> None:
     """docs "a|b", "c|d" (template "{instruction}|{response}") → stream [97, 124, 98, 0, 99, 124, 100, 0];
     m = 3 → (8 − 1) // 3 = 2 examples:
     0: input [97, 124, 98], labels [124, 98, 0]; 1: input [0, 99, 124], labels [99, 124, 100]."""
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    )
     ds = PackedSFTDataset(CharTokenizer(adds_bos=False), path, 3, shuffle=False, template=BARE)
     assert len(ds) == 2
     assert ds[0]["input_ids"].tolist() == [97, 124, 98]
@@ -54,7 +56,9 @@ def test_packing_hand_values_without_bos(tmp_path: Path) -> None:
 def test_packing_hand_values_with_bos(tmp_path: Path) -> None:
     """Same docs, tokenizer adds BOS 5 → stream [5, 97, 124, 98, 0, 5, 99, 124, 100, 0] (len 10);
     m = 3 → 3 examples; example 2: input [99, 124, 100], labels [124, 100, 0]."""
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}]
+    )
     tok = CharTokenizer(adds_bos=True)
     assert tokenizer_adds_bos(tok)
     assert not tokenizer_adds_bos(CharTokenizer(adds_bos=False))
@@ -66,7 +70,10 @@ def test_packing_hand_values_with_bos(tmp_path: Path) -> None:
 
 
 def _records(n: int) -> list[dict[str, str]]:
-    return [{"prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. The answer is {2 * i}."} for i in range(n)]
+    return [
+        {"prompt": f"What is {i} + {i}?", "response": f"{i} + {i} = {2 * i}. The answer is {2 * i}."}
+        for i in range(n)
+    ]
 
 
 def test_matches_naive_stream_on_tiny_bpe(tmp_path: Path, tiny_gpt2_path: str) -> None:
@@ -78,7 +85,9 @@ def test_matches_naive_stream_on_tiny_bpe(tmp_path: Path, tiny_gpt2_path: str) -
     ds = PackedSFTDataset(tok, path, m, shuffle=False)
     stream: list[int] = []
     for r in records:
-        stream += tok.encode(ALPACA.format(instruction=r["prompt"], response=r["response"]), add_special_tokens=False)
+        stream += tok.encode(
+            ALPACA.format(instruction=r["prompt"], response=r["response"]), add_special_tokens=False
+        )
         stream.append(tok.eos_token_id)
     assert len(ds) == (len(stream) - 1) // m
     for i in range(len(ds)):

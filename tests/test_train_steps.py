@@ -21,7 +21,9 @@ def test_grpo_step_hand_values_sequence_mean() -> None:
     per-token loss −r·log p = [[1, 2], [6, 8]]; sequence means [1.5, 6] → mean 3.75 → /2 = 1.875.
     d loss / d log p_it = −r_i / (G·B·n_i): row 0: −1/(2·2·2) = −0.125 each; row 1: [−2/(2·2·1), 0] = [−0.5, 0]."""
     logp = _leaf(LOGP)
-    loss, _ = grpo_microbatch_train_step(logp, MASK, 2, "no_baseline", raw_rewards=torch.tensor([[1.0], [2.0]]))
+    loss, _ = grpo_microbatch_train_step(
+        logp, MASK, 2, "no_baseline", raw_rewards=torch.tensor([[1.0], [2.0]])
+    )
     torch.testing.assert_close(loss, torch.tensor(1.875))
     assert logp.grad is not None
     torch.testing.assert_close(logp.grad, torch.tensor([[-0.125, -0.125], [-0.5, 0.0]]))
@@ -35,7 +37,13 @@ def test_grpo_step_hand_values_constant_and_token() -> None:
     adv = torch.tensor([[1.0], [2.0]])
     logp = _leaf(LOGP)
     loss, _ = grpo_microbatch_train_step(
-        logp, MASK, 1, "reinforce_with_baseline", advantages=adv, length_normalization="constant", normalize_constant=4
+        logp,
+        MASK,
+        1,
+        "reinforce_with_baseline",
+        advantages=adv,
+        length_normalization="constant",
+        normalize_constant=4,
     )
     torch.testing.assert_close(loss, torch.tensor(1.125))
     assert logp.grad is not None
@@ -85,7 +93,9 @@ def test_grpo_clip_step_matches_naive_reference(mode: str) -> None:
     rows = []
     for i in range(b):
         row = per_token[i][mask[i]]
-        rows.append(row.mean() if mode == "sequence_mean" else row.sum() / 9.0 if mode == "constant" else row.sum())
+        rows.append(
+            row.mean() if mode == "sequence_mean" else row.sum() / 9.0 if mode == "constant" else row.sum()
+        )
     ref = torch.stack(rows).mean() / 2 if mode != "token" else torch.stack(rows).sum() * 2 / 40
     ref.backward()
     torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=1e-7)

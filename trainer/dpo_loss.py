@@ -29,7 +29,8 @@ def format_pair(prompt: str, response: str, template: str = ALPACA) -> str:
 
 
 def _model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
+    device: torch.device = next(model.parameters()).device
+    return device
 
 
 def sequence_logp(

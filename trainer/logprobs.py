@@ -83,7 +83,7 @@ def chunked_label_log_probs(
     # torch.split (one SplitBackward) rather than slicing, so backward assembles the logits gradient once
     # instead of allocating a full-size zero tensor per chunk.
     for logit_chunk, y in zip(
-        flat_logits.split(chunk_tokens), flat_labels.split(chunk_tokens), strict=True
+        torch.split(flat_logits, chunk_tokens), torch.split(flat_labels, chunk_tokens), strict=True
     ):
         z = logit_chunk.to(out_dtype)  # (chunk, vocab): the only full-vocabulary copy (none if fp32)
         # log p(y) = (z_y − max) − logsumexp(z − max): the max is not added back, which would round

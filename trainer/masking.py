@@ -101,7 +101,9 @@ def aggregate_loss(
         return per_seq.mean() / gradient_accumulation_steps
     if mode == "constant":
         if normalize_constant is None:
-            raise ValueError("aggregate_loss mode 'constant' needs normalize_constant (e.g. max generation length)")
+            raise ValueError(
+                "aggregate_loss mode 'constant' needs normalize_constant (e.g. max generation length)"
+            )
         if normalize_constant <= 0:
             raise ValueError(f"normalize_constant must be > 0; got {normalize_constant}")
         per_seq = masked_normalize(per_token_loss, mask_f, normalize_constant, dim=-1)  # (batch,)
@@ -112,11 +114,13 @@ def aggregate_loss(
             "aggregate_loss mode 'token' needs global_token_count (response tokens in the whole optimizer "
             "batch, summed over micro-batches and ranks)"
         )
-    count = (
-        global_token_count.to(device=per_token_loss.device, dtype=per_token_loss.dtype)
-        if isinstance(global_token_count, torch.Tensor)
-        else float(global_token_count)
-    )
-    if float(count) <= 0:
-        raise ValueError(f"global_token_count must be > 0; got {float(count)}")
+    if isinstance(global_token_count, torch.Tensor):
+        # not validated: reading a CUDA tensor's value would sync the device every micro-batch
+        count: torch.Tensor | float = global_token_count.to(
+            device=per_token_loss.device, dtype=per_token_loss.dtype
+        )
+    else:
+        count = float(global_token_count)
+        if count <= 0:
+            raise ValueError(f"global_token_count must be > 0; got {count}")
     return (per_token_loss * mask_f).sum() * world_size / count

@@ -66,7 +66,9 @@ def read_sft_jsonl(path: str | Path) -> list[tuple[str, str]]:
                         f"found {sorted(record)})"
                     )
                 if not isinstance(record[key], str):
-                    raise ValueError(f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}")
+                    raise ValueError(
+                        f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}"
+                    )
             pairs.append((record["prompt"], record["response"]))
     return pairs
 

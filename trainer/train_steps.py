@@ -67,7 +67,7 @@ def grpo_microbatch_train_step(
         global_token_count=global_token_count,
         world_size=world_size,
     )
-    loss.backward()
+    torch.autograd.backward(loss)
     metadata = {key: value.detach() for key, value in loss_meta.items()}
     if "clipped" in loss_meta:
         metadata["clip_fraction"] = masked_mean(loss_meta["clipped"].float(), response_mask).detach()
@@ -107,7 +107,7 @@ def sft_microbatch_train_step(
         global_token_count=global_token_count,
         world_size=world_size,
     )
-    loss.backward()
+    torch.autograd.backward(loss)
     metadata = {
         "nll_per_token": masked_mean(-policy_log_probs.detach(), response_mask),
         "response_tokens": response_mask.sum().detach(),
