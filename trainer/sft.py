@@ -1,0 +1,355 @@
+"""Supervised fine-tuning learner (``mode: sft``): reasoning SFT (CS336 assignment 5 §4) and packed
+instruction tuning (assignment 5 supplement). It also provides the SFT step that expert iteration reuses.
+
+Exactly this:
+
+1. Data.
+   - Reasoning SFT (``sft.packed: false``): JSONL ``{"prompt", "response"}`` at ``data.sft_path``, with an
+     optional gold ``"answer"`` (or ``"gold"``). The prompt is already formatted (e.g. ``r1_zero``), the
+     response is reasoning + answer; nothing (no EOS) is appended. A seeded ``sft.validation_fraction``
+     of the lines is held out first; then, on the training part only, ``sft.filter_correct`` keeps the
+     examples whose response the reward function (``reward.fn``) grades correct against the gold, and
+     ``sft.max_examples`` keeps a seeded random subset of that many unique examples. Each (prompt,
+     response) is tokenised by `tokenize_prompt_and_output`; the loss covers response tokens only.
+   - Packed instruction tuning (``sft.packed: true``): `PackedSFTDataset` (Alpaca template, BOS when the
+     tokenizer adds one, EOS after each document, ``sft.seq_length`` blocks, every token a target);
+     batches come from `iterate_batches`. The last ``validation_fraction`` of the blocks is held out (a
+     document may straddle the boundary); ``max_examples`` caps the number of training blocks.
+2. Optimizer batches of ``sft.batch_size`` examples (a fresh seeded shuffle each epoch; the last batch of
+   an epoch may be short), each split into ``sft.gradient_accumulation_steps`` micro-batches.
+3. Loss: per-token NLL averaged over every response token of the optimizer batch (all micro-batches and
+   ranks), i.e. `trainer.masking.aggregate_loss` in ``"token"`` mode — the computation of
+   ``sft_microbatch_train_step(..., length_normalization="token")``, backpropagated through the
+   Accelerator (`Learner.backward`) so that DeepSpeed launches work. Token-level normalisation makes the
+   gradient independent of how the batch is cut into micro-batches, so short micro-batches are allowed.
+4. Gradient-norm clip (``optim.max_grad_norm``, 1.0), then the configured optimizer (AdamW by default) and
+   learning-rate schedule (`Learner.step`).
+5. Before training, every ``eval.every`` steps and at the end: held-out loss (token-mean NLL,
+   ``eval/loss``) and, with ``sft.eval_generation``, held-out generation accuracy through the shared
+   evaluator (`Session.evaluate`, after syncing the weights into the rollout engine).
+
+Length: ``sft.max_steps`` optimizer steps if set (cycling over epochs), else ``sft.num_epochs`` epochs.
+Resume: the data order is a pure function of (seed, epoch), so a resumed run skips the batches it has seen
+and continues with the restored optimizer state. Data parallel: each rank takes rows ``rank::world`` of
+every optimizer batch (batches with fewer rows than ranks are skipped).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from rollout.tasks import DatasetFormatError
+from trainer.batching import TokenBatch
+from trainer.config import RunConfig
+from trainer.grpo import global_token_count
+from trainer.learner import Learner
+from trainer.logprobs import get_response_log_probs
+from trainer.masking import aggregate_loss
+from trainer.session import Session
+from trainer.sft_data import PackedSFTDataset, iterate_batches
+from trainer.tokenization import tokenize_prompt_and_output
+
+
+# ---- data ---------------------------------------------------------------------------------------
+def read_jsonl_records(
+    path: str | Path, required: Sequence[str], optional: Sequence[str] = (), field: str = "data file"
+) -> list[tuple[int, dict[str, str]]]:
+    """(line number, record) of every non-blank line; each record has the `required` string keys.
+
+    Raises FileNotFoundError naming `field` for a missing file, and `DatasetFormatError` naming the file
+    and 1-based line for invalid JSON, a non-object, a missing or non-string key, or a file with no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such file")
+    out: list[tuple[int, dict[str, str]]] = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: expected a JSON object with keys {list(required)}"
+                )
+            for key in (*required, *(k for k in optional if k in record)):
+                if key not in record:
+                    raise DatasetFormatError(
+                        f"{path}:{lineno}: missing key {key!r} (each line needs {list(required)}; "
+                        f"found {sorted(record)})"
+                    )
+                if not isinstance(record[key], str):
+                    raise DatasetFormatError(
+                        f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}"
+                    )
+            out.append((lineno, record))
+    if not out:
+        raise DatasetFormatError(
+            f"{path}: no records (empty file); expected JSONL lines with {list(required)}"
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class SFTExample:
+    prompt: str
+    response: str
+    gold: str | None = None
+    where: str = ""  # "file:line", for error messages
+
+
+def read_sft_examples(path: str | Path) -> list[SFTExample]:
+    """``{"prompt", "response"[, "answer" | "gold"]}`` lines of `path` (errors name file and line)."""
+    records = read_jsonl_records(path, ("prompt", "response"), ("answer", "gold"), "data.sft_path")
+    return [
+        SFTExample(r["prompt"], r["response"], r.get("answer", r.get("gold")), f"{path}:{n}")
+        for n, r in records
+    ]
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices: a seeded ``round(fraction·n)`` held out (at least 1 if fraction > 0)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = 0 if fraction == 0 else min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def filter_correct(s: Session, examples: list[SFTExample]) -> list[SFTExample]:
+    """The examples whose response the reward function grades correct against their gold."""
+    missing = [ex.where for ex in examples if ex.gold is None]
+    if missing:
+        raise DatasetFormatError(
+            f"{missing[0]}: sft.filter_correct needs a gold 'answer' (or 'gold') on every line "
+            f"({len(missing)} line(s) lack one)"
+        )
+    scores = s.scorer.score([ex.response for ex in examples], [str(ex.gold) for ex in examples])
+    return [ex for ex, sc in zip(examples, scores, strict=True) if sc["answer_reward"] > 0]
+
+
+def epoch_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices of each optimizer batch of one epoch: a seeded permutation cut in `batch_size` chunks."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def rank_micro_batches(
+    rows: Sequence[int], grad_accum: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """This rank's rows ``rows[rank::world]`` of one optimizer batch, in at most `grad_accum` near-equal
+    micro-batches (empty ones dropped). ``[]`` when the batch has fewer rows than ranks.
+
+    >>> rank_micro_batches([0, 1, 2, 3, 4], 2)
+    [[0, 1, 2], [3, 4]]
+    """
+    if len(rows) < world:
+        return []
+    mine = list(rows)[rank::world]
+    size = math.ceil(len(mine) / grad_accum)
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
+
+
+def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
+    """`tokenize_prompt_and_output` as a `TokenBatch` (right padding, so an all-ones attention mask)."""
+    t = tokenize_prompt_and_output(list(prompts), list(responses), tokenizer)
+    return TokenBatch(t["input_ids"], t["labels"], t["response_mask"], torch.ones_like(t["input_ids"]))
+
+
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer batches in an epoch of `n` rows (a short last batch counts if every rank gets a row)."""
+    full, rest = divmod(n, batch_size)
+    return full + int(rest >= max(1, world))
+
+
+@dataclass
+class SFTData:
+    """Training data as, per epoch, optimizer batches of this rank's micro-batches; held-out micro-batches."""
+
+    n_train: int
+    steps_per_epoch: int
+    epoch: Callable[[int], Iterator[list[TokenBatch]]]
+    heldout: list[TokenBatch]
+
+    def stream(self, start_step: int) -> Iterator[list[TokenBatch]]:
+        """Micro-batches of every optimizer step after `start_step`, cycling over epochs."""
+        first, skip = divmod(start_step, self.steps_per_epoch)
+        for e in itertools.count(first):
+            yield from itertools.islice(self.epoch(e), skip if e == first else 0, None)
+
+
+def load_sft_data(s: Session) -> SFTData:
+    """Reasoning pairs or packed blocks as configured (module docstring, item 1)."""
+    cfg, sft = s.cfg, s.cfg.sft
+    if not cfg.data.sft_path:
+        raise FileNotFoundError('mode \'sft\' needs data.sft_path (JSONL of {"prompt", "response"})')
+    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    gas, micro = sft.gradient_accumulation_steps, max(1, sft.batch_size // sft.gradient_accumulation_steps)
+    examples = read_sft_examples(cfg.data.sft_path)
+    if sft.packed:
+        return _packed_data(s, micro)
+    train_idx, held_idx = split_heldout(len(examples), sft.validation_fraction, cfg.seed)
+    train, held = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+    if sft.filter_correct:
+        kept = filter_correct(s, train)
+        s.tracker.log(
+            {
+                "data/sft_examples_before_filter": float(len(train)),
+                "data/sft_examples_correct": float(len(kept)),
+            },
+            0,
+        )
+        train = kept
+    if sft.max_examples is not None and len(train) > sft.max_examples:
+        train = random.Random(cfg.seed + 1).sample(train, sft.max_examples)
+    if not train:
+        raise ValueError(f"{cfg.data.sft_path}: no training examples left after the held-out split / filter")
+    tok = s.learner.tokenizer
+
+    def batch_of(exs: Sequence[SFTExample]) -> TokenBatch:
+        return pair_batch(tok, [ex.prompt for ex in exs], [ex.response for ex in exs])
+
+    def epoch(e: int) -> Iterator[list[TokenBatch]]:
+        for rows in epoch_batches(len(train), sft.batch_size, cfg.seed * 100_003 + e):
+            micro_rows = rank_micro_batches(rows, gas, rank, world)
+            if micro_rows:
+                yield [batch_of([train[i] for i in m]) for m in micro_rows]
+
+    heldout = [batch_of(held[i : i + micro]) for i in range(0, len(held), micro)]
+    return SFTData(len(train), steps_per_epoch(len(train), sft.batch_size, world), epoch, heldout)
+
+
+def _packed_data(s: Session, micro: int) -> SFTData:
+    cfg, sft = s.cfg, s.cfg.sft
+    if sft.filter_correct:
+        raise ValueError("sft.filter_correct needs graded reasoning pairs; set sft.packed: false")
+    rank, world = s.accelerator.process_index, s.accelerator.num_processes
+    dataset = PackedSFTDataset(
+        s.learner.tokenizer, str(cfg.data.sft_path), sft.seq_length, shuffle=True, seed=cfg.seed
+    )
+    n_held = 0 if sft.validation_fraction == 0 else max(1, round(sft.validation_fraction * len(dataset)))
+    train_set = Subset(dataset, range(len(dataset) - n_held)[: sft.max_examples])
+    if len(train_set) == 0:
+        raise ValueError(
+            f"{cfg.data.sft_path}: too little text for one training block of "
+            f"sft.seq_length={sft.seq_length} tokens plus the held-out blocks"
+        )
+
+    def blocks(batch: dict[str, torch.Tensor]) -> TokenBatch:
+        ones = torch.ones_like(batch["input_ids"])  # (b, seq_length): every token is a target
+        return TokenBatch(batch["input_ids"], batch["labels"], ones.bool(), ones)
+
+    def epoch(e: int) -> Iterator[list[TokenBatch]]:
+        for batch in iterate_batches(train_set, sft.batch_size, shuffle=True, seed=cfg.seed * 100_003 + e):
+            micro_rows = rank_micro_batches(
+                range(len(batch["input_ids"])), sft.gradient_accumulation_steps, rank, world
+            )
+            if micro_rows:
+                yield [blocks({k: v[m] for k, v in batch.items()}) for m in micro_rows]
+
+    held_set = Subset(dataset, range(len(dataset) - n_held, len(dataset)))
+    heldout = [blocks(b) for b in iterate_batches(held_set, micro, shuffle=False)] if n_held else []
+    return SFTData(len(train_set), steps_per_epoch(len(train_set), sft.batch_size, world), epoch, heldout)
+
+
+# ---- the SFT step (shared with expert iteration) ------------------------------------------------
+def sft_update(learner: Learner, micro_batches: Sequence[TokenBatch]) -> dict[str, float]:
+    """One optimizer step of response-only SFT over this rank's micro-batches (module docstring, 3-4).
+
+    Loss of a micro-batch: ``W · Σ_{i,t} m_it (−log π_θ(y_it)) / N`` with ``N`` the response tokens of the
+    whole optimizer batch over all ranks (`aggregate_loss` ``"token"``); the micro-batch losses sum to the
+    token-mean NLL of the optimizer batch. Returns ``train/loss`` (that mean on this rank's data),
+    ``train/grad_norm`` (before clipping), ``train/lr``, ``train/response_tokens``.
+    """
+    world = learner.accelerator.num_processes
+    tokens = global_token_count(learner, torch.stack([mb.response_mask.sum() for mb in micro_batches]).sum())
+    loss_sum = 0.0
+    for i, mb in enumerate(micro_batches):
+        with learner.accumulate(is_last_micro_batch=i == len(micro_batches) - 1):
+            mb = mb.to(learner.device)
+            log_probs = get_response_log_probs(
+                learner.model, mb.input_ids, mb.labels, attention_mask=mb.attention_mask
+            )["log_probs"]  # (b, s)
+            loss = aggregate_loss(
+                -log_probs, mb.response_mask, "token", global_token_count=tokens, world_size=world
+            )
+            learner.backward(loss)
+            loss_sum += float(loss.detach())
+    return {
+        "train/loss": loss_sum,
+        "train/grad_norm": learner.step(),
+        "train/lr": learner.scheduler.get_last_lr()[0],
+        "train/response_tokens": tokens,
+    }
+
+
+@torch.inference_mode()
+def heldout_loss(model: torch.nn.Module, micro_batches: Sequence[TokenBatch], device: torch.device) -> float:
+    """Token-mean NLL of the response tokens of `micro_batches`: ``Σ m·(−log p) / Σ m``."""
+    total, count = 0.0, 0.0
+    for mb in micro_batches:
+        mb = mb.to(device)
+        lp = get_response_log_probs(model, mb.input_ids, mb.labels, attention_mask=mb.attention_mask)[
+            "log_probs"
+        ]
+        mask = mb.response_mask.to(lp.dtype)
+        total += float(-(lp * mask).sum())
+        count += float(mask.sum())
+    return total / count if count else math.nan
+
+
+def evaluate_sft(s: Session, data: SFTData, step: int) -> dict[str, float]:
+    """Held-out loss and, with ``sft.eval_generation``, held-out generation metrics (module docstring, 5)."""
+    metrics: dict[str, float] = {}
+    if data.heldout:
+        with s.timer("eval"):
+            metrics["eval/loss"] = heldout_loss(s.learner.model, data.heldout, s.learner.device)
+        s.tracker.log(metrics, step)
+    if s.cfg.sft.eval_generation:
+        s.sync_weights()
+        metrics |= s.evaluate(step)
+    return metrics
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def train_sft(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    """Run SFT as configured; returns the final held-out metrics (``eval/loss``, ``eval/accuracy`` …)."""
+    with Session(cfg, resume) as s:
+        data = load_sft_data(s)
+        total = cfg.sft.max_steps or cfg.sft.num_epochs * data.steps_per_epoch
+        start = int(s.trainer_state["step"])
+        s.tracker.log({"data/sft_train_examples": float(data.n_train)}, start)
+        final = evaluate_sft(s, data, 0) if start == 0 else {}
+        bar = tqdm(
+            range(start + 1, total + 1),
+            desc="sft",
+            disable=not s.progress_enabled,
+            initial=start,
+            total=total,
+        )
+        for step, micro_batches in zip(bar, data.stream(start), strict=False):
+            with s.timer("train"):
+                metrics = sft_update(s.learner, micro_batches)
+            metrics["train/epoch"] = (step - 1) // data.steps_per_epoch
+            if step % cfg.logging.every == 0:
+                s.tracker.log(metrics | s.timer.pop(), step)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+            last = step == total
+            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                final = evaluate_sft(s, data, step)
+            s.maybe_save(step, last)
+        return final
