@@ -185,7 +185,9 @@ def _group_end(s: str, i: int) -> int:
 
 _POWER = re.compile(r"\^|\*\*")
 _TOKEN = re.compile(r"\s*[-+]?[\w.]+")
+_NUMERIC_POWER = re.compile(r"[0-9][)}\s]*(?:\^|\*\*)")  # a number raised to something
 _BIG_DIGITS = re.compile(r"[0-9]{5,}")
+_DIGIT = re.compile(r"[0-9]")
 _BIG_FACTORIAL = re.compile(r"[0-9]{4,}\s*!")
 
 
@@ -220,7 +222,9 @@ def slow_path_risk(pred: str) -> str | None:
             tok = _TOKEN.match(pred, i)
             end = tok.end() if tok else i
         exponent = pred[i:end]
-        if _POWER.search(exponent) or _POWER.match(pred[end:].lstrip()):
+        # numeric towers are evaluated exactly by sympy; symbolic ones (e^{-x^2}, x^y^z) are harmless
+        chained = _POWER.match(pred[end:].lstrip()) is not None  # a^b^c
+        if _NUMERIC_POWER.search(exponent) or (chained and _DIGIT.search(exponent)):
             return "exponent tower"
         if _BIG_DIGITS.search(exponent) or "!" in exponent:
             return "huge exponent"

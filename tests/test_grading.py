@@ -1,0 +1,144 @@
+"""`rollout.grading`: box extraction, the fast numeric path, the guard, and the math-verify slow path."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from rollout.grading import MAX_SLOW_PATH_CHARS, extract_boxed, grade_answer, is_equivalent, slow_path_risk
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("\\boxed{18}", "18"),
+        ("a \\boxed{1} b \\boxed{2} c", "2"),  # the last box
+        ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),  # nested braces
+        ("\\boxed{{{x}}}", "{{x}}"),
+        ("\\fbox{7}", "7"),
+        ("$\\boxed 5$", "5"),  # "\boxed 5" holds one token
+        ("\\boxed{}", ""),
+        ("\\boxed{\\frac{1}{2}", None),  # unbalanced
+        ("\\boxed", None),
+        ("\\boxed x", "x"),
+        ("no box", None),
+    ],
+)
+def test_extract_boxed(text: str, expected: str | None) -> None:
+    assert extract_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "correct"),
+    [
+        # GSM8K numeric forms the issue lists: accept ...
+        ("1,000", "1000", True),
+        ("1000.0", "1000", True),
+        ("$18", "18", True),
+        ("\\$18", "18", True),
+        ("18 dollars", "18", True),
+        ("\\boxed{18}", "18", True),
+        ("18.", "18", True),
+        ("18", "18.0", True),
+        ("+18", "18", True),
+        ("\u221218", "-18", True),  # unicode minus sign
+        ("72\\,000", "72000", True),  # LaTeX thin space as thousands separator
+        ("72{,}000", "72000", True),
+        ("18 \\text{ cm}", "18", True),
+        # ... and reject
+        ("180", "18", False),
+        ("1.8", "18", False),
+        ("", "18", False),
+        ("18", "", False),
+        ("-18", "18", False),
+        ("18.5", "18", False),
+        ("12,34", "1234", False),  # not a thousands grouping
+        ("18 or 20", "20", False),  # hedging over two answers
+        ("18, 20", "20", False),
+        # fractions, percentages
+        ("\\frac{1}{2}", "0.5", True),
+        ("0.5", "\\frac{1}{2}", True),
+        ("1/2", "0.5", True),
+        ("\\frac12", "0.5", True),
+        ("-\\frac{3}{2}", "-1.5", True),
+        ("50%", "50", True),
+        ("50\\%", "0.5", True),
+        ("50 percent", "50", True),
+        ("5%", "50", False),
+        # LaTeX / symbolic (math-verify)
+        ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
+        ("(x+1)^2", "x^2+2x+1", True),
+        ("2^{10}", "1024", True),
+        ("x = 18", "18", True),
+        ("\\pi", "\\pi", True),
+        ("3.14", "\\pi", False),
+        ("3x", "3", False),
+        ("\\{1, 2\\}", "\\{2, 1\\}", True),
+        ("A", "A", True),
+        ("B", "A", False),
+    ],
+)
+def test_grade_answer(pred: str, gold: str, correct: bool) -> None:
+    assert grade_answer(pred, gold).correct is correct
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "method"),
+    [
+        ("1,000", "1000", "fast"),
+        ("180", "18", "fast"),  # both numbers: the fast path is final, no math-verify
+        ("\\frac{3}{4}", "0.75", "fast"),
+        ("\\left( 1, 2 \\right)", "(1,2)", "fast"),  # identical after squashing
+        ("", "18", "empty"),
+        ("\\boxed{}", "18", "empty"),
+        ("9**9**9", "18", "guard"),
+        ("x" * (MAX_SLOW_PATH_CHARS + 1), "18", "guard"),
+        ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", "math_verify"),
+    ],
+)
+def test_grade_answer_method(pred: str, gold: str, method: str) -> None:
+    assert grade_answer(pred, gold).method == method
+
+
+@pytest.mark.parametrize(
+    ("pred", "risk"),
+    [
+        ("9**9**9", "exponent tower"),
+        ("10^{10^{10}}", "exponent tower"),
+        ("2**(3**4)", "exponent tower"),
+        ("2^2^2", "exponent tower"),
+        ("{10}^{10}^{10}", "exponent tower"),
+        ("x^y^z", None),  # symbolic towers are harmless: sympy does not evaluate them
+        ("e^{-x^2}", None),
+        ("10^{100000}", "huge exponent"),
+        ("2^{5!}", "huge exponent"),
+        ("12345!", "huge factorial"),
+        ("{" * 30 + "}" * 30, "too deeply nested"),
+        ("1" * (MAX_SLOW_PATH_CHARS + 1), "too long"),
+        ("2^{10} + x^2 + y^{3}", None),
+        ("e^{i\\pi}", None),
+        ("\\frac{2^{10}}{3}", None),
+        ("100!", None),
+        ("2**10 + 3**4", None),
+    ],
+)
+def test_slow_path_risk(pred: str, risk: str | None) -> None:
+    assert slow_path_risk(pred) == risk
+
+
+def test_math_verify_off_the_main_thread() -> None:
+    """math-verify's default signal.alarm timeouts raise off the main thread (the classic all-zero reward
+    bug); grading disables them, so the slow path gives the right answer from a worker thread."""
+    results: list[bool] = []
+    thread = threading.Thread(
+        target=lambda: results.extend(
+            [
+                is_equivalent("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
+                is_equivalent("\\dfrac{2}{4} + x", "x + 0.5"),
+            ]
+        )
+    )
+    thread.start()
+    thread.join(timeout=30)
+    assert results == [True, True]
