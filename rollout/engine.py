@@ -15,6 +15,10 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 
 FinishReason = Literal["stop", "length"]
+LogprobsMode = Literal["processed", "raw"]
+"""What `Sample.logprobs` holds. ``processed`` (default): log-probs of the distribution the token was drawn
+from: logits with the min-tokens EOS mask, divided by the temperature, top-p truncated and renormalised
+(greedy, temperature < 1e-5: no temperature). ``raw``: ``log_softmax(logits)`` of the model, untouched."""
 
 
 @dataclass(frozen=True)
@@ -88,10 +92,56 @@ class RolloutEngine(Protocol):
 
 
 def iter_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream (name, tensor) pairs of a model's parameters and buffers without copying the state dict."""
-    seen: set[int] = set()
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        yield name, tensor.detach()
+    """Stream ``model.state_dict()`` as (name, tensor) pairs without building the dict or copying tensors.
+
+    Yields exactly the keys of ``state_dict()`` in the same order: parameters and persistent buffers,
+    with tied weights under every name (``lm_head.weight`` as well as ``model.embed_tokens.weight``).
+    vLLM's in-place reload needs the alias: a tied ``lm_head`` it is not sent keeps its old values.
+    Naive twin: ``iter(model.state_dict().items())`` (tested equal).
+    """
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                yield prefix + name, param.detach()
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield prefix + name, buffer.detach()
+
+
+def sample_seed(seed: int | None, prompt_index: int, n: int, k: int) -> int | None:
+    """Seed of sample k of prompt i: ``seed + i*n + k``, distinct for every sample of a batch.
+
+    Seeding every prompt with the same `seed` would give identical samples for identical prompts (and
+    vLLM's parallel sampling gives child k of a request ``seed + k``, so request seeds must be n apart).
+    Callers vary `seed` per step (e.g. ``cfg.seed + step``) so successive batches differ.
+    """
+    return None if seed is None else seed + prompt_index * n + k
+
+
+def rollout_metrics(samples: Sequence[Sample], seconds: float) -> dict[str, float]:
+    """Per-rollout metrics, namespaced ``rollout/``: throughput, lengths, finish-reason counts."""
+    lengths = [len(s.response_ids) for s in samples]
+    prompt_tokens = sum(len(s.prompt_ids) for s in samples)
+    out_tokens = sum(lengths)
+    return {
+        "rollout/generate_s": seconds,
+        "rollout/samples": float(len(samples)),
+        "rollout/prompt_tokens": float(prompt_tokens),
+        "rollout/output_tokens": float(out_tokens),
+        "rollout/output_tokens_per_s": out_tokens / seconds if seconds > 0 else 0.0,
+        "rollout/response_len_mean": out_tokens / len(samples) if samples else 0.0,
+        "rollout/response_len_max": float(max(lengths, default=0)),
+        "rollout/finish_stop": float(sum(s.finish_reason == "stop" for s in samples)),
+        "rollout/finish_length": float(sum(s.finish_reason == "length" for s in samples)),
+    }
+
+
+def sync_metrics(seconds: float, num_bytes: int) -> dict[str, float]:
+    """Weight-sync metrics: seconds, GB moved and GB/s (1 GB = 1e9 bytes)."""
+    gb = num_bytes / 1e9
+    return {
+        "rollout/sync_s": seconds,
+        "rollout/sync_gb": gb,
+        "rollout/sync_gb_per_s": gb / seconds if seconds > 0 else 0.0,
+    }

@@ -1,0 +1,247 @@
+"""HF reference engine and the weight-streaming helpers (no vLLM needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from rollout.engine import (
+    RolloutEngine,
+    Sample,
+    SamplingConfig,
+    iter_state_dict,
+    rollout_metrics,
+    sample_seed,
+)
+from rollout.hf_engine import HFEngine, top_p_mask
+from rollout.weight_sync import ModelWeights, convert_bucketed, write_safetensors_shards
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2_path: str) -> HFEngine:
+    return HFEngine(tiny_qwen2_path)
+
+
+def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
+    """The tiny model after a pretend training step: every weight plus N(0, scale²) noise."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def eos_heavy(path: str, token: int) -> torch.nn.Module:
+    """Tiny model whose EOS (id 0) embedding is 3 × `token`'s: where greedy would pick `token`, it stops.
+
+    The random tiny model mostly repeats its last input token (the residual stream carries the input
+    embedding and the head is tied), so after a prompt ending in `token` EOS dominates.
+    """
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[0] = 3 * emb[token]
+    return model
+
+
+def test_protocol_and_sample_structure(engine: HFEngine) -> None:
+    assert isinstance(engine, RolloutEngine)
+    samples = engine.generate(["What is 2 + 3?", [5, 6, 7]], SamplingConfig(max_tokens=6, n=2, seed=0))
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1]
+    assert samples[2].prompt_ids == [5, 6, 7]
+    assert samples[0].prompt_ids == engine.tokenizer("What is 2 + 3?")["input_ids"]
+    for s in samples:
+        assert isinstance(s, Sample)
+        assert len(s.response_ids) == len(s.logprobs) == 6
+        assert s.finish_reason == "length"
+        assert all(lp <= 0 and math.isfinite(lp) for lp in s.logprobs)
+        assert s.policy_version == engine.policy_version
+    assert engine.metrics["rollout/output_tokens"] == 24
+    assert engine.metrics["rollout/finish_length"] == 4
+
+
+def test_group_samples_differ_and_seed_reproduces(engine: HFEngine) -> None:
+    """Identical prompts, one seed: every sample still gets its own stream (seed + i*n + k)."""
+    params = SamplingConfig(max_tokens=8, n=3, seed=7)
+    first = [s.response_ids for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)]
+    assert len({tuple(r) for r in first}) == 6
+    assert [s.response_ids for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)] == first
+    other = [
+        s.response_ids
+        for s in engine.generate([[5, 6, 7], [5, 6, 7]], SamplingConfig(max_tokens=8, n=3, seed=8))
+    ]
+    assert other != first
+    assert sample_seed(7, 1, 3, 2) == 12 and sample_seed(None, 1, 3, 2) is None
+
+
+def test_greedy_batch_equals_single(engine: HFEngine) -> None:
+    """Left padding in a batch does not change greedy tokens or log-probs."""
+    params = SamplingConfig(max_tokens=10, temperature=0.0, min_tokens=0)
+    prompts = [[5, 6, 7], list(range(30, 50))]
+    batch = engine.generate(prompts, params)
+    for p, b in zip(prompts, batch, strict=True):
+        (single,) = engine.generate([p], params)
+        assert single.response_ids == b.response_ids
+        assert max(abs(x - y) for x, y in zip(single.logprobs, b.logprobs, strict=True)) < 1e-5
+
+
+def test_min_tokens_and_eos(tiny_qwen2_path: str) -> None:
+    """EOS ends a sample (kept in the ids, not in the text) but is masked for the first min_tokens."""
+    engine = HFEngine(eos_heavy(tiny_qwen2_path, 7), tiny_qwen2_path)
+    (now,) = engine.generate([[5, 6, 7]], SamplingConfig(max_tokens=10, temperature=0.0, min_tokens=0))
+    assert now.response_ids == [0] and now.finish_reason == "stop" and now.text == ""
+    (later,) = engine.generate([[5, 6, 7]], SamplingConfig(max_tokens=10, temperature=0.0, min_tokens=4))
+    assert 0 not in later.response_ids[:4]
+    assert later.response_ids[-1] == 0 and later.finish_reason == "stop" and len(later.response_ids) == 5
+
+
+def test_stop_string_kept_and_respects_min_tokens(engine: HFEngine) -> None:
+    base = SamplingConfig(max_tokens=30, temperature=1.0, seed=3, stop=())
+    (full,) = engine.generate([[5, 6, 7]], base)
+    stop = engine.tokenizer.decode(full.response_ids[8:10])
+    params = SamplingConfig(max_tokens=30, temperature=1.0, seed=3, stop=(stop,), min_tokens=4)
+    (cut,) = engine.generate([[5, 6, 7]], params)
+    assert cut.finish_reason == "stop"
+    assert cut.text.endswith(stop)
+    start = full.text.find(stop, len(engine.tokenizer.decode(full.response_ids[:4])))
+    assert cut.text == full.text[: start + len(stop)]
+    assert cut.response_ids == full.response_ids[: len(cut.response_ids)]
+    assert len(cut.response_ids) <= 10
+
+
+def test_logprobs_are_the_sampling_distribution(engine: HFEngine) -> None:
+    """Reported log-probs equal a teacher-forced rescoring with temperature and top-p applied."""
+    params = SamplingConfig(max_tokens=12, temperature=0.7, top_p=0.9, seed=1)
+    for s in engine.generate([[5, 6, 7], "What is"], params):
+        rescored = engine.score(s.prompt_ids, s.response_ids, params)
+        assert max(abs(a - b) for a, b in zip(rescored, s.logprobs, strict=True)) < 1e-5
+    raw_engine = HFEngine(engine.model, engine.tokenizer, logprobs_mode="raw")
+    (s,) = raw_engine.generate([[5, 6, 7]], params)
+    model_lp = raw_engine.prompt_logprobs([s.prompt_ids + s.response_ids])[0][len(s.prompt_ids) - 1 :]
+    assert max(abs(a - b) for a, b in zip(model_lp, s.logprobs, strict=True)) < 1e-5
+    processed = engine.score(s.prompt_ids, s.response_ids, params)
+    assert (
+        max(abs(a - b) for a, b in zip(processed, s.logprobs, strict=True)) > 1e-2
+    )  # T=0.7 does change them
+
+
+def test_top_p_mask_hand_example() -> None:
+    """probs (0.5, 0.3, 0.2), top_p 0.6: ascending cumsum (0.2, 0.5, 1.0); drop cumsum <= 0.4 → token 2."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]]))
+    assert top_p_mask(logits, 0.6).isinf().tolist() == [[False, False, True]]
+    assert top_p_mask(logits, 1.0).isinf().sum() == 0
+    assert top_p_mask(logits, 0.1).isinf().tolist() == [[False, True, True]]  # keeps the top token
+
+
+def test_update_weights_in_place(engine: HFEngine, tiny_qwen2_path: str) -> None:
+    learner = perturbed(tiny_qwen2_path)
+    reference = HFEngine(learner, tiny_qwen2_path)
+    fresh = HFEngine(tiny_qwen2_path)
+    version = fresh.policy_version
+    fresh.update_weights(iter_state_dict(learner))
+    assert fresh.policy_version == version + 1
+    params = SamplingConfig(max_tokens=10, temperature=0.0)
+    assert (
+        fresh.generate([[5, 6, 7]], params)[0].response_ids
+        == reference.generate([[5, 6, 7]], params)[0].response_ids
+    )
+    assert fresh.generate([[5, 6, 7]], params)[0].policy_version == version + 1
+    assert fresh.metrics["rollout/sync_gb"] > 0
+    with pytest.raises(KeyError, match="not in the model"):
+        fresh.update_weights([("no.such.weight", torch.zeros(1))])
+    with pytest.raises(ValueError, match="no value sent"):
+        fresh.update_weights(list(iter_state_dict(learner))[:3])
+
+
+def test_rollout_metrics_hand_example() -> None:
+    """Two samples, 3 + 5 response tokens in 2 s: 4 tok/s, mean 4, max 5, one stop, one length."""
+    samples = [
+        Sample(0, [1, 2], [3, 4, 5], "", [0.0] * 3, "stop", 0),
+        Sample(0, [1, 2], [3, 4, 5, 6, 7], "", [0.0] * 5, "length", 0),
+    ]
+    m = rollout_metrics(samples, 2.0)
+    assert m["rollout/output_tokens_per_s"] == 4.0
+    assert m["rollout/prompt_tokens"] == 4.0
+    assert (m["rollout/response_len_mean"], m["rollout/response_len_max"]) == (4.0, 5.0)
+    assert (m["rollout/finish_stop"], m["rollout/finish_length"]) == (1.0, 1.0)
+
+
+# ---- weight streaming: each optimised path against its naive twin (the full state dict) --------------------------
+def test_iter_state_dict_equals_state_dict_with_tied_alias(tiny_qwen2_path: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
+    streamed = list(iter_state_dict(model))
+    naive = model.state_dict()
+    assert [n for n, _ in streamed] == list(naive)
+    assert "lm_head.weight" in naive  # the tied alias vLLM needs
+    for name, tensor in streamed:
+        assert tensor.data_ptr() == naive[name].data_ptr()  # views, no copies
+
+
+def test_model_weights_plain_module_streams_views(tiny_qwen2_path: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
+    weights = ModelWeights(model, bucket_mb=0.01)
+    assert not weights.is_zero3
+    naive = model.state_dict()
+    assert [(n, t.data_ptr()) for n, t in weights] == [(n, t.data_ptr()) for n, t in naive.items()]
+    assert [(m.name, m.shape) for m in weights.metadata()] == [(n, tuple(t.shape)) for n, t in naive.items()]
+    assert [n for n, _ in weights] == list(naive)  # re-iterable
+
+
+def test_convert_bucketed_equals_naive(tiny_qwen2_path: str) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
+    naive = {n: t.to(torch.bfloat16) for n, t in model.state_dict().items()}
+    converted = dict(convert_bucketed(iter_state_dict(model), "cpu", torch.bfloat16, bucket_bytes=64 << 10))
+    assert list(converted) == list(naive)
+    assert all(torch.equal(converted[n], naive[n]) and converted[n].dtype == torch.bfloat16 for n in naive)
+    same = dict(convert_bucketed(iter_state_dict(model), "cpu", None, bucket_bytes=64 << 10))
+    assert all(
+        same[n].data_ptr() == t.data_ptr() for n, t in model.state_dict().items()
+    )  # nothing to do: no copy
+
+
+def test_safetensors_shards_equal_naive(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
+    out = tmp_path / "v000001"
+    written = write_safetensors_shards(iter_state_dict(model), out, bucket_bytes=256 << 10)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "v000001.tmp").exists()
+    loaded: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        loaded.update(load_file(str(shard)))
+    naive = model.state_dict()
+    assert set(loaded) == set(naive)
+    assert all(torch.equal(loaded[n], naive[n]) for n in naive)
+    assert written == sum(t.numel() * t.element_size() for t in naive.values())
+
+
+@pytest.mark.gpu
+def test_model_weights_zero3_gathers_bucket_by_bucket(tiny_qwen2_path: str) -> None:
+    """Under ZeRO-3 `ModelWeights` yields full tensors equal to the unpartitioned model's state dict."""
+    deepspeed = pytest.importorskip("deepspeed")
+    import os
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29513")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path).state_dict()
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
+    }
+    ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    weights = ModelWeights(ds_engine.module, bucket_mb=0.05)
+    assert weights.is_zero3
+    streamed = dict(weights)
+    assert list(streamed) == list(reference)
+    assert all(torch.equal(streamed[n].cpu(), reference[n]) for n in reference)
+    assert [m.shape for m in weights.metadata()] == [tuple(t.shape) for t in reference.values()]
