@@ -110,13 +110,27 @@ def iter_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 
 
 def sample_seed(seed: int | None, prompt_index: int, n: int, k: int) -> int | None:
-    """Seed of sample k of prompt i: ``seed + i*n + k``, distinct for every sample of a batch.
+    """Seed of sample k of prompt i in a batch sampled with `seed`: ``mix(seed, i) + k``, or None.
 
-    Seeding every prompt with the same `seed` would give identical samples for identical prompts (and
-    vLLM's parallel sampling gives child k of a request ``seed + k``, so request seeds must be n apart).
-    Callers vary `seed` per step (e.g. ``cfg.seed + step``) so successive batches differ.
+    Seeding every prompt with `seed` itself would give identical samples for identical prompts, and vLLM's
+    parallel sampling gives child k of a request ``request_seed + k``; so request i gets ``mix(seed, i)``,
+    a 62-bit hash (splitmix64) of (seed, i), and its samples get consecutive seeds after it. Seeds of
+    different (seed, i) are far apart, so batches sampled with ``seed = base + step`` do not share streams.
+    `n` only documents the group size (seeds of one request are ``mix + 0 .. mix + n-1``).
+
+    >>> [sample_seed(7, 0, 2, k) - sample_seed(7, 0, 2, 0) for k in range(2)]
+    [0, 1]
+    >>> sample_seed(None, 0, 2, 0) is None
+    True
     """
-    return None if seed is None else seed + prompt_index * n + k
+    if seed is None:
+        return None
+    if not 0 <= k < n:
+        raise ValueError(f"sample index k={k} must be in [0, n={n})")
+    x = (seed * 0x9E3779B97F4A7C15 + prompt_index + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return ((x ^ (x >> 31)) >> 2) + k
 
 
 def rollout_metrics(samples: Sequence[Sample], seconds: float) -> dict[str, float]:

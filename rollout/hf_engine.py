@@ -4,7 +4,7 @@ against.
 It implements `RolloutEngine` with the same sampling semantics as the vLLM engine:
 
 - ``n`` samples per prompt, grouped; sample k of prompt i is drawn with its own ``torch.Generator`` seeded
-  ``sample_seed(seed, i, n, k)`` (reproducible; samples of a group differ). The random streams are not
+  ``sample_seed(seed, i, n, k)``, the seed vLLM's sample gets (reproducible; samples of a group differ). The random streams are not
   vLLM's, so with temperature > 0 the two engines draw different (equally distributed) tokens; greedy
   (temperature < 1e-5) matches token for token.
 - ``min_tokens``: EOS is masked (logit -inf) and stop strings are not checked until ``min_tokens`` tokens

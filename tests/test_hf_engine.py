@@ -67,7 +67,7 @@ def test_protocol_and_sample_structure(engine: HFEngine) -> None:
 
 
 def test_group_samples_differ_and_seed_reproduces(engine: HFEngine) -> None:
-    """Identical prompts, one seed: every sample still gets its own stream (seed + i*n + k)."""
+    """Identical prompts, one seed: every sample still gets its own stream (`sample_seed`)."""
     params = SamplingConfig(max_tokens=8, n=3, seed=7)
     first = [s.response_ids for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)]
     assert len({tuple(r) for r in first}) == 6
@@ -77,7 +77,9 @@ def test_group_samples_differ_and_seed_reproduces(engine: HFEngine) -> None:
         for s in engine.generate([[5, 6, 7], [5, 6, 7]], SamplingConfig(max_tokens=8, n=3, seed=8))
     ]
     assert other != first
-    assert sample_seed(7, 1, 3, 2) == 12 and sample_seed(None, 1, 3, 2) is None
+    seeds = {sample_seed(base, i, 3, k) for base in (7, 8) for i in range(50) for k in range(3)}
+    assert len(seeds) == 300 and max(s for s in seeds if s is not None) < 2**63  # distinct, int64
+    assert sample_seed(7, 1, 3, 2) == sample_seed(7, 1, 3, 0) + 2  # vLLM's child seeds: request seed + k
 
 
 def test_greedy_batch_equals_single(engine: HFEngine) -> None:

@@ -1,0 +1,366 @@
+"""The vLLM rollout engine: the only module that imports vLLM (lazily, inside functions).
+
+Placement:
+
+- **colocated** (``device=None``): vLLM runs inside the learner's process on the learner's accelerator (an
+  in-process engine core, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so weights pass by reference) and takes
+  ``gpu_memory_utilization`` of it (on CPU: of host RAM). Between rollouts `sleep` releases its memory
+  (vLLM sleep mode: level 1 offloads weights to host RAM and drops the KV cache; level 2 drops both, the
+  next `update_weights` refills the weights). vLLM's CPU backend has no sleep mode: there `sleep` / `wake`
+  are no-ops and `sleep_supported` is False.
+- **dedicated** (``device="cuda:1"``): the same in-process engine pinned to its own GPU through vLLM's
+  ``device_ids``; every call runs under ``torch.cuda.device(device)`` so the learner's current device is
+  left alone, and weights cross devices in ``sync_bucket_mb`` buckets. No sleep needed (``enable_sleep_mode``
+  defaults to off there).
+
+Weight sync (`update_weights`) streams (name, tensor) pairs through vLLM's in-place
+``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` in a single call (vLLM processes each
+layer when all its tensors have arrived; splitting a reload into several calls would process layers half
+loaded), then resets the prefix cache and bumps `policy_version` (also set as vLLM's weight version).
+Naive twin: ``reload_weights(weights_iterator=iter(model.state_dict().items()))`` - tested bit-identical.
+Send every state-dict name, tied aliases included (`rollout.engine.iter_state_dict` /
+`rollout.weight_sync.ModelWeights` do): a tied ``lm_head.weight`` that is not sent keeps its old values.
+
+Sampling: one request per prompt with ``n`` = group size; request i gets seed ``sample_seed(seed, i, n, 0)``
+and vLLM gives child k that seed ``+ k`` (= ``sample_seed(seed, i, n, k)``), so every sample has its own stream.
+``Sample.logprobs`` are vLLM's sampled-token log-probs in ``processed_logprobs`` mode by default (the
+distribution actually sampled from; see `rollout.engine.LogprobsMode`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from rollout.engine import (
+    FinishReason,
+    LogprobsMode,
+    Prompt,
+    Sample,
+    SamplingConfig,
+    rollout_metrics,
+    sample_seed,
+    sync_metrics,
+)
+from rollout.weight_sync import MB, ByteCounter, ModelWeights, WeightStream, convert_bucketed
+
+logger = logging.getLogger(__name__)
+
+
+def import_vllm() -> Any:
+    """Import vllm for in-process use (engine core in this process, so weight iterators pass by reference)."""
+    previous = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    if previous not in (None, "0"):
+        logger.warning("VLLM_ENABLE_V1_MULTIPROCESSING=%s overridden to 0 (in-process engine)", previous)
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm
+
+    return vllm
+
+
+class VLLMEngine:
+    """`RolloutEngine` on an in-process ``vllm.LLM``. See the module docstring for placement and sync.
+
+    Args:
+        model: checkpoint path (config + tokenizer + weights; the weights are replaced by the first sync).
+        tokenizer: tokenizer path if not the model's.
+        device: None = colocated; ``"cuda:N"`` = dedicated GPU N.
+        dtype: vLLM dtype (``"auto"``, ``"bfloat16"``, ``"float32"``).
+        gpu_memory_utilization: fraction of the device's memory (of host RAM on CPU) vLLM may take.
+        kv_cache_memory_bytes: fixed KV-cache size instead (skips vLLM's memory profiling; fast start-up).
+        max_model_len: prompt + response token limit.
+        seed: engine seed (requests with ``SamplingConfig.seed=None`` draw from it).
+        enable_prefix_caching: share prompt KV across a group's samples and across steps.
+        enable_sleep_mode: None = on where vLLM supports it (CUDA/ROCm) and colocated.
+        sleep_level: 1 (offload weights, drop KV) or 2 (drop both; the next sync must refill the weights).
+        enforce_eager: skip torch.compile / CUDA graphs (start-up in seconds instead of tens of seconds).
+        sync_bucket_mb: bucket size for device/dtype conversion during sync.
+        logprobs_mode: see `rollout.engine.LogprobsMode`.
+        llm_kwargs: passed to ``vllm.LLM`` unchanged.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        device: str | None = None,
+        dtype: str = "auto",
+        gpu_memory_utilization: float = 0.3,
+        kv_cache_memory_bytes: int | None = None,
+        max_model_len: int = 2048,
+        seed: int = 0,
+        enable_prefix_caching: bool = True,
+        enable_sleep_mode: bool | None = None,
+        sleep_level: int = 1,
+        enforce_eager: bool = False,
+        sync_bucket_mb: float = 256,
+        logprobs_mode: LogprobsMode = "processed",
+        **llm_kwargs: Any,
+    ) -> None:
+        vllm = import_vllm()
+        self.device = torch.device(device) if device is not None else None
+        if self.device is not None and self.device.type != "cuda":
+            raise ValueError(
+                f"VLLMEngine: device={device!r}: a dedicated engine needs a CUDA device like 'cuda:1'"
+            )
+        on_gpu = torch.cuda.is_available()
+        if enable_sleep_mode is None:
+            enable_sleep_mode = on_gpu and self.device is None
+        if enable_sleep_mode and not on_gpu:
+            raise ValueError(
+                "VLLMEngine: enable_sleep_mode=True needs CUDA; vLLM's CPU backend has no sleep mode"
+            )
+        if sleep_level not in (1, 2):
+            raise ValueError(f"VLLMEngine: sleep_level={sleep_level} must be 1 or 2")
+        self._sleep_enabled = bool(enable_sleep_mode)
+        self.sleep_level = sleep_level
+        self.sync_bucket_bytes = int(sync_bucket_mb * MB)
+        self.logprobs_mode = logprobs_mode
+        self.policy_version = 0
+        self.metrics: dict[str, float] = {}
+        self._asleep: set[str] = set()  # tags currently released: {"weights", "kv_cache"}
+        if self.device is not None:
+            llm_kwargs.setdefault("device_ids", [self.device.index or 0])
+        previous_device = torch.cuda.current_device() if on_gpu else None
+        start = time.perf_counter()
+        with self._on_device():
+            self._llm = vllm.LLM(
+                model,
+                tokenizer=tokenizer,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_cache_memory_bytes,
+                max_model_len=max_model_len,
+                seed=seed,
+                enable_prefix_caching=enable_prefix_caching,
+                enable_sleep_mode=self._sleep_enabled,
+                enforce_eager=enforce_eager,
+                logprobs_mode=f"{logprobs_mode}_logprobs",
+                **llm_kwargs,
+            )
+        if previous_device is not None:
+            torch.cuda.set_device(
+                previous_device
+            )  # vLLM's worker sets its own device; give the learner back its
+        self.startup_s = time.perf_counter() - start
+        self.tokenizer = self._llm.get_tokenizer()
+        self._sampling_params_cls = vllm.SamplingParams
+        model_config = self._llm.llm_engine.model_config
+        self.dtype: torch.dtype = model_config.dtype
+        self._engine_device = (
+            self.device
+            if self.device is not None
+            else (torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
+        )
+
+    # ---- generation -------------------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
+        """`params.n` samples per prompt, grouped: samples of prompt i are at [i*n, (i+1)*n)."""
+        self.wake()
+        inputs = [_as_vllm_prompt(p) for p in prompts]
+        per_prompt = [
+            self._sampling_params(params, sample_seed(params.seed, i, params.n, 0))
+            for i in range(len(prompts))
+        ]
+        start = time.perf_counter()
+        with self._on_device():
+            outputs = self._llm.generate(inputs, per_prompt, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        samples = self.to_samples(outputs)
+        self.metrics.update(rollout_metrics(samples, seconds))
+        return samples
+
+    def _sampling_params(self, params: SamplingConfig, seed: int | None) -> Any:
+        return self._sampling_params_cls(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_tokens,
+            min_tokens=params.min_tokens,
+            stop=list(params.stop),
+            include_stop_str_in_output=True,
+            seed=seed,
+            logprobs=0,
+            skip_special_tokens=True,
+        )
+
+    def to_samples(self, outputs: Sequence[Any]) -> list[Sample]:
+        """vLLM ``RequestOutput``s (one per prompt) to grouped `Sample`s."""
+        samples = []
+        for i, request in enumerate(outputs):
+            prompt_ids = list(request.prompt_token_ids)
+            for out in sorted(request.outputs, key=lambda o: o.index):
+                ids = list(out.token_ids)
+                if out.logprobs is None or len(out.logprobs) != len(ids):
+                    raise RuntimeError(f"vLLM returned no log-prob for some tokens of prompt {i}")
+                logprobs = [float(out.logprobs[j][tok].logprob) for j, tok in enumerate(ids)]
+                samples.append(
+                    Sample(
+                        i,
+                        prompt_ids,
+                        ids,
+                        out.text,
+                        logprobs,
+                        _finish_reason(out.finish_reason),
+                        self.policy_version,
+                    )
+                )
+        return samples
+
+    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence (vLLM ``prompt_logprobs=0``)."""
+        self.wake()
+        params = self._sampling_params_cls(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        seqs = [[int(t) for t in s] for s in token_ids]
+        with self._on_device():
+            outputs = self._llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(seqs, outputs, strict=True):
+            lps = out.prompt_logprobs
+            result.append([float(lps[t][seq[t]].logprob) for t in range(1, len(seq))])
+        return result
+
+    # ---- weights ------------------------------------------------------------------------------------------
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Stream (HF name, tensor) pairs into vLLM in one ``reload_weights`` call, reset the prefix cache and
+        bump `policy_version`. Pass `ModelWeights(model)` for a ZeRO-3 learner (gathers bucket by bucket)."""
+        if "weights" in self._asleep:
+            with self._on_device():
+                self._llm.wake_up(tags=["weights"])
+            self._asleep.discard("weights")
+        start = time.perf_counter()
+        counted = ByteCounter(convert_bucketed(weights, self._engine_device, None, self.sync_bucket_bytes))
+        with self._on_device():
+            self._llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": iter(counted), "is_checkpoint_format": True}
+            )
+            self._llm.reset_prefix_cache()
+        if counted.num_tensors == 0:
+            raise ValueError("VLLMEngine.update_weights: the weights iterator was empty")
+        self.policy_version += 1
+        self._llm.update_weight_version(str(self.policy_version))
+        self.metrics.update(sync_metrics(time.perf_counter() - start, counted.num_bytes))
+
+    def update_from_model(self, model: torch.nn.Module, bucket_mb: float | None = None) -> None:
+        """`update_weights(ModelWeights(model, bucket_mb))`: the learner's module, ZeRO-3 aware."""
+        self.update_weights(ModelWeights(model, bucket_mb or self.sync_bucket_bytes / MB))
+
+    def weight_checksums(self) -> dict[str, str]:
+        """vLLM's per-parameter checksums of the engine's current weights (for exact comparisons)."""
+        merged: dict[str, str] = {}
+        with self._on_device():
+            for part in self._llm.collective_rpc("compute_weight_checksums"):
+                merged.update(part)
+        return merged
+
+    # ---- memory -------------------------------------------------------------------------------------------
+    @property
+    def sleep_supported(self) -> bool:
+        """True where `sleep` really frees memory (vLLM sleep mode on CUDA); False makes sleep/wake no-ops."""
+        return self._sleep_enabled
+
+    def sleep(self) -> None:
+        """Release the engine's accelerator memory until the next `wake` / `generate` (no-op if unsupported)."""
+        if not self._sleep_enabled or self._asleep:
+            return
+        with self._on_device():
+            self._llm.sleep(level=self.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+
+    def wake(self) -> None:
+        """Restore what `sleep` released (no-op when awake). After level-2 sleep, sync weights before use."""
+        if not self._asleep:
+            return
+        with self._on_device():
+            self._llm.wake_up(tags=sorted(self._asleep))
+        self._asleep.clear()
+
+    def close(self) -> None:
+        """Shut the engine down and release vLLM's process-global state, so another engine can start."""
+        llm = getattr(self, "_llm", None)
+        if llm is None:
+            return
+        self._llm = None
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.LLM`` (benchmarks compare against its raw ``generate``)."""
+        return self._llm
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
+
+
+def _as_vllm_prompt(prompt: Prompt) -> Any:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    return {"prompt_token_ids": [int(t) for t in prompt]}
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    if reason == "length":
+        return "length"
+    if reason == "stop":
+        return "stop"
+    raise RuntimeError(f"vLLM finished a sample with reason {reason!r} (aborted?)")
+
+
+# ---- vLLM's NCCL weight transfer (rollout server on GPUs) -----------------------------------------------------
+def nccl_trainer_engine(
+    base_url: str,
+    weights: WeightStream,
+    *,
+    master_address: str,
+    master_port: int,
+    inference_world_size: int = 1,
+    packed_buffer_mb: float | None = None,
+    timeout_s: float = 600,
+) -> Any:
+    """vLLM's trainer-side NCCL weight-transfer engine, connected to a rollout server at `base_url`.
+
+    Rendezvous: this process is NCCL rank 0, the server's workers ranks 1.. (the server must run with
+    ``--weight-transfer-config '{"backend": "nccl"}'``). ``engine.send_weights()`` then drives vLLM's own
+    ``/start_weight_update`` → ``/update_weights`` (concurrent with the broadcast) → ``/finish_weight_update``.
+    Under ZeRO-3 call it on every rank (`ModelWeights` gathers collectively; only rank 0 sends).
+    """
+    vllm = import_vllm()  # noqa: F841  (ensures the env before vLLM's modules load)
+    from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient, ParamMeta, WeightSource
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLTrainerInitInfo,
+        NCCLTrainerWeightTransferEngine,
+    )
+    from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
+
+    class _Source(WeightSource):
+        def metadata(self) -> list[ParamMeta]:
+            return [ParamMeta(m.name, m.dtype, m.shape) for m in weights.metadata()]
+
+        def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+            yield from weights
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    packed_bytes = DEFAULT_PACKED_BUFFER_SIZE_BYTES if packed_buffer_mb is None else int(packed_buffer_mb * MB)
+    info = NCCLTrainerInitInfo(
+        master_address=master_address,
+        master_port=master_port,
+        world_size=1 + inference_world_size,
+        rank=rank,
+        packed_buffer_size_bytes=packed_bytes,
+    )
+    client = HTTPVLLMWeightSyncClient(base_url, timeout=timeout_s)
+    return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=_Source())

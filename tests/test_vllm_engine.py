@@ -1,0 +1,286 @@
+"""vLLM engine on CPU (real vLLM, one engine shared by the module) checked against the HF reference engine.
+
+Every test first syncs the weights it needs, so tests do not depend on each other's order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
+from rollout.hf_engine import HFEngine
+from rollout.probe import StaleWeightProbe
+from rollout.vllm_engine import VLLMEngine
+from rollout.weight_sync import ModelWeights
+
+pytestmark = pytest.mark.vllm
+
+GREEDY = SamplingConfig(max_tokens=16, temperature=0.0, min_tokens=0, stop=())
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen2_path: str) -> Iterator[VLLMEngine]:
+    e = VLLMEngine(
+        tiny_qwen2_path,
+        dtype="float32",
+        enforce_eager=True,
+        kv_cache_memory_bytes=64 << 20,
+        max_model_len=512,
+    )
+    yield e
+    e.close()
+
+
+def load(path: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
+    """The tiny model after a pretend training step: every weight plus N(0, scale²) noise."""
+    model = load(path)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def eos_heavy(path: str, token: int) -> torch.nn.Module:
+    """EOS (id 0) embedding = 3 × `token`'s: the tiny model repeats its last token, so after `token` it stops."""
+    model = load(path)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[0] = 3 * emb[token]
+    return model
+
+
+def max_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b)
+    return max((abs(x - y) for x, y in zip(a, b, strict=True)), default=0.0)
+
+
+def test_engine_and_structures_match_hf(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """Same protocol, same Sample fields, same tokenisation of text prompts, same greedy tokens."""
+    learner = load(tiny_qwen2_path)
+    engine.update_weights(iter_state_dict(learner))
+    hf = HFEngine(learner, tiny_qwen2_path)
+    assert isinstance(engine, RolloutEngine) and isinstance(hf, RolloutEngine)
+    prompts = ["What is 2 + 3?", [5, 6, 7]]
+    ours, ref = engine.generate(prompts, GREEDY), hf.generate(prompts, GREEDY)
+    assert len(ours) == len(ref) == 2
+    for a, b in zip(ours, ref, strict=True):
+        assert type(a) is type(b)
+        assert {k: type(v) for k, v in vars(a).items()} == {k: type(v) for k, v in vars(b).items()}
+        assert (a.prompt_index, a.prompt_ids, a.response_ids, a.text, a.finish_reason) == (
+            b.prompt_index, b.prompt_ids, b.response_ids, b.text, b.finish_reason,
+        )  # fmt: skip
+        assert max_diff(a.logprobs, b.logprobs) < 1e-4
+        assert a.policy_version == engine.policy_version
+    m = engine.metrics
+    assert m["rollout/output_tokens"] == 32 and m["rollout/output_tokens_per_s"] > 0
+    assert m["rollout/prompt_tokens"] == len(ours[0].prompt_ids) + 3
+    assert (m["rollout/response_len_max"], m["rollout/finish_length"], m["rollout/finish_stop"]) == (16, 2, 0)
+
+
+def test_max_tokens_and_n_grouping(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    samples = engine.generate([[5, 6, 7], [8, 9], [10]], SamplingConfig(max_tokens=5, n=4, seed=0))
+    assert [s.prompt_index for s in samples] == [i for i in range(3) for _ in range(4)]
+    assert all(len(s.response_ids) == len(s.logprobs) == 5 and s.finish_reason == "length" for s in samples)
+    assert all(lp <= 0 and math.isfinite(lp) for s in samples for lp in s.logprobs)
+
+
+def test_group_samples_differ_and_seed_reproduces(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """Identical prompts with one seed: all 2 × 4 samples differ; the same seed gives the same samples."""
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    params = SamplingConfig(max_tokens=8, n=4, seed=11)
+    first = [tuple(s.response_ids) for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)]
+    assert len(set(first)) == 8
+    again = [tuple(s.response_ids) for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)]
+    assert again == first
+    other = [
+        tuple(s.response_ids)
+        for s in engine.generate([[5, 6, 7], [5, 6, 7]], SamplingConfig(max_tokens=8, n=4, seed=12))
+    ]
+    assert set(other).isdisjoint(first)  # seed + 1 shares no sample streams with seed
+    unseeded = [
+        tuple(s.response_ids) for s in engine.generate([[5, 6, 7]], SamplingConfig(max_tokens=8, n=4))
+    ]
+    assert len(set(unseeded)) == 4
+
+
+def test_min_tokens_and_eos_match_hf(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """EOS stops (kept in the ids), but not before min_tokens; vLLM and HF agree token for token."""
+    learner = eos_heavy(tiny_qwen2_path, 7)
+    engine.update_weights(iter_state_dict(learner))
+    hf = HFEngine(learner, tiny_qwen2_path)
+    for min_tokens, expected_len in [(0, 1), (4, 5)]:
+        params = SamplingConfig(max_tokens=10, temperature=0.0, min_tokens=min_tokens)
+        (ours,), (ref,) = engine.generate([[5, 6, 7]], params), hf.generate([[5, 6, 7]], params)
+        assert ours.response_ids == ref.response_ids
+        assert len(ours.response_ids) == expected_len and ours.response_ids[-1] == 0
+        assert 0 not in ours.response_ids[:min_tokens]
+        assert ours.finish_reason == "stop" and ours.text == ref.text
+        assert max_diff(ours.logprobs, ref.logprobs) < 1e-4  # processed: EOS masked while < min_tokens
+
+
+def test_stop_string_kept_in_output(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """A seeded sample cut by a stop string: same tokens up to it, text ends with it (kept), finish 'stop'."""
+    learner = perturbed(tiny_qwen2_path)
+    engine.update_weights(iter_state_dict(learner))
+    (full,) = engine.generate([[5, 6, 7]], SamplingConfig(max_tokens=30, seed=5, stop=()))
+    stop = engine.tokenizer.decode(full.response_ids[8:10])
+    (cut,) = engine.generate([[5, 6, 7]], SamplingConfig(max_tokens=30, seed=5, stop=(stop,), min_tokens=4))
+    assert cut.finish_reason == "stop" and cut.text.endswith(stop)
+    start = full.text.find(stop, len(engine.tokenizer.decode(full.response_ids[:4])))
+    assert cut.text == full.text[: start + len(stop)]
+    assert cut.response_ids == full.response_ids[: len(cut.response_ids)] and len(cut.response_ids) <= 10
+    # greedy with a stop string: HF cuts at the same place
+    hf = HFEngine(learner, tiny_qwen2_path)
+    (g,) = hf.generate([[5, 6, 7]], GREEDY)
+    greedy_stop = SamplingConfig(
+        max_tokens=16, temperature=0.0, stop=(hf.tokenizer.decode(g.response_ids[5:6]),)
+    )
+    (a,), (b,) = engine.generate([[5, 6, 7]], greedy_stop), hf.generate([[5, 6, 7]], greedy_stop)
+    assert (a.response_ids, a.text, a.finish_reason) == (b.response_ids, b.text, b.finish_reason)
+    assert a.finish_reason == "stop"
+
+
+def test_weight_update_matches_hf_and_resets_prefix_cache(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """After syncing trained (perturbed) weights, greedy continuations equal HF's and log-probs agree ≤ 1e-4.
+
+    The prompt is generated once under the old weights first, so a stale prefix-cache entry would show.
+    """
+    prompt = [5, 6, 7, *range(40, 80)]
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    (before,) = engine.generate([prompt], GREEDY)
+    learner = perturbed(tiny_qwen2_path, seed=2)
+    version = engine.policy_version
+    engine.update_weights(ModelWeights(learner, bucket_mb=0.1))
+    assert engine.policy_version == version + 1
+    assert engine.metrics["rollout/sync_gb"] > 0 and engine.metrics["rollout/sync_gb_per_s"] > 0
+    hf = HFEngine(learner, tiny_qwen2_path)
+    (after,), (ref,) = engine.generate([prompt], GREEDY), hf.generate([prompt], GREEDY)
+    assert after.response_ids == ref.response_ids != before.response_ids
+    assert max_diff(after.logprobs, ref.logprobs) <= 1e-4
+    assert after.policy_version == version + 1
+    seq = [prompt + ref.response_ids]
+    assert max_diff(engine.prompt_logprobs(seq)[0], hf.prompt_logprobs(seq)[0]) <= 1e-4
+
+
+def test_sampled_logprobs_are_the_sampling_distribution(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """vLLM's sampled-token log-probs (temperature 0.7, top-p 0.9) equal HF's teacher-forced rescoring."""
+    learner = perturbed(tiny_qwen2_path, seed=3)
+    engine.update_weights(iter_state_dict(learner))
+    hf = HFEngine(learner, tiny_qwen2_path)
+    params = SamplingConfig(max_tokens=12, temperature=0.7, top_p=0.9, n=2, seed=4)
+    for s in engine.generate([[5, 6, 7], "What is"], params):
+        assert max_diff(s.logprobs, hf.score(s.prompt_ids, s.response_ids, params)) <= 1e-4
+
+
+def test_bucketed_sync_equals_naive_full_state_dict(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """Naive twin: one ``reload_weights`` over a full ``state_dict()`` copy. Bit-identical engine weights."""
+    learner = perturbed(tiny_qwen2_path, seed=4)
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    base = engine.weight_checksums()
+    engine.llm.collective_rpc(
+        "reload_weights",
+        kwargs={"weights_iterator": iter(learner.state_dict().items()), "is_checkpoint_format": True},
+    )
+    naive = engine.weight_checksums()
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    assert engine.weight_checksums() == base
+    engine.update_weights(ModelWeights(learner, bucket_mb=0.05))
+    assert engine.weight_checksums() == naive != base
+
+
+def test_sleep_and_wake_are_noops_on_cpu(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    (before,) = engine.generate([[5, 6, 7]], GREEDY)
+    assert engine.sleep_supported is torch.cuda.is_available()
+    engine.sleep()
+    engine.wake()
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].response_ids == before.response_ids
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------------
+def qwen_math_15b_shaped(out: Path, tokenizer_path: str) -> str:
+    """A random model with Qwen2.5-Math-1.5B's shapes (bf16), saved with the tiny tokenizer."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0,
+        tie_word_embeddings=True, torch_dtype="bfloat16", bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_colocated_generate_sleep_sync_probe(tmp_path: Path, tiny_qwen2_path: str) -> None:
+    from rollout.probe import StaleWeightsError
+
+    path = qwen_math_15b_shaped(tmp_path / "math15b", tiny_qwen2_path)
+    learner = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
+    engine = VLLMEngine(
+        path, dtype="bfloat16", gpu_memory_utilization=0.35, max_model_len=1024, sleep_level=1
+    )
+    try:
+        assert engine.sleep_supported
+        params = SamplingConfig(max_tokens=32, n=4, seed=0)
+        samples = engine.generate(["What is 2 + 3?", [5, 6, 7]], params)
+        assert len(samples) == 8 and len({tuple(s.response_ids) for s in samples[:4]}) == 4
+        free_awake = torch.cuda.mem_get_info()[0]
+        engine.sleep()
+        assert torch.cuda.mem_get_info()[0] > free_awake + (2 << 30)  # weights + KV cache released
+        with torch.no_grad():  # a pretend optimizer step while vLLM sleeps
+            for p in learner.parameters():
+                p.add_(torch.randn_like(p) * 1e-2)
+        engine.update_weights(ModelWeights(learner, bucket_mb=128))  # wakes the weights only
+        probe = StaleWeightProbe(tokenizer=engine.tokenizer, dtype=torch.bfloat16)
+        result = probe(engine, learner)
+        assert result.ok, result
+        assert engine.generate(["What is 2 + 3?"], params)[0].policy_version == 1
+        engine.update_weights((n, t * 0.5) for n, t in iter_state_dict(learner))  # wrong weights
+        with pytest.raises(StaleWeightsError):
+            probe(engine, learner)
+    finally:
+        engine.close()
+
+
+@pytest.mark.gpu
+def test_gpu_dedicated_device(tiny_qwen2_path: str) -> None:
+    if torch.cuda.device_count() < 2:
+        pytest.skip("dedicated-device mode needs two GPUs")
+    torch.cuda.set_device(0)
+    learner = perturbed(tiny_qwen2_path).cuda(0)
+    engine = VLLMEngine(
+        tiny_qwen2_path, device="cuda:1", dtype="float32", gpu_memory_utilization=0.2, max_model_len=512
+    )
+    try:
+        assert torch.cuda.current_device() == 0  # the learner's device is left alone
+        assert not engine.sleep_supported
+        engine.update_weights(ModelWeights(learner))
+        assert StaleWeightProbe(tokenizer=engine.tokenizer)(engine, learner).ok
+        hf = HFEngine(learner, tiny_qwen2_path)
+        assert (
+            engine.generate([[5, 6, 7]], GREEDY)[0].response_ids
+            == hf.generate([[5, 6, 7]], GREEDY)[0].response_ids
+        )
+        assert torch.cuda.current_device() == 0
+        assert (
+            torch.cuda.memory_reserved(1) > 0 or torch.cuda.mem_get_info(1)[0] < torch.cuda.mem_get_info(1)[1]
+        )
+    finally:
+        engine.close()
