@@ -1,0 +1,167 @@
+"""Rollout server: a real vLLM server process on 127.0.0.1, driven by `RemoteEngine` over HTTP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
+from rollout.hf_engine import HFEngine
+from rollout.probe import StaleWeightProbe, StaleWeightsError
+from rollout.server import RemoteEngine, RolloutServer, free_port, health, main
+from rollout.weight_sync import ModelWeights
+
+GREEDY = SamplingConfig(max_tokens=12, temperature=0.0, min_tokens=0, stop=())
+
+
+def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live processes of a process group (from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
+    main(
+        [
+            "--model",
+            "/m",
+            "--port",
+            "9001",
+            "--weight-transfer",
+            "nccl",
+            "--dry-run",
+            "--",
+            "--max-num-seqs",
+            "4",
+        ]
+    )
+    cmd = capsys.readouterr().out
+    assert "-m vllm.entrypoints.launchers.api_server.entry --model /m --host 127.0.0.1 --port 9001" in cmd
+    assert '--weight-transfer-config {"backend": "nccl"}' in cmd
+    assert "--enable-prefix-caching" in cmd and cmd.strip().endswith("--max-num-seqs 4")
+
+
+def test_remote_engine_needs_a_healthy_server(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    assert not health(url, timeout_s=1)
+    with pytest.raises(ConnectionError, match="no healthy rollout server"):
+        RemoteEngine(url, weights_dir=tmp_path, timeout_s=2)
+    with pytest.raises(ValueError, match="weights_dir"):
+        RemoteEngine(url)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_server_generate_sync_probe_and_clean_shutdown(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    port = free_port()
+    argv = ["--model", tiny_qwen2_path, "--port", str(port), "--dtype", "float32", "--enforce-eager",
+            "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512"]  # fmt: skip
+    server = RolloutServer(argv, startup_timeout_s=240, stop_timeout_s=20, log_path=tmp_path / "server.log")
+    pgid = None
+    try:
+        server.start()
+        assert server.process is not None
+        pgid = os.getpgid(server.process.pid)
+        assert pgid != os.getpgid(0) and health(server.url)
+
+        # generation: same tokens as the HF reference; groups differ; seeds reproduce
+        remote = RemoteEngine(server.url, weights_dir=tmp_path / "weights", timeout_s=60)
+        assert isinstance(remote, RolloutEngine) and not remote.sleep_supported
+        hf = HFEngine(tiny_qwen2_path)
+        prompts = ["What is 2 + 3?", [5, 6, 7]]
+        ours, ref = remote.generate(prompts, GREEDY), hf.generate(prompts, GREEDY)
+        for a, b in zip(ours, ref, strict=True):
+            assert (a.prompt_ids, a.response_ids, a.text, a.finish_reason) == (
+                b.prompt_ids, b.response_ids, b.text, b.finish_reason,
+            )  # fmt: skip
+            assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=True)) < 1e-4
+        params = SamplingConfig(max_tokens=6, n=3, seed=9, stop=("</answer>",))
+        group = [tuple(s.response_ids) for s in remote.generate([[5, 6, 7], [5, 6, 7]], params)]
+        assert len(set(group)) == 6
+        assert [tuple(s.response_ids) for s in remote.generate([[5, 6, 7], [5, 6, 7]], params)] == group
+        assert remote.metrics["rollout/output_tokens"] == 36
+
+        # filesystem weight sync, then the probe and greedy decoding agree with the learner
+        learner = perturbed(tiny_qwen2_path)
+        probe = StaleWeightProbe(tokenizer=hf.tokenizer)
+        with pytest.raises(StaleWeightsError):
+            probe(remote, learner)  # not synced yet
+        version = remote.policy_version
+        remote.update_weights(ModelWeights(learner, bucket_mb=0.25))
+        assert remote.policy_version == version + 1
+        result = probe(remote, learner)
+        assert result.ok and result.max_abs_diff < 1e-4
+        learner_hf = HFEngine(learner, tiny_qwen2_path)
+        (after,), (expected,) = remote.generate([[5, 6, 7]], GREEDY), learner_hf.generate([[5, 6, 7]], GREEDY)
+        assert after.response_ids == expected.response_ids and after.policy_version == version + 1
+        assert remote.metrics["rollout/sync_gb"] > 0
+        remote.update_weights(iter_state_dict(learner))
+        assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
+            f"v{version + 2:06d}"
+        ]  # old removed
+        assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == version + 2
+        remote.sleep()  # a CPU server has no sleep mode: no-op
+        remote.wake()
+        remote.close()
+    finally:
+        start = time.monotonic()
+        server.close()
+        stopped_in = time.monotonic() - start
+    assert stopped_in < 45
+    assert pgid is not None and group_pids(pgid) == []
+    with socket.socket() as sock:  # nobody listens on the port any more (TIME_WAIT entries are allowed)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+def test_server_nccl_weight_transfer(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """Server on GPU 1, learner on GPU 0; weights go over vLLM's NCCL weight transfer."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL transfer between learner and server needs two GPUs")
+    port = free_port()
+    argv = ["--model", tiny_qwen2_path, "--port", str(port), "--dtype", "float32", "--weight-transfer", "nccl",
+            "--gpu-memory-utilization", "0.3", "--max-model-len", "512"]  # fmt: skip
+    with RolloutServer(argv, env={"CUDA_VISIBLE_DEVICES": "1"}, log_path=tmp_path / "server.log") as server:
+        learner = perturbed(tiny_qwen2_path).cuda(0)
+        remote = RemoteEngine(server.url, transfer="nccl", bucket_mb=1)
+        try:
+            remote.init_nccl("127.0.0.1", free_port())
+            remote.update_weights(ModelWeights(learner))
+            assert StaleWeightProbe(tokenizer=HFEngine(learner, tiny_qwen2_path).tokenizer)(
+                remote, learner
+            ).ok
+            hf = HFEngine(learner, tiny_qwen2_path)
+            assert (
+                remote.generate([[5, 6, 7]], GREEDY)[0].response_ids
+                == hf.generate([[5, 6, 7]], GREEDY)[0].response_ids
+            )
+        finally:
+            remote.close()
