@@ -109,6 +109,7 @@ _FRACTION = re.compile(
     r"|\\[dt]?frac(?P<n2>[0-9])(?P<d2>[0-9])|(?P<n3>[0-9]+)\s*/\s*(?P<d3>[0-9]+))\s*\.?$"
 )
 _PERCENT_WORDS = {"percent", "per cent", "percentage"}
+_MAGNITUDE_WORDS = re.compile(r"\b(?:hundred|thousand|million|billion|trillion|dozen)s?\b", re.IGNORECASE)
 
 
 def _unwrap(s: str) -> str:
@@ -137,6 +138,8 @@ def _as_number(s: str) -> _Number | None:
     m = _NUMBER.match(s)
     if m is not None and (m.group("int") or m.group("frac")):
         unit = (m.group("unit") or "").lower()
+        if _MAGNITUDE_WORDS.search(unit):  # "18 thousand" is not 18
+            return None
         digits = (m.group("int") or "0").replace(",", "") + "." + (m.group("frac") or "0")
         value = Fraction(digits)
         if m.group("sign") in ("-", "\u2212"):

@@ -18,6 +18,7 @@ and is counted; a worker stuck past the limit is SIGKILLed and replaced; the run
   MemoryError instead of swapping, ignore SIGINT, and exit when the parent goes away.
 - The parent talks to each worker over its stdin/stdout pipes (length-prefixed pickle frames) and waits
   with ``select`` — no signals and no helper threads, so `score` works from any thread.
+- One warm spare process (``spare_workers``) stands by, so a killed worker's slot is refilled at once.
 - A worker receives a chunk of samples and streams back one result per sample; the deadline of each
   sample starts when the previous result arrives. On a timeout only the sample being graded scores 0;
   the rest of the chunk goes back to the queue.
@@ -223,6 +224,14 @@ def _check_result(out: object) -> dict[str, float]:
     return scores
 
 
+_WARM_UP = [
+    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
+    ("(x+1)^2", "x^2+2x+1"),
+    ("x = 1", "1"),
+    ("\\{1,2\\}", "(1, 2]"),
+]
+
+
 def _worker_main(in_fd: int, out_fd: int) -> None:
     """Worker loop: config frame, "ready", then ("score", [(index, response, gold), …]) → one ("result",
     index, scores | None, error | None, seconds) frame per sample."""
@@ -243,9 +252,10 @@ def _worker_main(in_fd: int, out_fd: int) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
         how, what = config["fn"]
         fn = get_reward_fn(what) if how == "name" else pickle.loads(what)
-        from rollout.grading import _math_verify
-
-        _math_verify()  # import sympy now, not inside the first sample's time limit
+        # pay sympy's first-use costs (imports, parser and simplifier set-up, ~0.4 s) before reporting
+        # ready, not inside the first samples' time limits
+        for pred, gold in _WARM_UP:
+            grade_answer(pred, gold)
     except BaseException:
         _write_all(out_fd, _frame(("startup_error", traceback.format_exc())))
         return
@@ -306,7 +316,9 @@ class _Stats:
     restarts: int = 0
 
 
-def _kill_all(procs: list[subprocess.Popen[bytes]]) -> None:
+def _kill_all(procs: list[subprocess.Popen[bytes]], owner: int) -> None:
+    if os.getpid() != owner:  # a forked copy of the parent exiting must not kill the parent's workers
+        return
     for proc in procs:
         if proc.poll() is None:
             proc.kill()
@@ -366,7 +378,9 @@ class RewardScorer:
     Args:
         reward_fn: a name in `REWARD_FNS` ("r1_zero", "question_only") or a picklable top-level function.
         timeout_s: wall-clock limit per sample; past it the sample scores 0 and its worker is replaced.
-        num_workers: worker processes; 0 grades in the calling process (no isolation, no timeout).
+        num_workers: samples graded at once; 0 grades in the calling process (no isolation, no timeout).
+        spare_workers: extra started-and-warm processes kept idle, so that a killed worker's capacity
+            is back at once rather than after a new interpreter's ~0.5-1 s start-up.
         max_chunk: most samples sent to a worker at once.
         memory_limit_mb: address-space limit of each worker (None: no limit).
         startup_timeout_s: how long a new worker may take to import and report ready.
@@ -378,6 +392,7 @@ class RewardScorer:
         timeout_s: float = 1.0,
         num_workers: int = 2,
         *,
+        spare_workers: int = 1,
         max_chunk: int = 32,
         memory_limit_mb: int | None = 4096,
         startup_timeout_s: float = 60.0,
@@ -386,6 +401,8 @@ class RewardScorer:
             raise ValueError(f"RewardScorer timeout_s must be > 0 seconds, got {timeout_s}")
         if num_workers < 0:
             raise ValueError(f"RewardScorer num_workers must be >= 0 (0 = in-process), got {num_workers}")
+        if spare_workers < 0:
+            raise ValueError(f"RewardScorer spare_workers must be >= 0, got {spare_workers}")
         if max_chunk < 1:
             raise ValueError(f"RewardScorer max_chunk must be >= 1, got {max_chunk}")
         self.fn, self._fn_spec = _resolve(reward_fn)
@@ -398,8 +415,8 @@ class RewardScorer:
         self._stats = _Stats()
         self._closed = False
         self._procs: list[subprocess.Popen[bytes]] = []  # every live worker process, for the finalizer
-        self._finalizer = weakref.finalize(self, _kill_all, self._procs)
-        self._workers = [self._spawn() for _ in range(num_workers)]
+        self._finalizer = weakref.finalize(self, _kill_all, self._procs, os.getpid())
+        self._workers = [self._spawn() for _ in range(num_workers + spare_workers if num_workers else 0)]
         self._startup_failures = 0
         self._logged = 0
 
@@ -431,7 +448,11 @@ class RewardScorer:
             return out
 
     def metrics(self, reset: bool = True) -> dict[str, float]:
-        """Statistics of the samples scored since the last reset, named for logging (``reward/…``)."""
+        """Statistics of the samples scored since the last reset, named for logging as they are:
+        ``reward/mean``, ``reward/format_rate``, ``reward/answer_rate``, ``reward/samples``,
+        ``reward/timeouts``, ``reward/errors`` (exceptions, bad return values, dead workers),
+        ``reward/worker_restarts``, ``reward/latency_p50_ms``, ``reward/latency_p99_ms`` (grading time
+        per sample; a timed-out sample counts its time until the kill)."""
         with self._lock:
             s = self._stats
             n = len(s.rewards)
@@ -534,7 +555,8 @@ class RewardScorer:
             )  # fmt: skip
 
     def _dispatch(self, queue: deque[int], responses: Sequence[str], golds: Sequence[str]) -> None:
-        idle = [w for w in self._workers if w.ready and not w.inflight]
+        busy = sum(1 for w in self._workers if w.inflight)
+        idle = [w for w in self._workers if w.ready and not w.inflight][: max(0, self.num_workers - busy)]
         for k, w in enumerate(idle):
             if not queue:
                 return

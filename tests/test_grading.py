@@ -54,6 +54,8 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
         ("-18", "18", False),
         ("18.5", "18", False),
         ("12,34", "1234", False),  # not a thousands grouping
+        ("18 thousand", "18", False),
+        ("18 thousand", "18000", False),  # magnitude words are not units; not parsed further either
         ("18 or 20", "20", False),  # hedging over two answers
         ("18, 20", "20", False),
         # fractions, percentages

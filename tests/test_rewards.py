@@ -250,7 +250,7 @@ def test_timeouts_errors_and_crashes_score_zero_and_are_counted() -> None:
     assert m["reward/errors"] == 4  # raise, die, garbage, nan
     assert m["reward/worker_restarts"] == 3  # two hangs killed, one process died
     assert m["reward/latency_p99_ms"] >= 500
-    assert elapsed < 5.0  # two 0.5 s timeouts on two workers, plus restarts; never 120 s
+    assert elapsed < 15.0  # two 0.5 s timeouts and three restarts (~1 s each under load); never 120 s
 
 
 def test_in_process_mode_counts_errors_without_isolation() -> None:
@@ -345,3 +345,18 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [1.0, 0.0]
+
+
+def test_docstring_examples() -> None:
+    """The doctest-sized examples in the reward modules' docstrings are true."""
+    import doctest
+
+    import rollout.grading
+    import rollout.parsers
+    import rollout.rewards
+    import rollout.tasks
+
+    for module in (rollout.parsers, rollout.grading, rollout.rewards, rollout.tasks):
+        result = doctest.testmod(module)
+        assert (module.__name__, result.failed) == (module.__name__, 0)
+        assert result.attempted > 0

@@ -91,6 +91,7 @@ def test_corpus_is_big_enough() -> None:
 @pytest.fixture(scope="module")
 def scorer() -> Iterator[RewardScorer]:
     with RewardScorer("r1_zero", timeout_s=1.0, num_workers=2) as s:
+        s.score(["warm </think> <answer> 1 </answer>"] * 8, ["1"] * 8)  # start-up is not part of the timings
         yield s
 
 
@@ -111,7 +112,7 @@ def _check(results: list[tuple[str, float, float]]) -> None:
 
 
 def test_adversarial_corpus_main_thread(scorer: RewardScorer) -> None:
-    scorer.metrics()
+    scorer.metrics()  # reset
     _check(_score_each(scorer))
     m = scorer.metrics()
     assert m["reward/samples"] == len(CORPUS)
@@ -120,6 +121,7 @@ def test_adversarial_corpus_main_thread(scorer: RewardScorer) -> None:
 
 
 def test_adversarial_corpus_worker_thread(scorer: RewardScorer) -> None:
+    scorer.metrics()  # reset
     results: list[tuple[str, float, float]] = []
     thread = threading.Thread(target=lambda: results.extend(_score_each(scorer)))
     thread.start()
