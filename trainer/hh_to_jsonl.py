@@ -1,0 +1,167 @@
+"""Convert Anthropic HH-RLHF data to the preference JSONL read by ``mode: dpo``.
+
+    python -m trainer.hh_to_jsonl IN OUT [--split train]
+
+IN is one HH file (``.jsonl`` or ``.jsonl.gz``, each line ``{"chosen": CONV, "rejected": CONV}``) or a
+folder searched recursively for ``{split}.jsonl[.gz]`` (the layout of the ``Anthropic/hh-rlhf`` repository:
+``harmless-base/``, ``helpful-base/``, ``helpful-online/``, ``helpful-rejection-sampled/``). OUT gets one
+line per kept pair::
+
+    {"prompt": HUMAN_TURN, "chosen": ASSISTANT_REPLY, "rejected": ASSISTANT_REPLY, "source": "harmless-base"}
+
+As in the CS336 assignment 5 supplement, only single-turn conversations are kept (one ``Human:`` turn, one
+``Assistant:`` turn): the prompt is the human message and the responses are the two assistant replies,
+stripped of surrounding whitespace. A pair is dropped, and counted, when either conversation is
+multi-turn or malformed, when the two human messages differ, when a reply is empty, or when the replies
+are identical (no preference). The prompt is stored raw; ``mode: dpo`` applies the template
+(``dpo.template``, Alpaca by default) and the EOS token. ``source`` is the name of the file's folder.
+
+A line that is not JSON, not an object, or lacks a string ``chosen``/``rejected`` is an error naming the
+file and the line; an input with no kept pair is an error too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from rollout.tasks import DatasetFormatError
+
+HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+
+
+def parse_single_turn(conversation: str) -> tuple[str, str] | None:
+    """(human message, assistant reply) of a one-turn HH conversation, or None if it is not one.
+
+    >>> parse_single_turn("\\n\\nHuman: Hi there\\n\\nAssistant: Hello!")
+    ('Hi there', 'Hello!')
+    >>> parse_single_turn("\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant: d") is None
+    True
+    """
+    if conversation.count(HUMAN) != 1 or conversation.count(ASSISTANT) != 1:
+        return None
+    before, human_and_reply = conversation.split(HUMAN)
+    if before.strip() or ASSISTANT not in human_and_reply:
+        return None
+    human, reply = human_and_reply.split(ASSISTANT)
+    return human.strip(), reply.strip()
+
+
+def convert_pair(chosen: str, rejected: str) -> tuple[dict[str, str] | None, str]:
+    """(``{"prompt", "chosen", "rejected"}`` or None, reason): the conversion of one HH line.
+
+    >>> convert_pair("\\n\\nHuman: 2+2?\\n\\nAssistant: 4", "\\n\\nHuman: 2+2?\\n\\nAssistant: 5")
+    ({'prompt': '2+2?', 'chosen': '4', 'rejected': '5'}, 'kept')
+    """
+    c, r = parse_single_turn(chosen), parse_single_turn(rejected)
+    if c is None or r is None:
+        return None, "multi_turn_or_malformed"
+    if c[0] != r[0]:
+        return None, "different_prompts"
+    if not c[0] or not c[1] or not r[1]:
+        return None, "empty_turn"
+    if c[1] == r[1]:
+        return None, "identical_responses"
+    return {"prompt": c[0], "chosen": c[1], "rejected": r[1]}, "kept"
+
+
+def input_files(source: Path, split: str) -> list[Path]:
+    """`source` itself, or every ``{split}.jsonl[.gz]`` below it (sorted)."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    found = sorted(
+        p for p in source.rglob(f"{split}.jsonl*") if p.name in (f"{split}.jsonl", f"{split}.jsonl.gz")
+    )
+    if not found:
+        raise FileNotFoundError(f"{source}: no {split}.jsonl or {split}.jsonl.gz below this folder")
+    return found
+
+
+def _open(path: Path) -> IO[str]:
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
+def read_hh(path: Path) -> Iterator[tuple[int, str, str]]:
+    """(line number, chosen, rejected) of each non-blank line; bad lines raise `DatasetFormatError`."""
+    with _open(path) as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DatasetFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DatasetFormatError(
+                    f"{path}:{lineno}: expected a JSON object with 'chosen' and 'rejected'"
+                )
+            for key in ("chosen", "rejected"):
+                if not isinstance(record.get(key), str):
+                    raise DatasetFormatError(
+                        f"{path}:{lineno}: missing or non-string key {key!r} (HH lines have 'chosen' and "
+                        f"'rejected'; found {sorted(record)})"
+                    )
+            yield lineno, record["chosen"], record["rejected"]
+
+
+def convert(source: str | Path, out: str | Path, split: str = "train") -> Counter[str]:
+    """Write the preference JSONL for `source` to `out`; returns counts of kept and dropped pairs by reason."""
+    counts: Counter[str] = Counter()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    files = input_files(Path(source), split)
+    try:
+        with tmp.open("w", encoding="utf-8") as sink:
+            for path in files:
+                for _, chosen, rejected in read_hh(path):
+                    pair, reason = convert_pair(chosen, rejected)
+                    counts[reason] += 1
+                    if pair is not None:
+                        sink.write(
+                            json.dumps({**pair, "source": path.parent.name}, ensure_ascii=False) + "\n"
+                        )
+        if not counts["kept"]:
+            raise DatasetFormatError(
+                f"{source}: no single-turn preference pair found (counts: {dict(counts)})"
+            )
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.rename(out)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.hh_to_jsonl", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("source", help="an HH .jsonl/.jsonl.gz file, or a folder of them (e.g. hh-rlhf/)")
+    parser.add_argument("out", help="preference JSONL to write")
+    parser.add_argument(
+        "--split", default="train", help="in a folder, convert {split}.jsonl[.gz] (default train)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        counts = convert(args.source, args.out, args.split)
+    except (DatasetFormatError, FileNotFoundError) as err:
+        print(f"hh_to_jsonl: error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {counts['kept']} pairs to {args.out}; dropped: "
+        + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k != "kept"),
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
