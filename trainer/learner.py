@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rollout.weight_sync import ModelWeights
 from trainer.config import ModelConfig, OptimConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -95,8 +96,6 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
-    def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) of the unwrapped model, one at a time (gathered under ZeRO-3)."""
-        from rollout.weight_sync import iter_weights
-
-        return iter_weights(self.unwrapped)
+    def weights(self, bucket_mb: float = 256) -> ModelWeights:
+        """The unwrapped model's state dict as a (name, tensor) stream, gathered bucket-wise under ZeRO-3."""
+        return ModelWeights(self.unwrapped, bucket_mb)

@@ -84,15 +84,13 @@ class Session:
 
     def train_examples(self) -> list[Example]:
         d = self.cfg.data
-        return load_task(d.task, d.train_source, "train", d.train_limit, self.cfg.seed,
-                         **_task_kwargs(self.cfg))
+        return load_task(_task_name(self.cfg), d.train_source, "train", d.train_limit, self.cfg.seed)
 
     def eval_examples(self) -> list[Example]:
         if self._eval_examples is None:
             d = self.cfg.data
             limit = self.cfg.eval.limit or d.eval_limit
-            self._eval_examples = load_task(d.task, d.eval_source, "test", limit, self.cfg.seed + 1,
-                                            **_task_kwargs(self.cfg))
+            self._eval_examples = load_task(_task_name(self.cfg), d.eval_source, "test", limit, self.cfg.seed)
         return self._eval_examples
 
     # ---- shared phases ----------------------------------------------------------------------------
@@ -161,5 +159,5 @@ class Session:
         self.close()
 
 
-def _task_kwargs(cfg: RunConfig) -> dict[str, Any]:
-    return {"level": cfg.data.arithmetic_level} if cfg.data.task == "arithmetic" else {}
+def _task_name(cfg: RunConfig) -> str:
+    return f"arithmetic:{cfg.data.arithmetic_level}" if cfg.data.task == "arithmetic" else cfg.data.task
