@@ -43,7 +43,7 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import Subset
@@ -59,6 +59,8 @@ from trainer.masking import aggregate_loss
 from trainer.session import Session
 from trainer.sft_data import PackedSFTDataset, iterate_batches
 from trainer.tokenization import tokenize_prompt_and_output
+
+T = TypeVar("T")
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -187,9 +189,15 @@ class SFTData:
 
     def stream(self, start_step: int) -> Iterator[list[TokenBatch]]:
         """Micro-batches of every optimizer step after `start_step`, cycling over epochs."""
-        first, skip = divmod(start_step, self.steps_per_epoch)
-        for e in itertools.count(first):
-            yield from itertools.islice(self.epoch(e), skip if e == first else 0, None)
+        return step_stream(self.epoch, self.steps_per_epoch, start_step)
+
+
+def step_stream(epoch: Callable[[int], Iterator[T]], steps_per_epoch: int, start_step: int) -> Iterator[T]:
+    """The items of epochs 0, 1, 2, … (``epoch(e)`` yields one item per optimizer step), after skipping the
+    first `start_step` (resume: the order is a pure function of the epoch, so nothing else is saved)."""
+    first, skip = divmod(start_step, steps_per_epoch)
+    for e in itertools.count(first):
+        yield from itertools.islice(epoch(e), skip if e == first else 0, None)
 
 
 def load_sft_data(s: Session) -> SFTData:

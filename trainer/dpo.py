@@ -1,0 +1,348 @@
+"""Preference-optimisation learner (``mode: dpo``): DPO (Rafailov et al. 2023), optionally IPO or SimPO.
+
+Exactly this:
+
+1. Data: JSONL ``{"prompt", "chosen", "rejected"}`` at ``data.preference_path`` (Anthropic HH converts with
+   ``python -m trainer.hh_to_jsonl``). A seeded ``dpo.validation_fraction`` of the pairs is held out.
+2. Each (prompt, response) is formatted with the template named by ``dpo.template`` (default ``alpaca``,
+   ``instruction=prompt``) and the EOS token is appended. For DPO and IPO the log-probability of the whole
+   formatted sequence is summed (`trainer.dpo_loss.sequence_logp`, float64 sums): the prompt's tokens
+   appear in the chosen and the rejected sequence and cancel in the difference of log-ratios.
+3. Policy = the learner; reference = a frozen copy of ``model.path`` on ``dpo.reference_device`` (default:
+   the policy's device), never updated. SimPO needs no reference and loads none.
+4. Each optimizer step takes ``dpo.pairs_per_step`` pairs (a fresh seeded shuffle each epoch) and runs
+   them in micro-batches of at most ``dpo.micro_batch_pairs`` pairs (chosen and rejected in one forward
+   pass per model). Per-pair loss, with ``h = (log π_w − log ref_w) − (log π_l − log ref_l)``:
+
+   - ``dpo`` (Rafailov et al. eq. 7): ``−log σ(β h)`` (`trainer.dpo_loss.dpo_loss_from_logps`);
+   - ``ipo`` (Azar et al. 2023, eq. 17): ``(h − 1/(2β))²`` with summed log-probs as in the paper (TRL
+     averages them per token instead);
+   - ``simpo`` (Meng et al. 2024, eq. 6): ``−log σ(β/|y_w| log π(y_w|x) − β/|y_l| log π(y_l|x) − γ)``
+     over the response tokens (+ EOS) only, ``γ = dpo.simpo_gamma``; the template must end in
+     ``{response}``.
+
+   The optimizer-batch loss is the mean over its pairs, through `trainer.masking.aggregate_loss`
+   (``"token"`` mode with one "token" per pair), so micro-batches may be of unequal size.
+5. Gradient-norm clip (``optim.max_grad_norm``, 1.0), then RMSprop (the DPO paper: lr 1e-6, β 0.1;
+   ``optim.optimizer: rmsprop``) or AdamW, with the configured linear warm-up.
+6. Validation before training, every ``eval.every`` steps and at the end, on the held-out pairs: mean loss,
+   implicit-reward accuracy (fraction of pairs whose chosen reward exceeds the rejected one, ties counting
+   one half, so the untrained policy (all rewards 0) scores 0.5, not 0; reward ``β (log π − log ref)``,
+   for SimPO ``β/|y| log π``) and reward margin. The best model by validation
+   accuracy (the first of equals; step 0 included) is written as an HF directory to ``RUN_DIR/best/`` with
+   ``best.json`` (step, accuracy, loss).
+
+Length: ``dpo.max_steps`` optimizer steps if set (cycling over epochs), else ``dpo.num_epochs`` epochs.
+Resume restores the optimizer and the best-so-far accuracy; the data order is a pure function of the epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from rollout.prompts import get_template
+from trainer.batching import pack_token_ids
+from trainer.config import DPOConfig, RunConfig
+from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
+from trainer.grpo import global_token_count
+from trainer.learner import Learner, load_model
+from trainer.logprobs import get_response_log_probs
+from trainer.masking import aggregate_loss
+from trainer.session import Session
+from trainer.sft import (
+    epoch_batches,
+    rank_micro_batches,
+    read_jsonl_records,
+    split_heldout,
+    step_stream,
+    steps_per_epoch,
+)
+from trainer.tokenization import pad_token_id_of
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def read_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """``{"prompt", "chosen", "rejected"}`` lines of `path`; errors name the file and line."""
+    records = read_jsonl_records(path, ("prompt", "chosen", "rejected"), field="data.preference_path")
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for _, r in records]
+
+
+# ---- losses (pure functions of sequence log-probs) ----------------------------------------------
+def ipo_loss_from_logps(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """Per-pair IPO loss ``(h − 1/(2β))²``, ``h = (π_w − ref_w) − (π_l − ref_l)`` (Azar et al. 2023, eq. 17).
+
+    All inputs (batch,) summed sequence log-probs; references are constants. E.g. h = 0, β = 0.5 → 1.0.
+    """
+    h = (policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach())  # (batch,)
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def simpo_loss_from_logps(
+    mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: float, gamma: float
+) -> torch.Tensor:
+    """Per-pair SimPO loss ``−log σ(β·mean_w − β·mean_l − γ)`` (Meng et al. 2024, eq. 6).
+
+    Inputs (batch,) length-normalised response log-probs ``log π(y|x) / |y|``. E.g. equal means, γ = 0 →
+    log 2 ≈ 0.693.
+    """
+    return -F.logsigmoid(beta * (mean_chosen - mean_rejected) - gamma)
+
+
+# ---- log-probs of pairs ---------------------------------------------------------------------------
+def response_mean_logp(
+    model: Any, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], template: str
+) -> torch.Tensor:
+    """``log π(y + EOS | x) / |y + EOS|`` per pair, response tokens only (SimPO); (batch,) float32.
+
+    The prompt side is `template` filled with an empty response; prompt and response are tokenised apart.
+    """
+    if not template.endswith("{response}"):
+        raise ValueError("dpo.loss=simpo needs a template that ends in {response} (e.g. alpaca)")
+    prefix_ids = tokenizer([format_pair(p, "", template) for p in prompts], add_special_tokens=False)[
+        "input_ids"
+    ]
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    batch = pack_token_ids(
+        prefix_ids, [[*r, tokenizer.eos_token_id] for r in response_ids], pad_token_id_of(tokenizer)
+    ).to(next(model.parameters()).device)
+    lp = get_response_log_probs(model, batch.input_ids, batch.labels, attention_mask=batch.attention_mask)
+    mask = batch.response_mask.to(lp["log_probs"].dtype)  # (batch, seq)
+    return (lp["log_probs"] * mask).sum(-1) / mask.sum(-1)
+
+
+def pair_logps(
+    model: Any, tokenizer: Any, pairs: Sequence[PreferencePair], template: str, loss: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) log-probs (batch,) each: summed sequence log-probs, or response means for SimPO."""
+    prompts = [p.prompt for p in pairs]
+    if loss == "simpo":
+        both = response_mean_logp(
+            model, tokenizer, prompts * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], template
+        )
+    else:
+        texts = [format_pair(p.prompt, p.chosen, template) for p in pairs]
+        texts += [format_pair(p.prompt, p.rejected, template) for p in pairs]
+        both = sequence_logp(model, tokenizer, texts)  # (2n,)
+    return both[: len(pairs)], both[len(pairs) :]
+
+
+@dataclass
+class PairOutput:
+    loss: torch.Tensor  # (n,) per-pair loss
+    reward_chosen: torch.Tensor  # (n,) implicit rewards, detached
+    reward_rejected: torch.Tensor  # (n,)
+
+
+def preference_loss(
+    policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor] | None, cfg: DPOConfig
+) -> PairOutput:
+    """Per-pair loss of ``cfg.loss`` and the implicit rewards (module docstring, items 4 and 6)."""
+    (pw, pl), beta = policy, cfg.beta
+    if cfg.loss == "simpo":
+        return PairOutput(
+            simpo_loss_from_logps(pw, pl, beta, cfg.simpo_gamma), beta * pw.detach(), beta * pl.detach()
+        )
+    if ref is None:
+        raise ValueError(f"dpo.loss={cfg.loss} needs reference log-probs")
+    rw, rl = ref[0].to(pw.device), ref[1].to(pw.device)
+    fn = dpo_loss_from_logps if cfg.loss == "dpo" else ipo_loss_from_logps
+    return PairOutput(fn(pw, pl, rw, rl, beta), beta * (pw - rw).detach(), beta * (pl - rl).detach())
+
+
+def reward_metrics(out: PairOutput, prefix: str) -> dict[str, float]:
+    margin = out.reward_chosen - out.reward_rejected
+    return {
+        f"{prefix}/loss": float(out.loss.detach().mean()),
+        f"{prefix}/accuracy": float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()),
+        f"{prefix}/reward_margin": float(margin.mean()),
+        f"{prefix}/reward_chosen": float(out.reward_chosen.mean()),
+        f"{prefix}/reward_rejected": float(out.reward_rejected.mean()),
+    }
+
+
+# ---- update and validation ------------------------------------------------------------------------
+def dpo_update(
+    learner: Learner,
+    ref_model: torch.nn.Module | None,
+    cfg: RunConfig,
+    micro_batches: Sequence[Sequence[PreferencePair]],
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches: mean per-pair loss over the global batch."""
+    template, world = get_template(cfg.dpo.template), learner.accelerator.num_processes
+    n_pairs = global_token_count(learner, torch.tensor(float(sum(len(mb) for mb in micro_batches))))
+    outs = []
+    for i, pairs in enumerate(micro_batches):
+        with learner.accumulate(is_last_micro_batch=i == len(micro_batches) - 1):
+            policy = pair_logps(learner.model, learner.tokenizer, pairs, template, cfg.dpo.loss)
+            ref = _ref_logps(ref_model, learner.tokenizer, pairs, template, cfg.dpo.loss)
+            out = preference_loss(policy, ref, cfg.dpo)
+            per_pair = out.loss.unsqueeze(-1)  # (n, 1): one "token" per pair
+            learner.backward(
+                aggregate_loss(
+                    per_pair,
+                    torch.ones_like(per_pair, dtype=torch.bool),
+                    "token",
+                    global_token_count=n_pairs,
+                    world_size=world,
+                )
+            )
+            outs.append(out)
+    metrics = reward_metrics(_cat(outs), "train")
+    metrics["train/grad_norm"] = learner.step()
+    metrics["train/lr"] = learner.scheduler.get_last_lr()[0]
+    return metrics
+
+
+@torch.no_grad()
+def _ref_logps(
+    ref_model: torch.nn.Module | None,
+    tokenizer: Any,
+    pairs: Sequence[PreferencePair],
+    template: str,
+    loss: str,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return None if ref_model is None else pair_logps(ref_model, tokenizer, pairs, template, loss)
+
+
+def _cat(outs: Sequence[PairOutput]) -> PairOutput:
+    return PairOutput(
+        *(
+            torch.cat([getattr(o, k).detach().float().cpu() for o in outs])
+            for k in ("loss", "reward_chosen", "reward_rejected")
+        )
+    )
+
+
+class Validator:
+    """Held-out loss / accuracy; the reference log-probs of the held-out pairs are computed once."""
+
+    def __init__(self, pairs: list[PreferencePair], micro: int) -> None:
+        self.batches = [pairs[i : i + micro] for i in range(0, len(pairs), micro)]
+        self._ref: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+    @torch.inference_mode()
+    def __call__(
+        self, learner: Learner, ref_model: torch.nn.Module | None, cfg: DPOConfig
+    ) -> dict[str, float]:
+        template = get_template(cfg.template)
+        if self._ref is None:
+            self._ref = [
+                _ref_logps(ref_model, learner.tokenizer, b, template, cfg.loss) for b in self.batches
+            ]
+        outs = [
+            preference_loss(pair_logps(learner.model, learner.tokenizer, b, template, cfg.loss), ref, cfg)
+            for b, ref in zip(self.batches, self._ref, strict=True)
+        ]
+        return reward_metrics(_cat(outs), "eval")
+
+
+def save_best(s: Session, step: int, metrics: dict[str, float]) -> None:
+    """Write the current model to ``RUN_DIR/best/`` (atomically: ``best.tmp`` then rename) + ``best.json``."""
+    state_dict = s.accelerator.get_state_dict(s.learner.model)
+    if s.is_main:
+        final, tmp = s.run_dir / "best", s.run_dir / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model: Any = s.learner.unwrapped  # a PreTrainedModel
+        model.save_pretrained(tmp, state_dict=state_dict)
+        s.learner.tokenizer.save_pretrained(tmp)
+        (tmp / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    s.accelerator.wait_for_everyone()
+
+
+def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:
+    """The frozen initial policy on ``dpo.reference_device`` (default: the policy's); None for SimPO."""
+    if cfg.dpo.loss == "simpo":
+        return None
+    ref = load_model(cfg.model, cfg.dpo.reference_device or learner.device).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+# ---- the loop -------------------------------------------------------------------------------------
+def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    """Run DPO / IPO / SimPO as configured; returns the final validation metrics (+ ``eval/best_accuracy``)."""
+    if not cfg.data.preference_path:
+        raise FileNotFoundError(
+            'mode "dpo" needs data.preference_path (JSONL of {"prompt","chosen","rejected"})'
+        )
+    d = cfg.dpo
+    with Session(cfg, resume) as s:
+        pairs = read_preference_pairs(cfg.data.preference_path)
+        train_idx, held_idx = split_heldout(len(pairs), d.validation_fraction, cfg.seed)
+        train = [pairs[i] for i in train_idx]
+        validate = Validator([pairs[i] for i in held_idx], d.micro_batch_pairs)
+        ref_model = reference_model(cfg, s.learner)
+        rank, world = s.accelerator.process_index, s.accelerator.num_processes
+        grad_accum = math.ceil(d.pairs_per_step / world / d.micro_batch_pairs)
+
+        def epoch(e: int) -> Iterator[list[list[PreferencePair]]]:
+            for rows in epoch_batches(len(train), d.pairs_per_step, cfg.seed * 100_003 + e):
+                micro = rank_micro_batches(rows, grad_accum, rank, world)
+                if micro:
+                    yield [[train[i] for i in m] for m in micro]
+
+        per_epoch = steps_per_epoch(len(train), d.pairs_per_step, world)
+        total = d.max_steps or d.num_epochs * per_epoch
+        start = int(s.trainer_state["step"])
+        best = {
+            "accuracy": float(s.trainer_state.get("best_accuracy", -math.inf)),
+            "step": float(s.trainer_state.get("best_step", -1)),
+        }
+
+        def validation(step: int) -> dict[str, float]:
+            with s.timer("eval"):
+                metrics = validate(s.learner, ref_model, d)
+            if metrics["eval/accuracy"] > best["accuracy"]:
+                best.update(accuracy=metrics["eval/accuracy"], step=float(step))
+                save_best(s, step, metrics)
+            metrics |= {"eval/best_accuracy": best["accuracy"], "eval/best_step": best["step"]}
+            s.tracker.log(metrics, step)
+            return metrics
+
+        s.tracker.log(
+            {"data/train_pairs": float(len(train)), "data/heldout_pairs": float(len(held_idx))}, start
+        )
+        final = validation(0) if start == 0 else {}
+        bar = tqdm(
+            range(start + 1, total + 1),
+            desc=f"{d.loss}",
+            disable=not s.progress_enabled,
+            initial=start,
+            total=total,
+        )
+        for step, micro_batches in zip(bar, step_stream(epoch, per_epoch, start), strict=False):
+            with s.timer("train"):
+                metrics = dpo_update(s.learner, ref_model, cfg, micro_batches)
+            if step % cfg.logging.every == 0:
+                s.tracker.log(metrics | s.timer.pop(), step)
+            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
+            last = step == total
+            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                final = validation(step)
+            s.maybe_save(step, last, best_accuracy=best["accuracy"], best_step=best["step"])
+        return final
