@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rollout.grading import grade_answer  # noqa: E402
+from rollout.grading import grade_answer, warm_up  # noqa: E402
 from rollout.rewards import RewardScorer, r1_zero_answer, r1_zero_reward  # noqa: E402
 from rollout.tasks import load_gsm8k  # noqa: E402
 
@@ -90,6 +90,13 @@ def main() -> None:
     responses, golds, kinds = build(args.n, args.data)
     print(f"{args.n} responses from {args.data} (mean {sum(map(len, responses)) / args.n:.0f} chars)\n")
 
+    # In-process first (caches cold, like a fresh worker), after the same sympy warm-up workers do.
+    warm_up()
+    rows = []
+    start = time.perf_counter()
+    expected = [r1_zero_reward(r, g) for r, g in zip(responses, golds, strict=True)]
+    rows.append(("in-process (no isolation)", args.n / (time.perf_counter() - start), None))
+
     # Which path decides each sample (in-process; the pool runs the same code).
     paths: Counter[str] = Counter()
     by_kind: dict[str, Counter[str]] = {k: Counter() for k in KINDS}
@@ -106,10 +113,6 @@ def main() -> None:
     print(f"{'all':26} {1:6.1%}  " + ", ".join(f"{m} {c / args.n:.1%}" for m, c in paths.most_common()))
     print()
 
-    rows = []
-    start = time.perf_counter()
-    expected = [r1_zero_reward(r, g) for r, g in zip(responses, golds, strict=True)]
-    rows.append(("in-process (no isolation)", args.n / (time.perf_counter() - start), None))
     for workers in (1, 2):
         with RewardScorer("r1_zero", timeout_s=args.timeout, num_workers=workers) as scorer:
             scorer.score(responses[:64], golds[:64])  # workers up and warm

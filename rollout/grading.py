@@ -41,6 +41,7 @@ __all__ = [
     "grade_answer",
     "is_equivalent",
     "slow_path_risk",
+    "warm_up",
 ]
 
 MAX_SLOW_PATH_CHARS = 1000  # predictions longer than this are never handed to sympy
@@ -300,6 +301,14 @@ def grade_answer(pred: str, gold: str) -> Grade:
     if slow_path_risk(pred) is not None:
         return Grade(False, "guard")
     return Grade(_math_verify_equal(pred.strip(), gold.strip()), "math_verify")
+
+
+def warm_up() -> None:
+    """Pay math-verify's and sympy's first-use costs (imports, LaTeX parser and simplifier set-up, about
+    0.4 s) now; reward workers call this before taking samples, so no sample's time limit includes it."""
+    for pred, gold in [("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"), ("(x+1)^2", "x^2+2x+1"), ("x = 1", "1")]:
+        grade_answer(pred, gold)
+    grade_answer("\\{1,2\\}", "(1, 2]")
 
 
 def is_equivalent(pred: str, gold: str) -> bool:

@@ -9,22 +9,27 @@ wall-clock limit per sample (default 1 s): a sample that times out, raises, or k
 and is counted; a worker stuck past the limit is SIGKILLed and replaced; the run never blocks. Design
 (pebble-like, written here because a ``concurrent.futures`` pool cannot kill a stuck task):
 
-- Each worker is a fresh interpreter started with ``subprocess`` (``sys.executable -c …``, i.e. the
-  *spawn* model: fork+exec, no copy of the parent). That is safe when the parent has threads, torch, CUDA
-  or vLLM loaded, and unlike ``multiprocessing``'s spawn it never re-imports the parent's ``__main__``
-  (under ``accelerate launch`` that is the training script, which would import torch in every worker).
-  Workers import only the reward function's module; they see no GPU (``CUDA_VISIBLE_DEVICES=""``), run
-  under an address-space limit (``memory_limit_mb``) so a number like ``10^(10^10)`` fails with
-  MemoryError instead of swapping, ignore SIGINT, and exit when the parent goes away.
-- The parent talks to each worker over its stdin/stdout pipes (length-prefixed pickle frames) and waits
-  with ``select`` — no signals and no helper threads, so `score` works from any thread.
-- One warm spare process (``spare_workers``) stands by, so a killed worker's slot is refilled at once.
+- A *template* process is a fresh interpreter started with ``subprocess`` (``sys.executable -c …``:
+  fork+exec, the *spawn* model, nothing of the parent copied), so it is safe when the parent has threads,
+  torch, CUDA or vLLM loaded; unlike ``multiprocessing``'s spawn and forkserver it never re-imports the
+  parent's ``__main__`` (under ``accelerate launch`` that is the training script). It imports only the
+  reward function's module, warms sympy up, sees no GPU (``CUDA_VISIBLE_DEVICES=""``) and runs under an
+  address-space limit (``memory_limit_mb``: ``10^(10^10)`` fails with MemoryError instead of swapping).
+- Workers are forked from the template on request (it never starts a thread, so forking it is safe);
+  the request carries the worker's two pipe ends, so the parent talks to each worker directly
+  (length-prefixed pickle frames) and waits with ``select`` — no signals and no helper threads in the
+  parent, so `score` works from any thread. A replacement worker is ready in milliseconds, not after an
+  interpreter start (~1 s, far more on a loaded machine).
 - A worker receives a chunk of samples and streams back one result per sample; the deadline of each
-  sample starts when the previous result arrives. On a timeout only the sample being graded scores 0;
-  the rest of the chunk goes back to the queue.
+  sample starts when the previous result arrives. On a timeout only the sample being graded scores 0,
+  the worker is SIGKILLed (through a pidfd on Linux, so never a recycled pid), and the rest of its chunk
+  goes back to the queue.
+- Nothing outlives the parent: the template exits when its socket to the parent closes, and workers die
+  with the template (``PR_SET_PDEATHSIG``); `close` and a finalizer kill everything earlier.
 
 Custom reward functions must be picklable by reference: a top-level ``def`` in an importable module
-(not ``__main__``, not a lambda or closure; ``functools.partial`` of such a function is fine).
+(not ``__main__``, not a lambda or closure; ``functools.partial`` of such a function is fine), and that
+module should not start threads when imported (the template forks workers).
 
 ``num_workers=0`` grades in-process: no isolation and no timeout, for trusted fast grading only.
 
@@ -44,6 +49,8 @@ import math
 import os
 import pickle
 import select
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -56,7 +63,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from rollout.grading import extract_boxed, grade_answer
+from rollout.grading import extract_boxed, grade_answer, warm_up
 from rollout.parsers import parse_gsm8k_response
 
 __all__ = [
@@ -164,83 +171,95 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _read_exact(fd: int, n: int) -> bytes | None:
+def _read_exact(read: Callable[[int], bytes], n: int) -> bytes | None:
     buf = bytearray()
     while len(buf) < n:
-        chunk = os.read(fd, n - len(buf))
+        chunk = read(n - len(buf))
         if not chunk:
             return None
         buf += chunk
     return bytes(buf)
 
 
-def _recv(fd: int) -> Any:
-    header = _read_exact(fd, _HEADER.size)
+def _recv(read: Callable[[int], bytes]) -> Any:
+    """The next frame from `read` (``os.read`` of a pipe or ``socket.recv``), or None at EOF."""
+    header = _read_exact(read, _HEADER.size)
     if header is None:
         return None
-    body = _read_exact(fd, _HEADER.unpack(header)[0])
+    body = _read_exact(read, _HEADER.unpack(header)[0])
     return None if body is None else pickle.loads(body)
 
 
-# The worker's first code: move the protocol pipes off fds 0/1 (so stray prints go to stderr), take the
-# parent's sys.path from the first frame, then hand over to `_worker_main`.
+class _Frames:
+    """Frames arriving in pieces on a non-blocking reader."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[Any]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(self.buf)
+            if len(self.buf) < _HEADER.size + size:
+                break
+            out.append(pickle.loads(bytes(self.buf[_HEADER.size : _HEADER.size + size])))
+            del self.buf[: _HEADER.size + size]
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Template ("zygote") and worker processes.
+#
+# The template is a fresh interpreter (`subprocess`, so fork+exec: nothing of the parent is copied). It
+# takes the parent's sys.path and the reward function over a socket, imports and warms up sympy, and
+# then forks one worker per request. The request carries the worker's two pipe ends (SCM_RIGHTS), so
+# the parent talks to each worker directly. The template never starts a thread, so forking it is safe,
+# and a replacement worker is ready in milliseconds instead of an interpreter start (~1 s, far more on
+# a loaded machine).
+
 _BOOTSTRAP = """
-import os, pickle, struct, sys, traceback
-in_fd, out_fd = os.dup(0), os.dup(1)
-os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-os.dup2(2, 1)
+import os, pickle, socket, struct, sys, traceback
+sock = socket.socket(fileno=int(sys.argv[1]))
+os.dup2(2, 1)  # stray prints go to stderr
 def _read(n):
     buf = b""
     while len(buf) < n:
-        chunk = os.read(in_fd, n - len(buf))
+        chunk = sock.recv(n - len(buf))
         if not chunk:
             os._exit(0)
         buf += chunk
     return buf
 sys.path[:] = pickle.loads(_read(struct.unpack("<Q", _read(8))[0]))
 try:
-    from rollout.rewards import _worker_main
+    from rollout.rewards import _template_main
 except BaseException:
     data = pickle.dumps(("startup_error", traceback.format_exc()))
-    os.write(out_fd, struct.pack("<Q", len(data)) + data)
+    sock.sendall(struct.pack("<Q", len(data)) + data)
     os._exit(1)
-_worker_main(in_fd, out_fd)
+_template_main(sock)
+os._exit(0)  # at once: its workers die with it (PR_SET_PDEATHSIG); no slow interpreter teardown
 """
 
 
-def _watch_parent(parent: int) -> None:
-    while True:
-        time.sleep(1.0)
-        if os.getppid() != parent:
-            os._exit(1)
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL this process when its parent (the single-threaded template) exits."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before we asked
+        os._exit(0)
 
 
-def _check_result(out: object) -> dict[str, float]:
-    if not isinstance(out, dict) or any(k not in out for k in REWARD_KEYS):
-        raise TypeError(f"reward fn must return a dict with keys {REWARD_KEYS}, got {out!r:.200}")
-    scores = {str(k): float(v) for k, v in out.items()}
-    if not all(math.isfinite(v) for v in scores.values()):
-        raise ValueError(f"reward fn returned a non-finite value: {scores}")
-    return scores
-
-
-_WARM_UP = [
-    ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"),
-    ("(x+1)^2", "x^2+2x+1"),
-    ("x = 1", "1"),
-    ("\\{1,2\\}", "(1, 2]"),
-]
-
-
-def _worker_main(in_fd: int, out_fd: int) -> None:
-    """Worker loop: config frame, "ready", then ("score", [(index, response, gold), …]) → one ("result",
-    index, scores | None, error | None, seconds) frame per sample."""
-    import signal
+def _template_main(sock: socket.socket) -> None:
+    """Template loop: config frame; import, warm up, "ready"; then fork a worker per request."""
     import traceback
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
-    config = _recv(in_fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    config = _recv(sock.recv)
     if config is None:
         return
     try:
@@ -252,16 +271,51 @@ def _worker_main(in_fd: int, out_fd: int) -> None:
             resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
         how, what = config["fn"]
         fn = get_reward_fn(what) if how == "name" else pickle.loads(what)
-        # pay sympy's first-use costs (imports, parser and simplifier set-up, ~0.4 s) before reporting
-        # ready, not inside the first samples' time limits
-        for pred, gold in _WARM_UP:
-            grade_answer(pred, gold)
+        warm_up()  # sympy's first-use costs are paid once, here, not inside a sample's time limit
     except BaseException:
-        _write_all(out_fd, _frame(("startup_error", traceback.format_exc())))
+        sock.sendall(_frame(("startup_error", traceback.format_exc())))
         return
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps finished workers
+    sock.sendall(_frame(("ready", os.getpid())))
+    while True:
+        try:
+            msg, fds, _, _ = socket.recv_fds(sock, 1, 2)
+        except OSError:
+            return
+        if not msg or len(fds) != 2:  # EOF: the parent has gone
+            return
+        template = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            status = 0
+            try:
+                sock.close()
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _die_with_parent(template)
+                _serve(fn, fds[0], fds[1])
+            except BaseException:
+                status = 1
+            finally:
+                os._exit(status)
+        os.close(fds[0])
+        os.close(fds[1])
+
+
+def _check_result(out: object) -> dict[str, float]:
+    if not isinstance(out, dict) or any(k not in out for k in REWARD_KEYS):
+        raise TypeError(f"reward fn must return a dict with keys {REWARD_KEYS}, got {out!r:.200}")
+    scores = {str(k): float(v) for k, v in out.items()}
+    if not all(math.isfinite(v) for v in scores.values()):
+        raise ValueError(f"reward fn returned a non-finite value: {scores}")
+    return scores
+
+
+def _serve(fn: RewardFn, in_fd: int, out_fd: int) -> None:
+    """Worker loop: "ready", then for each ("score", [(index, response, gold), …]) one ("result", index,
+    scores | None, error | None, seconds) frame per sample, written as soon as it is known."""
     _write_all(out_fd, _frame(("ready", os.getpid())))
     while True:
-        msg = _recv(in_fd)
+        msg = _recv(lambda n: os.read(in_fd, n))
         if msg is None or msg[0] == "exit":
             return
         for index, response, gold in msg[1]:
@@ -280,29 +334,66 @@ def _worker_main(in_fd: int, out_fd: int) -> None:
 
 
 @dataclass
-class _Worker:
+class _Template:
     proc: subprocess.Popen[bytes]
+    sock: socket.socket
+    frames: _Frames = field(default_factory=_Frames)
+
+    @classmethod
+    def start(cls, fn_spec: tuple[str, str | bytes], memory_limit_mb: int | None) -> _Template:
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL,
+                pass_fds=[theirs.fileno()],
+                env=env,
+            )
+        finally:
+            theirs.close()
+        config = {"fn": fn_spec, "memory_limit_mb": memory_limit_mb}
+        with contextlib.suppress(OSError):  # if it died already, the read loop sees EOF and reports it
+            ours.sendall(_frame(list(sys.path)) + _frame(config))
+        ours.setblocking(False)  # reads only; fork requests are one byte each
+        return cls(proc, ours)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.sock.close()
+
+
+@dataclass
+class _Worker:
+    to_fd: int  # its stdin: we write chunks
+    from_fd: int  # its stdout: we read results
     started: float
+    pid: int = 0  # known once it reports ready
+    pidfd: int = -1  # Linux: a handle that cannot point at a recycled pid
     ready: bool = False
-    buf: bytearray = field(default_factory=bytearray)
+    frames: _Frames = field(default_factory=_Frames)
     inflight: deque[int] = field(default_factory=deque)  # sample indices, in the order being graded
     deadline: float = math.inf  # when the head of `inflight` times out
     clock: float = 0.0  # when the head of `inflight` started
+    closed: bool = False
 
-    @property
-    def fd(self) -> int:
-        assert self.proc.stdout is not None
-        return self.proc.stdout.fileno()
-
-    def frames(self) -> list[Any]:
-        out = []
-        while len(self.buf) >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(self.buf)
-            if len(self.buf) < _HEADER.size + size:
-                break
-            out.append(pickle.loads(bytes(self.buf[_HEADER.size : _HEADER.size + size])))
-            del self.buf[: _HEADER.size + size]
-        return out
+    def kill(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.pidfd >= 0:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            elif self.pid:
+                os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for fd in (self.to_fd, self.from_fd, self.pidfd):
+            if fd >= 0:
+                os.close(fd)
 
 
 @dataclass
@@ -316,25 +407,21 @@ class _Stats:
     restarts: int = 0
 
 
-def _kill_all(procs: list[subprocess.Popen[bytes]], owner: int) -> None:
-    if os.getpid() != owner:  # a forked copy of the parent exiting must not kill the parent's workers
-        return
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-    for proc in procs:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=5)
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+@dataclass
+class _Processes:
+    """Everything to kill at close or interpreter exit (shared with the finalizer, so no back-reference)."""
 
+    owner: int = field(default_factory=os.getpid)
+    template: _Template | None = None
+    workers: list[_Worker] = field(default_factory=list)
 
-def _exit_status(w: _Worker) -> str:
-    try:
-        return f"worker exited with code {w.proc.wait(timeout=1.0)}"
-    except subprocess.TimeoutExpired:
-        return "worker closed its pipe"
+    def kill_all(self) -> None:
+        if os.getpid() != self.owner:  # a forked copy of the parent must not kill the parent's workers
+            return
+        for w in self.workers:
+            w.kill()
+        if self.template is not None:
+            self.template.close()
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
@@ -378,12 +465,11 @@ class RewardScorer:
     Args:
         reward_fn: a name in `REWARD_FNS` ("r1_zero", "question_only") or a picklable top-level function.
         timeout_s: wall-clock limit per sample; past it the sample scores 0 and its worker is replaced.
-        num_workers: samples graded at once; 0 grades in the calling process (no isolation, no timeout).
-        spare_workers: extra started-and-warm processes kept idle, so that a killed worker's capacity
-            is back at once rather than after a new interpreter's ~0.5-1 s start-up.
+        num_workers: worker processes; 0 grades in the calling process (no isolation, no timeout).
         max_chunk: most samples sent to a worker at once.
         memory_limit_mb: address-space limit of each worker (None: no limit).
-        startup_timeout_s: how long a new worker may take to import and report ready.
+        startup_timeout_s: how long the template may take to start (imports, warm-up) and a worker to
+            report ready.
     """
 
     def __init__(
@@ -392,7 +478,6 @@ class RewardScorer:
         timeout_s: float = 1.0,
         num_workers: int = 2,
         *,
-        spare_workers: int = 1,
         max_chunk: int = 32,
         memory_limit_mb: int | None = 4096,
         startup_timeout_s: float = 60.0,
@@ -401,8 +486,6 @@ class RewardScorer:
             raise ValueError(f"RewardScorer timeout_s must be > 0 seconds, got {timeout_s}")
         if num_workers < 0:
             raise ValueError(f"RewardScorer num_workers must be >= 0 (0 = in-process), got {num_workers}")
-        if spare_workers < 0:
-            raise ValueError(f"RewardScorer spare_workers must be >= 0, got {spare_workers}")
         if max_chunk < 1:
             raise ValueError(f"RewardScorer max_chunk must be >= 1, got {max_chunk}")
         self.fn, self._fn_spec = _resolve(reward_fn)
@@ -414,11 +497,16 @@ class RewardScorer:
         self._lock = threading.Lock()
         self._stats = _Stats()
         self._closed = False
-        self._procs: list[subprocess.Popen[bytes]] = []  # every live worker process, for the finalizer
-        self._finalizer = weakref.finalize(self, _kill_all, self._procs, os.getpid())
-        self._workers = [self._spawn() for _ in range(num_workers + spare_workers if num_workers else 0)]
-        self._startup_failures = 0
         self._logged = 0
+        self._startup_failures = 0
+        self._procs = _Processes()
+        self._finalizer = weakref.finalize(self, self._procs.kill_all)
+        if num_workers:
+            self._procs.template = _Template.start(self._fn_spec, memory_limit_mb)
+            self._template_ready = False
+            self._template_started = time.monotonic()
+            for _ in range(num_workers):
+                self._procs.workers.append(self._fork())
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -426,6 +514,10 @@ class RewardScorer:
         """Scores of each (response, gold) pair, in order; failed samples score all zeros."""
         if len(responses) != len(golds):
             raise ValueError(f"score() got {len(responses)} responses but {len(golds)} golds")
+        for what, values in (("response", responses), ("gold", golds)):
+            bad = next((i for i, v in enumerate(values) if not isinstance(v, str)), None)
+            if bad is not None:  # loudly: a non-string would otherwise score 0 as a counted "error"
+                raise TypeError(f"score(): {what} {bad} is {type(values[bad]).__name__}, not str")
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardScorer.score() called after close()")
@@ -436,7 +528,7 @@ class RewardScorer:
                 try:
                     self._score_in_pool(responses, golds, results)
                 except BaseException:
-                    for w in self._workers:  # leave no half-finished chunk behind
+                    for w in list(self._procs.workers):  # leave no half-finished chunk behind
                         if w.inflight:
                             self._replace(w)
                     raise
@@ -473,23 +565,10 @@ class RewardScorer:
             return out
 
     def close(self) -> None:
-        """Stop the workers (idempotent)."""
+        """Stop the workers and the template (idempotent)."""
         with self._lock:
-            if self._closed:
-                return
             self._closed = True
-            for w in self._workers:
-                if w.proc.poll() is None and not w.inflight:
-                    try:
-                        assert w.proc.stdin is not None
-                        _write_all(w.proc.stdin.fileno(), _frame(("exit",)))
-                    except OSError:
-                        pass
-            deadline = time.monotonic() + 0.5
-            for w in self._workers:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            self._finalizer()  # kills whatever is left and closes the pipes
+            self._finalizer()
 
     def __enter__(self) -> RewardScorer:
         return self
@@ -514,32 +593,38 @@ class RewardScorer:
 
     # -- pool ----------------------------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        proc = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
-            close_fds=True,
-        )
-        self._procs.append(proc)
-        assert proc.stdin is not None
-        config = {"fn": self._fn_spec, "memory_limit_mb": self.memory_limit_mb}
-        with contextlib.suppress(OSError):  # if it died already, the read loop sees EOF and reports it
-            _write_all(proc.stdin.fileno(), _frame(list(sys.path)) + _frame(config))
-        return _Worker(proc=proc, started=time.monotonic())
+    def _fork(self) -> _Worker:
+        """Ask the template for a new worker (it reports "ready" on its own pipe when it is up)."""
+        template = self._procs.template
+        assert template is not None
+        to_worker_r, to_worker_w = os.pipe()
+        from_worker_r, from_worker_w = os.pipe()
+        try:
+            socket.send_fds(template.sock, [b"F"], [to_worker_r, from_worker_w])
+        except OSError:
+            pass  # the template is gone: this worker's pipe reads EOF and the template is restarted
+        finally:
+            os.close(to_worker_r)
+            os.close(from_worker_w)
+        os.set_blocking(from_worker_r, False)
+        return _Worker(to_fd=to_worker_w, from_fd=from_worker_r, started=time.monotonic())
 
     def _replace(self, w: _Worker) -> None:
         """Kill `w` and put a fresh worker in its slot; unfinished samples are the caller's business."""
-        if w.proc.poll() is None:
-            w.proc.kill()
-        w.proc.wait()
-        for pipe in (w.proc.stdin, w.proc.stdout):
-            if pipe is not None:
-                pipe.close()
-        self._procs.remove(w.proc)
-        self._workers[self._workers.index(w)] = self._spawn()
+        w.kill()
+        workers = self._procs.workers
+        workers[workers.index(w)] = self._fork()
+        self._stats.restarts += 1
+
+    def _restart_template(self, why: str) -> None:
+        self._startup_failures += 1
+        if self._startup_failures >= 3 or not self._template_ready:
+            raise RuntimeError(f"reward worker template {why}; see its traceback on stderr")
+        assert self._procs.template is not None
+        self._procs.template.close()
+        self._procs.template = _Template.start(self._fn_spec, self.memory_limit_mb)
+        self._template_ready = False
+        self._template_started = time.monotonic()
         self._stats.restarts += 1
 
     def _failed(self, kind: str, index: int, response: str, detail: str) -> None:
@@ -555,8 +640,7 @@ class RewardScorer:
             )  # fmt: skip
 
     def _dispatch(self, queue: deque[int], responses: Sequence[str], golds: Sequence[str]) -> None:
-        busy = sum(1 for w in self._workers if w.inflight)
-        idle = [w for w in self._workers if w.ready and not w.inflight][: max(0, self.num_workers - busy)]
+        idle = [w for w in self._procs.workers if w.ready and not w.inflight]
         for k, w in enumerate(idle):
             if not queue:
                 return
@@ -568,10 +652,7 @@ class RewardScorer:
                 chunk.append(i)
                 chars += len(responses[i]) + len(golds[i])
             try:
-                assert w.proc.stdin is not None
-                _write_all(
-                    w.proc.stdin.fileno(), _frame(("score", [(i, responses[i], golds[i]) for i in chunk]))
-                )
+                _write_all(w.to_fd, _frame(("score", [(i, responses[i], golds[i]) for i in chunk])))
             except OSError:  # died while idle: retry the chunk elsewhere
                 queue.extendleft(reversed(chunk))
                 self._replace(w)
@@ -580,21 +661,38 @@ class RewardScorer:
             w.clock = time.monotonic()
             w.deadline = w.clock + self.timeout_s
 
-    def _read(self, w: _Worker, results: list[dict[str, float] | None], responses: Sequence[str]) -> bool:
-        """Take what `w` has written; False if it has exited (EOF)."""
+    def _read_template(self, template: _Template) -> None:
         try:
-            data = os.read(w.fd, 1 << 20)
+            data = template.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._restart_template(f"exited with code {template.proc.poll()}")
+            return
+        for msg in template.frames.feed(data):
+            if msg[0] == "startup_error":
+                raise RuntimeError(f"reward worker template failed to start:\n{msg[1]}")
+            if msg[0] == "ready":
+                self._template_ready = True
+
+    def _read(self, w: _Worker, results: list[dict[str, float] | None], responses: Sequence[str]) -> bool:
+        """Take what `w` has written; False if its pipe is closed (it has exited)."""
+        try:
+            data = os.read(w.from_fd, 1 << 20)
+        except BlockingIOError:
+            return True
         except OSError:
             data = b""
         if not data:
             return False
-        w.buf += data
-        for msg in w.frames():
+        for msg in w.frames.feed(data):
             if msg[0] == "ready":
-                w.ready = True
+                w.ready, w.pid = True, msg[1]
+                with contextlib.suppress(OSError, AttributeError):
+                    w.pidfd = os.pidfd_open(w.pid)
                 self._startup_failures = 0
-            elif msg[0] == "startup_error":
-                raise RuntimeError(f"reward worker failed to start:\n{msg[1]}")
             elif msg[0] == "result":
                 _, index, scores, error, seconds = msg
                 assert w.inflight and w.inflight[0] == index, "reward worker answered out of order"
@@ -616,37 +714,42 @@ class RewardScorer:
             self._failed("timeout" if why == "timeout" else "error", head, responses[head], why)
             queue.extendleft(reversed(w.inflight))
             w.inflight.clear()
-        elif not w.ready:
-            self._startup_failures += 1
-            if self._startup_failures >= 3:
-                raise RuntimeError(f"reward workers keep exiting during startup ({why}); see stderr")
         self._replace(w)
 
     def _score_in_pool(
         self, responses: Sequence[str], golds: Sequence[str], results: list[dict[str, float] | None]
     ) -> None:
         queue: deque[int] = deque(range(len(responses)))
-        while queue or any(w.inflight for w in self._workers):
+        while queue or any(w.inflight for w in self._procs.workers):
             self._dispatch(queue, responses, golds)
             now = time.monotonic()
+            starting = [w.started for w in self._procs.workers if not w.ready]
+            if not self._template_ready:
+                starting.append(self._template_started)
             wake = min(
-                [w.deadline for w in self._workers if w.inflight]
-                + [w.started + self.startup_timeout_s for w in self._workers if not w.ready],
+                [w.deadline for w in self._procs.workers if w.inflight]
+                + [t + self.startup_timeout_s for t in starting],
                 default=now + 0.1,
             )
-            by_fd = {w.fd: w for w in self._workers}
+            template = self._procs.template
+            assert template is not None
+            by_fd: dict[int, _Worker | _Template] = {w.from_fd: w for w in self._procs.workers}
+            by_fd[template.sock.fileno()] = template
             readable, _, _ = select.select(list(by_fd), [], [], max(0.0, wake - now))
-            for fd in readable:
+            for fd in readable:  # (a worker or template replaced meanwhile is skipped: fds get reused)
                 w = by_fd[fd]
-                if not self._read(w, results, responses):
-                    self._lost(w, queue, responses, _exit_status(w))
+                if isinstance(w, _Template):
+                    if w is self._procs.template:
+                        self._read_template(w)
+                elif not w.closed and not self._read(w, results, responses):
+                    self._lost(w, queue, responses, "worker process died")
             now = time.monotonic()
-            for w in list(self._workers):
+            for w in list(self._procs.workers):
                 if w.inflight and now >= w.deadline:
                     # a result may be waiting in the pipe while we were busy elsewhere: take it first
-                    ready_now, _, _ = select.select([w.fd], [], [], 0)
+                    ready_now, _, _ = select.select([w.from_fd], [], [], 0)
                     if ready_now and not self._read(w, results, responses):
-                        self._lost(w, queue, responses, _exit_status(w))
+                        self._lost(w, queue, responses, "worker process died")
                     elif w.inflight and time.monotonic() >= w.deadline:
                         self._lost(w, queue, responses, "timeout")
                 elif not w.ready and now >= w.started + self.startup_timeout_s:

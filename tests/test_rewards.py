@@ -296,17 +296,33 @@ def test_worker_startup_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
         s.score(["x"], ["y"])
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def test_close_is_idempotent_and_stops_workers() -> None:
     s = RewardScorer("r1_zero", num_workers=2)
     assert s.score([R("1")], ["1"])[0]["reward"] == 1.0
-    procs = list(s._procs)
+    template = s._procs.template
+    pids = [w.pid for w in s._procs.workers]
+    assert template is not None and len(pids) == 2 and all(pids)
     s.close()
     s.close()
-    assert all(p.poll() is not None for p in procs)
+    assert template.proc.poll() is not None
+    deadline = time.monotonic() + 5
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(_alive(pid) for pid in pids)
     with pytest.raises(RuntimeError, match="after close"):
         s.score([R("1")], ["1"])
     with pytest.raises(ValueError, match="2 responses but 1 golds"):
         RewardScorer("r1_zero", num_workers=0).score(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="gold 1 is int, not str"):
+        RewardScorer("r1_zero", num_workers=0).score(["a", "b"], ["1", 2])  # type: ignore[list-item]
 
 
 @pytest.mark.slow
@@ -360,3 +376,33 @@ def test_docstring_examples() -> None:
         result = doctest.testmod(module)
         assert (module.__name__, result.failed) == (module.__name__, 0)
         assert result.attempted > 0
+
+
+def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
+    """A parent SIGKILLed mid-score (no close, no finalizers) leaves no template or worker behind, even one
+    stuck in a hanging sample: the template sees its socket close, its workers get PR_SET_PDEATHSIG."""
+    tests_dir = Path(__file__).resolve().parent
+    script = textwrap.dedent(
+        f"""
+        import os, sys, threading, time
+        sys.path[:0] = [{str(tests_dir.parent)!r}, {str(tests_dir)!r}]
+        from rollout.rewards import RewardScorer
+        from test_rewards import misbehaving_reward
+        s = RewardScorer(misbehaving_reward, timeout_s=100, num_workers=2)
+        while not all(w.pid for w in s._procs.workers):  # both workers up (they report in during score)
+            s.score(["ok"] * 8, ["ok"] * 8)
+            time.sleep(0.05)
+        print(s._procs.template.proc.pid, *[w.pid for w in s._procs.workers], flush=True)
+        threading.Thread(target=s.score, args=(["hang"], ["ok"]), daemon=True).start()
+        time.sleep(0.5)
+        os.kill(os.getpid(), 9)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 3
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [pid for pid in pids if _alive(pid)] == []
