@@ -169,7 +169,9 @@ def test_sft_update_equals_cs336_step(tiny_qwen2_path: str) -> None:
     metrics = sft_update(learner, micro)
     assert set(captured) == set(expected)
     for name, grad in expected.items():
-        torch.testing.assert_close(captured[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            captured[name], grad, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
     nll = heldout_loss(learner.model, [whole], learner.device)
     assert metrics["train/response_tokens"] == float(whole.response_mask.sum())
     assert torch.isfinite(torch.tensor([metrics["train/loss"], nll])).all()
