@@ -599,11 +599,13 @@ class RewardScorer:
         assert template is not None
         to_worker_r, to_worker_w = os.pipe()
         from_worker_r, from_worker_w = os.pipe()
+        template.sock.setblocking(True)  # one byte: it only waits while the template is starting up
         try:
             socket.send_fds(template.sock, [b"F"], [to_worker_r, from_worker_w])
         except OSError:
             pass  # the template is gone: this worker's pipe reads EOF and the template is restarted
         finally:
+            template.sock.setblocking(False)
             os.close(to_worker_r)
             os.close(from_worker_w)
         os.set_blocking(from_worker_r, False)
