@@ -307,6 +307,11 @@ def _alive(pid: int) -> bool:
 def test_close_is_idempotent_and_stops_workers() -> None:
     s = RewardScorer("r1_zero", num_workers=2)
     assert s.score([R("1")], ["1"])[0]["reward"] == 1.0
+    for _ in range(600):  # until both are up (workers report in during score)
+        if all(w.pid for w in s._procs.workers):
+            break
+        s.score([R("1")] * 8, ["1"] * 8)
+        time.sleep(0.05)
     template = s._procs.template
     pids = [w.pid for w in s._procs.workers]
     assert template is not None and len(pids) == 2 and all(pids)
@@ -389,7 +394,9 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
         from rollout.rewards import RewardScorer
         from test_rewards import misbehaving_reward
         s = RewardScorer(misbehaving_reward, timeout_s=100, num_workers=2)
-        while not all(w.pid for w in s._procs.workers):  # both workers up (they report in during score)
+        for _ in range(600):  # until both workers are up (they report in during score)
+            if all(w.pid for w in s._procs.workers):
+                break
             s.score(["ok"] * 8, ["ok"] * 8)
             time.sleep(0.05)
         print(s._procs.template.proc.pid, *[w.pid for w in s._procs.workers], flush=True)
