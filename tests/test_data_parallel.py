@@ -19,9 +19,9 @@ docstring for the cases). Checked here:
   own RNG state (accelerate's ``random_states_<rank>.pkl``);
 - both launches finish within a bounded time and leave no process behind.
 
-Known bugs, as strict xfails (they turn into failures once fixed, so the marker gets removed):
-`test_lr_schedule_matches_single_process` (accelerate steps the prepared LR scheduler once per rank) and
-`test_checkpoint_is_complete_when_a_rank_is_slow` (no barrier before rank 0 renames the checkpoint).
+Regression tests for two bugs this file found: `test_lr_schedule_matches_single_process` (accelerate's
+prepared LR scheduler stepped once per rank) and `test_checkpoint_is_complete_when_a_rank_is_slow` (no
+barrier before rank 0 renamed the checkpoint).
 
 Why torchrun and not ``accelerate launch --config_file launch/cpu_2proc.yaml``: for ``MULTI_CPU`` on one
 machine accelerate's launcher starts a single process unless mpirun is configured, and a CPU process that
@@ -185,14 +185,6 @@ def test_grpo_step_matches_single_process(runs: dict[int, dict[str, Any]], mode:
     assert max(tokens) > 3 * min(tokens), f"ranks should hold unequal token counts, got {tokens}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "Learner prepares its LambdaLR with accelerate, whose AcceleratedScheduler (step_scheduler_with_optimizer, "
-        "split_batches=False) steps it num_processes times per optimizer step: with 2 ranks the warm-up runs "
-        "twice as fast (train/lr after step 1: 3e-3 instead of 2e-3)"
-    ),
-)
 @pytest.mark.parametrize("case", [*(f"grpo/{m}" for m in MODES), "sft"])
 def test_lr_schedule_matches_single_process(runs: dict[int, dict[str, Any]], case: str) -> None:
     """After one optimizer step the warm-up has advanced one step (lr · 2/warmup), whatever the world size."""
@@ -265,14 +257,6 @@ def test_only_rank_zero_writes_files(runs: dict[int, dict[str, Any]]) -> None:
     assert set(files_one["listing"]) <= set(files_two["listing"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "trainer/checkpoint.save_checkpoint: no barrier between accelerator.save_state and rank 0's rename of "
-        "step_N.tmp, so a slow rank writes random_states_<rank>.pkl into a re-created step_N.tmp/ (or crashes "
-        "with 'Parent directory ... does not exist'); the finished checkpoint lacks that rank's RNG state"
-    ),
-)
 def test_checkpoint_is_complete_when_a_rank_is_slow(runs: dict[int, dict[str, Any]]) -> None:
     case = runs[2]["slow_rank_checkpoint"]
     assert case["rank_errors"] == [None, None], case["rank_errors"]

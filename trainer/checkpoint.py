@@ -54,6 +54,7 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
+    accelerator.wait_for_everyone()  # every rank's RNG/optimizer shard is on disk before the rename
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         accelerator.unwrap_model(model).save_pretrained(tmp / "hf", state_dict=state_dict)

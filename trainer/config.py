@@ -67,7 +67,8 @@ class RolloutConfig(SamplingSection):
     enforce_eager: bool = False
     sleep_between_rollouts: bool = True
     sync_bucket_mb: int = Field(256, ge=1)
-    probe_threshold: float = Field(1e-3, gt=0.0)
+    probe_threshold: float | None = Field(
+        None, gt=0.0, description="max |Δ log-prob| learner vs engine; None = by dtype (fp32 1e-3, bf16 1.0)")
     probe_action: Literal["raise", "warn"] = "raise"
 
 

@@ -23,7 +23,6 @@ takes its own whole groups, so a group is never split across ranks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,10 +81,21 @@ def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -
     missing_rows = n_questions * g.group_size - len(kept[0])
     samples, rewards, scores = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
     advantages = group_normalize(rewards, g.group_size, g.advantage_eps, g.use_std_normalization)
-    metrics = {f"reward/{k}": float(v) for k, v in reward_metadata(scores, rewards, g.group_size).items()}
+    metrics = global_reward_metrics(s, scores, g.group_size)
     if g.dynamic_sampling:
         metrics["rollout/dropped_zero_std_groups"] = float(len(dropped[0]) // g.group_size)
     return samples, rewards, advantages, metrics
+
+
+def global_reward_metrics(s: Session, scores: list[dict[str, float]], group_size: int) -> dict[str, float]:
+    """`reward_metadata` over every rank's rollouts (all-gathered), so rank 0 logs the global statistics."""
+    keys = ("reward", "format_reward", "answer_reward")
+    local = torch.tensor([[sc[k] for k in keys] for sc in scores], dtype=torch.float32)  # (N_rank, 3)
+    if s.accelerator.num_processes > 1:
+        local = s.accelerator.gather(local.to(s.accelerator.device)).cpu()  # (N, 3), rank-major
+    rows = [dict(zip(keys, row, strict=True)) for row in local.tolist()]
+    meta = reward_metadata(rows, local[:, 0], group_size)
+    return {f"reward/{k}": float(v) for k, v in meta.items()}
 
 
 def _sample_groups(s: Session, sampler: QuestionSampler[Example], n_questions: int, n_needed: int, step: int,
@@ -248,23 +258,19 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def rollout_metrics(samples: list[Sample], seconds: float) -> dict[str, float]:
-    lengths = [len(x.response_ids) for x in samples]
-    return {
-        "rollout/response_length_mean": sum(lengths) / len(lengths),
-        "rollout/response_length_max": float(max(lengths)),
-        "rollout/prompt_tokens": float(sum(len(x.prompt_ids) for x in samples)),
-        "rollout/output_tokens_per_s": sum(lengths) / seconds if seconds > 0 else math.nan,
-        "rollout/finish_length_fraction": sum(x.finish_reason == "length" for x in samples) / len(samples),
-        "rollout/policy_lag": float(max(0, samples[0].policy_version - min(x.policy_version for x in samples))),
-    }
+def rollout_metrics(s: Session, samples: list[Sample]) -> dict[str, float]:
+    """The engine's own generation metrics (throughput, lengths, finish reasons) plus policy lag."""
+    engine_metrics: dict[str, float] = dict(getattr(s.engine, "metrics", {}))
+    metrics = {k: v for k, v in engine_metrics.items() if not k.startswith("rollout/sync")}
+    metrics["rollout/policy_lag"] = float(s.engine.policy_version - min(x.policy_version for x in samples))
+    return metrics
 
 
 def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
               ref_model: torch.nn.Module | None) -> dict[str, Any]:
     """One GRPO step; reads like the algorithm. Returns the metrics to log."""
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
-    metrics |= rollout_metrics(samples, s.timer.seconds.get("generate", 0.0))
+    metrics |= rollout_metrics(s, samples)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
     g = s.cfg.grpo
     if is_off_policy(g):
@@ -276,7 +282,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     metrics |= s.sync_weights()
     tokens = float(batch.tokens.attention_mask.sum()) * g.epochs_per_rollout_batch
     metrics["train/learner_tokens_per_s"] = tokens / max(s.timer.seconds["train"], 1e-9)
-    return metrics | s.timer.pop()
+    return s.reduce_mean(metrics | s.timer.pop(), skip_prefix="reward/")
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:

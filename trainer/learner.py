@@ -66,9 +66,12 @@ class Learner:
         self.tokenizer = load_tokenizer(model_cfg.path)
         model = load_model(model_cfg)
         self.max_grad_norm = optim_cfg.max_grad_norm
-        optimizer = build_optimizer(model, optim_cfg)
-        scheduler = build_scheduler(optimizer, optim_cfg.warmup_steps)
-        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        _fix_deepspeed_micro_batch(self.accelerator)
+        self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, optim_cfg))
+        # A plain scheduler, stepped once per optimizer step: accelerate's prepared scheduler steps once per
+        # rank, which makes warm-up run `world_size` times too fast.
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg.warmup_steps)
+        self.accelerator.register_for_checkpointing(self.scheduler)
 
     @property
     def device(self) -> torch.device:
@@ -80,10 +83,17 @@ class Learner:
 
     @contextlib.contextmanager
     def accumulate(self, is_last_micro_batch: bool) -> Iterator[None]:
-        """Skip the DDP all-reduce on every micro-batch but the last of an optimizer batch."""
+        """Skip the gradient all-reduce on every micro-batch but the last of an optimizer batch.
+
+        ``sync_gradients`` also tells DeepSpeed's `backward` whether to step its engine (once per batch).
+        """
         ctx = contextlib.nullcontext() if is_last_micro_batch else self.accelerator.no_sync(self.model)
-        with ctx:
-            yield
+        self.accelerator.gradient_state._set_sync_gradients(is_last_micro_batch)
+        try:
+            with ctx:
+                yield
+        finally:
+            self.accelerator.gradient_state._set_sync_gradients(True)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
@@ -99,3 +109,16 @@ class Learner:
     def weights(self, bucket_mb: float = 256) -> ModelWeights:
         """The unwrapped model's state dict as a (name, tensor) stream, gathered bucket-wise under ZeRO-3."""
         return ModelWeights(self.unwrapped, bucket_mb)
+
+
+def _fix_deepspeed_micro_batch(accelerator: Accelerator) -> None:
+    """reasonrl feeds DeepSpeed tensors, not a DataLoader, so "auto" micro-batch sizes cannot be inferred;
+    accumulation is explicit (the loss is divided by the accumulation steps), so DeepSpeed sees 1 and 1."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds["train_micro_batch_size_per_gpu"] = 1
+    ds["gradient_accumulation_steps"] = 1
+    ds.pop("train_batch_size", None)

@@ -39,6 +39,7 @@ class Session:
         for name, template in cfg.data.templates.items():
             register_template(name, template)
         self.accelerator = Accelerator()
+        _check_world(self.accelerator.num_processes)
         validate_for_cluster(cfg, self.accelerator.num_processes, [str(self.accelerator.device)])
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         self.timer = PhaseTimer()
@@ -99,7 +100,7 @@ class Session:
         from trainer.engines import sync_and_probe
 
         with self.timer("sync"):
-            metrics = sync_and_probe(self.engine, self.learner, self.cfg.rollout)
+            metrics = sync_and_probe(self.engine, self.learner, self.cfg)
         self.trainer_state["policy_version"] = self.engine.policy_version
         return metrics
 
@@ -118,6 +119,15 @@ class Session:
             self.tracker.log_table("eval/samples", records[: self.cfg.eval.log_samples], step)
         self.accelerator.wait_for_everyone()
         return metrics
+
+    def reduce_mean(self, metrics: dict[str, float], skip_prefix: str = "") -> dict[str, float]:
+        """Average every metric over ranks (one all-reduce); keys under `skip_prefix` are already global."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(k for k in metrics if not (skip_prefix and k.startswith(skip_prefix)))
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        reduced = self.accelerator.reduce(values, "mean").tolist()
+        return metrics | dict(zip(keys, reduced, strict=True))
 
     def rollout_sampling(self, n: int, seed: int) -> SamplingConfig:
         r = self.cfg.rollout
@@ -161,3 +171,13 @@ class Session:
 
 def _task_name(cfg: RunConfig) -> str:
     return f"arithmetic:{cfg.data.arithmetic_level}" if cfg.data.task == "arithmetic" else cfg.data.task
+
+
+def _check_world(num_processes: int) -> None:
+    """A launcher that started several processes which each became a world of one would train N copies."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={launched} but accelerate built a world of 1 process: on CPU set ACCELERATE_USE_CPU=true "
+            "(torchrun) or use `accelerate launch --multi_gpu --num_processes N` (see launch/cpu_2proc.yaml)"
+        )

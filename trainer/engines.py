@@ -1,0 +1,63 @@
+"""Build the configured rollout engine for a learner, and sync weights into it with the stale-weight probe.
+
+Placement (``rollout.placement``):
+
+- ``colocated``: vLLM in the learner's process and device (sleeps between rollouts on CUDA), or the HF
+  engine sharing the learner's live module (``rollout.engine: hf``; no copy, so a sync only bumps the
+  policy version and the probe checks the shared module against itself);
+- ``dedicated``: vLLM on its own device (``rollout.device``, e.g. ``cuda:1``);
+- ``remote``: a rollout server (`reasonrl rollout-server`) at ``rollout.server_url``; weights go through
+  ``rollout.weight_transfer_dir`` (filesystem mode, shared storage) or NCCL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rollout.engine import RolloutEngine
+from rollout.probe import StaleWeightProbe
+from trainer.config import RolloutConfig, RunConfig
+from trainer.learner import DTYPES, Learner
+
+CPU_MAX_BATCHED_TOKENS = 65536
+
+
+def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
+    r = cfg.rollout
+    if r.placement == "remote":
+        from rollout.server import RemoteEngine
+
+        transfer = "filesystem" if r.weight_transfer_dir else "nccl"
+        return RemoteEngine(r.server_url or "", transfer=transfer, weights_dir=r.weight_transfer_dir,
+                            bucket_mb=r.sync_bucket_mb, sleep_between_rollouts=r.sleep_between_rollouts)
+    if r.engine == "hf":
+        from rollout.hf_engine import HFEngine
+
+        return HFEngine(learner.unwrapped, learner.tokenizer)
+    from rollout.vllm_engine import VLLMEngine
+
+    on_cuda = learner.device.type == "cuda"
+    # vLLM's CPU sampler cannot rewind a seeded generator after a partial (chunked) prefill; a large
+    # token budget keeps every prefill of a rollout batch whole on CPU.
+    extra = {} if on_cuda else {"max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS}
+    return VLLMEngine(
+        cfg.model.path, device=r.device if r.placement == "dedicated" else None, dtype=cfg.model.dtype,
+        gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len, seed=cfg.seed,
+        enable_sleep_mode=r.sleep_between_rollouts and on_cuda and r.placement == "colocated",
+        enforce_eager=r.enforce_eager, sync_bucket_mb=r.sync_bucket_mb, **extra,
+    )
+
+
+def make_probe(r: RolloutConfig, learner: Learner, dtype: str) -> StaleWeightProbe:
+    return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=r.probe_threshold, dtype=DTYPES[dtype],
+                            on_mismatch=r.probe_action)
+
+
+def sync_and_probe(engine: RolloutEngine, learner: Learner, cfg: RunConfig,
+                   probe: StaleWeightProbe | None = None) -> dict[str, float]:
+    """Stream the learner's weights into `engine`, then compare log-probs on the probe sequence."""
+    engine.update_weights(learner.weights(cfg.rollout.sync_bucket_mb))
+    probe = probe or make_probe(cfg.rollout, learner, cfg.model.dtype)
+    result = probe(engine, learner.unwrapped)
+    metrics: dict[str, Any] = dict(getattr(engine, "metrics", {}))
+    return {k: float(v) for k, v in metrics.items() if k.startswith("rollout/sync")} | result.metrics()
