@@ -7,6 +7,7 @@ GRPO as a table, plus a plot of the curves.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from trainer.config import load_config
@@ -34,6 +35,7 @@ def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, tiny_ro
     tiny = Path(tiny_root) / "tiny-qwen2"
     if not (tiny / "config.json").exists():
         build_tiny(tiny_root)
+    shutil.rmtree(out, ignore_errors=True)  # the demo owns its run directory
     cfg = load_config(DEMO_CONFIG, [f"output_dir={out}", f"model.path={tiny}", *(overrides or [])])
     train_grpo(cfg)
     table = before_after_table(out)

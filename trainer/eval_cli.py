@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from trainer.config import RunConfig
@@ -21,6 +22,8 @@ def resolve_checkpoint(path: str) -> str:
 def run_eval(cfg: RunConfig, checkpoint: str | None, out: str | None) -> dict[str, float]:
     if checkpoint:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": resolve_checkpoint(checkpoint)})})
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / "standalone_eval" / stamp)})
     with Session(cfg) as s:
         metrics = s.evaluate(0, tag="_eval")
         if out:

@@ -1,0 +1,143 @@
+"""Expert iteration (``mode: ei``): STaR-style rejection-sampling fine-tuning (Zelikman et al. 2022;
+CS336 assignment 5 §5, "expert iteration").
+
+Exactly this, for each of ``ei.n_ei_steps`` steps:
+
+1. draw ``ei.questions_per_step`` training questions (`QuestionSampler`: without replacement, reshuffled
+   each epoch, resumable), formatted with ``data.prompt_template``;
+2. sample ``ei.group_size`` responses per question from the rollout engine (``rollout.*`` sampling);
+3. grade them with the reward module (``reward.fn``) and keep the responses whose answer reward is 1
+   (right answer in the right format); duplicates are kept. The kept count is logged (``ei/kept``);
+4. SFT on the kept (prompt, response) token ids for ``ei.ei_epochs`` epochs with the SFT step of
+   `trainer.sft` (response-only token-mean NLL; optimizer batches of ``ei.batch_size``, each in
+   ``ei.gradient_accumulation_steps`` micro-batches; clip 1.0; the configured optimizer). Training
+   continues from the current policy (CS336), not from the base model as in STaR. A step with no
+   correct sample makes no update;
+5. sync the weights into the rollout engine (`Session.sync_weights`);
+6. log ``ei/kept``, ``ei/kept_fraction``, ``ei/questions_solved``, the mean token entropy of *all* sampled
+   responses under the policy that sampled them (``ei/response_entropy``), rollout, reward and train
+   metrics; held-out evaluation (`Session.evaluate`) before step 1, every ``eval.every`` steps and at the end.
+
+An optional SFT warm start (``warmstart.steps``, `trainer.warmstart`) runs before step 1, so that a random
+policy produces some correct samples. Data parallel: every rank draws the same questions and samples its
+share; the kept samples are gathered so that every rank trains on the same set, sharded by rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from rollout.engine import Sample, rollout_metrics
+from rollout.prompts import format_prompt
+from rollout.tasks import Example
+from trainer.batching import pack_token_ids
+from trainer.config import RunConfig
+from trainer.evaluate import response_entropy
+from trainer.sampler import QuestionSampler
+from trainer.session import Session
+from trainer.sft import epoch_batches, rank_micro_batches, sft_update
+
+
+def sample_and_filter(
+    s: Session, sampler: QuestionSampler[Example], step: int
+) -> tuple[list[Sample], dict[str, float]]:
+    """Phases 1-3: this rank's share of the questions, ``group_size`` samples each, the correct ones kept.
+
+    Returns (kept samples of all ranks, metrics).
+    """
+    ei, acc = s.cfg.ei, s.accelerator
+    questions = sampler.draw(ei.questions_per_step)[acc.process_index :: acc.num_processes]
+    prompts = [format_prompt(s.cfg.data.prompt_template, question=q.question) for q in questions]
+    with s.timer("generate"):
+        samples = s.engine.generate(
+            prompts, s.rollout_sampling(ei.group_size, s.cfg.seed + 1_000 * step + acc.process_index)
+        )
+    with s.timer("score"):
+        scores = s.scorer.score(
+            [x.text for x in samples], [q.answer for q in questions for _ in range(ei.group_size)]
+        )
+    correct = [sc["answer_reward"] > 0 for sc in scores]
+    kept = [x for x, ok in zip(samples, correct, strict=True) if ok]
+    with s.timer("entropy"):
+        entropy = response_entropy(s.learner.model, samples, s.learner.tokenizer.pad_token_id)
+    metrics = rollout_metrics(samples, s.timer.seconds.get("generate", 0.0)) | s.scorer.metrics()
+    solved = sum(any(correct[i * ei.group_size : (i + 1) * ei.group_size]) for i in range(len(questions)))
+    metrics |= {
+        "ei/kept": float(len(kept)),
+        "ei/kept_fraction": len(kept) / len(samples),
+        "ei/questions_solved": solved / len(questions),
+        "ei/response_entropy": sum(entropy) / len(entropy),
+    }
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        kept = gather_object(kept)
+        metrics["ei/kept"] = float(len(kept))
+    return kept, metrics
+
+
+def sft_on_kept(s: Session, kept: list[Sample], step: int) -> dict[str, float]:
+    """Phase 4: ``ei_epochs`` epochs of the SFT step over the kept samples; mean train metrics."""
+    ei, acc = s.cfg.ei, s.accelerator
+    pad = s.learner.tokenizer.pad_token_id
+    totals: dict[str, list[float]] = {}
+    for epoch in range(ei.ei_epochs):
+        for rows in epoch_batches(len(kept), ei.batch_size, s.cfg.seed * 100_003 + 1_000 * step + epoch):
+            micro_rows = rank_micro_batches(
+                rows, ei.gradient_accumulation_steps, acc.process_index, acc.num_processes
+            )
+            if not micro_rows:
+                continue
+            micro = [
+                pack_token_ids([kept[i].prompt_ids for i in m], [kept[i].response_ids for i in m], pad)
+                for m in micro_rows
+            ]
+            for k, v in sft_update(s.learner, micro).items():
+                totals.setdefault(k, []).append(v)
+    metrics = {k: sum(v) / len(v) for k, v in totals.items()}
+    metrics["train/optimizer_steps"] = float(len(totals.get("train/loss", [])))
+    return metrics
+
+
+def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> dict[str, Any]:
+    """One expert-iteration step: sample → filter → SFT → sync → metrics."""
+    kept, metrics = sample_and_filter(s, sampler, step)
+    if kept:
+        with s.timer("train"):
+            metrics |= sft_on_kept(s, kept, step)
+        metrics |= s.sync_weights()
+    return metrics | s.timer.pop()
+
+
+def train_ei(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
+    """Run expert iteration as configured; returns the final evaluation metrics."""
+    with Session(cfg, resume) as s:
+        sampler = QuestionSampler(s.train_examples(), cfg.seed)
+        if "sampler" in s.trainer_state:
+            sampler.load_state_dict(s.trainer_state["sampler"])
+        start = int(s.trainer_state["step"])
+        if start == 0 and cfg.warmstart.steps:
+            from trainer.warmstart import warm_start
+
+            warm_start(s)
+        s.sync_weights()
+        final = s.evaluate(0) if start == 0 else {}
+        bar = tqdm(
+            range(start + 1, cfg.ei.n_ei_steps + 1),
+            desc="ei",
+            disable=not s.progress_enabled,
+            initial=start,
+            total=cfg.ei.n_ei_steps,
+        )
+        for step in bar:
+            metrics = ei_step(s, sampler, step)
+            if step % cfg.logging.every == 0:
+                s.tracker.log(metrics, step)
+            bar.set_postfix(kept=int(metrics["ei/kept"]), entropy=f"{metrics['ei/response_entropy']:.2f}")
+            last = step == cfg.ei.n_ei_steps
+            if last or (cfg.eval.every and step % cfg.eval.every == 0):
+                final = s.evaluate(step)
+            s.maybe_save(step, last, sampler=sampler.state_dict())
+        return final
