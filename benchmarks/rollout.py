@@ -156,6 +156,18 @@ def main(argv: list[str] | None = None) -> None:
         for name in names[r % 3 :] + names[: r % 3]:
             times[name] = times[name].merge(timed(contenders[name], 1, reset))
     rows = [(name, times[name]) for name in names]
+    # what the engine adds to raw generate, timed alone (immune to the machine's load swings)
+    raw_outputs = raw(0)()
+    overhead = timed(
+        lambda: (
+            [
+                engine._sampling_params(params, sample_seed(0, i, args.group_size, 0))
+                for i in range(n_prompts)
+            ],
+            engine.to_samples(raw_outputs),
+        ),
+        max(3, args.repeats),
+    )
     if not args.skip_hf:
         hf = HFEngine(model_path, dtype=getattr(torch, dtype), batch_size=args.num_seqs)
         hf.generate(prompts[:1], SamplingConfig(max_tokens=4, min_tokens=4, stop=(), n=1, seed=0))
@@ -194,6 +206,11 @@ def main(argv: list[str] | None = None) -> None:
             f"| {name:38s} | {t.wall:7.3f} | {out_tokens / t.wall:12.0f} | {raw_t.wall / t.wall:13.1%} "
             f"| {t.cpu:7.3f} | {raw_t.cpu / t.cpu:12.1%} |"
         )
+    print(
+        f"\nengine overhead (SamplingParams + RequestOutput → Sample conversion), timed alone: "
+        f"{overhead.wall * 1e3:.1f} ms = {overhead.wall / raw_t.wall:.2%} of raw generate "
+        f"→ overhead-bound throughput {raw_t.wall / (raw_t.wall + overhead.wall):.1%} of raw"
+    )
     header = f"| {'weight sync':38s} | {'wall s':>7s} | {'GB/s':>12s} | {'vs plain':>13s} | {'CPU s':>7s} | {'vs plain (CPU)':>12s} |"
     print("\n" + header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")

@@ -8,6 +8,8 @@ Placement:
   (vLLM sleep mode: level 1 offloads weights to host RAM and drops the KV cache; level 2 drops both, the
   next `update_weights` refills the weights). vLLM's CPU backend has no sleep mode: there `sleep` / `wake`
   are no-ops and `sleep_supported` is False.
+  On CPU the in-process engine binds this process's OpenMP threads and turns ``torch.set_num_threads``
+  into a no-op (vLLM's CPU worker does that), which the learner in the same process inherits.
 - **dedicated** (``device="cuda:1"``): the same in-process engine pinned to its own GPU through vLLM's
   ``device_ids``; every call runs under ``torch.cuda.device(device)`` so the learner's current device is
   left alone, and weights cross devices in ``sync_bucket_mb`` buckets. No sleep needed (``enable_sleep_mode``
@@ -146,10 +148,8 @@ class VLLMEngine:
                 logprobs_mode=f"{logprobs_mode}_logprobs",
                 **llm_kwargs,
             )
-        if previous_device is not None:
-            torch.cuda.set_device(
-                previous_device
-            )  # vLLM's worker sets its own device; give the learner back its
+        if previous_device is not None:  # vLLM's worker set its device; give the learner back its own
+            torch.cuda.set_device(previous_device)
         self.startup_s = time.perf_counter() - start
         self.tokenizer = self._llm.get_tokenizer()
         self._sampling_params_cls = vllm.SamplingParams

@@ -13,10 +13,11 @@ at a time, so no second full copy of the state dict is ever built.
 - `write_safetensors_shards(pairs, out_dir, bucket_bytes)`: the filesystem transfer mode; one
   ``bucket_bytes`` shard in memory at a time.
 
-Naive twin of all of these: ``model.state_dict()`` (a full copy) loaded in one piece, e.g.
-``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(model.state_dict().items())})``
-or ``save_file(model.state_dict(), dir/"model.safetensors")``. Tests check the bucketed paths give the
-engine bit-identical weights (vLLM's per-parameter checksums) to the naive one.
+Naive twin of all of these: the whole state dict at once (under ZeRO-3 a full gathered copy on the
+sender, e.g. ``accelerator.get_state_dict(model)``), loaded in one piece:
+``llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(state_dict.items())})`` or
+``save_file(state_dict, dir/"model.safetensors")``. Tests check the streamed paths give the engine
+bit-identical weights (vLLM's per-parameter checksums) and files to the naive one.
 """
 
 from __future__ import annotations

@@ -222,6 +222,8 @@ def qwen_math_15b_shaped(out: Path, tokenizer_path: str) -> str:
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    with torch.no_grad():  # peaked next-token distributions (logit std ~4), not near-uniform ones
+        model.get_input_embeddings().weight.mul_(5)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(out)
     return str(out)
@@ -252,7 +254,8 @@ def test_gpu_bf16_colocated_generate_sleep_sync_probe(tmp_path: Path, tiny_qwen2
         result = probe(engine, learner)
         assert result.ok, result
         assert engine.generate(["What is 2 + 3?"], params)[0].policy_version == 1
-        engine.update_weights((n, t * 0.5) for n, t in iter_state_dict(learner))  # wrong weights
+        rolled = ("model.embed_tokens.weight", "lm_head.weight")  # wrong weights: token rows shifted by one
+        engine.update_weights((n, t.roll(1, 0) if n in rolled else t) for n, t in iter_state_dict(learner))
         with pytest.raises(StaleWeightsError):
             probe(engine, learner)
     finally:
