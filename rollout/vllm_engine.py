@@ -354,7 +354,9 @@ def nccl_trainer_engine(
             yield from weights
 
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    packed_bytes = DEFAULT_PACKED_BUFFER_SIZE_BYTES if packed_buffer_mb is None else int(packed_buffer_mb * MB)
+    packed_bytes = (
+        DEFAULT_PACKED_BUFFER_SIZE_BYTES if packed_buffer_mb is None else int(packed_buffer_mb * MB)
+    )
     info = NCCLTrainerInitInfo(
         master_address=master_address,
         master_port=master_port,
