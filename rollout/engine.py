@@ -77,7 +77,7 @@ class RolloutEngine(Protocol):
         ...
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (HF parameter names) and bump `policy_version`."""
+        """Load new weights (every state-dict name, tied aliases included: `iter_state_dict`), bump `policy_version`."""
         ...
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:

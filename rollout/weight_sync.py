@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -102,7 +103,10 @@ class ModelWeights:
 
         for bucket in _split(entries, self.bucket_bytes):
             params = list({id(t): t for _, t in bucket if hasattr(t, "ds_id")}.values())
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            gather = (
+                deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else nullcontext()
+            )
+            with gather:
                 # Clones: the engine may hold a tensor past this bucket (vLLM buffers a layer until complete).
                 for name, tensor in bucket:
                     yield name, (tensor.detach().clone() if hasattr(tensor, "ds_id") else tensor.detach())
