@@ -68,16 +68,17 @@ def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -
     """
     g = s.cfg.grpo
     n_questions = g.rollout_batch_size // g.group_size // s.accelerator.num_processes
-    kept = _sample_groups(s, sampler, n_questions, n_questions, step, 0)
-    dropped: Groups = ([], torch.zeros(0), [])
-    for round_ in range(1, g.max_refill_rounds + 1 if g.dynamic_sampling else 1):
-        keep = _nonzero_std_groups(kept[1], g.group_size)
-        dropped = _concat(dropped, _select(kept, ~keep))
-        kept = _select(kept, keep)
+    empty: Groups = ([], torch.zeros(0), [])
+    kept, dropped = empty, empty
+    for round_ in range(1 + (g.max_refill_rounds if g.dynamic_sampling else 0)):
         missing = n_questions - len(kept[0]) // g.group_size
         if _global_max(s, missing) == 0:
             break
-        kept = _concat(kept, _sample_groups(s, sampler, n_questions, missing, step, round_))
+        new = _sample_groups(s, sampler, n_questions, missing, step, round_)
+        if g.dynamic_sampling:
+            keep = _nonzero_std_groups(new[1], g.group_size)
+            dropped, new = _concat(dropped, _select(new, ~keep)), _select(new, keep)
+        kept = _concat(kept, new)
     missing_rows = n_questions * g.group_size - len(kept[0])
     samples, rewards, scores = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
     advantages = group_normalize(rewards, g.group_size, g.advantage_eps, g.use_std_normalization)
