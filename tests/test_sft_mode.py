@@ -75,6 +75,13 @@ def test_sft_lowers_heldout_loss_via_cli(tmp_path: Path, tiny_qwen2_path: str) -
     train_losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(train_losses) == 30 and all(map(torch.isfinite, torch.tensor(train_losses)))
     assert next(r for r in records if "data/sft_train_examples" in r)["data/sft_train_examples"] == 160
+    # sft.eval_generation: held-out generation metrics through the shared evaluator, before and after
+    generation = [
+        (r["step"], r["eval/accuracy"], r["eval/format_rate"]) for r in records if "eval/accuracy" in r
+    ]
+    assert [g[0] for g in generation] == [0, 30]
+    assert all(0.0 <= a <= f <= 1.0 for _, a, f in generation)
+    assert generation[0][2] == 0.0 and generation[-1][2] >= 0.9  # measured: format rate 0 → 1.0 (greedy)
     # every trainable parameter changed
     initial = load_file(Path(tiny_qwen2_path) / "model.safetensors")
     final = hf_weights(out)
@@ -87,6 +94,12 @@ def test_filter_correct_and_max_examples(tmp_path: Path, tiny_qwen2_path: str) -
     """Every 4th response is wrong: filtering keeps exactly the right ones (graded by the reward module)."""
     data = tmp_path / "sft.jsonl"
     rows = write_arithmetic_sft(data, 40, wrong_every=4)
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": r["prompt"], "response": r["response"], "ground_truth": r["answer"]}) + "\n"
+            for r in rows
+        )
+    )  # CS336's name for the gold field
     cfg = load_config(CONFIG, overrides(tiny_qwen2_path, data, tmp_path / "run", "sft.filter_correct=true",
                                         "sft.max_examples=20", "sft.max_steps=1", "sft.validation_fraction=0.1"))  # fmt: skip
     train_sft(cfg)

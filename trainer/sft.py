@@ -5,12 +5,13 @@ Exactly this:
 
 1. Data.
    - Reasoning SFT (``sft.packed: false``): JSONL ``{"prompt", "response"}`` at ``data.sft_path``, with an
-     optional gold ``"answer"`` (or ``"gold"``). The prompt is already formatted (e.g. ``r1_zero``), the
-     response is reasoning + answer; nothing (no EOS) is appended. A seeded ``sft.validation_fraction``
-     of the lines is held out first; then, on the training part only, ``sft.filter_correct`` keeps the
-     examples whose response the reward function (``reward.fn``) grades correct against the gold, and
-     ``sft.max_examples`` keeps a seeded random subset of that many unique examples. Each (prompt,
-     response) is tokenised by `tokenize_prompt_and_output`; the loss covers response tokens only.
+     optional gold ``"answer"``, ``"gold"`` or ``"ground_truth"`` (CS336's file). The prompt is already
+     formatted (e.g. ``r1_zero``), the response is reasoning + answer; nothing (no EOS) is appended. A
+     seeded ``sft.validation_fraction`` of the lines is held out first; then, on the training part only,
+     ``sft.filter_correct`` keeps the examples whose response the reward function (``reward.fn``) grades
+     correct against the gold, and ``sft.max_examples`` keeps a seeded random subset of that many unique
+     examples. Each (prompt, response) is tokenised by `tokenize_prompt_and_output`; the loss covers
+     response tokens only.
    - Packed instruction tuning (``sft.packed: true``): `PackedSFTDataset` (Alpaca template, BOS when the
      tokenizer adds one, EOS after each document, ``sft.seq_length`` blocks, every token a target);
      batches come from `iterate_batches`. The last ``validation_fraction`` of the blocks is held out (a
@@ -106,6 +107,13 @@ def read_jsonl_records(
     return out
 
 
+GOLD_KEYS = (
+    "answer",
+    "gold",
+    "ground_truth",
+)  # optional gold field of an SFT line (CS336's sft.jsonl: ground_truth)
+
+
 @dataclass(frozen=True)
 class SFTExample:
     prompt: str
@@ -115,10 +123,11 @@ class SFTExample:
 
 
 def read_sft_examples(path: str | Path) -> list[SFTExample]:
-    """``{"prompt", "response"[, "answer" | "gold"]}`` lines of `path` (errors name file and line)."""
-    records = read_jsonl_records(path, ("prompt", "response"), ("answer", "gold"), "data.sft_path")
+    """``{"prompt", "response"[, "answer" | "gold" | "ground_truth"]}`` lines of `path` (errors name file and
+    line); the first gold key present is used."""
+    records = read_jsonl_records(path, ("prompt", "response"), GOLD_KEYS, "data.sft_path")
     return [
-        SFTExample(r["prompt"], r["response"], r.get("answer", r.get("gold")), f"{path}:{n}")
+        SFTExample(r["prompt"], r["response"], next((r[k] for k in GOLD_KEYS if k in r), None), f"{path}:{n}")
         for n, r in records
     ]
 
@@ -136,7 +145,7 @@ def filter_correct(s: Session, examples: list[SFTExample]) -> list[SFTExample]:
     missing = [ex.where for ex in examples if ex.gold is None]
     if missing:
         raise DatasetFormatError(
-            f"{missing[0]}: sft.filter_correct needs a gold 'answer' (or 'gold') on every line "
+            f"{missing[0]}: sft.filter_correct needs a gold {' / '.join(GOLD_KEYS)} field on every line "
             f"({len(missing)} line(s) lack one)"
         )
     scores = s.scorer.score([ex.response for ex in examples], [str(ex.gold) for ex in examples])
