@@ -211,7 +211,7 @@ def dpo_update(
             outs.append(out)
     metrics = reward_metrics(_cat(outs), "train")
     metrics["train/grad_norm"] = learner.step()
-    metrics["train/lr"] = learner.scheduler.get_last_lr()[0]
+    metrics["train/lr"] = float(learner.scheduler.get_last_lr()[0])
     return metrics
 
 

@@ -309,7 +309,7 @@ def sft_update(learner: Learner, micro_batches: Sequence[TokenBatch]) -> dict[st
     return {
         "train/loss": loss_sum,
         "train/grad_norm": learner.step(),
-        "train/lr": learner.scheduler.get_last_lr()[0],
+        "train/lr": float(learner.scheduler.get_last_lr()[0]),
         "train/response_tokens": tokens,
     }
 
