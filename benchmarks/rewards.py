@@ -121,8 +121,17 @@ def main() -> None:
             out = scorer.score(responses, golds)
             rate = args.n / (time.perf_counter() - start)
             metrics = scorer.metrics()
-        assert out == expected, "pool and in-process scores differ"
-        rows.append((f"RewardScorer, {workers} worker{'s' * (workers > 1)}", rate, metrics))
+            assert out == expected, "pool and in-process scores differ"
+            rows.append((f"RewardScorer, {workers} worker{'s' * (workers > 1)}", rate, metrics))
+            # Pool overhead alone: every response a plain number (fast path only).
+            plain = [
+                f"{r.split('</think>')[0].split('<answer>')[0]} </think> <answer> {g} </answer>"
+                for r, g in zip(responses, golds, strict=True)
+            ]
+            start = time.perf_counter()
+            scorer.score(plain, golds)
+            rate = args.n / (time.perf_counter() - start)
+            rows.append(("  same, fast-path-only input", rate, scorer.metrics()))
 
     mean = sum(r["reward"] for r in expected) / args.n
     fmt = sum(r["format_reward"] for r in expected) / args.n
