@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer.batching import pack_token_ids
 from trainer.config import RunConfig, load_config
 from trainer.grpo import RolloutBatch, k3_kl, micro_step, mismatch_metrics, train_grpo
-from trainer.batching import pack_token_ids
 from trainer.learner import Learner
 from trainer.logprobs import get_response_log_probs
-from trainer.train_steps import grpo_microbatch_train_step
 from trainer.tracking import read_metrics
+from trainer.train_steps import grpo_microbatch_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"

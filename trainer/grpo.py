@@ -267,11 +267,17 @@ def rollout_metrics(s: Session, samples: list[Sample]) -> dict[str, float]:
     return metrics
 
 
+def grading_health(s: Session) -> dict[str, float]:
+    """The reward pool's own counters: timeouts, errors, worker restarts, grading latency p50/p99."""
+    return {k: v for k, v in s.scorer.metrics().items()
+            if k.endswith(("timeouts", "errors", "worker_restarts", "_ms"))}
+
+
 def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
               ref_model: torch.nn.Module | None) -> dict[str, Any]:
     """One GRPO step; reads like the algorithm. Returns the metrics to log."""
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
-    metrics |= rollout_metrics(s, samples)
+    metrics |= rollout_metrics(s, samples) | grading_health(s)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
     g = s.cfg.grpo
     if is_off_policy(g):
