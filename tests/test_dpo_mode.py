@@ -62,24 +62,25 @@ def run_overrides(model: str, data: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_dpo_raises_heldout_preference_accuracy_via_cli(tmp_path: Path, tiny_qwen2_path: str) -> None:
-    """20 steps of DPO (β 0.1, RMSprop lr 1e-3, 16 pairs per step in micro-batches of 8).
+    """40 steps of DPO (β 0.1, RMSprop lr 1e-3, 16 pairs per step in micro-batches of 8).
 
     Held-out implicit-reward accuracy on 80 unseen questions starts at exactly 0.5 (policy = reference,
-    ties count one half) and measured 0.838 at step 20 (0.9 at step 15); with seeds 1 and 2 (other
-    split and order) it ends at 0.85 and 0.79. The test asks for ≥ 0.7 at the end: 0.2 above chance,
-    3.6 standard errors of an 80-pair chance-level accuracy (√(0.25/80) = 0.056), in a deterministic run.
+    ties count one half). Measured at steps 0/10/20/30/40: 0.5, 0.69, 0.74, 0.81, 1.0; with seeds 1 and 2
+    (other split and order) the run ends at 0.84 and 0.95. The test asks for ≥ 0.75 at the end: 0.25 above
+    chance, 4.5 standard errors of an 80-pair chance-level accuracy (√(0.25/80) = 0.056), in a
+    deterministic run.
     """
     data = write_preferences(tmp_path / "pref.jsonl")
     out = tmp_path / "run"
     assert cli_main(["train", "--config", str(CONFIG), *run_overrides(tiny_qwen2_path, data, out)]) == 0
     records = read_metrics(out)
     evals = [(r["step"], r["eval/accuracy"]) for r in records if "eval/accuracy" in r]
-    assert [s for s, _ in evals] == [0, 5, 10, 15, 20]
+    assert [s for s, _ in evals] == [0, 10, 20, 30, 40]
     assert evals[0][1] == 0.5
-    assert evals[-1][1] >= 0.7, evals
+    assert evals[-1][1] >= 0.75, evals
     assert next(r for r in records if "data/heldout_pairs" in r)["data/heldout_pairs"] == 80
     losses = [r["train/loss"] for r in records if "train/loss" in r]
-    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     # the best checkpoint is the most accurate evaluation (the first of equals)
     best = json.loads((out / "best" / "best.json").read_text())
     best_step, best_acc = max(evals, key=lambda e: (e[1], -e[0]))
@@ -93,18 +94,25 @@ def test_dpo_raises_heldout_preference_accuracy_via_cli(tmp_path: Path, tiny_qwe
     assert not [k for k in initial if torch.equal(initial[k], final[k])]
 
 
-@pytest.mark.parametrize(("loss", "extra"), [("ipo", []), ("simpo", ["dpo.beta=2.0", "dpo.simpo_gamma=0.5"])])
-def test_ipo_and_simpo_raise_heldout_accuracy(tmp_path: Path, tiny_qwen2_path: str, loss: str,
-                                              extra: list[str]) -> None:  # fmt: skip
-    """10 steps each. Measured: IPO 0.5 → 1.0; SimPO (no reference: rewards are β·mean log-probs, so the
-    start is the raw model's 0.575) → 0.91 at step 10. Asked: +0.2 over the start (3.6 standard errors)."""
+@pytest.mark.parametrize(
+    ("loss", "steps", "extra"), [("ipo", 10, []), ("simpo", 20, ["dpo.beta=2.0", "dpo.simpo_gamma=0.5"])]
+)
+def test_ipo_and_simpo_raise_heldout_accuracy(
+    tmp_path: Path, tiny_qwen2_path: str, loss: str, steps: int, extra: list[str]
+) -> None:
+    """Measured (seeds 0 / 1 / 2): IPO, 10 steps: 0.5 → 0.94 / 0.93 / 0.98; SimPO (no reference: rewards
+    are β·mean log-probs, so it starts from the raw model's preference, 0.41-0.53), 20 steps: +0.46 /
+    +0.54 / +0.44. Asked: +0.25 over the start (4.5 standard errors of an 80-pair chance-level accuracy)."""
     data = write_preferences(tmp_path / "pref.jsonl")
-    cfg = load_config(CONFIG, run_overrides(tiny_qwen2_path, data, tmp_path / "run", f"dpo.loss={loss}",
-                                            "dpo.max_steps=10", "eval.every=0", *extra))  # fmt: skip
+    cfg = load_config(
+        CONFIG,
+        run_overrides(tiny_qwen2_path, data, tmp_path / "run", f"dpo.loss={loss}", f"dpo.max_steps={steps}",
+                      "eval.every=0", *extra),
+    )  # fmt: skip
     final = train_dpo(cfg)
     start = next(r for r in read_metrics(tmp_path / "run") if "eval/accuracy" in r)
     assert start["step"] == 0
-    assert final["eval/accuracy"] >= start["eval/accuracy"] + 0.2, (start["eval/accuracy"], final)
+    assert final["eval/accuracy"] >= start["eval/accuracy"] + 0.25, (start["eval/accuracy"], final)
     assert math.isfinite(final["eval/loss"])
 
 
