@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from rollout.tasks import DatasetFormatError
 from trainer.config import ConfigError, RunConfig, load_config
 
 TRAINERS = {"grpo": "trainer.grpo:train_grpo", "sft": "trainer.sft:train_sft", "dpo": "trainer.dpo:train_dpo",
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         code: int = args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError) as err:
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 2
     return code

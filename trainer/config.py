@@ -58,6 +58,8 @@ class SamplingSection(_Section):
 
 class RolloutConfig(SamplingSection):
     engine: Literal["vllm", "hf"] = "vllm"
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="engine dtype; None = model.dtype (e.g. fp32 master weights, bf16 vLLM)")
     placement: Literal["colocated", "dedicated", "remote"] = "colocated"
     device: str | None = Field(None, description="device for a dedicated engine, e.g. cuda:1")
     server_url: str | None = Field(None, description="rollout server URL for placement=remote")

@@ -54,8 +54,7 @@ from rollout.prompts import get_template
 from trainer.batching import pack_token_ids
 from trainer.config import DPOConfig, RunConfig
 from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
-from trainer.grpo import global_token_count
-from trainer.learner import Learner, load_model
+from trainer.learner import Learner, global_token_count, load_model
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.session import Session

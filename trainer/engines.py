@@ -16,7 +16,7 @@ from typing import Any
 
 from rollout.engine import RolloutEngine
 from rollout.probe import StaleWeightProbe
-from trainer.config import RolloutConfig, RunConfig
+from trainer.config import RunConfig
 from trainer.learner import DTYPES, Learner
 
 CPU_MAX_BATCHED_TOKENS = 65536
@@ -41,23 +41,28 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     # token budget keeps every prefill of a rollout batch whole on CPU.
     extra = {} if on_cuda else {"max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS}
     return VLLMEngine(
-        cfg.model.path, device=r.device if r.placement == "dedicated" else None, dtype=cfg.model.dtype,
+        cfg.model.path, device=r.device if r.placement == "dedicated" else None, dtype=engine_dtype(cfg),
         gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len, seed=cfg.seed,
         enable_sleep_mode=r.sleep_between_rollouts and on_cuda and r.placement == "colocated",
         enforce_eager=r.enforce_eager, sync_bucket_mb=r.sync_bucket_mb, **extra,
     )
 
 
-def make_probe(r: RolloutConfig, learner: Learner, dtype: str) -> StaleWeightProbe:
-    return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=r.probe_threshold, dtype=DTYPES[dtype],
-                            on_mismatch=r.probe_action)
+def engine_dtype(cfg: RunConfig) -> str:
+    return cfg.rollout.dtype or cfg.model.dtype
+
+
+def make_probe(cfg: RunConfig, learner: Learner) -> StaleWeightProbe:
+    """The probe's default threshold follows the engine's dtype (bf16 kernels differ from the learner's)."""
+    return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=cfg.rollout.probe_threshold,
+                            dtype=DTYPES[engine_dtype(cfg)], on_mismatch=cfg.rollout.probe_action)
 
 
 def sync_and_probe(engine: RolloutEngine, learner: Learner, cfg: RunConfig,
                    probe: StaleWeightProbe | None = None) -> dict[str, float]:
     """Stream the learner's weights into `engine`, then compare log-probs on the probe sequence."""
     engine.update_weights(learner.weights(cfg.rollout.sync_bucket_mb))
-    probe = probe or make_probe(cfg.rollout, learner, cfg.model.dtype)
+    probe = probe or make_probe(cfg, learner)
     result = probe(engine, learner.unwrapped)
     metrics: dict[str, Any] = dict(getattr(engine, "metrics", {}))
     return {k: float(v) for k, v in metrics.items() if k.startswith("rollout/sync")} | result.metrics()

@@ -35,7 +35,7 @@ from rollout.tasks import Example
 from trainer.advantages import group_normalize, reward_metadata
 from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.config import GRPOConfig, RunConfig
-from trainer.learner import Learner, load_model
+from trainer.learner import Learner, global_token_count, load_model
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.pg_losses import compute_policy_gradient_loss
@@ -191,13 +191,6 @@ def optimizer_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, opt_sl
     sums["train/grad_norm"] = learner.step()
     sums["train/lr"] = learner.scheduler.get_last_lr()[0]
     return sums
-
-
-def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
-    """Response tokens of the optimizer batch summed over ranks (token-level normalisation needs it)."""
-    acc = learner.accelerator
-    count = mask.sum().to(acc.device, torch.float32)
-    return float(acc.reduce(count, "sum")) if acc.num_processes > 1 else float(count)
 
 
 def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: torch.Tensor, global_tokens: float,

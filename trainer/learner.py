@@ -122,3 +122,10 @@ def _fix_deepspeed_micro_batch(accelerator: Accelerator) -> None:
         ds["train_micro_batch_size_per_gpu"] = 1
     ds["gradient_accumulation_steps"] = 1
     ds.pop("train_batch_size", None)
+
+
+def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
+    """Response tokens of the optimizer batch summed over ranks (token-level normalisation needs it)."""
+    acc = learner.accelerator
+    count = mask.sum().to(acc.device, torch.float32)
+    return float(acc.reduce(count, "sum")) if acc.num_processes > 1 else float(count)

@@ -53,8 +53,7 @@ from tqdm.auto import tqdm
 from rollout.tasks import DatasetFormatError
 from trainer.batching import TokenBatch
 from trainer.config import RunConfig
-from trainer.grpo import global_token_count
-from trainer.learner import Learner
+from trainer.learner import Learner, global_token_count
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.session import Session
