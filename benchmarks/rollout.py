@@ -97,10 +97,12 @@ def main(argv: list[str] | None = None) -> None:
 
     on_gpu = torch.cuda.is_available()
     model_path = args.model
+    scratch = None
     if args.small and model_path is None:
         from trainer.tiny import build_tiny
 
-        model_path = str(build_tiny(tempfile.mkdtemp(prefix="reasonrl-bench-"))["tiny-qwen2"])
+        scratch = tempfile.TemporaryDirectory(prefix="reasonrl-bench-")
+        model_path = str(build_tiny(scratch.name)["tiny-qwen2"])
     dtype = args.dtype or ("bfloat16" if on_gpu else "float32")
     kv_bytes = int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else (None if on_gpu else 1 << 30)
 
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             f"| {t.cpu:7.3f} | {t_plain.cpu / t.cpu:14.1%} |"
         )
     print(f"\n({nbytes / 1e9:.3f} GB of weights; update_weights includes the prefix-cache reset)")
+    if scratch is not None:
+        scratch.cleanup()
 
 
 if __name__ == "__main__":
