@@ -16,14 +16,14 @@ File order is kept; ``limit`` takes the first examples. ``seed`` only affects ge
 
 from __future__ import annotations
 
-import json
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rollout.grading import extract_boxed
+from rollout.jsonl import DatasetFormatError, read_jsonl
 
 __all__ = [
     "ARITHMETIC_LEVELS",
@@ -46,10 +46,6 @@ class Example:
     solution: str = ""  # worked solution when the source has one (used by SFT)
 
 
-class DatasetFormatError(ValueError):
-    """A dataset line that cannot be used; the message names the file, the line and the problem."""
-
-
 # --------------------------------------------------------------------------------------------------
 # Local JSONL reading
 
@@ -63,29 +59,6 @@ def _resolve_file(source: str | Path, split: str, task: str) -> Path:
             f"{task} data not found: {path} (give a .jsonl file or a folder holding {split}.jsonl)"
         )
     return path
-
-
-def _read_jsonl(path: Path, limit: int | None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, record) for each non-blank line of `path`, stopping after `limit` records."""
-    count = 0
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and count >= limit:
-                return
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(
-                    f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise DatasetFormatError(
-                    f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}"
-                )
-            count += 1
-            yield lineno, record
 
 
 def _field(record: dict[str, Any], key: str, where: str) -> str:
@@ -137,7 +110,7 @@ def load_gsm8k(
             _gsm8k_example(
                 _field(r, "question", f"{path}:{n}"), _field(r, "answer", f"{path}:{n}"), f"{path}:{n}"
             )
-            for n, r in _read_jsonl(path, limit)
+            for n, r in read_jsonl(path, limit=limit)
         ]
     try:
         import datasets
@@ -165,7 +138,7 @@ def load_math(source: str | Path, split: str = "train", limit: int | None = None
     is the gold. The solution is kept when present."""
     path = _resolve_file(source, split, "MATH")
     out = []
-    for n, record in _read_jsonl(path, limit):
+    for n, record in read_jsonl(path, limit=limit):
         where = f"{path}:{n}"
         problem = _field(record, "problem", where)
         solution = record.get("solution", "")

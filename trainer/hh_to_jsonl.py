@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from rollout.tasks import DatasetFormatError
+from rollout.jsonl import DatasetFormatError, read_jsonl
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -91,25 +91,14 @@ def _open(path: Path) -> IO[str]:
 
 def read_hh(path: Path) -> Iterator[tuple[int, str, str]]:
     """(line number, chosen, rejected) of each non-blank line; bad lines raise `DatasetFormatError`."""
-    with _open(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
+    for lineno, record in read_jsonl(path, opener=_open):
+        for key in ("chosen", "rejected"):
+            if not isinstance(record.get(key), str):
                 raise DatasetFormatError(
-                    f"{path}:{lineno}: expected a JSON object with 'chosen' and 'rejected'"
+                    f"{path}:{lineno}: missing or non-string key {key!r} (HH lines have 'chosen' and "
+                    f"'rejected'; found {sorted(record)})"
                 )
-            for key in ("chosen", "rejected"):
-                if not isinstance(record.get(key), str):
-                    raise DatasetFormatError(
-                        f"{path}:{lineno}: missing or non-string key {key!r} (HH lines have 'chosen' and "
-                        f"'rejected'; found {sorted(record)})"
-                    )
-            yield lineno, record["chosen"], record["rejected"]
+        yield lineno, record["chosen"], record["rejected"]
 
 
 def convert(source: str | Path, out: str | Path, split: str = "train") -> Counter[str]:

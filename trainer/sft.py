@@ -38,7 +38,6 @@ every optimizer batch (batches with fewer rows than ranks are skipped).
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +49,7 @@ import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from rollout.tasks import DatasetFormatError
+from rollout.jsonl import DatasetFormatError, read_jsonl
 from trainer.batching import TokenBatch
 from trainer.config import RunConfig
 from trainer.learner import Learner, global_token_count
@@ -75,30 +74,7 @@ def read_jsonl_records(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{field}={str(path)!r}: no such file")
-    out: list[tuple[int, dict[str, str]]] = []
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetFormatError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise DatasetFormatError(
-                    f"{path}:{lineno}: expected a JSON object with keys {list(required)}"
-                )
-            for key in (*required, *(k for k in optional if k in record)):
-                if key not in record:
-                    raise DatasetFormatError(
-                        f"{path}:{lineno}: missing key {key!r} (each line needs {list(required)}; "
-                        f"found {sorted(record)})"
-                    )
-                if not isinstance(record[key], str):
-                    raise DatasetFormatError(
-                        f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}"
-                    )
-            out.append((lineno, record))
+    out: list[tuple[int, dict[str, str]]] = list(read_jsonl(path, required, optional=optional))
     if not out:
         raise DatasetFormatError(
             f"{path}: no records (empty file); expected JSONL lines with {list(required)}"

@@ -10,7 +10,6 @@ prompt masking), as in the reference.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Dataset
 
+from rollout.jsonl import read_jsonl
 from rollout.prompts import ALPACA
 
 
@@ -45,32 +45,10 @@ def tokenizer_adds_bos(tokenizer: Tokenizer) -> bool:
 def read_sft_jsonl(path: str | Path) -> list[tuple[str, str]]:
     """(prompt, response) pairs of a JSONL file; blank lines are skipped.
 
-    Raises ValueError naming the file, the 1-based line number and the problem (invalid JSON, not an
-    object, a missing key, a non-string value).
+    Raises `DatasetFormatError` (a ValueError) naming the file, the 1-based line number and the problem
+    (invalid JSON, not an object, a missing key, a non-string value).
     """
-    pairs: list[tuple[str, str]] = []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object with 'prompt' and 'response'")
-            for key in ("prompt", "response"):
-                if key not in record:
-                    raise ValueError(
-                        f"{path}:{lineno}: missing key {key!r} (each line needs 'prompt' and 'response'; "
-                        f"found {sorted(record)})"
-                    )
-                if not isinstance(record[key], str):
-                    raise ValueError(
-                        f"{path}:{lineno}: {key!r} must be a string, got {type(record[key]).__name__}"
-                    )
-            pairs.append((record["prompt"], record["response"]))
-    return pairs
+    return [(r["prompt"], r["response"]) for _, r in read_jsonl(path, ("prompt", "response"))]
 
 
 class PackedSFTDataset(Dataset[dict[str, torch.Tensor]]):
