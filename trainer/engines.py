@@ -27,8 +27,7 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     if r.placement == "remote":
         from rollout.server import RemoteEngine
 
-        transfer = "filesystem" if r.weight_transfer_dir else "nccl"
-        return RemoteEngine(r.server_url or "", transfer=transfer, weights_dir=r.weight_transfer_dir,
+        return RemoteEngine(r.server_url or "", transfer="filesystem" if r.weight_transfer_dir else "nccl", weights_dir=r.weight_transfer_dir,
                             bucket_mb=r.sync_bucket_mb, sleep_between_rollouts=r.sleep_between_rollouts)
     if r.engine == "hf":
         from rollout.hf_engine import HFEngine
@@ -39,7 +38,7 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     on_cuda = learner.device.type == "cuda"
     # vLLM's CPU sampler cannot rewind a seeded generator after a partial (chunked) prefill; a large
     # token budget keeps every prefill of a rollout batch whole on CPU.
-    extra = {} if on_cuda else {"max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS}
+    extra: dict[str, Any] = {} if on_cuda else {"max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS}
     return VLLMEngine(
         cfg.model.path, device=r.device if r.placement == "dedicated" else None, dtype=engine_dtype(cfg),
         gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len, seed=cfg.seed,

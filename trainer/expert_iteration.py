@@ -27,8 +27,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from rollout.engine import Sample, rollout_metrics
 from rollout.prompts import format_prompt
 from rollout.tasks import Example
@@ -114,30 +112,8 @@ def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> dict[st
 def train_ei(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Run expert iteration as configured; returns the final evaluation metrics."""
     with Session(cfg, resume) as s:
-        sampler = QuestionSampler(s.train_examples(), cfg.seed)
-        if "sampler" in s.trainer_state:
-            sampler.load_state_dict(s.trainer_state["sampler"])
-        start = int(s.trainer_state["step"])
-        if start == 0 and cfg.warmstart.steps:
-            from trainer.warmstart import warm_start
-
-            warm_start(s)
-        s.sync_weights()
-        final = s.evaluate(0) if start == 0 else {}
-        bar = tqdm(
-            range(start + 1, cfg.ei.n_ei_steps + 1),
-            desc="ei",
-            disable=not s.progress_enabled,
-            initial=start,
-            total=cfg.ei.n_ei_steps,
+        sampler, start = s.begin_rollout_training()
+        return s.run_steps(
+            "ei", cfg.ei.n_ei_steps, start, sampler, lambda step: ei_step(s, sampler, step),
+            lambda m: {"kept": str(int(m["ei/kept"])), "entropy": f"{m['ei/response_entropy']:.2f}"},
         )
-        for step in bar:
-            metrics = ei_step(s, sampler, step)
-            if step % cfg.logging.every == 0:
-                s.tracker.log(metrics, step)
-            bar.set_postfix(kept=int(metrics["ei/kept"]), entropy=f"{metrics['ei/response_entropy']:.2f}")
-            last = step == cfg.ei.n_ei_steps
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                final = s.evaluate(step)
-            s.maybe_save(step, last, sampler=sampler.state_dict())
-        return final

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from rollout.engine import Sample
 from rollout.prompts import format_prompt
@@ -189,7 +188,7 @@ def optimizer_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, opt_sl
             for k, v in micro_step(learner, cfg, batch, index, token_count, ref_model).items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
     sums["train/grad_norm"] = learner.step()
-    sums["train/lr"] = learner.scheduler.get_last_lr()[0]
+    sums["train/lr"] = float(learner.scheduler.get_last_lr()[0])
     return sums
 
 
@@ -288,31 +287,12 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Run GRPO as configured; returns the final evaluation metrics."""
     with Session(cfg, resume) as s:
-        sampler = QuestionSampler(s.train_examples(), cfg.seed)
-        if "sampler" in s.trainer_state:
-            sampler.load_state_dict(s.trainer_state["sampler"])
-        start = int(s.trainer_state["step"])
-        if start == 0 and cfg.warmstart.steps:
-            from trainer.warmstart import warm_start
-
-            warm_start(s)
+        sampler, start = s.begin_rollout_training()
         ref_model = _reference_model(s) if cfg.grpo.kl_coef > 0 else None
-        s.sync_weights()
-        if start == 0:
-            s.evaluate(0)
-        bar = tqdm(range(start + 1, cfg.grpo.n_grpo_steps + 1), desc="grpo", disable=not s.progress_enabled,
-                   initial=start, total=cfg.grpo.n_grpo_steps)
-        final: dict[str, float] = {}
-        for step in bar:
-            metrics = grpo_step(s, sampler, step, ref_model)
-            if step % cfg.logging.every == 0:
-                s.tracker.log(metrics, step)
-            bar.set_postfix(reward=f"{metrics['reward/reward_mean']:.3f}", loss=f"{metrics['train/loss']:.3f}")
-            last = step == cfg.grpo.n_grpo_steps
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                final = s.evaluate(step)
-            s.maybe_save(step, last, sampler=sampler.state_dict())
-        return final
+        return s.run_steps(
+            "grpo", cfg.grpo.n_grpo_steps, start, sampler, lambda step: grpo_step(s, sampler, step, ref_model),
+            lambda m: {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"},
+        )
 
 
 def _reference_model(s: Session) -> torch.nn.Module:

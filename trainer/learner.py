@@ -34,7 +34,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> to
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False
-    return model.to(device) if device is not None else model
+    module: torch.nn.Module = model
+    return module.to(device) if device is not None else module
 
 
 def load_tokenizer(path: str) -> Any:
@@ -75,11 +76,13 @@ class Learner:
 
     @property
     def device(self) -> torch.device:
-        return self.accelerator.device
+        device: torch.device = self.accelerator.device
+        return device
 
     @property
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        module: torch.nn.Module = self.accelerator.unwrap_model(self.model)
+        return module
 
     @contextlib.contextmanager
     def accumulate(self, is_last_micro_batch: bool) -> Iterator[None]:

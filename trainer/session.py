@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from tqdm.auto import tqdm
 
 from rollout.engine import RolloutEngine, SamplingConfig
 from rollout.prompts import register_template
@@ -23,6 +25,7 @@ from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from trainer.config import RunConfig, save_config, validate_for_cluster
 from trainer.evaluate import eval_sampling, evaluate
 from trainer.learner import Learner
+from trainer.sampler import QuestionSampler
 from trainer.timing import PhaseTimer
 from trainer.tracking import NullTracker, Tracker, make_tracker
 
@@ -149,6 +152,41 @@ class Session:
         every = self.cfg.checkpoint.save_every
         if last or (every and step % every == 0):
             self.save(step, **state)
+
+    # ---- the step loop shared by the rollout-based modes (GRPO, expert iteration) ------------------
+    def begin_rollout_training(self) -> tuple[QuestionSampler[Example], int]:
+        """The question sampler (restored on resume) and the last finished step; on a fresh run also the
+        warm start and the step-0 evaluation. The engine gets the learner's weights either way."""
+        sampler = QuestionSampler(self.train_examples(), self.cfg.seed)
+        if "sampler" in self.trainer_state:
+            sampler.load_state_dict(self.trainer_state["sampler"])
+        start = int(self.trainer_state["step"])
+        if start == 0 and self.cfg.warmstart.steps:
+            from trainer.warmstart import warm_start
+
+            warm_start(self)
+        self.sync_weights()
+        if start == 0:
+            self.evaluate(0)
+        return sampler, start
+
+    def run_steps(self, desc: str, n_steps: int, start: int, sampler: QuestionSampler[Example],
+                  step_fn: Callable[[int], dict[str, float]],
+                  postfix: Callable[[dict[str, float]], dict[str, str]]) -> dict[str, float]:
+        """Steps start+1..n_steps: step, log, evaluate every `eval.every` and at the end, checkpoint."""
+        bar = tqdm(range(start + 1, n_steps + 1), desc=desc, disable=not self.progress_enabled, initial=start,
+                   total=n_steps)
+        final: dict[str, float] = {}
+        for step in bar:
+            metrics = step_fn(step)
+            if step % self.cfg.logging.every == 0:
+                self.tracker.log(metrics, step)
+            bar.set_postfix(postfix(metrics))
+            last = step == n_steps
+            if last or (self.cfg.eval.every and step % self.cfg.eval.every == 0):
+                final = self.evaluate(step)
+            self.maybe_save(step, last, sampler=sampler.state_dict())
+        return final
 
     # ---- cleanup ----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 from pathlib import Path
+from typing import Any
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -65,7 +66,7 @@ def tiny_corpus(n_lines: int = 600, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(seed: int = 0):  # -> PreTrainedTokenizerFast
+def build_tokenizer(seed: int = 0) -> Any:  # PreTrainedTokenizerFast
     """Train a byte-level BPE tokenizer on `tiny_corpus` with EOS and pad special tokens."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -80,7 +81,7 @@ def build_tokenizer(seed: int = 0):  # -> PreTrainedTokenizerFast
         show_progress=False,
     )
     tok.train_from_iterator(tiny_corpus(seed=seed), trainer=trainer)
-    return PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=tok,
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
@@ -90,7 +91,7 @@ def build_tokenizer(seed: int = 0):  # -> PreTrainedTokenizerFast
     )
 
 
-def _gpt2_config(tokenizer):
+def _gpt2_config(tokenizer: Any) -> Any:
     from transformers import GPT2Config
 
     return GPT2Config(
@@ -100,13 +101,13 @@ def _gpt2_config(tokenizer):
     )
 
 
-def _qwen2_config(tokenizer):
+def _qwen2_config(tokenizer: Any) -> Any:
     from transformers import Qwen2Config
 
     return Qwen2Config(
         vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=MAX_POSITIONS,
-        tie_word_embeddings=True, torch_dtype="float32", use_sliding_window=False,
+        tie_word_embeddings=True, use_sliding_window=False,
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
@@ -120,12 +121,14 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     out = Path(out_dir)
     tokenizer = build_tokenizer(seed)
     paths: dict[str, Path] = {}
-    for name, model_cls, config_fn in [
+    builders: list[tuple[str, Any, Any]] = [
         ("tiny-gpt2", GPT2LMHeadModel, _gpt2_config),
         ("tiny-qwen2", Qwen2ForCausalLM, _qwen2_config),
-    ]:
+    ]
+    for name, model_cls, config_fn in builders:
         torch.manual_seed(seed)
-        model = model_cls(config_fn(tokenizer)).to(torch.float32)
+        model: Any = model_cls(config_fn(tokenizer))
+        model.to(torch.float32)
         path = out / name
         model.save_pretrained(path)
         tokenizer.save_pretrained(path)

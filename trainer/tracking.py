@@ -55,8 +55,8 @@ class WandbTracker(Tracker):
             import wandb
 
             self._run = wandb.init(
-                project=project, name=name, mode=mode, dir=str(run_dir), config=config,
-                id=resume_id, resume="allow" if resume_id else None,
+                project=project, name=name, mode=mode,  # type: ignore[arg-type]  # config-validated
+                dir=str(run_dir), config=config, id=resume_id, resume="allow" if resume_id else None,
             )
             self._run.define_metric("train_step")
             self._run.define_metric("eval_step")
@@ -83,7 +83,7 @@ class WandbTracker(Tracker):
             import wandb
 
             columns = list(rows[0])
-            table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
+            table = wandb.Table(columns=list[str | int](columns), data=[[r[c] for c in columns] for r in rows])
             self._run.log({name: table, "eval_step": step})
         except Exception as err:
             self._fail(err)

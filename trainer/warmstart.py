@@ -7,6 +7,7 @@ policy already produces the answer format (the CPU demo). Response-only loss (CS
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -48,7 +49,8 @@ def warm_start(s: Session) -> dict[str, float]:
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if s.is_main:
-        s.learner.unwrapped.save_pretrained(s.run_dir / "warmstart")
+        model: Any = s.learner.unwrapped  # a PreTrainedModel
+        model.save_pretrained(s.run_dir / "warmstart")
         s.learner.tokenizer.save_pretrained(s.run_dir / "warmstart")
     s.accelerator.wait_for_everyone()
     metrics = {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
