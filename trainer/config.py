@@ -154,9 +154,9 @@ class WarmStartConfig(_Section):
     steps: int = Field(0, ge=0)
     batch_size: int = Field(32, ge=1)
     learning_rate: float = Field(3e-3, gt=0.0)
-    answer_noise: float = Field(
+    sloppy_fraction: float = Field(
         0.0, ge=0.0, le=1.0,
-        description="fraction of demonstrations whose <answer> is wrong (a sloppy demonstrator, for demos)")
+        description="fraction of demonstrations that drop the <answer> tags (a sloppy demonstrator, for demos)")
 
 
 class EvalConfig(SamplingSection):

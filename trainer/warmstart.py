@@ -1,7 +1,7 @@
 """Warm start: a short SFT on the training questions' worked solutions before RL, so that a random tiny
-policy already produces the answer format (the CPU demo). With ``warmstart.answer_noise`` a fraction of the
-demonstrations report a wrong answer after correct reasoning (a sloppy demonstrator): RL then has a
-learnable gap to close, reporting the result the policy computed. Response-only loss (CS336
+policy already produces the answer format (the CPU demo). With ``warmstart.sloppy_fraction`` that fraction of
+the demonstrations leave out the ``<answer>`` tags (a sloppy demonstrator), so the warm-started policy
+often answers in a form the reward does not accept: a gap RL can close within minutes on a CPU. Response-only loss (CS336
 `sft_microbatch_train_step`), its own AdamW at ``warmstart.learning_rate``; the result is saved to
 ``RUN_DIR/warmstart`` (the KL reference when ``grpo.kl_coef > 0``).
 """
@@ -22,19 +22,13 @@ from trainer.tokenization import tokenize_prompt_and_output
 from trainer.train_steps import sft_microbatch_train_step
 
 
-def r1_zero_target(example: Example, wrong_answer: int | None = None) -> str:
-    """The response an r1_zero prompt (ending in ``<think>``) should get for `example`; with
-    `wrong_answer`, a sloppy demonstration whose reasoning is right but whose reported answer is off by it."""
+def r1_zero_target(example: Example, sloppy: bool = False) -> str:
+    """The response an r1_zero prompt (ending in ``<think>``) should get for `example`; a `sloppy` one
+    states the right answer without the ``<answer>`` tags, which the r1_zero reward scores 0."""
     reasoning = example.solution or example.answer
-    answer = example.answer if wrong_answer is None else str(int(example.answer) + wrong_answer)
-    return f" {reasoning} </think> <answer> {answer} </answer>"
-
-
-def demonstration(example: Example, noise: float, rng: random.Random) -> str:
-    """`r1_zero_target`, with probability `noise` reporting an answer off by 1-9 (integer tasks only)."""
-    if noise and rng.random() < noise and example.answer.lstrip("-").isdigit():
-        return r1_zero_target(example, rng.choice([-1, 1]) * rng.randint(1, 9))
-    return r1_zero_target(example)
+    if sloppy:
+        return f" {reasoning} </think> {example.answer}"
+    return f" {reasoning} </think> <answer> {example.answer} </answer>"
 
 
 def warm_start(s: Session) -> dict[str, float]:
@@ -49,7 +43,7 @@ def warm_start(s: Session) -> dict[str, float]:
         for _ in bar:
             batch = rng.sample(examples, min(cfg.batch_size, len(examples)))
             prompts = [format_prompt(s.cfg.data.prompt_template, question=ex.question) for ex in batch]
-            targets = [demonstration(ex, cfg.answer_noise, rng) for ex in batch]
+            targets = [r1_zero_target(ex, sloppy=rng.random() < cfg.sloppy_fraction) for ex in batch]
             tokens = tokenize_prompt_and_output(prompts, targets, s.learner.tokenizer)
             tokens = {k: v.to(s.learner.device) for k, v in tokens.items()}
             log_probs = get_response_log_probs(s.learner.model, tokens["input_ids"], tokens["labels"])["log_probs"]
