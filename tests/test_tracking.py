@@ -48,7 +48,7 @@ def test_null_tracker_writes_nothing(tmp_path: Path) -> None:
 def test_plot_writes_png(tmp_path: Path) -> None:
     tracker = Tracker(tmp_path)
     for step in range(3):
-        tracker.log({"reward/reward_mean": step / 3, "rollout/response_length_mean": 10.0 + step}, step)
+        tracker.log({"reward/reward_mean": step / 3, "rollout/response_len_mean": 10.0 + step}, step)
     tracker.log({"eval/accuracy": 0.5, "eval/format_rate": 0.9, "eval/mean_length": 11.0}, 2)
     path = plot_run(tmp_path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ from trainer.tracking import read_metrics
 PANELS = [
     ("reward", ["reward/reward_mean", "reward/format_reward_rate"]),
     ("eval accuracy", ["eval/accuracy", "eval/format_rate"]),
-    ("response length", ["rollout/response_length_mean", "eval/mean_length"]),
+    ("response length", ["rollout/response_len_mean", "eval/mean_length"]),
 ]
 
 
