@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,12 +27,7 @@ SFT_CONFIG = REPO / "configs" / "tiny" / "sft_tiny_cpu.yaml"
 EI_CONFIG = REPO / "configs" / "tiny" / "ei_tiny_cpu.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_sloppy_sft(path: Path) -> None:

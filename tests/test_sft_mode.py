@@ -7,7 +7,6 @@ processes made these runs 3-4× slower.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny" / "sft_tiny_cpu.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_arithmetic_sft(path: Path, n: int, wrong_every: int = 0) -> list[dict[str, str]]:
