@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from rollout.engine import RolloutEngine, SamplingConfig
+from rollout.probe import StaleWeightProbe
 from rollout.prompts import register_template
 from rollout.rewards import RewardScorer
 from rollout.tasks import Example, load_task
@@ -63,6 +64,7 @@ class Session:
                                    num_workers=cfg.reward.num_workers)
         self._engine: RolloutEngine | None = None
         self._eval_examples: list[Example] | None = None
+        self._probe: StaleWeightProbe | None = None
 
     # ---- set-up -------------------------------------------------------------------------------------
     def _make_tracker(self) -> Tracker:
@@ -105,10 +107,12 @@ class Session:
     # ---- shared phases ----------------------------------------------------------------------------
     def sync_weights(self) -> dict[str, float]:
         """Push the learner's weights into the rollout engine and check them with the probe."""
-        from trainer.engines import sync_and_probe
+        from trainer.engines import make_probe, sync_and_probe
 
+        if self._probe is None:
+            self._probe = make_probe(self.cfg, self.learner)
         with self.timer("sync"):
-            metrics = sync_and_probe(self.engine, self.learner, self.cfg)
+            metrics = sync_and_probe(self.engine, self.learner, self.cfg, self._probe)
         self.trainer_state["policy_version"] = self.engine.policy_version
         return metrics
 
