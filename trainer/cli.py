@@ -80,13 +80,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_rollout_server(args: argparse.Namespace) -> int:
-    from rollout.server import main as server_main
-
-    server_main(args.server_args)
-    return 0
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     from trainer.doctor import main as doctor_main
 
@@ -126,10 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("overrides", nargs="*", metavar="section.key=value")
     demo.set_defaults(fn=cmd_demo)
 
-    server = sub.add_parser("rollout-server", help="serve rollouts to a remote learner (vLLM server)",
-                            add_help=False)
-    server.add_argument("server_args", nargs=argparse.REMAINDER)
-    server.set_defaults(fn=cmd_rollout_server)
+    sub.add_parser("rollout-server", help="serve rollouts to a remote learner (vLLM's server); see --help there")
 
     doctor = sub.add_parser("doctor", help="check the installation and the machine")
     doctor.set_defaults(fn=cmd_doctor)
@@ -137,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rollout-server"]:  # every further argument belongs to the server's own parser
+        from rollout.server import main as server_main
+
+        server_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

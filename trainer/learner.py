@@ -39,7 +39,10 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> to
 
 
 def load_tokenizer(path: str) -> Any:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise FileNotFoundError(f"tokenizer of model.path={path!r} could not be loaded: {err}") from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -40,6 +40,11 @@ class Session:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         set_seed(cfg.seed)
+        if not resume and (self.run_dir / "metrics.jsonl").exists():
+            raise FileExistsError(
+                f"output_dir={self.run_dir} already holds a run: pass --resume {self.run_dir} to continue it, "
+                "or choose another output_dir"
+            )
         for name, template in cfg.data.templates.items():
             register_template(name, template)
         self.accelerator = Accelerator()
@@ -48,11 +53,6 @@ class Session:
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         self.timer = PhaseTimer()
         self.trainer_state: dict[str, Any] = {"step": 0, "policy_version": 0}
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"output_dir={self.run_dir} already holds a run: pass --resume {self.run_dir} to continue it, "
-                "or choose another output_dir"
-            )
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
         if resume and checkpoint is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}")
