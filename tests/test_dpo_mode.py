@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import capture_grads_at_step
 from safetensors.torch import load_file
 
 from rollout.prompts import ALPACA
@@ -152,16 +153,7 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
     whole.backward()
     expected = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
     learner.optimizer.zero_grad(set_to_none=True)
-    captured: dict[str, torch.Tensor] = {}
-    original_step = learner.step
-
-    def capture_then_step() -> float:
-        captured.update(
-            {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
-        )
-        return original_step()
-
-    learner.step = capture_then_step  # type: ignore[method-assign]
+    captured = capture_grads_at_step(learner)
     metrics = dpo_update(learner, ref, cfg, [pairs[:2], pairs[2:4], pairs[4:]])
     assert set(captured) == set(expected)
     for name, grad in expected.items():

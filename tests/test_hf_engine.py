@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturbed
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -25,16 +26,6 @@ from rollout.weight_sync import ModelWeights, convert_bucketed, write_safetensor
 @pytest.fixture(scope="module")
 def engine(tiny_qwen2_path: str) -> HFEngine:
     return HFEngine(tiny_qwen2_path)
-
-
-def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
-    """The tiny model after a pretend training step: every weight plus N(0, scale²) noise."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
 
 
 def eos_heavy(path: str, token: int) -> torch.nn.Module:

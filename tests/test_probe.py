@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from helpers import perturbed
 from transformers import AutoModelForCausalLM
 
 from rollout.engine import iter_state_dict
@@ -26,15 +27,6 @@ from rollout.vllm_engine import VLLMEngine
 
 def load(path: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
-    model = load(path)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
 
 
 def test_compare_logprobs_hand_example() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from helpers import perturbed
 
 from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
 from rollout.hf_engine import HFEngine
@@ -18,15 +18,6 @@ from rollout.server import RemoteEngine, RolloutServer, free_port, health, main
 from rollout.weight_sync import ModelWeights
 
 GREEDY = SamplingConfig(max_tokens=12, temperature=0.0, min_tokens=0, stop=())
-
-
-def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
 
 
 def group_pids(pgid: int) -> list[int]:

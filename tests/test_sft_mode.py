@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import capture_grads_at_step
 from safetensors.torch import load_file
 
 from rollout.prompts import format_prompt
@@ -160,16 +161,7 @@ def test_sft_update_equals_cs336_step(tiny_qwen2_path: str) -> None:
     expected = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
     learner.optimizer.zero_grad(set_to_none=True)
     # capture the gradients sft_update accumulates, just before its optimizer step
-    captured: dict[str, torch.Tensor] = {}
-    original_step = learner.step
-
-    def capture_then_step() -> float:
-        captured.update(
-            {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
-        )
-        return original_step()
-
-    learner.step = capture_then_step  # type: ignore[method-assign]
+    captured = capture_grads_at_step(learner)
     micro = [pair_batch(learner.tokenizer, [rows[i][0] for i in m], [rows[i][1] for i in m])
              for m in rank_micro_batches(range(5), 2)]  # fmt: skip
     assert [len(m) for m in micro] == [3, 2]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import perturbed
 from transformers import AutoModelForCausalLM
 
 from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
@@ -39,16 +40,6 @@ def engine(tiny_qwen2_path: str) -> Iterator[VLLMEngine]:
 
 def load(path: str) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-
-
-def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
-    """The tiny model after a pretend training step: every weight plus N(0, scale²) noise."""
-    model = load(path)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
-    return model
 
 
 def eos_heavy(path: str, token: int) -> torch.nn.Module:

@@ -1,0 +1,31 @@
+"""Helpers shared by several test files (importable because pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
+    """The tiny model after a pretend training step: every weight plus N(0, scale²) noise."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+    return model
+
+
+def capture_grads_at_step(learner: Any) -> dict[str, torch.Tensor]:
+    """Make `learner.step` first copy every gradient into the returned dict (what the optimizer sees)."""
+    captured: dict[str, torch.Tensor] = {}
+    original_step = learner.step
+
+    def capture_then_step() -> float:
+        captured.update({n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None})
+        return float(original_step())
+
+    learner.step = capture_then_step
+    return captured
