@@ -251,7 +251,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def rollout_metrics(s: Session, samples: list[Sample]) -> dict[str, float]:
+def step_rollout_metrics(s: Session, samples: list[Sample]) -> dict[str, float]:
     """The engine's own generation metrics (throughput, lengths, finish reasons) plus policy lag."""
     engine_metrics: dict[str, float] = dict(getattr(s.engine, "metrics", {}))
     metrics = {k: v for k, v in engine_metrics.items() if not k.startswith("rollout/sync")}
@@ -269,7 +269,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
               ref_model: torch.nn.Module | None) -> dict[str, Any]:
     """One GRPO step; reads like the algorithm. Returns the metrics to log."""
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
-    metrics |= rollout_metrics(s, samples) | grading_health(s)
+    metrics |= step_rollout_metrics(s, samples) | grading_health(s)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
     g = s.cfg.grpo
     if is_off_policy(g):
