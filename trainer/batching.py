@@ -31,6 +31,10 @@ class TokenBatch:
         return TokenBatch(self.input_ids[index], self.labels[index], self.response_mask[index],
                           self.attention_mask[index])
 
+    def select_columns(self, columns: slice) -> TokenBatch:
+        return TokenBatch(self.input_ids[:, columns], self.labels[:, columns], self.response_mask[:, columns],
+                          self.attention_mask[:, columns])
+
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 

@@ -33,6 +33,11 @@ class ModelConfig(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+    packing: bool = Field(
+        False,
+        description="learner forward on packed micro-batches (one row, positions restart per sequence, no "
+        "padding); exact with any attention, faster only with flash_attention_2/3 (variable-length kernels)",
+    )
 
 
 class DataConfig(_Section):
@@ -109,6 +114,9 @@ class GRPOConfig(_Section):
     dynamic_sampling: bool = Field(False, description="DAPO: drop zero-std groups and refill")
     max_refill_rounds: int = Field(3, ge=0)
     tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling cap; None = off")
+    sort_by_length: bool = Field(
+        True, description="group rows of similar length into micro-batches (less padding; same gradient)"
+    )
 
 
 class SFTConfig(_Section):

@@ -35,8 +35,8 @@ from trainer.advantages import group_normalize, reward_metadata
 from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.config import GRPOConfig, RunConfig
 from trainer.learner import Learner, global_token_count, load_model
-from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
+from trainer.packing import forward_log_probs, length_sorted_order
 from trainer.pg_losses import compute_policy_gradient_loss
 from trainer.sampler import QuestionSampler
 from trainer.session import Session
@@ -150,14 +150,16 @@ def is_off_policy(g: GRPOConfig) -> bool:
 
 @torch.inference_mode()
 def compute_old_log_probs(model: torch.nn.Module, tokens: TokenBatch, micro_batch_size: int,
-                          device: torch.device) -> torch.Tensor:
-    """log π_old(o_t) for every row, computed once per rollout batch; (b, s) on CPU."""
-    chunks = []
+                          device: torch.device, packed: bool = False) -> torch.Tensor:
+    """log π_old(o_t) for every row (0 on padding), computed once per rollout batch; (b, s) on CPU.
+
+    Rows are taken longest first, so each micro-batch holds sequences of similar length."""
+    out = torch.zeros(tokens.labels.shape, dtype=torch.float32)  # (b, s)
+    order = length_sorted_order(tokens, torch.arange(len(tokens)))
     for sl in micro_batch_slices(len(tokens), micro_batch_size):
-        mb = tokens.select(sl).to(device)
-        chunks.append(get_response_log_probs(model, mb.input_ids, mb.labels,
-                                             attention_mask=mb.attention_mask)["log_probs"].float().cpu())
-    return torch.cat(chunks)
+        mb = tokens.select(order[sl]).to(device)
+        out[order[sl]] = forward_log_probs(model, mb, packed=packed)["log_probs"].float().cpu()
+    return out
 
 
 # ---- phase 4-5: update --------------------------------------------------------------------------
@@ -178,12 +180,14 @@ def update_policy(learner: Learner, cfg: RunConfig, batch: RolloutBatch,
 def optimizer_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, opt_slice: slice, micro_bs: int,
                    ref_model: torch.nn.Module | None) -> dict[str, float]:
     """One optimizer step over rows `opt_slice`, accumulated over micro-batches of `micro_bs` rows."""
-    rows = range(len(batch.tokens))[opt_slice]
+    rows = torch.arange(len(batch.tokens))[opt_slice]
+    if cfg.grpo.sort_by_length:
+        rows = length_sorted_order(batch.tokens, rows)
     token_count = global_token_count(learner, batch.tokens.response_mask[opt_slice])
     sums: dict[str, float] = {}
     micro = micro_batch_slices(len(rows), micro_bs)
     for i, sl in enumerate(micro):
-        index = torch.arange(rows.start, rows.stop)[sl]
+        index = rows[sl]
         with learner.accumulate(is_last_micro_batch=i == len(micro) - 1):
             for k, v in micro_step(learner, cfg, batch, index, token_count, ref_model).items():
                 sums[k] = sums.get(k, 0.0) + v / len(micro)
@@ -198,7 +202,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     g, device = cfg.grpo, learner.device
     mb = batch.tokens.select(index).to(device)
     mask = mb.response_mask
-    out = get_response_log_probs(learner.model, mb.input_ids, mb.labels, True, attention_mask=mb.attention_mask)
+    out = learner.log_probs(mb, return_token_entropy=True)
     log_probs, entropy = out["log_probs"], out["token_entropy"]  # (b, s) each
     old = batch.old_log_probs[index].to(device) if batch.old_log_probs is not None else log_probs.detach()
     per_token, meta = compute_policy_gradient_loss(
@@ -211,7 +215,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     if g.tis_cap is not None:
         per_token = per_token * torch.exp(old - rollout_lp).clamp(max=g.tis_cap).detach()
     if ref_model is not None and g.kl_coef > 0:
-        kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb))
+        kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb, cfg.model.packing))
         per_token = per_token + g.kl_coef * kl
         metrics["train/kl"] = _masked_mean(kl.detach(), mask)
     if g.entropy_coef > 0:
@@ -241,8 +245,8 @@ def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: t
 
 
 @torch.no_grad()
-def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch) -> torch.Tensor:
-    return get_response_log_probs(ref_model, mb.input_ids, mb.labels, attention_mask=mb.attention_mask)["log_probs"]
+def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch, packed: bool) -> torch.Tensor:
+    return forward_log_probs(ref_model, mb, packed=packed)["log_probs"]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -275,7 +279,8 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     if is_off_policy(g):
         with s.timer("old_log_probs"):
             micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
-            batch.old_log_probs = compute_old_log_probs(s.learner.model, batch.tokens, micro, s.learner.device)
+            batch.old_log_probs = compute_old_log_probs(s.learner.model, batch.tokens, micro, s.learner.device,
+                                                        s.cfg.model.packing)
     with s.timer("train"):
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()

@@ -17,7 +17,9 @@ from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rollout.weight_sync import ModelWeights
+from trainer.batching import TokenBatch
 from trainer.config import ModelConfig, OptimConfig
+from trainer.packing import forward_log_probs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -70,6 +72,7 @@ class Learner:
         self.tokenizer = load_tokenizer(model_cfg.path)
         model = load_model(model_cfg)
         self.max_grad_norm = optim_cfg.max_grad_norm
+        self.packing = model_cfg.packing
         _fix_deepspeed_micro_batch(self.accelerator)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, optim_cfg))
         # A plain scheduler, stepped once per optimizer step: accelerate's prepared scheduler steps once per
@@ -100,6 +103,12 @@ class Learner:
                 yield
         finally:
             self.accelerator.gradient_state._set_sync_gradients(True)
+
+    def log_probs(self, tokens: TokenBatch, return_token_entropy: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token log-probs (and entropies) of a micro-batch on the learner's device, trimmed or packed
+        (`model.packing`); (batch, seq), 0 on padding."""
+        return forward_log_probs(self.model, tokens.to(self.device), return_token_entropy=return_token_entropy,
+                                 packed=self.packing)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

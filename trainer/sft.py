@@ -272,12 +272,9 @@ def sft_update(learner: Learner, micro_batches: Sequence[TokenBatch]) -> dict[st
     loss_sum = 0.0
     for i, mb in enumerate(micro_batches):
         with learner.accumulate(is_last_micro_batch=i == len(micro_batches) - 1):
-            mb = mb.to(learner.device)
-            log_probs = get_response_log_probs(
-                learner.model, mb.input_ids, mb.labels, attention_mask=mb.attention_mask
-            )["log_probs"]  # (b, s)
+            log_probs = learner.log_probs(mb)["log_probs"]  # (b, s)
             loss = aggregate_loss(
-                -log_probs, mb.response_mask, "token", global_token_count=tokens, world_size=world
+                -log_probs, mb.response_mask.to(learner.device), "token", global_token_count=tokens, world_size=world
             )
             learner.backward(loss)
             loss_sum += float(loss.detach())
