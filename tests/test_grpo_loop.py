@@ -153,17 +153,22 @@ def test_dynamic_sampling_keeps_batch_shape_and_logs_drops(tiny_qwen2_path: str,
 
 @pytest.mark.slow
 def test_off_policy_grpo_clip_with_tis_runs_and_logs(tiny_qwen2_path: str, tmp_path: Path) -> None:
-    """Off-policy (2 epochs × 2 optimizer batches per rollout batch): old log-probs are computed once,
-    GRPO-Clip reports its clip fraction, TIS-weighted loss stays finite, and 4 optimizer steps happened."""
+    """Off-policy (2 epochs × 2 optimizer batches per rollout batch) on packed micro-batches with a KL
+    penalty: old log-probs are computed once, GRPO-Clip reports its clip fraction, the TIS-weighted loss
+    stays finite, 4 optimizer steps happened, and model FLOP/s and MFU (for a configured peak) are logged."""
     cfg = small_config(tiny_qwen2_path, tmp_path / "run", "grpo.n_grpo_steps=1", "grpo.loss_type=grpo_clip",
                        "grpo.epochs_per_rollout_batch=2", "grpo.train_batch_size=8",
                        "grpo.gradient_accumulation_steps=2", "grpo.tis_cap=2.0", "grpo.entropy_coef=0.01",
-                       "optim.warmup_steps=10")
+                       "optim.warmup_steps=10", "model.packing=true", "grpo.kl_coef=0.05",
+                       "logging.peak_tflops=0.5")
     train_grpo(cfg)
     [rec] = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert rec["time/old_log_probs"] > 0
     assert 0.0 <= rec["train/clip_fraction"] <= 1.0
     assert math.isfinite(rec["train/loss"]) and math.isfinite(rec["train/mismatch_kl_k3"])
+    assert rec["train/kl"] >= 0.0
+    assert rec["train/model_tflops_per_s"] > 0
+    assert rec["train/mfu"] == pytest.approx(rec["train/model_tflops_per_s"] / 0.5)
     # 4 optimizer steps: train/lr is the mean of the lr after each; linear warm-up gives peak·(k+1)/10
     # after k steps, so (2+3+4+5)/4/10 of the peak
     assert rec["train/lr"] == pytest.approx(cfg.optim.learning_rate * (2 + 3 + 4 + 5) / 4 / 10)

@@ -179,6 +179,9 @@ class LoggingConfig(_Section):
     run_name: str | None = None
     every: int = Field(1, ge=1)
     progress: bool = True
+    peak_tflops: float | None = Field(
+        None, gt=0.0, description="accelerator peak TFLOP/s for train/mfu; None = by CUDA device name"
+    )
 
 
 class CheckpointConfig(_Section):

@@ -284,8 +284,10 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     with s.timer("train"):
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()
-    tokens = float(batch.tokens.attention_mask.sum()) * g.epochs_per_rollout_batch
-    metrics["train/learner_tokens_per_s"] = tokens / max(s.timer.seconds["train"], 1e-9)
+    lengths = batch.tokens.attention_mask.sum(-1).tolist()  # real tokens of each sequence
+    seconds = max(s.timer.seconds["train"], 1e-9)
+    metrics["train/learner_tokens_per_s"] = sum(lengths) * g.epochs_per_rollout_batch / seconds
+    metrics |= s.flops.metrics(lengths, seconds, passes=g.epochs_per_rollout_batch)
     return s.reduce_mean(metrics | s.timer.pop(), skip_prefix="reward/")
 
 

@@ -25,6 +25,7 @@ from rollout.tasks import Example, load_task
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig, save_config, validate_for_cluster
 from trainer.evaluate import eval_sampling, evaluate
+from trainer.flops import FlopCounter
 from trainer.learner import Learner
 from trainer.sampler import QuestionSampler
 from trainer.timing import PhaseTimer
@@ -51,6 +52,7 @@ class Session:
         _check_world(self.accelerator.num_processes)
         validate_for_cluster(cfg, self.accelerator.num_processes, [str(self.accelerator.device)])
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
+        self.flops = FlopCounter(self.learner.unwrapped, self.learner.device, cfg.logging.peak_tflops)
         self.timer = PhaseTimer()
         self.trainer_state: dict[str, Any] = {"step": 0, "policy_version": 0}
         checkpoint = latest_checkpoint(self.run_dir) if resume else None
