@@ -1,0 +1,70 @@
+"""Random-weight checkpoints shaped exactly like real ones, for GPU benchmarks where no hub is reachable.
+
+``python -m trainer.shaped OUT_DIR [--shape qwen2.5-math-1.5b] [--dtype bfloat16]`` writes a
+`Qwen2ForCausalLM` with Qwen2.5-Math-1.5B's dimensions (1.54B parameters: 28 layers, hidden 1536, MLP 8960,
+12 query / 2 key-value heads, 151,936-token vocabulary, tied embeddings; from its public ``config.json``)
+and random weights, plus the locally trained tiny BPE tokenizer (`trainer.tiny`) padded with added tokens
+``<|rN|>`` up to the model's vocabulary, so every id the random policy samples decodes. Compute per token is
+that of the real model; the text is meaningless, so only speed and memory are measured with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from trainer.tiny import build_tokenizer
+
+QWEN25_MATH_15B = {
+    "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
+    "num_attention_heads": 12, "num_key_value_heads": 2, "max_position_embeddings": 4096,
+    "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
+}
+SHAPES: dict[str, dict[str, Any]] = {"qwen2.5-math-1.5b": QWEN25_MATH_15B}
+
+
+def shaped_config(shape: dict[str, Any], tokenizer: Any) -> Any:
+    from transformers import Qwen2Config
+
+    return Qwen2Config(**shape, bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+
+
+def padded_tokenizer(vocab_size: int, seed: int = 0) -> Any:
+    """The tiny BPE tokenizer with added tokens ``<|r0|>``, ``<|r1|>`` … up to `vocab_size` entries."""
+    tokenizer = build_tokenizer(seed)
+    tokenizer.add_tokens([f"<|r{i}|>" for i in range(vocab_size - len(tokenizer))])
+    return tokenizer
+
+
+def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """Write a random `Qwen2ForCausalLM` of `shape` and its padded tokenizer to `out_dir`; returns it.
+
+    Weights are initialised on the GPU when there is one (seconds instead of a minute for 1.5B)."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    tokenizer = padded_tokenizer(shape["vocab_size"], seed)
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = Qwen2ForCausalLM(shaped_config(shape, tokenizer)).to(getattr(torch, dtype))
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m trainer.shaped", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-math-1.5b")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_shaped(args.out_dir, SHAPES[args.shape], args.dtype, args.seed))
+
+
+if __name__ == "__main__":
+    main()
