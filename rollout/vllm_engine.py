@@ -27,16 +27,24 @@ Sampling: one request per prompt with ``n`` = group size; request i gets seed ``
 and vLLM gives child k that seed ``+ k`` (= ``sample_seed(seed, i, n, k)``), so every sample has its own stream.
 ``Sample.logprobs`` are vLLM's sampled-token log-probs in ``processed_logprobs`` mode by default (the
 distribution actually sampled from; see `rollout.engine.LogprobsMode`).
+
+vLLM versions (`SUPPORTED_VLLM`): 0.32 is pinned and run by CPU CI; 0.26 is the newest release the lent GPU
+machine's torch 2.11 runs, so it is supported too. Below 0.32 vLLM has no weight version (the engine keeps
+`policy_version` alone) and no trainer-side NCCL engine (`NCCLSender026` stands in, untested).
+Checksums use ``LLM.apply_model``, present in both.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
+import importlib
 import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -54,6 +62,10 @@ from rollout.engine import (
 from rollout.weight_sync import MB, ByteCounter, ModelWeights, WeightStream, convert_bucketed
 
 logger = logging.getLogger(__name__)
+
+# vLLM release series this module works with, (oldest, newest), both included, patch releases too. 0.26: the
+# lent GPU machine (torch 2.11); 0.32: pyproject's pins and CPU CI. `trainer.doctor` checks against it.
+SUPPORTED_VLLM = ("0.26", "0.32")
 
 
 def import_vllm() -> Any:
@@ -152,6 +164,7 @@ class VLLMEngine:
             torch.cuda.set_device(previous_device)
         self.startup_s = time.perf_counter() - start
         self.tokenizer = self._llm.get_tokenizer()
+        self.vllm_version: str = vllm.__version__
         self._sampling_params_cls = vllm.SamplingParams
         model_config = self._llm.llm_engine.model_config
         self.dtype: torch.dtype = model_config.dtype
@@ -246,7 +259,7 @@ class VLLMEngine:
         if counted.num_tensors == 0:
             raise ValueError("VLLMEngine.update_weights: the weights iterator was empty")
         self.policy_version += 1
-        self._llm.update_weight_version(str(self.policy_version))
+        set_weight_version(self._llm, self.policy_version)
         self.metrics.update(sync_metrics(time.perf_counter() - start, counted.num_bytes))
 
     def update_from_model(self, model: torch.nn.Module, bucket_mb: float | None = None) -> None:
@@ -254,12 +267,19 @@ class VLLMEngine:
         self.update_weights(ModelWeights(model, bucket_mb or self.sync_bucket_bytes / MB))
 
     def weight_checksums(self) -> dict[str, str]:
-        """vLLM's per-parameter checksums of the engine's current weights (for exact comparisons)."""
-        merged: dict[str, str] = {}
+        """sha256 of every engine parameter's bytes by vLLM parameter name, for exact weight comparisons.
+
+        `parameter_digests` runs in each worker through ``LLM.apply_model`` (vLLM 0.26 and 0.32 alike; 0.26
+        has no ``compute_weight_checksums`` RPC). With several workers (tensor / pipeline parallel) each name
+        gets a ``worker{i}:`` prefix so that shards of one parameter stay apart. On vLLM's CPU backend linear
+        layers keep their weights inside packed kernels and their ``weight`` parameters are empty, so there
+        the digests cover embeddings, norms and biases only (as 0.32's own RPC does).
+        """
         with self._on_device():
-            for part in self._llm.collective_rpc("compute_weight_checksums"):
-                merged.update(part)
-        return merged
+            parts = self._llm.apply_model(parameter_digests)
+        if len(parts) == 1:
+            return dict(parts[0])
+        return {f"worker{i}:{name}": d for i, part in enumerate(parts) for name, d in part.items()}
 
     # ---- memory -------------------------------------------------------------------------------------------
     @property
@@ -306,6 +326,33 @@ class VLLMEngine:
         return torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
 
 
+def parameter_digests(model: torch.nn.Module) -> dict[str, str]:
+    """sha256 of the raw bytes of each of `model`'s named parameters (run inside a vLLM worker).
+
+    The digest of vLLM 0.32's ``compute_weight_checksums`` worker RPC for plain (unquantised) tensors, under
+    the bare parameter name instead of 0.32's ``dp0:pp0:pcp0:tp0:``-prefixed one (tested equal on 0.32).
+    """
+    return {
+        name: hashlib.sha256(
+            p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data
+        ).hexdigest()
+        for name, p in model.named_parameters()
+    }
+
+
+def set_weight_version(llm: Any, version: int) -> bool:
+    """Stamp `version` on vLLM's engine (``LLM.update_weight_version``); False where vLLM lacks it (0.26).
+
+    The weight version is informational on the engine (`VLLMEngine.policy_version` is the record), so 0.26
+    just skips it.
+    """
+    update = getattr(llm, "update_weight_version", None)
+    if update is None:
+        return False
+    update(str(version))
+    return True
+
+
 def _as_vllm_prompt(prompt: Prompt) -> Any:
     if isinstance(prompt, str):
         return {"prompt": prompt}
@@ -337,14 +384,25 @@ def nccl_trainer_engine(
     ``--weight-transfer-config '{"backend": "nccl"}'``). ``engine.send_weights()`` then drives vLLM's own
     ``/start_weight_update`` → ``/update_weights`` (concurrent with the broadcast) → ``/finish_weight_update``.
     Under ZeRO-3 call it on every rank (`ModelWeights` gathers collectively; only rank 0 sends).
+    On vLLM 0.26, which has no trainer-side engine, returns `NCCLSender026` (same two methods; untested).
     """
     vllm = import_vllm()  # noqa: F841  (ensures the env before vLLM's modules load)
     from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient, ParamMeta, WeightSource
-    from vllm.distributed.weight_transfer.nccl_engine import (
-        NCCLTrainerInitInfo,
-        NCCLTrainerWeightTransferEngine,
-    )
     from vllm.distributed.weight_transfer.packed_tensor import DEFAULT_PACKED_BUFFER_SIZE_BYTES
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    packed_bytes = (
+        DEFAULT_PACKED_BUFFER_SIZE_BYTES if packed_buffer_mb is None else int(packed_buffer_mb * MB)
+    )
+    client = HTTPVLLMWeightSyncClient(base_url, timeout=timeout_s)
+    world_size = 1 + inference_world_size
+    try:
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
+    except ImportError:  # vLLM < 0.32 has only the worker-side engine
+        return NCCLSender026(client, weights, master_address, master_port, world_size, rank, packed_bytes)
 
     class _Source(WeightSource):
         def metadata(self) -> list[ParamMeta]:
@@ -353,16 +411,68 @@ def nccl_trainer_engine(
         def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
             yield from weights
 
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    packed_bytes = (
-        DEFAULT_PACKED_BUFFER_SIZE_BYTES if packed_buffer_mb is None else int(packed_buffer_mb * MB)
-    )
     info = NCCLTrainerInitInfo(
         master_address=master_address,
         master_port=master_port,
-        world_size=1 + inference_world_size,
+        world_size=world_size,
         rank=rank,
         packed_buffer_size_bytes=packed_bytes,
     )
-    client = HTTPVLLMWeightSyncClient(base_url, timeout=timeout_s)
     return NCCLTrainerWeightTransferEngine.trainer_init(info, client=client, source=_Source())
+
+
+class NCCLSender026:
+    """vLLM 0.26's trainer side of NCCL weight transfer, with 0.32's ``send_weights()`` / ``shutdown()``.
+
+    0.26 has only the worker-side ``NCCLWeightTransferEngine``, whose static ``trainer_init(dict)`` and
+    ``trainer_send_weights(iterator, dict)`` this class drives the way 0.32's ``NCCLTrainerWeightTransferEngine``
+    does (rendezvous and ``update_weights`` run in a thread while this process joins the same NCCL calls;
+    packed buckets of `packed_bytes`). Ranks other than 0 only iterate `weights` (a ZeRO-3 gather).
+    UNTESTED: written from vLLM 0.26's source; it needs vLLM 0.26 and two GPUs. If it fails, use
+    ``rollout.weight_transfer_dir`` (filesystem transfer) or vLLM 0.32.
+    """
+
+    def __init__(
+        self, client: Any, weights: WeightStream, master_address: str, master_port: int, world_size: int,
+        rank: int, packed_bytes: int,
+    ) -> None:  # fmt: skip
+        # untyped on purpose: mypy sees 0.32's NCCLWeightTransferEngine, which lacks these 0.26 statics
+        self._engine = importlib.import_module(
+            "vllm.distributed.weight_transfer.nccl_engine"
+        ).NCCLWeightTransferEngine
+        self.client, self.weights = client, weights
+        self.packed_bytes = packed_bytes
+        self.comm: Any = None
+        if rank != 0:
+            return
+        address = {"master_address": master_address, "master_port": master_port, "world_size": world_size}
+        with ThreadPoolExecutor(max_workers=1) as pool:  # the workers block in the rendezvous too
+            future = pool.submit(client.init_weight_transfer_engine, {**address, "rank_offset": 1})
+            self.comm = self._engine.trainer_init(address)
+            future.result()
+
+    def send_weights(self) -> None:
+        """start → update_weights (server receives) concurrent with the broadcast → finish → sync."""
+        meta = self.weights.metadata()
+        if self.comm is None:
+            for _ in self.weights:  # not the sender: only join the learner-side gather
+                pass
+            return
+        packed = {"packed": True, "packed_buffer_size_bytes": self.packed_bytes}
+        update = {"names": [m.name for m in meta], "dtype_names": [str(m.dtype).split(".")[-1] for m in meta],
+                  "shapes": [list(m.shape) for m in meta], **packed}  # fmt: skip
+        self.client.start_weight_update()
+        pool = ThreadPoolExecutor(max_workers=1)
+        try:
+            future = pool.submit(self.client.update_weights, update)
+            self._engine.trainer_send_weights(iter(self.weights), {"group": self.comm, **packed})
+            future.result()
+        finally:
+            pool.shutdown(wait=False)  # after a failed broadcast the server never returns (as in 0.32)
+        self.client.finish_weight_update()
+        torch.cuda.current_stream().synchronize()
+
+    def shutdown(self) -> None:
+        if self.comm is not None:
+            self.comm.destroy()
+            self.comm = None

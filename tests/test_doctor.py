@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import trainer.doctor
-from trainer.doctor import Check, _outside, format_table
+from trainer.doctor import Check, _outside, check_vllm_version, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^(\S(?:.*?\S)?)\s{2,}(pass|fail|n/a)\s{2,}(.*)$")
@@ -71,6 +71,8 @@ def test_doctor_table_and_exit_code() -> None:
     assert "timed out" in rows["reward sandbox (thread)"][1]
     assert rows["vLLM weight reload"][0] == ("pass" if has_vllm else "n/a"), out
     if has_vllm:
+        assert rows["vLLM"][0] == "pass", out
+    if has_vllm:
         assert "is_checkpoint_format" in rows["vLLM weight reload"][1]
     if not torch.cuda.is_available():
         assert rows["NCCL"] == ("n/a", "no GPUs"), out
@@ -110,6 +112,26 @@ def test_declared_version_check(
     dist: str, version: str, declared: dict[str, list[str]], want: str | None
 ) -> None:
     assert _outside(dist, version, declared) == want
+
+
+@pytest.mark.parametrize(
+    ("version", "status", "reduced"),
+    [
+        ("0.26.0", "pass", True),  # the lent GPU machine's vLLM
+        ("0.31.4", "pass", True),
+        ("0.32.0", "pass", False),  # pinned, CPU CI
+        ("0.32.2+cpu", "pass", False),
+        ("0.25.1", "fail", False),
+        ("0.33.0", "fail", False),
+        ("not-a-version", "fail", False),
+    ],
+)
+def test_vllm_version_row_accepts_the_supported_range(version: str, status: str, reduced: bool) -> None:
+    """0.26 to 0.32 pass (any patch release); below 0.32 the row names the reduced features."""
+    row = check_vllm_version(version, version)
+    assert (row.name, row.status) == ("vLLM", status)
+    assert ("no weight versions" in row.detail and "NCCL" in row.detail) == reduced
+    assert bool(row.fix) == (status == "fail")
 
 
 def test_format_table_shows_fix_only_when_not_passing() -> None:

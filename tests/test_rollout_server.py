@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -14,7 +15,15 @@ from helpers import perturbed
 from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
 from rollout.hf_engine import HFEngine
 from rollout.probe import StaleWeightProbe, StaleWeightsError
-from rollout.server import RemoteEngine, RolloutServer, free_port, health, main
+from rollout.server import (
+    VLLM_SERVER_MODULES,
+    RemoteEngine,
+    RolloutServer,
+    free_port,
+    health,
+    main,
+    vllm_server_module,
+)
 from rollout.weight_sync import ModelWeights
 
 GREEDY = SamplingConfig(max_tokens=12, temperature=0.0, min_tokens=0, stop=())
@@ -52,9 +61,36 @@ def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
         ]
     )
     cmd = capsys.readouterr().out
-    assert "-m vllm.entrypoints.launchers.api_server.entry --model /m --host 127.0.0.1 --port 9001" in cmd
+    assert f"-m {vllm_server_module()} --model /m --host 127.0.0.1 --port 9001" in cmd
     assert '--weight-transfer-config {"backend": "nccl"}' in cmd
     assert "--enable-prefix-caching" in cmd and cmd.strip().endswith("--max-num-seqs 4")
+
+
+@pytest.mark.parametrize(
+    ("files", "want"),
+    [
+        (VLLM_SERVER_MODULES, VLLM_SERVER_MODULES[0]),  # vLLM 0.32: both (the second a deprecated alias)
+        (VLLM_SERVER_MODULES[1:], VLLM_SERVER_MODULES[1]),  # vLLM 0.26: only openai.api_server
+        ((), VLLM_SERVER_MODULES[0]),  # neither: the current one, whose absence the exec then reports
+    ],
+)
+def test_vllm_server_module_follows_the_package_layout(
+    tmp_path: Path, files: tuple[str, ...], want: str
+) -> None:
+    for module in files:
+        path = (tmp_path / Path(*module.split("."))).with_suffix(".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    assert vllm_server_module(tmp_path / "vllm") == want
+
+
+def test_installed_vllm_server_module_exists() -> None:
+    """The module chosen for the installed vLLM is importable as a module (found without importing it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed")
+    assert importlib.util.find_spec(vllm_server_module()) is not None
 
 
 def test_remote_engine_needs_a_healthy_server(tmp_path: Path) -> None:
@@ -68,7 +104,9 @@ def test_remote_engine_needs_a_healthy_server(tmp_path: Path) -> None:
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_server_generate_sync_probe_and_clean_shutdown(tiny_qwen2_path: str, tmp_path: Path) -> None:
+def test_server_generate_sync_probe_and_clean_shutdown(
+    tiny_qwen2_path: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     port = free_port()
     argv = ["--model", tiny_qwen2_path, "--port", str(port), "--dtype", "float32", "--enforce-eager",
             "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512"]  # fmt: skip
@@ -115,6 +153,19 @@ def test_server_generate_sync_probe_and_clean_shutdown(tiny_qwen2_path: str, tmp
         assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
             f"v{version + 2:06d}"
         ]  # old removed
+        assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == version + 2
+        assert remote.server_versions
+
+        # a server without the weight-version routes (vLLM 0.26: HTTP 404), shown by a route this one lacks
+        legacy = RemoteEngine(server.url, weights_dir=tmp_path / "weights")
+        with caplog.at_level(logging.WARNING, logger="rollout.server"):
+            assert legacy._version_route("GET", "/no_such_route") is None
+            assert legacy._version_route("POST", "/no_such_route", {}) is None  # not sent again, not logged
+        assert not legacy.server_versions
+        ours = [r.getMessage() for r in caplog.records if r.name == "rollout.server"]
+        assert len(ours) == 1 and "no GET /no_such_route" in ours[0]
+        legacy.update_weights(iter_state_dict(learner))  # skips /update_weight_version: the server keeps v+2
+        assert legacy.policy_version == version + 3
         assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == version + 2
         remote.sleep()  # a CPU server has no sleep mode: no-op
         remote.wake()

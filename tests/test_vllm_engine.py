@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import perturbed
+from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
 from rollout.hf_engine import HFEngine
 from rollout.probe import StaleWeightProbe
-from rollout.vllm_engine import VLLMEngine
+from rollout.vllm_engine import NCCLSender026, VLLMEngine, set_weight_version
 from rollout.weight_sync import ModelWeights
 
 pytestmark = pytest.mark.vllm
@@ -189,6 +190,81 @@ def test_bucketed_sync_equals_naive_full_state_dict(engine: VLLMEngine, tiny_qwe
     assert engine.weight_checksums() == base
     engine.update_weights(ModelWeights(learner, bucket_mb=0.05))
     assert engine.weight_checksums() == naive != base
+
+
+def test_checksums_flag_exactly_the_changed_parameter(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """`weight_checksums` (``LLM.apply_model``, the path vLLM 0.26 has too) agree across identical syncs and,
+    after one element of one weight changes, differ for that parameter alone: a norm weight here, and q_proj's
+    bias, which vLLM fuses into qkv_proj. (On CPU vLLM keeps linear weights inside packed kernels and leaves
+    their ``weight`` parameters empty, so those are not what this test changes.)"""
+    learner = load(tiny_qwen2_path)
+    engine.update_weights(iter_state_dict(learner))
+    base = engine.weight_checksums()
+    assert "model.layers.0.self_attn.qkv_proj.bias" in base  # bare vLLM names, no rank prefix
+    engine.update_weights(ModelWeights(learner, bucket_mb=0.05))
+    assert engine.weight_checksums() == base
+    for hf_name, vllm_name in [
+        ("model.layers.1.post_attention_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"),
+        ("model.layers.0.self_attn.q_proj.bias", "model.layers.0.self_attn.qkv_proj.bias"),
+    ]:
+        model = load(tiny_qwen2_path)
+        with torch.no_grad():
+            model.get_parameter(hf_name)[5] += 1e-3
+        engine.update_weights(iter_state_dict(model))
+        changed = {name for name, digest in engine.weight_checksums().items() if digest != base[name]}
+        assert changed == {vllm_name}
+
+
+def test_checksums_equal_vllm_rpc(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """Naive twin (vLLM >= 0.32): vLLM's own ``compute_weight_checksums`` RPC, its ``dp0:pp0:pcp0:tp0:``
+    prefix stripped, gives the same digest for every parameter, before and after a sync that changes them."""
+    if Version(engine.vllm_version).release[:2] < (0, 32):
+        pytest.skip("vLLM < 0.32 has no compute_weight_checksums RPC")
+    for model in (load(tiny_qwen2_path), perturbed(tiny_qwen2_path, seed=5)):
+        engine.update_weights(iter_state_dict(model))
+        (rpc,) = engine.llm.collective_rpc("compute_weight_checksums")
+        assert all(key.startswith("dp0:pp0:pcp0:tp0:") for key in rpc)
+        assert {key.rsplit(":", 1)[1]: digest for key, digest in rpc.items()} == engine.weight_checksums()
+
+
+def test_weight_version_is_stamped_where_vllm_has_it(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """vLLM 0.32 gets `policy_version` as its weight version; an LLM without ``update_weight_version``
+    (vLLM 0.26; here a plain object) is skipped, not an error."""
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    if Version(engine.vllm_version).release[:2] >= (0, 32):
+        assert engine.llm.get_weight_version() == str(engine.policy_version)
+        assert set_weight_version(engine.llm, 1234) and engine.llm.get_weight_version() == "1234"
+        set_weight_version(engine.llm, engine.policy_version)
+    assert set_weight_version(object(), 7) is False
+
+
+class RecordingWeights(ModelWeights):
+    """`ModelWeights` that records the names its iteration yields."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        self.yielded: list[str] = []
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in super().__iter__():
+            self.yielded.append(name)
+            yield name, tensor
+
+
+def test_nccl_sender_026_non_sender_rank_only_iterates(tiny_qwen2_path: str) -> None:
+    """The one CPU-runnable part of the vLLM 0.26 NCCL sender: a rank other than 0 opens no NCCL group and
+    contacts no server (its client points at a closed port) but iterates every weight (the ZeRO-3 gather)."""
+    from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
+
+    from rollout.server import free_port
+
+    weights = RecordingWeights(load(tiny_qwen2_path))
+    client = HTTPVLLMWeightSyncClient(f"http://127.0.0.1:{free_port()}", timeout=2)
+    sender = NCCLSender026(client, weights, "127.0.0.1", free_port(), 2, rank=1, packed_bytes=1 << 20)
+    assert sender.comm is None
+    sender.send_weights()
+    assert weights.yielded == [m.name for m in weights.metadata()]
+    sender.shutdown()
 
 
 def test_sleep_and_wake_are_noops_on_cpu(engine: VLLMEngine, tiny_qwen2_path: str) -> None:

@@ -6,9 +6,10 @@ and, when it did not pass, how to fix it. `main` prints the table and returns 1 
 Checks:
 
 - versions of torch (and its CUDA build), vLLM, transformers, accelerate, DeepSpeed, flash-attn,
-  math-verify and wandb; required ones missing or outside reasonrl's declared range fail, and vLLM /
-  DeepSpeed must equal their pins in reasonrl's ``cpu`` / ``gpu`` extras (the weight-sync code is written
-  against those versions);
+  math-verify and wandb; required ones missing or outside reasonrl's declared range fail, and DeepSpeed
+  must equal its pin in reasonrl's ``gpu`` extra. vLLM must lie in `rollout.vllm_engine.SUPPORTED_VLLM`
+  (0.26 to 0.32, not just the pinned 0.32: 0.26 is what the lent GPU machine runs); below 0.32 the row
+  says which features are reduced (`check_vllm_version`);
 - GPUs: name, compute capability and free / total memory of every visible device (fails if one has less
   than 10 % free: another process holds it);
 - vLLM weight reload: vLLM's worker and model runner define the in-place ``reload_weights(weights_iterator,
@@ -115,6 +116,9 @@ def check_versions() -> list[Check]:
             continue
         dist, version = found
         label = version if dist == dists[0] else f"{version} ({dist})"
+        if name == "vLLM":
+            rows.append(check_vllm_version(version, label))
+            continue
         bad = _outside(dist, version, declared)
         if bad:
             rows.append(
@@ -124,6 +128,37 @@ def check_versions() -> list[Check]:
             rows.append(Check(name, "pass", label))
     rows.append(_cuda_build())
     return rows
+
+
+VLLM_REDUCED = (  # what vLLM 0.26 lacks, and what reasonrl does instead (it detects each at run time)
+    "no weight versions on engine or server (reasonrl keeps the policy version itself); no trainer-side "
+    "NCCL engine (reasonrl's own 0.26 sender stands in, untested; filesystem transfer is tested)"
+)
+
+
+def check_vllm_version(version: str, label: str) -> Check:
+    """The vLLM row: pass inside `SUPPORTED_VLLM` (release series, both ends included), saying below 0.32
+    which features are reduced; fail outside or unparsable.
+
+    >>> check_vllm_version("0.32.1", "0.32.1").status, check_vllm_version("0.33.0", "0.33.0").status
+    ('pass', 'fail')
+    """
+    from packaging.version import InvalidVersion, Version
+
+    from rollout.vllm_engine import SUPPORTED_VLLM
+
+    oldest, newest = (Version(v).release[:2] for v in SUPPORTED_VLLM)
+    span = f"{SUPPORTED_VLLM[0]}.x to {SUPPORTED_VLLM[1]}.x"
+    fix = f"install vLLM {span}: pip install -e '.[gpu]' (CUDA) or '.[cpu]'; or set rollout.engine: hf"
+    try:
+        series = Version(version).release[:2]
+    except InvalidVersion:
+        return Check("vLLM", "fail", f"{label}: not a version; reasonrl supports {span}", fix)
+    if not oldest <= series <= newest:
+        return Check("vLLM", "fail", f"{label}; reasonrl supports {span}", fix)
+    if series < newest:
+        return Check("vLLM", "pass", f"{label}; below {SUPPORTED_VLLM[1]}, as on 0.26: {VLLM_REDUCED}")
+    return Check("vLLM", "pass", label)
 
 
 def _cuda_build() -> Check:
