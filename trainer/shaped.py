@@ -45,11 +45,12 @@ def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloa
     import torch
     from transformers import Qwen2ForCausalLM
 
+    model_cls: Any = Qwen2ForCausalLM
     tokenizer = padded_tokenizer(shape["vocab_size"], seed)
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
-        model = Qwen2ForCausalLM(shaped_config(shape, tokenizer)).to(getattr(torch, dtype))
+        model = model_cls(shaped_config(shape, tokenizer)).to(getattr(torch, dtype))
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
