@@ -69,6 +69,8 @@ def test_sft_lowers_heldout_loss_via_cli(tmp_path: Path, tiny_qwen2_path: str) -
     assert after < before / 3, heldout
     train_losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(train_losses) == 30 and all(map(torch.isfinite, torch.tensor(train_losses)))
+    assert all(r["train/learner_tokens_per_s"] > 0 and r["train/model_tflops_per_s"] > 0
+               for r in records if "train/loss" in r)
     assert next(r for r in records if "data/sft_train_examples" in r)["data/sft_train_examples"] == 160
     # sft.eval_generation: held-out generation metrics through the shared evaluator, before and after
     generation = [

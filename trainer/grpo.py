@@ -36,7 +36,7 @@ from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad
 from trainer.config import GRPOConfig, RunConfig
 from trainer.learner import Learner, global_token_count, load_model
 from trainer.masking import aggregate_loss
-from trainer.packing import forward_log_probs, length_sorted_order
+from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
 from trainer.pg_losses import compute_policy_gradient_loss
 from trainer.sampler import QuestionSampler
 from trainer.session import Session
@@ -284,10 +284,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     with s.timer("train"):
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()
-    lengths = batch.tokens.attention_mask.sum(-1).tolist()  # real tokens of each sequence
-    seconds = max(s.timer.seconds["train"], 1e-9)
-    metrics["train/learner_tokens_per_s"] = sum(lengths) * g.epochs_per_rollout_batch / seconds
-    metrics |= s.flops.metrics(lengths, seconds, passes=g.epochs_per_rollout_batch)
+    metrics |= s.learner_throughput(real_lengths(batch.tokens).tolist(), passes=g.epochs_per_rollout_batch)
     return s.reduce_mean(metrics | s.timer.pop(), skip_prefix="reward/")
 
 

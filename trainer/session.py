@@ -143,6 +143,13 @@ class Session:
         reduced = self.accelerator.reduce(values, "mean").tolist()
         return metrics | dict(zip(keys, reduced, strict=True))
 
+    def learner_throughput(self, sequence_lengths: list[int], passes: int = 1) -> dict[str, float]:
+        """Real tokens/s, model TFLOP/s and MFU of the last ``train`` phase, which ran `passes` times over
+        sequences of these real lengths (this rank's)."""
+        seconds = max(self.timer.last.get("train", 0.0), 1e-9)
+        tokens_per_s = sum(sequence_lengths) * passes / seconds
+        return {"train/learner_tokens_per_s": tokens_per_s} | self.flops.metrics(sequence_lengths, seconds, passes)
+
     def rollout_sampling(self, n: int, seed: int) -> SamplingConfig:
         r = self.cfg.rollout
         return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,

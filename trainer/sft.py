@@ -55,6 +55,7 @@ from trainer.config import RunConfig
 from trainer.learner import Learner, global_token_count
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
+from trainer.packing import real_lengths
 from trainer.session import Session
 from trainer.sft_data import PackedSFTDataset, iterate_batches
 from trainer.tokenization import tokenize_prompt_and_output
@@ -333,6 +334,7 @@ def train_sft(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         for step, micro_batches in zip(bar, data.stream(start), strict=False):
             with s.timer("train"):
                 metrics = sft_update(s.learner, micro_batches)
+            metrics |= s.learner_throughput([n for mb in micro_batches for n in real_lengths(mb).tolist()])
             metrics["train/epoch"] = (step - 1) // data.steps_per_epoch
             if step % cfg.logging.every == 0:
                 s.tracker.log(metrics | s.timer.pop(), step)

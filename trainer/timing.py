@@ -11,6 +11,7 @@ from collections.abc import Iterator
 class PhaseTimer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
+        self.last: dict[str, float] = {}  # duration of each phase's most recent `with` block
 
     @contextlib.contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
@@ -18,7 +19,8 @@ class PhaseTimer:
         try:
             yield
         finally:
-            self.seconds[phase] += time.perf_counter() - start
+            self.last[phase] = time.perf_counter() - start
+            self.seconds[phase] += self.last[phase]
 
     def pop(self) -> dict[str, float]:
         """``time/<phase>`` for every phase since the last pop, then reset."""
