@@ -61,8 +61,10 @@ def main() -> None:
         seconds = mean(f"time/{phase}")
         print(f"{phase:<16}{seconds:>10.3f}{seconds / total:>9.1%}")
     print(f"{'step':<16}{total:>10.3f}")
+    mfu = f"   MFU {mean('train/mfu'):.1%}" if "train/mfu" in steps[0] else ""
     print(f"rollout output tok/s {mean('rollout/output_tokens_per_s'):,.0f}   "
-          f"learner tok/s {mean('train/learner_tokens_per_s'):,.0f}")
+          f"learner tok/s {mean('train/learner_tokens_per_s'):,.0f}   "
+          f"model TFLOP/s {mean('train/model_tflops_per_s'):,.2f}{mfu}")
 
 
 if __name__ == "__main__":
