@@ -29,3 +29,10 @@ def capture_grads_at_step(learner: Any) -> dict[str, torch.Tensor]:
 
     learner.step = capture_then_step
     return captured
+
+
+def tiny_vllm_engine(path: str) -> Any:
+    """An in-process float32 `VLLMEngine` of the tiny Qwen2 with a small fixed KV cache (quick start-up)."""
+    from rollout.vllm_engine import VLLMEngine
+
+    return VLLMEngine(path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_model_len=512)

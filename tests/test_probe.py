@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import perturbed
+from helpers import perturbed, tiny_vllm_engine
 from transformers import AutoModelForCausalLM
 
 from rollout.engine import iter_state_dict
@@ -72,13 +72,7 @@ def test_default_probe_sequence(tiny_qwen2_path: str) -> None:
 # ---- against a real vLLM engine ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tiny_qwen2_path: str) -> Iterator[VLLMEngine]:
-    e = VLLMEngine(
-        tiny_qwen2_path,
-        dtype="float32",
-        enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        max_model_len=512,
-    )
+    e = tiny_vllm_engine(tiny_qwen2_path)
     yield e
     e.close()
 

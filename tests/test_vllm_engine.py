@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import perturbed
+from helpers import perturbed, tiny_vllm_engine
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
@@ -28,13 +28,7 @@ GREEDY = SamplingConfig(max_tokens=16, temperature=0.0, min_tokens=0, stop=())
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen2_path: str) -> Iterator[VLLMEngine]:
-    e = VLLMEngine(
-        tiny_qwen2_path,
-        dtype="float32",
-        enforce_eager=True,
-        kv_cache_memory_bytes=64 << 20,
-        max_model_len=512,
-    )
+    e = tiny_vllm_engine(tiny_qwen2_path)
     yield e
     e.close()
 

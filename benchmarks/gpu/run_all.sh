@@ -46,7 +46,7 @@ case "$stage" in
     [ -f "$model/config.json" ] || check shaped 150 python3 -m trainer.shaped "$model"
     check grpo_step 270 python3 -m accelerate.commands.launch --config_file launch/single_gpu.yaml benchmarks/grpo_step.py \
       --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml --steps 3 "model.path=$model" data.task=arithmetic \
-      data.train_source=null data.eval_source=null grpo.gradient_accumulation_steps=32 eval.limit=64 \
+      data.train_source=null data.eval_source=null eval.limit=64 \
       logging.wandb_mode=disabled reward.num_workers=4
     ;;
   *) echo "unknown stage $stage (bench|tests)"; exit 2 ;;
