@@ -67,6 +67,10 @@ logger = logging.getLogger(__name__)
 # lent GPU machine (torch 2.11); 0.32: pyproject's pins and CPU CI. `trainer.doctor` checks against it.
 SUPPORTED_VLLM = ("0.26", "0.32")
 
+# vLLM's CPU sampler cannot rewind a seeded generator after a partial (chunked) prefill ("CPU Generator does
+# not use offset"); this token budget keeps every prefill of a rollout batch whole on CPU.
+CPU_MAX_BATCHED_TOKENS = 65536
+
 
 def import_vllm() -> Any:
     """Import vllm for in-process use (engine core in this process, so weight iterators pass by reference)."""
@@ -143,6 +147,8 @@ class VLLMEngine:
         self._asleep: set[str] = set()  # tags currently released: {"weights", "kv_cache"}
         if self.device is not None:
             llm_kwargs.setdefault("device_ids", [self.device.index or 0])
+        if not on_gpu:
+            llm_kwargs.setdefault("max_num_batched_tokens", CPU_MAX_BATCHED_TOKENS)
         previous_device = torch.cuda.current_device() if on_gpu else None
         start = time.perf_counter()
         with self._on_device():

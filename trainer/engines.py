@@ -19,8 +19,6 @@ from rollout.probe import StaleWeightProbe
 from trainer.config import RunConfig
 from trainer.learner import DTYPES, Learner
 
-CPU_MAX_BATCHED_TOKENS = 65536
-
 
 def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     r = cfg.rollout
@@ -36,14 +34,11 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     from rollout.vllm_engine import VLLMEngine
 
     on_cuda = learner.device.type == "cuda"
-    # vLLM's CPU sampler cannot rewind a seeded generator after a partial (chunked) prefill; a large
-    # token budget keeps every prefill of a rollout batch whole on CPU.
-    extra: dict[str, Any] = {} if on_cuda else {"max_num_batched_tokens": CPU_MAX_BATCHED_TOKENS}
     return VLLMEngine(
         cfg.model.path, device=r.device if r.placement == "dedicated" else None, dtype=engine_dtype(cfg),
         gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len, seed=cfg.seed,
         enable_sleep_mode=r.sleep_between_rollouts and on_cuda and r.placement == "colocated",
-        enforce_eager=r.enforce_eager, sync_bucket_mb=r.sync_bucket_mb, **extra,
+        enforce_eager=r.enforce_eager, sync_bucket_mb=r.sync_bucket_mb,
     )
 
 

@@ -9,29 +9,32 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 stage="${1:?usage: run_all.sh bench|tests}"
 out="${OUT:-/tmp/reasonrl-gpu-out}"
-site=/tmp/site model=/tmp/qwen25-math-1.5b-shaped
+site=/tmp/site model="${MODEL:-/tmp/qwen25-math-1.5b-shaped}"  # MODEL: an existing checkpoint instead
 mkdir -p "$out"
 export PYTHONPATH="$site:$PWD" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
        WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PATH="$site/bin:$PATH"
 
-install() {
-  [ -d "$site/vllm" ] && return 0
+install_wheels() {  # once per machine: the stashed wheels into $site
+  [ -f "$site/.installed" ] && return 0
   (cd /tmp/stash && if ls vllm.whl.part_* >/dev/null 2>&1; then
-     cat vllm.whl.part_* > vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl && rm vllm.whl.part_*; fi)
-  python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /tmp/stash/*.whl
+     cat vllm.whl.part_* > vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl && rm vllm.whl.part_*; fi) &&
+  timeout 150 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /tmp/stash/*.whl &&
+  touch "$site/.installed"
 }
 
-check() {  # check NAME SECONDS COMMAND...
+failed=0
+check() {  # check NAME SECONDS COMMAND...  (a program, not a shell function: `timeout` runs it)
   local name=$1 limit=$2 start rc
   shift 2
   start=$(date +%s)
   timeout --kill-after=10 "$limit" "$@" > "$out/$name.log" 2>&1
   rc=$?
+  [ "$rc" -eq 0 ] || failed=$((failed + 1))
   echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$out/summary.txt"
   grep -v -E 'Loading weights|Writing model|it/s\]' "$out/$name.log" | tail -n 25
 }
 
-check install 120 install || exit 1
+install_wheels > "$out/install.log" 2>&1 || { echo "install failed"; cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.txt" 2>&1
 case "$stage" in
   bench)
@@ -52,3 +55,4 @@ case "$stage" in
   *) echo "unknown stage $stage (bench|tests)"; exit 2 ;;
 esac
 cat "$out/summary.txt"
+exit "$failed"
