@@ -102,3 +102,16 @@ def test_layout_gradients_match_padded(tiny_dir: dict[str, Path], arch: str, pac
     want, got = grads
     assert float(want.norm()) > 0
     assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+
+@pytest.mark.gpu
+def test_packed_matches_padded_on_cuda(tiny_qwen2_path: str) -> None:
+    """The same equality on the GPU's kernels (fp32, sdpa)."""
+    model = load(tiny_qwen2_path, "sdpa").cuda()
+    tokens = random_batch(seed=11).to("cuda")
+    real = tokens.attention_mask.bool()
+    with torch.no_grad():
+        want = get_response_log_probs(model, tokens.input_ids, tokens.labels, attention_mask=tokens.attention_mask)
+        got = forward_log_probs(model, tokens, packed=True)
+    torch.testing.assert_close(got["log_probs"][real], want["log_probs"][real], **TOL)
