@@ -88,3 +88,11 @@ def test_cluster_checks_reject_impossible_placement_and_sharding() -> None:
     assert "rollout.device=cuda:0 is also a learner device" in text
     assert "cannot be split whole-group across 2 ranks" in text
     assert "micro-batch size train_batch_size/gradient_accumulation_steps=3 is not divisible by world size 2" in text
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", ["grpo_qwen2.5_math_1.5b_gsm8k.yaml", "grpo_qwen2.5_math_1.5b_gsm8k_offpolicy.yaml"])
+def test_gpu_grpo_configs_shard_over_up_to_8_gpus(name: str, world: int) -> None:
+    """The README launches these configs on 1 and 8 GPUs: whole groups and micro-batches must split evenly."""
+    cfg = load_config(REPO / "configs" / name)
+    validate_for_cluster(cfg, world, [f"cuda:{i}" for i in range(world)])
