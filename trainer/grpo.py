@@ -149,16 +149,14 @@ def is_off_policy(g: GRPOConfig) -> bool:
 
 
 @torch.inference_mode()
-def compute_old_log_probs(model: torch.nn.Module, tokens: TokenBatch, micro_batch_size: int,
-                          device: torch.device, packed: bool = False) -> torch.Tensor:
+def compute_old_log_probs(learner: Learner, tokens: TokenBatch, micro_batch_size: int) -> torch.Tensor:
     """log π_old(o_t) for every row (0 on padding), computed once per rollout batch; (b, s) on CPU.
 
     Rows are taken longest first, so each micro-batch holds sequences of similar length."""
     out = torch.zeros(tokens.labels.shape, dtype=torch.float32)  # (b, s)
     order = length_sorted_order(tokens, torch.arange(len(tokens)))
     for sl in micro_batch_slices(len(tokens), micro_batch_size):
-        mb = tokens.select(order[sl]).to(device)
-        out[order[sl]] = forward_log_probs(model, mb, packed=packed)["log_probs"].float().cpu()
+        out[order[sl]] = learner.log_probs(tokens.select(order[sl]))["log_probs"].float().cpu()
     return out
 
 
@@ -279,8 +277,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     if is_off_policy(g):
         with s.timer("old_log_probs"):
             micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
-            batch.old_log_probs = compute_old_log_probs(s.learner.model, batch.tokens, micro, s.learner.device,
-                                                        s.cfg.model.packing)
+            batch.old_log_probs = compute_old_log_probs(s.learner, batch.tokens, micro)
     with s.timer("train"):
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()
