@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # There (the lent GPU machine, one `run` call per stage, back to back while it stays warm): install the
 # carried wheels once, then run the GPU checks of one stage, each under its own time limit, logging to $OUT.
-#   bash benchmarks/gpu/run_all.sh bench   # doctor, shaped 1.5B model, learner + rollout benchmarks (~6 min)
+#   bash benchmarks/gpu/run_all.sh bench   # doctor, shaped 1.5B model, learner (± checkpointing) + rollout benchmarks (~6 min)
 #   bash benchmarks/gpu/run_all.sh tests   # pytest -m gpu, one GRPO step benchmark on the shaped model (~8 min)
 # Each check prints its last lines and a "name rc=N seconds" line to $OUT/summary.txt; one failing check does
 # not stop the next. Wheels are expected in /tmp/stash (benchmarks/gpu/README.md).
@@ -38,18 +38,20 @@ install_wheels > "$out/install.log" 2>&1 || { echo "install failed"; cat "$out/i
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.txt" 2>&1
 case "$stage" in
   bench)
-    check doctor 90 python3 -m trainer doctor
-    [ -f "$model/config.json" ] || check shaped 150 python3 -m trainer.shaped "$model"
+    check doctor 60 python3 -m trainer doctor
+    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.shaped "$model"
     check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
       --layouts padded,trimmed,sorted,packed
-    check rollout 210 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
+    check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts sorted \
+      --gradient-checkpointing
+    check rollout 180 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
     ;;
   tests)
     check gpu_tests 270 python3 -m pytest -m gpu -q -p no:cacheprovider -x
-    [ -f "$model/config.json" ] || check shaped 150 python3 -m trainer.shaped "$model"
+    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.shaped "$model"
     check grpo_step 270 python3 -m accelerate.commands.launch --config_file launch/single_gpu.yaml benchmarks/grpo_step.py \
       --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml --steps 3 "model.path=$model" data.task=arithmetic \
-      data.train_source=null data.eval_source=null eval.limit=64 \
+      data.train_source=null data.eval_source=null \
       logging.wandb_mode=disabled reward.num_workers=4
     ;;
   *) echo "unknown stage $stage (bench|tests)"; exit 2 ;;
