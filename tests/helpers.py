@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_pythonpath() -> str:
+    """PYTHONPATH for a subprocess: the repository first, then whatever this process was given (the lent GPU
+    machine's carried wheels live there)."""
+    return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
 def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:

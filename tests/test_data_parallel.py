@@ -44,6 +44,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dp_worker.py"
@@ -69,7 +70,7 @@ LAUNCH_VARS = {
 def _env(cpu_ddp: bool) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}  # fmt: skip
+            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": repo_pythonpath()}  # fmt: skip
     if cpu_ddp:  # without it accelerate runs each CPU process as its own world of 1 (silently)
         env["ACCELERATE_USE_CPU"] = "true"
     return env

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
@@ -123,7 +124,7 @@ def _launch(phase: str, model: str, out: Path, n: int) -> dict[str, Any]:
         model,
         str(out),
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath(), WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"{phase} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-6000:]}"
     return torch.load(out / f"{phase}.pt", weights_only=False)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import repo_pythonpath
 
 from rollout.rewards import (
     REWARD_FNS,
@@ -357,7 +358,7 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
             """
         )
     )
-    env = dict(os.environ, PYTHONPATH=str(repo))
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
