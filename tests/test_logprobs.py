@@ -132,6 +132,22 @@ def test_chunked_entropy_gradcheck() -> None:
     assert torch.autograd.gradcheck(f, (logits,))
 
 
+def test_chunked_gradient_of_one_output_alone() -> None:
+    """A loss of the log-probs only (the entropy computed as a metric) or of the entropy only: each gradient
+    equals the naive one (the unused output's gradient is skipped, not taken as zero work)."""
+    gen = torch.Generator().manual_seed(8)
+    logits = (torch.randn(2, 5, 30, generator=gen) * 3).requires_grad_(True)
+    labels = torch.randint(0, 30, (2, 5), generator=gen)
+    lp, ent = chunked_label_log_probs(logits, labels, return_token_entropy=True, chunk_tokens=4)
+    assert ent is not None
+    (g_lp,) = torch.autograd.grad(lp.sum(), logits, retain_graph=True)
+    (g_ent,) = torch.autograd.grad(ent.sum(), logits)
+    torch.testing.assert_close(g_lp, torch.autograd.grad(naive_log_probs(logits, labels).sum(), logits)[0],
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_ent, torch.autograd.grad(compute_entropy(logits).sum(), logits)[0],
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_chunked_saves_only_the_logits() -> None:
     """Autograd keeps nothing of the full-vocabulary fp32 work: the tensors saved for backward are the
     logits (bf16 here), the labels and two fp32 numbers per token (row max and logsumexp), with or without

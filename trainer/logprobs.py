@@ -135,22 +135,25 @@ class _ChunkLogProbs(torch.autograd.Function):
         log_prob = log_p.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (chunk,)
         entropy = _entropy_from_log_p(log_p)[2] if with_entropy else log_prob.new_zeros(0)
         ctx.save_for_backward(logit_chunk, labels, *stats)
-        ctx.dtype, ctx.with_entropy = dtype, with_entropy
+        ctx.dtype = dtype
         ctx.mark_non_differentiable(labels)
+        ctx.set_materialize_grads(False)  # an output the loss does not use (the entropy metric) gets None
         return log_prob, entropy
 
     @staticmethod
-    def backward(ctx: Any, grad_log_prob: torch.Tensor, grad_entropy: torch.Tensor
-                 ) -> tuple[torch.Tensor, None, None, None]:
+    def backward(ctx: Any, grad_log_prob: torch.Tensor | None, grad_entropy: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, None, None, None]:
         logit_chunk, labels, top, lse = ctx.saved_tensors
+        if grad_log_prob is None and grad_entropy is None:
+            return None, None, None, None
+        g_lp = grad_log_prob if grad_log_prob is not None else top.new_zeros(labels.shape)  # (chunk,)
         log_p, _ = _chunk_log_softmax(logit_chunk, ctx.dtype, (top, lse))
-        if ctx.with_entropy:  # ∂H/∂z = −p ⊙ (log p + H), plus the log-prob term below
+        if grad_entropy is not None:  # ∂H/∂z = −p ⊙ (log p + H), plus the log-prob term below
             p, finite_log_p, entropy = _entropy_from_log_p(log_p)
-            grad = -p * (grad_entropy.unsqueeze(-1) * (finite_log_p + entropy.unsqueeze(-1))
-                         + grad_log_prob.unsqueeze(-1))
+            grad = -p * (grad_entropy.unsqueeze(-1) * (finite_log_p + entropy.unsqueeze(-1)) + g_lp.unsqueeze(-1))
         else:
-            grad = log_p.exp_().mul_(-grad_log_prob.unsqueeze(-1))  # in place: log_p is not needed again
-        grad.scatter_add_(-1, labels.unsqueeze(-1), grad_log_prob.unsqueeze(-1))  # ∂ log p(y)/∂z = onehot(y) − p
+            grad = log_p.exp_().mul_(-g_lp.unsqueeze(-1))  # in place: log_p is not needed again
+        grad.scatter_add_(-1, labels.unsqueeze(-1), g_lp.unsqueeze(-1))  # ∂ log p(y)/∂z = onehot(y) − p
         return grad.to(logit_chunk.dtype), None, None, None
 
 
