@@ -351,6 +351,13 @@ def main(model_path: str, out_dir: str, world: int) -> None:
         if acc.is_main_process:
             torch.save(results, out / "results.pt")
         acc.wait_for_everyone()
+    # Session.close has destroyed the process group; leave before the DDP reducers are freed. Freeing them
+    # runs ~ProcessGroupGloo, which joins gloo's worker thread while holding the GIL; if that thread is still
+    # releasing the last barrier's work it waits for the GIL: a deadlock at exit (seen once in ~6 runs,
+    # py-spy: ~Reducer → ~ProcessGroupGloo → thread::join; runLoop → ~AsyncBarrierWork → gil_scoped_acquire).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
