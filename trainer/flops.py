@@ -55,7 +55,7 @@ def peak_tflops(device: torch.device, configured: float | None = None) -> float 
 
 
 class FlopCounter:
-    """MFU of a learner phase: ``mfu(lengths, seconds, world)`` for one rank's sequences."""
+    """Model FLOP/s and MFU of a learner phase: ``metrics(lengths, seconds, passes)`` for one rank's sequences."""
 
     def __init__(self, model: torch.nn.Module, device: torch.device, configured_peak_tflops: float | None = None):
         config = getattr(model, "config", None)

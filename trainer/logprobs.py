@@ -38,9 +38,7 @@ def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     """
     # logits: (batch, seq, vocab) -> (batch, seq)
     z = logits if logits.dtype == torch.float64 else logits.float()
-    log_p = _shifted_log_softmax(z)  # (..., vocab)
-    log_p = log_p.clamp(min=torch.finfo(log_p.dtype).min)  # -inf -> finite, so exp(.)·(.) = 0
-    return -(log_p.exp() * log_p).sum(dim=-1)
+    return _entropy_from_log_p(_shifted_log_softmax(z))[2]  # (...)
 
 
 def _shifted_log_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -119,7 +117,8 @@ def _chunk_log_softmax(logit_chunk: torch.Tensor, dtype: torch.dtype,
 
 
 def _entropy_from_log_p(log_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(p, log p clamped finite, H) of a log-softmax; ``−inf`` entries contribute 0 to H."""
+    """(p, log p clamped finite, H) of a log-softmax: ``−inf`` becomes the most negative finite value, so its
+    ``p · log p`` is 0, not ``0 · (−inf)``."""
     finite = log_p.clamp(min=torch.finfo(log_p.dtype).min)
     p = finite.exp()
     return p, finite, -(p * finite).sum(dim=-1)
@@ -136,7 +135,6 @@ class _ChunkLogProbs(torch.autograd.Function):
         entropy = _entropy_from_log_p(log_p)[2] if with_entropy else log_prob.new_zeros(0)
         ctx.save_for_backward(logit_chunk, labels, *stats)
         ctx.dtype = dtype
-        ctx.mark_non_differentiable(labels)
         ctx.set_materialize_grads(False)  # an output the loss does not use (the entropy metric) gets None
         return log_prob, entropy
 
