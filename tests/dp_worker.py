@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import weakref
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -321,6 +322,7 @@ def main(model_path: str, out_dir: str, world: int) -> None:
     results: dict[str, Any] = {}
     with Session(cfg) as s:
         acc = s.accelerator
+        wrapper = weakref.ref(s.learner.model)  # the DDP module: Session.close must free it (release_wrapper)
         if acc.num_processes != world:
             raise SystemExit(
                 f"expected world size {world}, accelerate sees {acc.num_processes} "
@@ -351,10 +353,12 @@ def main(model_path: str, out_dir: str, world: int) -> None:
         if acc.is_main_process:
             torch.save(results, out / "results.pt")
         acc.wait_for_everyone()
-    # Session.close has destroyed the process group; leave before the DDP reducers are freed. Freeing them
-    # runs ~ProcessGroupGloo, which joins gloo's worker thread while holding the GIL; if that thread is still
-    # releasing the last barrier's work it waits for the GIL: a deadlock at exit (seen once in ~6 runs,
-    # py-spy: ~Reducer → ~ProcessGroupGloo → thread::join; runLoop → ~AsyncBarrierWork → gil_scoped_acquire).
+    # Session.close freed the DDP wrapper before destroying the process group (a reducer freed after that
+    # can hang the exit: `Learner.release_wrapper`). Checked here; the exit below stays abrupt as a second
+    # guard, since that hang was seen once in ~6 runs before the fix (py-spy: ~Reducer →
+    # ~ProcessGroupGloo → thread::join; runLoop → ~AsyncBarrierWork → gil_scoped_acquire).
+    if (world > 1 and wrapper() is not None) or torch.distributed.is_initialized():
+        raise SystemExit("Session.close left the DDP wrapper alive or the process group initialised")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -9,6 +9,7 @@ RMSprop (DPO paper), gradient-norm clipping (1.0), constant learning rate after 
 from __future__ import annotations
 
 import contextlib
+import gc
 from collections.abc import Iterator
 from typing import Any
 
@@ -120,6 +121,19 @@ class Learner:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
+
+    def release_wrapper(self) -> None:
+        """Keep only the plain module: drop the DDP/DeepSpeed wrapper and accelerate's references to it.
+
+        Call before the process group is destroyed. A DDP reducer that outlives the group's registration is
+        its last owner, and freeing it runs ``~ProcessGroupGloo`` with the GIL held; that joins gloo's worker
+        threads, and one that needs the GIL to free its last work never finishes (a hang at exit, seen in
+        2-process CPU runs). Freed here, the reducer is not the last owner; the group dies later through its
+        Python handle, which lets go of the GIL first.
+        """
+        self.model = self.unwrapped
+        self.accelerator.free_memory()
+        gc.collect()
 
     def weights(self, bucket_mb: float = 256) -> ModelWeights:
         """The unwrapped model's state dict as a (name, tensor) stream, gathered bucket-wise under ZeRO-3."""

@@ -216,6 +216,7 @@ class Session:
 
     def _end_distributed(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.learner.release_wrapper()  # first: see its docstring (a hang at exit otherwise)
             torch.distributed.destroy_process_group()
 
     def __enter__(self) -> Session:
