@@ -5,8 +5,10 @@
 1. **Fast path** (pure Python, microseconds). Both sides are unwrapped (``\\boxed{}``, ``$…$``, ``\\$``,
    ``\\text{units}``, a trailing period) and, where they are plain numbers (``1,000``, ``1000.0``, ``$18``,
    ``18 dollars``, ``-3``, ``50%``) or simple fractions (``3/4``, ``\\frac{3}{4}``), compared exactly as
-   rationals. When both sides are numbers the fast path is final: ``180`` and ``1.8`` are not ``18``.
-   Otherwise, identical strings (after removing spaces and ``\\left``/``\\right``) are equal.
+   rationals. Only listed unit words may follow a bare number (``2 pi`` and ``3 squared`` are not numbers;
+   a number followed by such a math word is graded wrong here). When both sides are numbers the fast path
+   is final: ``180`` and ``1.8`` are not ``18``. Otherwise, identical strings (after removing spaces and
+   ``\\left``/``\\right``) are equal.
 2. **Guard.** A prediction that is too long, too deeply nested, or holds an exponent tower / huge
    exponent / huge factorial (``9**9**9``, ``10^{10^{10}}``, ``99999!``) is graded wrong without being
    parsed: sympy would try to evaluate it. The process-pool timeout in `rollout.rewards` is the real
@@ -101,7 +103,7 @@ _NUMBER = re.compile(
     r"""^(?P<sign>[-+\u2212]?)\s*
     (?P<int>[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)?(?:\.(?P<frac>[0-9]+))?\s*
     (?P<pct>\\?%)?\s*
-    (?P<unit>\\(?:text|mbox|mathrm|textrm)\{[^{}]*\}|[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,3})?
+    (?P<unit>\\(?:text|mbox|mathrm|textrm)\{(?P<text>[^{}]*)\}|[A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,3})?
     \s*\.?$""",
     re.VERBOSE,
 )
@@ -111,6 +113,36 @@ _FRACTION = re.compile(
 )
 _PERCENT_WORDS = {"percent", "per cent", "percentage"}
 _MAGNITUDE_WORDS = re.compile(r"\b(?:hundred|thousand|million|billion|trillion|dozen)s?\b", re.IGNORECASE)
+
+
+def _with_plurals(words: str) -> frozenset[str]:
+    """The whitespace-separated `words` and each with an "s" appended."""
+    return frozenset(words.split()) | {w + "s" for w in words.split()}
+
+
+# Words that may follow a bare number and be dropped ("18 dollars", "5 square feet", "60 miles per hour"):
+# money, length, area, volume, mass, time, speed, temperature/angle and percentages, singular and plural.
+# Any other word ("2 pi", "3 squared", "18 apples") makes the text not a plain number, so the fast path
+# leaves it to the later steps; words in `\text{...}` are treated as units unless they name mathematics.
+_UNIT_WORDS = _with_plurals(
+    "dollar cent penny euro pound yen rupee usd"  # money
+    " mm cm km millimeter centimeter meter kilometer millimetre centimetre metre kilometre"  # length
+    " inch ft foot yd yard mile mi"
+    " square sq cubic cu acre hectare"  # area, volume
+    " ml milliliter liter millilitre litre gallon quart pint cup tablespoon teaspoon tbsp tsp"
+    " mg kg gram milligram kilogram lb ounce oz ton tonne"  # mass
+    " sec second min minute hr hour day week month year decade century"  # time
+    " per mph kph kmh"  # rates
+    " degree deg celsius fahrenheit kelvin radian percent percentage"  # temperature, angles, percentages
+) | {"inches", "feet", "pence", "centuries", "lbs", "hrs", "mins", "secs", "old"}
+# Words after a number that name an operation, a constant or a fraction of it: "2 sqrt", "3 squared",
+# "2 pi", "5 hundredths" are not 2, 3, 2 and 5. math-verify reads some of these (a dangling "sqrt") as
+# the bare number, so the fast path grades them wrong itself.
+_MATH_WORDS = re.compile(
+    r"\b(?:pi|sqrt|root|squared|cubed|factorial|halves|thirds"
+    r"|(?:four|fif|six|seven|eigh|nin|ten|hundred|thousand|million|billion)ths)\b",
+    re.IGNORECASE,
+)
 
 
 def _unwrap(s: str) -> str:
@@ -133,14 +165,17 @@ class _Number(NamedTuple):
 
 def _as_number(s: str) -> _Number | None:
     """A plain number or simple fraction as an exact rational, or None."""
-    s = _NOISE.sub("", s).replace("\\$", "").replace("$", "").strip()
+    s = _plain(s)
     if len(s) > _MAX_NUMBER_DIGITS + 40:
         return None
-    m = _NUMBER.match(s)
-    if m is not None and (m.group("int") or m.group("frac")):
+    m = _number_match(s)
+    if m is not None:
         unit = (m.group("unit") or "").lower()
-        if _MAGNITUDE_WORDS.search(unit):  # "18 thousand" is not 18
-            return None
+        if m.group("text") is not None:  # "18 \text{ apples}": any annotation but a magnitude or math word
+            if _MAGNITUDE_WORDS.search(unit) or _MATH_WORDS.search(unit):
+                return None
+        elif unit and not all(word in _UNIT_WORDS for word in unit.split()):
+            return None  # "18 thousand", "2 pi", "18 apples": not (only) a number with a unit
         digits = (m.group("int") or "0").replace(",", "") + "." + (m.group("frac") or "0")
         value = Fraction(digits)
         if m.group("sign") in ("-", "\u2212"):
@@ -155,6 +190,24 @@ def _as_number(s: str) -> _Number | None:
         value = Fraction(int(num), int(den))
         return _Number(-value if f.group("sign") in ("-", "\u2212") else value, False)
     return None
+
+
+def _plain(s: str) -> str:
+    return _NOISE.sub("", s).replace("\\$", "").replace("$", "").strip()
+
+
+def _number_match(s: str) -> re.Match[str] | None:
+    """`_NUMBER`'s match of `_plain` text `s` when it holds digits; None for long text (not a number)."""
+    if len(s) > _MAX_NUMBER_DIGITS + 40:
+        return None
+    m = _NUMBER.match(s)
+    return m if m is not None and (m.group("int") or m.group("frac")) else None
+
+
+def _names_math(s: str) -> bool:
+    """Whether `s` is a number followed by words that name an operation or constant (``2 sqrt``)."""
+    m = _number_match(_plain(s))
+    return m is not None and m.group("unit") is not None and _MATH_WORDS.search(m.group("unit")) is not None
 
 
 def _numbers_equal(a: _Number, b: _Number) -> bool:
@@ -298,6 +351,8 @@ def grade_answer(pred: str, gold: str) -> Grade:
         return Grade(_numbers_equal(pn, gn), "fast")
     if _squash(p) == _squash(g):
         return Grade(True, "fast")
+    if _names_math(p):  # "2 sqrt", "3 squared": not the number, and math-verify may read "2 sqrt" as 2
+        return Grade(False, "fast")
     if slow_path_risk(pred) is not None:
         return Grade(False, "guard")
     return Grade(_math_verify_equal(pred.strip(), gold.strip()), "math_verify")

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import codecs
+import io
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +22,38 @@ __all__ = ["DatasetFormatError", "read_jsonl"]
 
 class DatasetFormatError(ValueError):
     """A dataset line that cannot be used; the message names the file, the line and the problem."""
+
+
+def _decoded_lines(path: Path, handle: IO[Any], binary: bool) -> Iterator[tuple[int, str]]:
+    """(1-based line number, text) for each line of `handle`, decoded one line at a time, so that a byte
+    that is not UTF-8 is reported with its line and column (a text handle decodes whole blocks ahead of
+    the line being read, and its UnicodeDecodeError names neither). A UTF-8 text handle with a
+    ``buffer`` (what ``open`` and ``gzip.open`` return in text mode) is read through that buffer."""
+    raw_handle: Any = handle
+    encoding, errors = "utf-8", "strict"
+    if not binary:
+        raw_handle = getattr(handle, "buffer", None) if isinstance(handle, io.TextIOBase) else None
+        encoding = getattr(handle, "encoding", None) or "utf-8"
+        errors = getattr(handle, "errors", None) or "strict"
+        if raw_handle is None or codecs.lookup(encoding).name not in ("utf-8", "utf-8-sig"):
+            lineno = 0  # no bytes to split into lines (or not an ASCII-compatible encoding): read as text
+            try:
+                for lineno, text in enumerate(handle, start=1):
+                    yield lineno, text
+            except UnicodeDecodeError as err:
+                raise DatasetFormatError(
+                    f"{path}: not valid {err.encoding} after line {lineno} ({err.reason})"
+                ) from None
+            return
+    for lineno, raw in enumerate(raw_handle, start=1):
+        try:
+            yield lineno, raw.decode(encoding, errors)
+        except UnicodeDecodeError as err:
+            column = len(raw[: err.start].decode(encoding, "replace")) + 1
+            raise DatasetFormatError(
+                f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {column}); "
+                "re-save the file as UTF-8"
+            ) from None
 
 
 def read_jsonl(
@@ -33,15 +67,17 @@ def read_jsonl(
     """(1-based line number, record) for each non-blank line of `path`, stopping after `limit` records.
 
     Each record must be a JSON object whose `required` keys, and whichever `optional` keys it has, hold
-    strings. `opener` opens the file as text (default: UTF-8 ``path.open``; e.g. one that also reads
-    ``.gz``). Problems raise `DatasetFormatError` ``"{path}:{lineno}: ..."``.
+    strings. `opener` opens the file as text (default: the file's bytes, read as UTF-8; e.g. one that
+    also reads ``.gz``). Problems, bytes that are not valid UTF-8 included, raise `DatasetFormatError`
+    ``"{path}:{lineno}: ..."``.
     """
     path = Path(path)
     count = 0
-    with path.open(encoding="utf-8") if opener is None else opener(path) as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if limit is not None and count >= limit:
-                return
+    handle: IO[Any] = path.open("rb") if opener is None else opener(path)
+    with handle:
+        if limit is not None and limit <= 0:
+            return
+        for lineno, line in _decoded_lines(path, handle, binary=opener is None):
             if not line.strip():
                 continue
             try:
@@ -67,3 +103,5 @@ def read_jsonl(
                     )
             count += 1
             yield lineno, record
+            if limit is not None and count >= limit:  # stop before reading (or decoding) another line
+                return

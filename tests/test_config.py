@@ -19,6 +19,29 @@ def test_every_config_under_configs_loads() -> None:
         assert cfg.model.path, f
 
 
+def test_low_precision_engines_get_a_probe_threshold_above_their_noise() -> None:
+    """vLLM in bf16 (fp16) and the HF learner differ by ~1e-2 log-prob per token (README "stale-weight
+    probe"), so a fp32-level threshold (1e-3) raises StaleWeightsError at the step-0 sync. Every config whose
+    engine runs in low precision must allow at least 0.1 (the GRPO configs set 1.0, EI 0.5; unset = the
+    dtype default, `default_thresholds`: 1.0 for bf16)."""
+    import torch
+
+    from rollout.probe import default_thresholds
+    from trainer.engines import engine_dtype
+    from trainer.learner import DTYPES
+
+    checked = []
+    for f in sorted((REPO / "configs").rglob("*.yaml")):
+        cfg = load_config(f)
+        dtype = DTYPES[engine_dtype(cfg)]
+        if dtype == torch.float32:
+            continue
+        threshold = cfg.rollout.probe_threshold or default_thresholds(dtype)[0]
+        assert threshold >= 0.1, f"{f.name}: rollout.probe_threshold={threshold} for a {dtype} engine"
+        checked.append(f.name)
+    assert "sft_qwen2.5_math_1.5b.yaml" in checked, checked
+
+
 def test_unknown_keys_wrong_types_and_batch_arithmetic_reported_together() -> None:
     raw = {
         "model": {"path": "m", "dtyp": "bfloat16"},

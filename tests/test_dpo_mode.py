@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,52 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
             captured[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
     assert metrics["train/loss"] == pytest.approx(float(whole.detach()), rel=1e-6)
+
+
+@pytest.fixture
+def fresh_accelerator_state() -> Iterator[None]:
+    """accelerate's state is a process-wide singleton that refuses a second mixed-precision setting; start
+    this test from none and leave none behind, so the next `Accelerator()` is the default again."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_reference_runs_under_the_policys_bf16_autocast(tiny_qwen2_path: str) -> None:
+    """``--mixed_precision bf16`` autocasts only the prepared policy's forward. At step 0 the reference (same
+    weights) must give the same log-probs: compared exactly (tolerance 0), since the same bf16 kernels on the
+    same inputs are deterministic and `sequence_logp` upcasts both models' logits to float64 alike. So every
+    implicit reward is exactly 0, the DPO loss exactly log 2 and the accuracy exactly 0.5 (ties count one
+    half), in `Validator` and in `dpo_update`. Before the fix the float32 reference differed by up to 1.1e-2
+    per sequence and the held-out accuracy was 0.375; the control below checks that gap still exists."""
+    from accelerate import Accelerator
+
+    from trainer.dpo import PreferencePair, Validator, dpo_update, pair_logps, reference_model
+
+    cfg = load_config(CONFIG, [f"model.path={tiny_qwen2_path}", "dpo.micro_batch_pairs=4"])
+    learner = Learner(
+        ModelConfig(path=tiny_qwen2_path, dtype="float32"),
+        OptimConfig(learning_rate=1e-2),
+        Accelerator(mixed_precision="bf16", cpu=True),
+    )
+    ref = reference_model(cfg, learner)
+    assert ref is not None
+    pairs = [PreferencePair(f"What is {a} + {b}?", f"{a} + {b} = {a + b}", f"{a} + {b} = {a + b + 10}")
+             for a in range(4) for b in range(2)]  # fmt: skip
+    with torch.no_grad():  # control: outside autocast the float32 reference disagrees with the bf16 policy
+        plain = pair_logps(ref, learner.tokenizer, pairs, ALPACA, "dpo")[0]
+        policy = pair_logps(learner.model, learner.tokenizer, pairs, ALPACA, "dpo")[0]
+    assert float((plain - policy).abs().max()) > 1e-4
+    evals = Validator(pairs, cfg.dpo.micro_batch_pairs)(learner, ref, cfg.dpo)
+    train = dpo_update(learner, ref, cfg, [pairs[:4], pairs[4:]])
+    log2 = float(torch.tensor(math.log(2), dtype=torch.float32))  # the metrics are float32 (`_cat`)
+    for m, prefix in ((evals, "eval"), (train, "train")):
+        assert m[f"{prefix}/reward_chosen"] == m[f"{prefix}/reward_rejected"] == 0.0, m
+        assert m[f"{prefix}/loss"] == log2, m
+        assert m[f"{prefix}/accuracy"] == 0.5, m
 
 
 def test_bad_preference_input_names_file_and_line(tmp_path: Path, tiny_qwen2_path: str) -> None:

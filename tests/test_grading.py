@@ -58,6 +58,22 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
         ("18 thousand", "18000", False),  # magnitude words are not units; not parsed further either
         ("18 or 20", "20", False),  # hedging over two answers
         ("18, 20", "20", False),
+        # only listed unit words are dropped after a number; other words are not units
+        ("5 dollars", "5", True),
+        ("5 square feet", "5", True),
+        ("60 miles per hour", "60", True),
+        ("3 years old", "3", True),
+        ("2 pi", "2", False),
+        ("3 squared", "3", False),
+        ("5 factorial", "5", False),
+        ("5 hundredths", "5", False),
+        ("2 sqrt", "2", False),  # math-verify alone would drop the dangling "sqrt" and read 2
+        ("5 \\text{ hundredths}", "5", False),
+        # math-verify reads a bare "pi" as the symbols p*i, not as the constant, so "2 pi" is not 2\pi;
+        # False is acceptable: the prediction is not a LaTeX answer ("2\pi" and "2π" are graded right)
+        ("2 pi", "2\\pi", False),
+        ("2\\pi", "2\\pi", True),
+        ("2 \u03c0", "2\\pi", True),
         # fractions, percentages
         ("\\frac{1}{2}", "0.5", True),
         ("0.5", "\\frac{1}{2}", True),
@@ -97,6 +113,8 @@ def test_grade_answer(pred: str, gold: str, correct: bool) -> None:
         ("9**9**9", "18", "guard"),
         ("x" * (MAX_SLOW_PATH_CHARS + 1), "18", "guard"),
         ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", "math_verify"),
+        ("2 sqrt", "2", "fast"),  # a number followed by a math word is graded wrong without math-verify
+        ("18 apples", "18", "math_verify"),  # not a listed unit: left to math-verify
     ],
 )
 def test_grade_answer_method(pred: str, gold: str, method: str) -> None:

@@ -189,3 +189,47 @@ def test_bad_sft_input_names_file_and_line(tmp_path: Path, tiny_qwen2_path: str)
         read_sft_examples(empty)
     with pytest.raises(FileNotFoundError, match=r"data\.sft_path="):
         read_sft_examples(tmp_path / "missing.jsonl")
+
+
+def test_pair_batch_attention_mask_excludes_padding(tiny_qwen2_path: str) -> None:
+    """Rows of different lengths: ids, labels and response mask are `tokenize_prompt_and_output`'s, and the
+    attention mask marks exactly the real input positions (``min(|p| + |r|, T − 1)`` per row, a prefix), so
+    the throughput lengths and the packed row (`model.packing`) hold no padding. Before, the mask was all
+    ones: every row counted T − 1 tokens."""
+    from trainer.learner import load_tokenizer
+    from trainer.packing import pack, real_lengths
+    from trainer.tokenization import tokenize_prompt_and_output
+
+    tok = load_tokenizer(tiny_qwen2_path)
+    prompts = ["What is 2 + 3?", "Add 1 and 1, then explain every step slowly.", "Q"]
+    responses = [" 5", " First 1 + 1 = 2. So the answer is 2.", " a longer answer, with a few more words"]
+    batch = pair_batch(tok, prompts, responses)
+    naive = tokenize_prompt_and_output(prompts, responses, tok)
+    assert torch.equal(batch.input_ids, naive["input_ids"]) and torch.equal(batch.labels, naive["labels"])
+    assert torch.equal(batch.response_mask, naive["response_mask"])
+    lengths = [len(ids) for ids in tok([p + r for p, r in zip(prompts, responses, strict=True)],
+                                       add_special_tokens=False)["input_ids"]]  # fmt: skip
+    width = batch.input_ids.shape[1]  # T − 1
+    expected = [min(n, width) for n in lengths]
+    assert len(set(expected)) == 3 and min(expected) < width  # ragged: two rows carry padding
+    assert real_lengths(batch).tolist() == expected
+    for row, n in zip(batch.attention_mask, expected, strict=True):
+        assert row[:n].eq(1).all() and row[n:].eq(0).all()
+    assert pack(batch).input_ids.shape[1] == sum(expected)
+
+
+def test_numeric_gold_is_read_as_its_string(tmp_path: Path) -> None:
+    """CS336 converts numeric ground truth with str(); a number is accepted the same way (bool is not a
+    number here), any other type names the file, line and key."""
+    good = tmp_path / "good.jsonl"
+    rows = [{"prompt": "p", "response": "r", "answer": 5}, {"prompt": "p", "response": "r", "gold": 2.5},
+            {"prompt": "p", "response": "r", "ground_truth": "7"}, {"prompt": "p", "response": "r"}]  # fmt: skip
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [ex.gold for ex in read_sft_examples(good)] == ["5", "2.5", "7", None]
+    for value, kind in ((True, "bool"), ([5], "list"), (None, "NoneType")):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n"
+                       + json.dumps({"prompt": "p", "response": "r", "answer": value}) + "\n")  # fmt: skip
+        message = rf"{bad}:2: 'answer' must be a string or a number, got {kind}"
+        with pytest.raises(DatasetFormatError, match=message):
+            read_sft_examples(bad)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import re
 import sys
 from pathlib import Path
+from typing import IO
 
 import pytest
 
+from rollout.jsonl import read_jsonl
 from rollout.rewards import r1_zero_reward
 from rollout.tasks import (
     ARITHMETIC_LEVELS,
@@ -64,6 +67,28 @@ def test_gsm8k_fixture() -> None:
 def test_gsm8k_bad_lines(name: str, message: str) -> None:
     with pytest.raises(DatasetFormatError, match=message):
         load_gsm8k(FIXTURES / name)
+
+
+def test_non_utf8_byte_names_file_line_and_column(tmp_path: Path) -> None:
+    """A Latin-1 byte (here an 'é', 0xe9) is a DatasetFormatError naming file, line and column, not a
+    bare UnicodeDecodeError; for the default reader and for text openers (plain and gzip alike)."""
+    path = tmp_path / "latin1.jsonl"
+    good = '{"question": "q", "answer": "#### 1"}\n'
+    path.write_bytes(good.encode() + '{"question": "caf\u00e9", "answer": "#### 2"}\n'.encode("latin-1"))
+    message = r"latin1\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 18\); re-save the file as UTF-8"
+    with pytest.raises(DatasetFormatError, match=message):
+        load_gsm8k(path)
+    assert len(load_gsm8k(path, limit=1)) == 1  # lines past the limit are never decoded
+    with pytest.raises(DatasetFormatError, match=message):
+        list(read_jsonl(path, opener=lambda p: p.open(encoding="utf-8")))
+
+    def gzip_text(p: Path) -> IO[str]:
+        return gzip.open(p, "rt", encoding="utf-8")
+
+    gz = tmp_path / "latin1.jsonl.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    with pytest.raises(DatasetFormatError, match=r"latin1\.jsonl\.gz:2: not valid UTF-8 \(byte 0xe9"):
+        list(read_jsonl(gz, opener=gzip_text))
 
 
 def test_real_gsm8k(gsm8k_dir: Path) -> None:

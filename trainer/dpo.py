@@ -9,7 +9,8 @@ Exactly this:
    formatted sequence is summed (`trainer.dpo_loss.sequence_logp`, float64 sums): the prompt's tokens
    appear in the chosen and the rejected sequence and cancel in the difference of log-ratios.
 3. Policy = the learner; reference = a frozen copy of ``model.path`` on ``dpo.reference_device`` (default:
-   the policy's device), never updated. SimPO needs no reference and loads none.
+   the policy's device), never updated, run under the policy's mixed-precision autocast (`reference_autocast`:
+   ``--mixed_precision bf16`` casts only the prepared policy's forward). SimPO needs no reference.
 4. Each optimizer step takes ``dpo.pairs_per_step`` pairs (a fresh seeded shuffle each epoch) and runs
    them in micro-batches of at most ``dpo.micro_batch_pairs`` pairs (chosen and rejected in one forward
    pass per model). Per-pair loss, with ``h = (log π_w − log ref_w) − (log π_l − log ref_l)``:
@@ -38,6 +39,7 @@ Resume restores the optimizer and the best-so-far accuracy; the data order is a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -195,7 +197,7 @@ def dpo_update(
     for i, pairs in enumerate(micro_batches):
         with learner.accumulate(is_last_micro_batch=i == len(micro_batches) - 1):
             policy = pair_logps(learner.model, learner.tokenizer, pairs, template, cfg.dpo.loss)
-            ref = _ref_logps(ref_model, learner.tokenizer, pairs, template, cfg.dpo.loss)
+            ref = _ref_logps(ref_model, learner, pairs, template, cfg.dpo.loss)
             out = preference_loss(policy, ref, cfg.dpo)
             per_pair = out.loss.unsqueeze(-1)  # (n, 1): one "token" per pair
             learner.backward(
@@ -214,15 +216,39 @@ def dpo_update(
     return metrics
 
 
+def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The policy's mixed-precision autocast, for the reference's forward pass on `device`.
+
+    ``accelerate launch --mixed_precision bf16`` (or fp16) wraps only the *prepared* policy's ``forward``
+    in autocast; the reference is a plain module, and run as it is it would compute in its load dtype
+    (float32), so that at step 0 policy and reference (the same weights) disagree by ~1e-2 per sequence
+    and the held-out accuracy is not 0.5. Same device type: `accelerator.autocast()` itself; another one
+    (``dpo.reference_device: cpu`` beside a GPU policy): autocast of the same dtype on that device type.
+    """
+    if device.type == accelerator.device.type or not accelerator.native_amp:
+        ctx: contextlib.AbstractContextManager[Any] = accelerator.autocast()
+        return ctx
+    dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 @torch.no_grad()
 def _ref_logps(
     ref_model: torch.nn.Module | None,
-    tokenizer: Any,
+    learner: Learner,
     pairs: Sequence[PreferencePair],
     template: str,
     loss: str,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return None if ref_model is None else pair_logps(ref_model, tokenizer, pairs, template, loss)
+    """Reference (chosen, rejected) log-probs, under the policy's autocast (`reference_autocast`).
+
+    Inside autocast the logits come out in bf16 where the prepared policy's come out converted to
+    float32; `sequence_logp` upcasts either to float64 before the log-softmax, so both give the same sums.
+    """
+    if ref_model is None:
+        return None
+    with reference_autocast(learner.accelerator, next(ref_model.parameters()).device):
+        return pair_logps(ref_model, learner.tokenizer, pairs, template, loss)
 
 
 def _cat(outs: Sequence[PairOutput]) -> PairOutput:
@@ -247,9 +273,7 @@ class Validator:
     ) -> dict[str, float]:
         template = get_template(cfg.template)
         if self._ref is None:
-            self._ref = [
-                _ref_logps(ref_model, learner.tokenizer, b, template, cfg.loss) for b in self.batches
-            ]
+            self._ref = [_ref_logps(ref_model, learner, b, template, cfg.loss) for b in self.batches]
         outs = [
             preference_loss(pair_logps(learner.model, learner.tokenizer, b, template, cfg.loss), ref, cfg)
             for b, ref in zip(self.batches, self._ref, strict=True)

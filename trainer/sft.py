@@ -10,7 +10,7 @@ Exactly this:
      seeded ``sft.validation_fraction`` of the lines is held out first; then, on the training part only,
      ``sft.filter_correct`` keeps the examples whose response the reward function (``reward.fn``) grades
      correct against the gold, and ``sft.max_examples`` keeps a seeded random subset of that many unique
-     examples. Each (prompt, response) is tokenised by `tokenize_prompt_and_output`; the loss covers
+     examples. Each (prompt, response) is tokenised as by `tokenize_prompt_and_output`; the loss covers
      response tokens only.
    - Packed instruction tuning (``sft.packed: true``): `PackedSFTDataset` (Alpaca template, BOS when the
      tokenizer adds one, EOS after each document, ``sft.seq_length`` blocks, every token a target);
@@ -50,7 +50,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from rollout.jsonl import DatasetFormatError, read_jsonl
-from trainer.batching import TokenBatch
+from trainer.batching import TokenBatch, pack_token_ids
 from trainer.config import RunConfig
 from trainer.learner import Learner, global_token_count
 from trainer.logprobs import get_response_log_probs
@@ -58,7 +58,7 @@ from trainer.masking import aggregate_loss
 from trainer.packing import real_lengths
 from trainer.session import Session
 from trainer.sft_data import PackedSFTDataset, iterate_batches
-from trainer.tokenization import tokenize_prompt_and_output
+from trainer.tokenization import pad_token_id_of
 
 T = TypeVar("T")
 
@@ -100,12 +100,24 @@ class SFTExample:
 
 def read_sft_examples(path: str | Path) -> list[SFTExample]:
     """``{"prompt", "response"[, "answer" | "gold" | "ground_truth"]}`` lines of `path` (errors name file and
-    line); the first gold key present is used."""
-    records = read_jsonl_records(path, ("prompt", "response"), GOLD_KEYS, "data.sft_path")
+    line); the first gold key present is used. A numeric gold (``"answer": 5``) becomes its ``str`` ("5"),
+    as CS336 converts numeric ground truth; any other non-string gold is a `DatasetFormatError`."""
+    records = read_jsonl_records(path, ("prompt", "response"), (), "data.sft_path")
     return [
-        SFTExample(r["prompt"], r["response"], next((r[k] for k in GOLD_KEYS if k in r), None), f"{path}:{n}")
-        for n, r in records
+        SFTExample(r["prompt"], r["response"], _gold_of(r, f"{path}:{n}"), f"{path}:{n}") for n, r in records
     ]
+
+
+def _gold_of(record: dict[str, Any], where: str) -> str | None:
+    key = next((k for k in GOLD_KEYS if k in record), None)
+    if key is None:
+        return None
+    gold = record[key]
+    if isinstance(gold, str):
+        return gold
+    if isinstance(gold, int | float) and not isinstance(gold, bool):
+        return str(gold)
+    raise DatasetFormatError(f"{where}: {key!r} must be a string or a number, got {type(gold).__name__}")
 
 
 def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -152,9 +164,18 @@ def rank_micro_batches(
 
 
 def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
-    """`tokenize_prompt_and_output` as a `TokenBatch` (right padding, so an all-ones attention mask)."""
-    t = tokenize_prompt_and_output(list(prompts), list(responses), tokenizer)
-    return TokenBatch(t["input_ids"], t["labels"], t["response_mask"], torch.ones_like(t["input_ids"]))
+    """`tokenize_prompt_and_output` as a `TokenBatch`: the same ids, labels and response mask (built by its
+    token-id twin `pack_token_ids`), plus the attention mask of the real tokens, 0 on the right padding, so
+    that `real_lengths` (throughput, MFU) and `model.packing` leave the padding out."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} outputs")
+    if not prompts:
+        raise ValueError("pair_batch needs at least one (prompt, output) pair")
+    prompt_ids: list[list[int]] = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids: list[list[int]] = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    if max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)) < 2:
+        raise ValueError("every (prompt, output) pair tokenises to fewer than 2 tokens; nothing to predict")
+    return pack_token_ids(prompt_ids, response_ids, pad_token_id_of(tokenizer))
 
 
 def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
