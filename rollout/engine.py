@@ -23,7 +23,11 @@ from: logits with the min-tokens EOS mask, divided by the temperature, top-p tru
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """Sampling parameters; `n` is the group size (samples per prompt)."""
+    """Sampling parameters; `n` is the group size (samples per prompt).
+
+    `stop` is a sequence of non-empty stop strings (stored as a tuple); a bare str is rejected, since both
+    engines would otherwise treat each of its characters as a stop string.
+    """
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -34,7 +38,13 @@ class SamplingConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # a bare str would be iterated as one stop string per character
+        if isinstance(self.stop, str) or not all(isinstance(s, str) for s in self.stop):
+            raise TypeError(f"stop must be a sequence of strings, e.g. ('</answer>',), got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))  # a list is accepted and stored as a tuple
         problems = []
+        if any(s == "" for s in self.stop):
+            problems.append(f"stop={self.stop!r} must not contain an empty string (it would match at once)")
         if self.temperature < 0:
             problems.append(f"temperature={self.temperature} must be >= 0")
         if not 0 < self.top_p <= 1:

@@ -7,9 +7,11 @@ It implements `RolloutEngine` with the same sampling semantics as the vLLM engin
   ``sample_seed(seed, i, n, k)``, the seed vLLM's sample gets (reproducible; samples of a group differ). The random streams are not
   vLLM's, so with temperature > 0 the two engines draw different (equally distributed) tokens; greedy
   (temperature < 1e-5) matches token for token.
-- ``min_tokens``: EOS is masked (logit -inf) and stop strings are not checked until ``min_tokens`` tokens
-  exist (vLLM's rule). EOS ends a sample and is kept in ``response_ids`` (it is what the policy must learn
-  to emit); ``text`` skips special tokens.
+- ``min_tokens``: EOS is masked (logit -inf) for the first ``min_tokens`` tokens, and a stop string counts
+  only if it *ends* after the text of the first ``min_tokens`` tokens; it may begin inside that text
+  (vLLM's rule: ``BaseIncrementalDetokenizer.update`` searches from ``len(stop) - 1`` characters before the
+  text of token ``min_tokens + 1``). EOS ends a sample and is kept in ``response_ids`` (it is what the policy
+  must learn to emit); ``text`` skips special tokens.
 - Stop strings end a sample with ``finish_reason="stop"``; the text is cut right after the stop string
   (vLLM's ``include_stop_str_in_output=True``); the token ids are all tokens generated, so the last token
   may run past the stop string.
@@ -43,6 +45,7 @@ from rollout.engine import (
 logger = logging.getLogger(__name__)
 
 _GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this sample greedily
+_PARTIAL = " (the valid tensors sent before the first problem were copied: the model may be partly updated)"
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -266,9 +269,11 @@ class HFEngine:
         if n <= params.min_tokens or not params.stop:
             return None, ""
         text = str(self.tokenizer.decode(response, skip_special_tokens=True))
-        searchable = len(str(self.tokenizer.decode(response[: params.min_tokens], skip_special_tokens=True)))
-        ends = [text.find(s, searchable) for s in params.stop]
-        hits = [idx + len(s) for idx, s in zip(ends, params.stop, strict=True) if idx != -1]
+        # a match must end after the first min_tokens tokens' text (`boundary`), so it may start up to
+        # len(s) - 1 characters before it; the earliest-ending match wins (ties: first in `stop`), as in vLLM
+        boundary = len(str(self.tokenizer.decode(response[: params.min_tokens], skip_special_tokens=True)))
+        starts = [text.find(s, max(0, boundary - len(s) + 1)) for s in params.stop]
+        hits = [idx + len(s) for idx, s in zip(starts, params.stop, strict=True) if idx != -1]
         if hits:
             return "stop", text[: min(hits)]
         return None, text
@@ -287,28 +292,51 @@ class HFEngine:
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (name, tensor) pairs into the model in place (any iterable; one tensor at a time).
 
-        Every tensor of the model must be covered (tied weights count as covered through any alias) and
-        every name must exist, else `KeyError` / `ValueError` name the culprits. Bumps `policy_version`.
+        Each tensor is checked before it is copied: its name must be in the model (`KeyError` otherwise) and
+        its shape must equal the target's exactly (`ValueError`; ``copy_`` would broadcast a compatible
+        shape); the dtype and device may differ (converted by the copy). Every tensor of the model must be
+        covered (tied weights count as covered through any alias), else `ValueError`. The messages name the
+        culprits.
+
+        Streamed, not staged: a bad tensor is found only when it arrives, and the tensors before it are then
+        already copied. From the first bad tensor on nothing more is copied, but the rest of the stream is
+        still consumed (names and shapes checked, so the error lists every problem; a ZeRO-3 `ModelWeights`
+        stream gathers collectively, so every rank keeps iterating in step). On any error the model is left
+        partly updated and `policy_version` is not bumped: send a complete, valid set of weights again.
+        Bumps `policy_version` on success.
         """
         start, moved = time.perf_counter(), 0
         targets = dict(iter_state_dict(self.model))
         loaded: set[int] = set()
         unknown: list[str] = []
+        bad_shapes: list[str] = []
         for name, tensor in weights:
             target = targets.get(name)
             if target is None:
                 unknown.append(name)
                 continue
+            if tensor.shape != target.shape:
+                bad_shapes.append(f"{name}: sent {tuple(tensor.shape)}, model has {tuple(target.shape)}")
+                continue
+            if unknown or bad_shapes:
+                continue  # stop copying at the first problem; keep checking the rest of the stream
             if target.data_ptr() != tensor.data_ptr():
                 target.copy_(tensor)
             loaded.add(target.data_ptr())
             moved += tensor.numel() * tensor.element_size()
+        problems = []
         if unknown:
-            raise KeyError(f"HFEngine.update_weights: names not in the model: {unknown[:10]}")
+            problems.append(f"names not in the model: {unknown[:10]} ({len(unknown)} tensors)")
+        if bad_shapes:
+            problems.append(f"shape mismatch: {bad_shapes[:10]} ({len(bad_shapes)} tensors)")
+        if problems:
+            message = "HFEngine.update_weights: " + "; ".join(problems) + _PARTIAL
+            raise KeyError(message) if unknown else ValueError(message)
         missing = [n for n, t in targets.items() if t.data_ptr() not in loaded]
         if missing:
             raise ValueError(
                 f"HFEngine.update_weights: no value sent for {missing[:10]} ({len(missing)} tensors)"
+                + _PARTIAL
             )
         self.policy_version += 1
         self.metrics.update(sync_metrics(time.perf_counter() - start, moved))

@@ -30,8 +30,9 @@ endpoints, which are the whole protocol used here; nothing is added to the serve
 Weight transfer modes:
 
 - ``filesystem`` (works on CPU): the learner writes safetensors shards (`write_safetensors_shards`, one bucket
-  in memory at a time) to ``weights_dir/v{version}`` on storage both machines see, then asks the server to
-  reload from that directory. Older version directories are deleted after a successful sync.
+  in memory at a time) to ``weights_dir/v{version:06d}`` on storage both machines see, then asks the server
+  to reload from that directory. After a successful sync the other version directories (``v`` and 6+ digits)
+  are deleted; nothing else in ``weights_dir`` is touched.
 - ``nccl`` (GPUs): the server is started with ``--weight-transfer-config '{"backend": "nccl"}'``; the learner
   joins an NCCL group with the server's workers (`RemoteEngine.init_nccl`) and broadcasts packed buckets.
 
@@ -45,10 +46,12 @@ close (tests, single-node runs); `RemoteEngine` is the client and implements `Ro
 from __future__ import annotations
 
 import argparse
+import http.client
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -82,6 +85,7 @@ logger = logging.getLogger(__name__)
 # re-export without a ``__main__``, so the order matters).
 VLLM_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
 TransferMode = Literal["filesystem", "nccl"]
+_VERSION_DIR = re.compile(r"v\d{6,}")  # RemoteEngine's filesystem-sync directories: f"v{version:06d}"
 
 
 # ---- server side ---------------------------------------------------------------------------------------------
@@ -229,21 +233,25 @@ class RolloutServer:
             os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))
         )
         env.update(self.extra_env)
-        self._log = open(self.log_path, "wb") if self.log_path is not None else None  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "rollout.server", *self.argv],
-            stdout=self._log or subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
+        try:  # close() also closes the log when Popen itself fails
+            self._log = open(self.log_path, "wb") if self.log_path is not None else None  # noqa: SIM115
+            self.process = subprocess.Popen(
+                self.command(),
+                stdout=self._log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group, whose id is the leader's pid
+            )
             self.wait_healthy()
         except BaseException:
             self.close()
             raise
         self.startup_s = time.perf_counter() - start
         return self
+
+    def command(self) -> list[str]:
+        """The server's command line: ``python -m rollout.server ARGV`` (see `main`)."""
+        return [sys.executable, "-m", "rollout.server", *self.argv]
 
     def wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -283,36 +291,57 @@ def _cut(argv: Sequence[str]) -> int:
 
 
 def _kill_group(process: subprocess.Popen[bytes], timeout_s: float) -> None:
-    try:
-        pgid = os.getpgid(process.pid)
-    except ProcessLookupError:
-        return
+    """SIGTERM the process group led by `process`, then SIGKILL what is left after `timeout_s`.
+
+    The server is started with ``start_new_session=True``, so the group id is the leader's pid, and stays
+    in use while any member lives, also after the leader has exited and been reaped (``wait_healthy``
+    polls it), when ``os.getpgid(pid)`` would fail: hence ``killpg(process.pid)``, not ``getpgid``.
+    """
+    pgid = process.pid
     for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:
-            break
+            break  # the group is empty
+        deadline = time.monotonic() + wait_s
         try:
             process.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             continue
+        while _group_alive(pgid) and time.monotonic() < deadline:  # the leader is gone; wait for the rest
+            time.sleep(0.1)
         if not _group_alive(pgid):
             break
-        deadline = time.monotonic() + wait_s  # the leader is gone; give the rest of the group the same time
-        while _group_alive(pgid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not _group_alive(pgid):
-            break
+    if process.returncode is None:  # SIGKILLed but not yet reaped
+        try:
+            process.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            logger.warning("rollout server process %d did not exit after SIGKILL", process.pid)
 
 
 def _group_alive(pgid: int) -> bool:
+    """Whether process group `pgid` has a member that is not a zombie (zombies are read from /proc on Linux;
+    an orphaned member's zombie lingers until init reaps it)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 # ---- client side -----------------------------------------------------------------------------------------------
@@ -351,8 +380,15 @@ class _Http:
                 raw = response.read()
         except urllib.error.HTTPError as err:
             detail = err.read().decode(errors="replace")[:2000]
-            message = f"rollout server {method} {path} failed: HTTP {err.code}: {detail}"
+            message = f"rollout server {method} {url} failed: HTTP {err.code}: {detail}"
             raise ServerError(message, err.code) from err
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
+            # no answer: refused, reset, dead server, timeout; say which request it was
+            reason = err.reason if isinstance(err, urllib.error.URLError) else err
+            message = f"rollout server {method} {url} failed: {type(reason).__name__}: {reason}"
+            if isinstance(reason, TimeoutError):
+                raise TimeoutError(f"{message} (timeout_s={self.timeout_s})") from err
+            raise ConnectionError(message) from err
         return json.loads(raw) if raw else None
 
     def get(self, path: str) -> Any:
@@ -540,8 +576,8 @@ class RemoteEngine:
                 "kwargs": {"weights_path": str(target.resolve()), "is_checkpoint_format": True},
             },
         )
-        for old in self.weights_dir.glob("v*"):
-            if old.is_dir() and old.name != target.name and not old.name.endswith(".tmp"):
+        for old in self.weights_dir.iterdir():  # only version directories this class writes (``v000123``)
+            if old.is_dir() and _VERSION_DIR.fullmatch(old.name) and old.name != target.name:
                 shutil.rmtree(old, ignore_errors=True)
         return nbytes
 

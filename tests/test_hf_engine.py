@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import perturbed
+from helpers import perturbed, tiny_vllm_engine
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -102,10 +103,69 @@ def test_stop_string_kept_and_respects_min_tokens(engine: HFEngine) -> None:
     (cut,) = engine.generate([[5, 6, 7]], params)
     assert cut.finish_reason == "stop"
     assert cut.text.endswith(stop)
-    start = full.text.find(stop, len(engine.tokenizer.decode(full.response_ids[:4])))
+    boundary = len(engine.tokenizer.decode(full.response_ids[:4]))  # a match must end after this
+    start = full.text.find(stop, max(0, boundary - len(stop) + 1))
     assert cut.text == full.text[: start + len(stop)]
     assert cut.response_ids == full.response_ids[: len(cut.response_ids)]
     assert len(cut.response_ids) <= 10
+
+
+def test_stop_string_may_start_inside_min_tokens(tiny_qwen2_path: str) -> None:
+    """vLLM's rule: a stop string counts when it *ends* after the first min_tokens tokens' text, even if it
+    starts inside it; one ending exactly at that boundary does not count; the earliest-ending match wins."""
+    engine = HFEngine(perturbed(tiny_qwen2_path), tiny_qwen2_path)
+    base = SamplingConfig(max_tokens=12, temperature=1.0, seed=4, min_tokens=4, stop=())
+    (full,) = engine.generate([[5, 6, 7]], base)
+    ids, decode = full.response_ids, engine.tokenizer.decode
+    assert full.finish_reason == "length" and decode(ids[:6]).isascii()  # 1 char per byte: offsets are plain
+
+    def cut(*stop: str) -> Sample:
+        (sample,) = engine.generate([[5, 6, 7]], replace(base, stop=stop))
+        assert sample.response_ids == ids[: len(sample.response_ids)]  # same stream up to the cut
+        return sample
+
+    spanning = decode(ids[2:6])  # tokens 3-6, across the boundary after token 4
+    assert full.text.count(spanning) == 1
+    sample = cut(spanning)
+    assert (sample.finish_reason, len(sample.response_ids), sample.text) == ("stop", 6, decode(ids[:6]))
+    at_boundary = decode(ids[1:4])  # ends exactly where the first min_tokens tokens end
+    assert full.text.count(at_boundary) == 1
+    sample = cut(at_boundary)
+    assert sample.finish_reason == "length" and sample.response_ids == ids
+    sample = cut(spanning, decode(ids[3:5]))  # the second ends first (token 5)
+    assert (sample.finish_reason, len(sample.response_ids), sample.text) == ("stop", 5, decode(ids[:5]))
+
+
+@pytest.mark.vllm
+@pytest.mark.slow  # starts its own vLLM engine (about a minute on a shared CPU)
+def test_stop_string_across_min_tokens_boundary_matches_vllm(tiny_qwen2_path: str) -> None:
+    """Greedy, min_tokens=4, stop = the text of tokens 3-6: vLLM and HF cut at the same token (the tiny model
+    repeats one token, so the stop string first completes at token 5, starting at token 2)."""
+    hf = HFEngine(tiny_qwen2_path)
+    vllm = tiny_vllm_engine(tiny_qwen2_path)
+    try:
+        greedy = SamplingConfig(max_tokens=12, temperature=0.0, min_tokens=4, stop=())
+        for prompt in ([5, 6, 7], "What is 2 + 3?"):
+            (full,) = hf.generate([prompt], greedy)
+            params = replace(greedy, stop=(hf.tokenizer.decode(full.response_ids[2:6]),))
+            (ours,), (ref,) = vllm.generate([prompt], params), hf.generate([prompt], params)
+            assert (ours.response_ids, ours.text, ours.finish_reason) == (
+                ref.response_ids, ref.text, ref.finish_reason,
+            )  # fmt: skip
+            assert ref.finish_reason == "stop" and len(ref.response_ids) == 5
+    finally:
+        vllm.close()
+
+
+def test_sampling_config_rejects_a_bare_str_and_empty_stop_strings() -> None:
+    with pytest.raises(TypeError, match=r"stop must be a sequence of strings, e\.g\. \('</answer>',\)"):
+        SamplingConfig(stop="</answer>")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="sequence of strings"):
+        SamplingConfig(stop=("</answer>", 3))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty string"):
+        SamplingConfig(stop=("</answer>", ""))
+    assert SamplingConfig(stop=["</answer>"]).stop == ("</answer>",)  # type: ignore[arg-type]
+    assert SamplingConfig(stop=()).stop == ()
 
 
 def test_logprobs_are_the_sampling_distribution(engine: HFEngine) -> None:
@@ -150,6 +210,33 @@ def test_update_weights_in_place(engine: HFEngine, tiny_qwen2_path: str) -> None
         fresh.update_weights([("no.such.weight", torch.zeros(1))])
     with pytest.raises(ValueError, match="no value sent"):
         fresh.update_weights(list(iter_state_dict(learner))[:3])
+
+
+def test_update_weights_checks_each_tensor_before_copying(tiny_qwen2_path: str) -> None:
+    """A bad name or shape is caught before that tensor is copied, nothing after it is copied, and the error
+    names every culprit; a broadcastable shape is an error, not a broadcast copy."""
+    engine = HFEngine(tiny_qwen2_path)
+    before = {n: t.clone() for n, t in iter_state_dict(engine.model)}
+    new = [(n, t + 1) for n, t in before.items()]
+    norm = next(i for i, (n, t) in enumerate(new) if t.dim() == 1)  # a (hidden,) norm weight
+    name, tensor = new[norm]
+    broadcastable = [*new[:norm], (name, tensor[:1]), *new[norm + 1 :]]  # (1,): copy_ would broadcast it
+    culprit = rf"shape mismatch: \['{name}: sent \(1,\), model has \({tensor.numel()},\)'\]"
+    with pytest.raises(ValueError, match=culprit):
+        engine.update_weights(broadcastable)
+    state = dict(iter_state_dict(engine.model))
+    assert engine.policy_version == 0
+    tied = {"lm_head.weight"}  # shares storage with the embedding, which comes first and is copied
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    for i, (n, t) in enumerate(new):  # streamed: the tensors before the bad one are copied, none after
+        if n not in tied:
+            assert torch.equal(state[n], t if i < norm else before[n]), n
+    both = r"not in the model: \['typo.weight'\].*shape mismatch: \['lm_head.weight"
+    with pytest.raises(KeyError, match=both):
+        engine.update_weights([("typo.weight", torch.zeros(1)), ("lm_head.weight", torch.zeros(2, 2)), *new])
+    engine.update_weights(new)  # a complete valid set afterwards repairs the model
+    assert engine.policy_version == 1
+    assert all(torch.equal(t, dict(new)[n]) for n, t in iter_state_dict(engine.model))
 
 
 def test_rollout_metrics_hand_example() -> None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +23,7 @@ from rollout.server import (
     VLLM_SERVER_MODULES,
     RemoteEngine,
     RolloutServer,
+    _Http,
     free_port,
     health,
     main,
@@ -43,6 +48,92 @@ def group_pids(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             pids.append(int(entry))
     return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].split()[0] not in ("Z", "X")
+
+
+class FakeServer(RolloutServer):
+    """A `RolloutServer` whose process is `command_line` instead of vLLM (the argv only sets the URL)."""
+
+    def __init__(self, command_line: list[str], **kwargs: Any) -> None:
+        super().__init__(["--model", "/m", "--port", str(free_port())], **kwargs)
+        self.command_line = command_line
+
+    def command(self) -> list[str]:
+        return self.command_line
+
+
+def test_close_kills_the_group_of_a_server_that_died_during_startup(tmp_path: Path) -> None:
+    """The leader exits at once (reaped by `wait_healthy`), leaving a child in its group: close() kills it."""
+    pid_file = tmp_path / "child.pid"
+    script = f"sleep 300 & echo $! > {pid_file}; exit 3"
+    server = FakeServer(["/bin/sh", "-c", script], startup_timeout_s=30, stop_timeout_s=5)
+    child = None
+    try:
+        with pytest.raises(RuntimeError, match="exited with code 3"):
+            server.start()  # closes the server on failure
+        child = int(pid_file.read_text())
+        deadline = time.monotonic() + 10
+        while alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(child), "the server's child outlived close()"
+        assert server.process is None
+        server.close()  # idempotent
+    finally:
+        if child is not None and alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_start_closes_the_log_when_the_process_cannot_start(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = FakeServer([str(tmp_path / "no-such-program")], log_path=log)
+    with pytest.raises(FileNotFoundError):
+        server.start()
+    assert server.process is None and server._log is None
+    open_fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            open_fds.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    assert str(log) not in open_fds
+
+
+def test_http_errors_name_the_request() -> None:
+    """No server, or a server that never answers: the error says which request failed."""
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ConnectionError, match=re.escape(f"rollout server POST {url}/pause?mode=wait failed")):
+        _Http(url, timeout_s=5).post("/pause", mode="wait")
+    with socket.socket() as silent:  # connections complete in the backlog, but nothing is ever sent back
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with pytest.raises(TimeoutError, match=re.escape(f"rollout server GET {url}/v1/models failed")):
+            _Http(url, timeout_s=0.5).get("/v1/models")
+
+
+def test_filesystem_sync_deletes_only_its_own_version_directories(tmp_path: Path) -> None:
+    weights_dir = tmp_path / "weights"
+    for name in ("v000001", "v000003", "v000001.tmp", "v1", "vocab", "v_notes"):
+        (weights_dir / name).mkdir(parents=True)
+    (weights_dir / "v000004").write_text("a file, not ours")
+    posts: list[tuple[str, Any]] = []
+    engine = RemoteEngine.__new__(RemoteEngine)  # no server: only the filesystem part is exercised
+    engine.weights_dir, engine.bucket_bytes = weights_dir, 1 << 20
+    engine.http = SimpleNamespace(post=lambda path, body=None, **query: posts.append((path, body)))  # type: ignore[assignment]
+    assert engine._sync_filesystem([("w", torch.ones(4))], version=2) == 16
+    assert sorted(p.name for p in weights_dir.iterdir()) == [
+        "v000001.tmp", "v000002", "v000004", "v1", "v_notes", "vocab",
+    ]  # fmt: skip
+    assert posts[0][0] == "/collective_rpc"
+    assert posts[0][1]["kwargs"]["weights_path"] == str((weights_dir / "v000002").resolve())
 
 
 def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
