@@ -18,6 +18,42 @@ def repo_pythonpath() -> str:
     return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
+LAUNCH_VARS = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "ACCELERATE_USE_CPU",
+    "CUDA_VISIBLE_DEVICES",
+}
+
+
+def launch_env(cpu_ddp: bool) -> dict[str, str]:
+    """Environment for a launched CPU run: no inherited launcher variables, one thread, wandb off; with
+    `cpu_ddp` accelerate makes the torchrun processes one gloo world."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": repo_pythonpath()}  # fmt: skip
+    if cpu_ddp:  # without it accelerate runs each CPU process as its own world of 1 (silently)
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
+
+
+def session_pids(sid: int) -> list[int]:
+    """Pids still in session `sid` (the launcher was started in a new session: all its descendants)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
+            alive.append(int(stat.parent.name))
+    return alive
+
+
 def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:
     """The tiny model after a pretend training step: every weight plus N(0, scale²) noise."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -37,6 +37,22 @@ def test_existing_run_needs_resume(tmp_path: Path) -> None:
     assert f"output_dir={tmp_path} already holds a run: pass --resume" in proc.stderr
 
 
+def test_resume_takes_the_runs_config_not_another(tmp_path: Path) -> None:
+    """`--resume` continues with RUN_DIR/config.yaml; a second config is refused (it would silently replace
+    the run's settings), and so is a directory that holds no run."""
+    (tmp_path / "config.yaml").write_text(TINY.read_text())
+    both = reasonrl("train", "--config", str(TINY), "--resume", str(tmp_path))
+    assert both.returncode == 2
+    assert f"--resume continues with {tmp_path / 'config.yaml'}" in both.stderr
+    assert "drop --config" in both.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = reasonrl("train", "--resume", str(empty))
+    assert proc.returncode == 2 and "no config.yaml there" in proc.stderr
+    none = reasonrl("train")
+    assert none.returncode == 2 and "train needs --config FILE" in none.stderr
+
+
 @pytest.mark.slow
 def test_eval_checkpoint_and_plot(tiny_qwen2_path: str, tmp_path: Path) -> None:
     """`reasonrl eval` on a model dir (the zero-shot baseline path) writes per-sample JSONL; `plot` a PNG."""

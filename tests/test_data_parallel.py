@@ -44,7 +44,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import repo_pythonpath
+from helpers import launch_env, session_pids
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dp_worker.py"
@@ -53,40 +53,6 @@ TIMEOUT_S = 300
 MODES = ["sequence_mean", "constant", "token"]
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * TIMEOUT_S)]
-
-
-LAUNCH_VARS = {
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "ACCELERATE_USE_CPU",
-    "CUDA_VISIBLE_DEVICES",
-}
-
-
-def _env(cpu_ddp: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-            "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": repo_pythonpath()}  # fmt: skip
-    if cpu_ddp:  # without it accelerate runs each CPU process as its own world of 1 (silently)
-        env["ACCELERATE_USE_CPU"] = "true"
-    return env
-
-
-def _session_alive(sid: int) -> list[int]:
-    """Pids still in session `sid` (the launcher was started in a new session: all its descendants)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
-            alive.append(int(stat.parent.name))
-    return alive
 
 
 def _run_both(model: str, out: Path) -> dict[int, dict[str, Any]]:
@@ -109,7 +75,7 @@ def _run_both(model: str, out: Path) -> dict[int, dict[str, Any]]:
     for world, cmd in cmds.items():
         log = (out / f"w{world}.log").open("w")
         procs[world] = subprocess.Popen(
-            cmd, cwd=REPO, env=_env(world > 1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            cmd, cwd=REPO, env=launch_env(world > 1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + TIMEOUT_S
@@ -120,16 +86,16 @@ def _run_both(model: str, out: Path) -> dict[int, dict[str, Any]]:
                 pytest.fail(f"world-{world} launch exceeded {TIMEOUT_S} s; log:\n{_tail(out, world)}")
             assert rc == 0, f"world-{world} launch exited {rc}; log:\n{_tail(out, world)}"
         for world, proc in procs.items():  # reward workers exit within ~1 s of their parent
-            leftover = _session_alive(proc.pid)
+            leftover = session_pids(proc.pid)
             for _ in range(50):
                 if not leftover:
                     break
                 time.sleep(0.1)
-                leftover = _session_alive(proc.pid)
+                leftover = session_pids(proc.pid)
             assert not leftover, f"world-{world} launch left processes behind: {leftover}"
     finally:
         for proc in procs.values():
-            if _session_alive(proc.pid):
+            if session_pids(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return {w: torch.load(out / f"w{w}" / "results.pt", weights_only=False) for w in cmds}

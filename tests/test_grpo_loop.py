@@ -3,6 +3,7 @@ estimators by hand, dynamic sampling, and exact resume (HF engine: deterministic
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -135,6 +136,9 @@ def test_resume_gives_the_same_parameters(tiny_qwen2_path: str, tmp_path: Path) 
     assert any(not torch.equal(initial[n], a[n]) for n in initial), "training changed nothing"
     steps = [r["step"] for r in read_metrics(tmp_path / "halves") if "train/loss" in r]
     assert steps == [1, 2, 3, 4]
+    versions = [json.loads((run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())["policy_version"]
+                for run in (tmp_path / "straight", tmp_path / "halves")]  # fmt: skip
+    assert versions == [5, 5], "the initial sync + one per step; a resume continues the count"
 
 
 @pytest.mark.slow
@@ -147,6 +151,7 @@ def test_dynamic_sampling_keeps_batch_shape_and_logs_drops(tiny_qwen2_path: str,
     [rec] = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert rec["rollout/dropped_zero_std_groups"] == 8.0  # 4 groups, then 4 more in one refill round
     assert rec["reward/frac_zero_std_groups"] == 1.0
+    assert rec["rollout/samples"] == 32.0  # statistics cover every generated group: 16 rows + a 16-row refill
     # the update ran: micro_batch_slices raises unless the batch kept exactly its 16 rows
     assert math.isfinite(rec["train/loss"]) and rec["train/grad_norm"] >= 0.0
 
@@ -172,3 +177,29 @@ def test_off_policy_grpo_clip_with_tis_runs_and_logs(tiny_qwen2_path: str, tmp_p
     # 4 optimizer steps: train/lr is the mean of the lr after each; linear warm-up gives peak·(k+1)/10
     # after k steps, so (2+3+4+5)/4/10 of the peak
     assert rec["train/lr"] == pytest.approx(cfg.optim.learning_rate * (2 + 3 + 4 + 5) / 4 / 10)
+
+
+@pytest.mark.slow
+def test_engine_sleeps_after_every_rollout(tiny_qwen2_path: str, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `rollout.sleep_between_rollouts` the engine is put to sleep after each batch of generation
+    (training rollouts and evaluation alike), so a colocated vLLM hands its GPU memory to the learner for
+    the update; the next sync or generate wakes it. Checked on the HF engine's calls, in order."""
+    from rollout.hf_engine import HFEngine
+
+    calls: list[str] = []
+    for name in ("generate", "sleep", "update_weights"):
+        original = getattr(HFEngine, name)
+
+        def record(self: HFEngine, *args: object, _name: str = name, _original: object = original) -> object:
+            calls.append(_name)
+            return _original(self, *args)  # type: ignore[operator]
+
+        monkeypatch.setattr(HFEngine, name, record)
+    cfg = small_config(tiny_qwen2_path, tmp_path / "run", "grpo.n_grpo_steps=2", "eval.every=1",
+                       "rollout.sleep_between_rollouts=true")
+    train_grpo(cfg)
+    # initial sync, eval 0, then per step: rollout, update, sync, eval
+    assert calls == ["update_weights", "generate", "sleep",
+                     "generate", "sleep", "update_weights", "generate", "sleep",
+                     "generate", "sleep", "update_weights", "generate", "sleep"]  # fmt: skip

@@ -40,9 +40,24 @@ def test_broken_wandb_is_disabled_not_fatal(tmp_path: Path, caplog: pytest.LogCa
     assert read_metrics(tmp_path)[0]["train/loss"] == 2.0
 
 
-def test_null_tracker_writes_nothing(tmp_path: Path) -> None:
-    NullTracker().log({"train/loss": 1.0}, step=0)
-    assert not (tmp_path / "metrics.jsonl").exists()
+def test_null_tracker_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a relative path would land here
+    tracker = NullTracker()
+    tracker.log({"train/loss": 1.0}, step=0)
+    tracker.log_table("eval/samples", [{"prompt": "p"}], step=0)
+    tracker.finish()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_metrics_file_is_not_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """metrics.jsonl that cannot be written (here a directory stands in its place: IsADirectoryError) is
+    reported once; later logs neither raise nor warn again."""
+    tracker = Tracker(tmp_path)
+    tracker.path.mkdir()
+    tracker.log({"train/loss": 1.0}, step=1)
+    tracker.log({"train/loss": 0.5}, step=2)
+    assert caplog.text.count("cannot write metrics") == 1
+    assert "training goes on" in caplog.text
 
 
 def test_plot_writes_png(tmp_path: Path) -> None:

@@ -35,7 +35,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "trainer_state.json").exists()]
+    done = [p for p in root.iterdir()
+            if p.name.startswith(_PREFIX) and p.suffix != ".tmp" and (p / "trainer_state.json").exists()]
     return sorted(done, key=lambda p: p.name)
 
 

@@ -1,6 +1,7 @@
 """The `reasonrl` command line (also ``python -m trainer``).
 
-    reasonrl train --config configs/grpo_tiny_cpu.yaml [section.key=value ...] [--resume]
+    reasonrl train --config configs/grpo_tiny_cpu.yaml [section.key=value ...]
+    reasonrl train --resume RUN_DIR [section.key=value ...]
     reasonrl eval --config CONFIG --checkpoint DIR [section.key=value ...]
     reasonrl plot RUN_DIR
     reasonrl tiny OUT_DIR
@@ -17,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rollout.tasks import DatasetFormatError
 from trainer.config import ConfigError, RunConfig, load_config
@@ -34,16 +36,46 @@ def _import(target: str) -> Callable[..., object]:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.overrides)
-    if getattr(args, "resume", None):
-        overrides.append(f"output_dir={args.resume}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, list(args.overrides))
+
+
+def _load_train(args: argparse.Namespace) -> RunConfig:
+    """The config to train with. ``--resume RUN_DIR`` continues with the run's own resolved config
+    (``RUN_DIR/config.yaml``) plus the command line's overrides, so a resumed run is the run it continues."""
+    if not args.resume:
+        if not args.config:
+            raise ConfigError(["train needs --config FILE (or --resume RUN_DIR to continue a run)"], "command line")
+        return _load(args)
+    run_dir = Path(args.resume)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"--resume {run_dir}: no such run directory")
+    if args.config:
+        raise ConfigError([f"--resume continues with {run_dir / 'config.yaml'} (the run's resolved config): drop "
+                           f"--config {args.config} and give changes as section.key=value overrides"], "command line")
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a reasonrl run directory?)")
+    cfg = load_config(saved, [*args.overrides, f"output_dir={run_dir}"])
+    before = load_config(saved, [f"output_dir={run_dir}"]).model_dump()
+    for key, (old, new) in _changed(before, cfg.model_dump()).items():
+        logging.getLogger("reasonrl").info("resume: %s %r -> %r", key, old, new)
+    return cfg
+
+
+def _changed(before: dict[str, Any], after: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two config dumps, with (before, after)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for key in before.keys() | after.keys():
+        old, new = before.get(key), after.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out |= _changed(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out[f"{prefix}{key}"] = (old, new)
+    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = _load(args)
-    if args.resume and not Path(args.resume).is_dir():
-        raise FileNotFoundError(f"--resume {args.resume}: no such run directory")
+    cfg = _load_train(args)
     result = _import(TRAINERS[cfg.mode])(cfg, resume=bool(args.resume))
     if isinstance(result, dict) and result:
         print("final:", " ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
@@ -92,8 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train with a config (mode: grpo, sft, dpo, ei)")
-    train.add_argument("--config", required=True)
-    train.add_argument("--resume", metavar="RUN_DIR", help="continue from the newest checkpoint of RUN_DIR")
+    train.add_argument("--config", help="the run's YAML config (not with --resume)")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue RUN_DIR from its newest checkpoint, with its saved config.yaml + overrides")
     train.add_argument("overrides", nargs="*", metavar="section.key=value")
     train.set_defaults(fn=cmd_train)
 

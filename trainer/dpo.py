@@ -39,7 +39,6 @@ Resume restores the optimizer and the best-so-far accuracy; the data order is a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import shutil
@@ -56,7 +55,7 @@ from rollout.prompts import get_template
 from trainer.batching import pack_token_ids
 from trainer.config import DPOConfig, RunConfig
 from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
-from trainer.learner import Learner, global_token_count, load_model
+from trainer.learner import Learner, global_token_count, load_model, reference_autocast
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.session import Session
@@ -216,22 +215,6 @@ def dpo_update(
     return metrics
 
 
-def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    """The policy's mixed-precision autocast, for the reference's forward pass on `device`.
-
-    ``accelerate launch --mixed_precision bf16`` (or fp16) wraps only the *prepared* policy's ``forward``
-    in autocast; the reference is a plain module, and run as it is it would compute in its load dtype
-    (float32), so that at step 0 policy and reference (the same weights) disagree by ~1e-2 per sequence
-    and the held-out accuracy is not 0.5. Same device type: `accelerator.autocast()` itself; another one
-    (``dpo.reference_device: cpu`` beside a GPU policy): autocast of the same dtype on that device type.
-    """
-    if device.type == accelerator.device.type or not accelerator.native_amp:
-        ctx: contextlib.AbstractContextManager[Any] = accelerator.autocast()
-        return ctx
-    dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 @torch.no_grad()
 def _ref_logps(
     ref_model: torch.nn.Module | None,
@@ -362,7 +345,7 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             with s.timer("train"):
                 metrics = dpo_update(s.learner, ref_model, cfg, micro_batches)
             if step % cfg.logging.every == 0:
-                s.tracker.log(metrics | s.timer.pop(), step)
+                s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/accuracy']:.2f}")
             last = step == total
             if last or (cfg.eval.every and step % cfg.eval.every == 0):

@@ -102,11 +102,12 @@ def sft_on_kept(s: Session, kept: list[Sample], step: int) -> dict[str, float]:
 def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> dict[str, Any]:
     """One expert-iteration step: sample → filter → SFT → sync → metrics."""
     kept, metrics = sample_and_filter(s, sampler, step)
+    s.rollouts_done()
     if kept:
         with s.timer("train"):
             metrics |= sft_on_kept(s, kept, step)
         metrics |= s.sync_weights()
-    return metrics | s.timer.pop()
+    return s.reduce_metrics(metrics | s.timer.pop(), already_global=("ei/kept",))  # kept: gathered already
 
 
 def train_ei(cfg: RunConfig, resume: bool = False) -> dict[str, float]:

@@ -28,13 +28,13 @@ from typing import Any
 
 import torch
 
-from rollout.engine import Sample
+from rollout.engine import Sample, rollout_metrics
 from rollout.prompts import format_prompt
 from rollout.tasks import Example
 from trainer.advantages import group_normalize, reward_metadata
 from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.config import GRPOConfig, RunConfig
-from trainer.learner import Learner, global_token_count, load_model
+from trainer.learner import Learner, autocast_like_policy, global_token_count, load_model
 from trainer.masking import aggregate_loss
 from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
 from trainer.pg_losses import compute_policy_gradient_loss
@@ -62,48 +62,56 @@ def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -
     """Generate this rank's groups, score them and compute advantages.
 
     With DAPO dynamic sampling, zero-std groups are dropped and refilled from fresh questions for up to
-    ``max_refill_rounds`` rounds; every rank draws the same questions each round (so samplers stay in
-    step) and any still-missing groups are filled back with dropped ones, keeping batch shapes fixed.
+    ``max_refill_rounds`` rounds; every rank draws the same number of questions each round (so samplers
+    stay in step) and any still-missing groups are filled back with dropped ones, keeping batch shapes
+    fixed. Reward and rollout statistics cover every group generated in the step, dropped ones included:
+    the policy's reward, not the filtered batch's.
     """
     g = s.cfg.grpo
     n_questions = g.rollout_batch_size // g.group_size // s.accelerator.num_processes
     empty: Groups = ([], torch.zeros(0), [])
-    kept, dropped = empty, empty
+    kept, dropped, generated = empty, empty, empty
     for round_ in range(1 + (g.max_refill_rounds if g.dynamic_sampling else 0)):
         missing = n_questions - len(kept[0]) // g.group_size
-        if _global_max(s, missing) == 0:
+        most_missing = _global_max(s, missing)
+        if most_missing == 0:
             break
-        new = _sample_groups(s, sampler, n_questions, missing, step, round_)
+        new = _sample_groups(s, sampler, most_missing, missing, step, round_)
+        generated = _concat(generated, new)
         if g.dynamic_sampling:
             keep = _nonzero_std_groups(new[1], g.group_size)
             dropped, new = _concat(dropped, _select(new, ~keep)), _select(new, keep)
         kept = _concat(kept, new)
     missing_rows = n_questions * g.group_size - len(kept[0])
-    samples, rewards, scores = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
+    samples, rewards, _ = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
     advantages = group_normalize(rewards, g.group_size, g.advantage_eps, g.use_std_normalization)
-    metrics = global_reward_metrics(s, scores, g.group_size)
+    metrics = global_reward_metrics(s, generated[2], g.group_size)
+    metrics |= rollout_metrics(generated[0], s.timer.seconds["generate"])
     if g.dynamic_sampling:
         metrics["rollout/dropped_zero_std_groups"] = float(len(dropped[0]) // g.group_size)
     return samples, rewards, advantages, metrics
 
 
 def global_reward_metrics(s: Session, scores: list[dict[str, float]], group_size: int) -> dict[str, float]:
-    """`reward_metadata` over every rank's rollouts (all-gathered), so rank 0 logs the global statistics."""
+    """`reward_metadata` over every rank's rollouts (gathered; ranks may hold different numbers of whole
+    groups under dynamic sampling), so every rank computes the global statistics."""
     keys = ("reward", "format_reward", "answer_reward")
-    local = torch.tensor([[sc[k] for k in keys] for sc in scores], dtype=torch.float32)  # (N_rank, 3)
+    rows = [tuple(float(sc[k]) for k in keys) for sc in scores]  # (N_rank, 3)
     if s.accelerator.num_processes > 1:
-        local = s.accelerator.gather(local.to(s.accelerator.device)).cpu()  # (N, 3), rank-major
-    rows = [dict(zip(keys, row, strict=True)) for row in local.tolist()]
-    meta = reward_metadata(rows, local[:, 0], group_size)
+        from accelerate.utils import gather_object
+
+        rows = [tuple(row) for rank_rows in gather_object([rows]) for row in rank_rows]  # rank-major
+    table = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(keys))  # (N, 3)
+    meta = reward_metadata([dict(zip(keys, row, strict=True)) for row in rows], table[:, 0], group_size)
     return {f"reward/{k}": float(v) for k, v in meta.items()}
 
 
-def _sample_groups(s: Session, sampler: QuestionSampler[Example], n_questions: int, n_needed: int, step: int,
+def _sample_groups(s: Session, sampler: QuestionSampler[Example], per_rank: int, n_needed: int, step: int,
                    round_: int) -> Groups:
-    """Every rank draws ``n_questions × world`` questions; this rank generates for ``n_needed`` of its slice."""
+    """Every rank draws ``per_rank × world`` questions; this rank generates for ``n_needed`` of its slice."""
     g = s.cfg.grpo
     world, rank = s.accelerator.num_processes, s.accelerator.process_index
-    questions = sampler.draw(n_questions * world)[rank * n_questions : rank * n_questions + n_needed]
+    questions = sampler.draw(per_rank * world)[rank * per_rank : rank * per_rank + n_needed]
     if not questions:
         return [], torch.zeros(0), []
     prompts = [format_prompt(s.cfg.data.prompt_template, question=q.question) for q in questions]
@@ -253,12 +261,9 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def step_rollout_metrics(s: Session, samples: list[Sample]) -> dict[str, float]:
-    """The engine's own generation metrics (throughput, lengths, finish reasons) plus policy lag."""
-    engine_metrics: dict[str, float] = dict(getattr(s.engine, "metrics", {}))
-    metrics = {k: v for k, v in engine_metrics.items() if not k.startswith("rollout/sync")}
-    metrics["rollout/policy_lag"] = float(s.engine.policy_version - min(x.policy_version for x in samples))
-    return metrics
+def policy_lag(s: Session, samples: list[Sample]) -> dict[str, float]:
+    """Policy versions between the engine now and the oldest sample trained on."""
+    return {"rollout/policy_lag": float(s.engine.policy_version - min(x.policy_version for x in samples))}
 
 
 def grading_health(s: Session) -> dict[str, float]:
@@ -271,7 +276,9 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
               ref_model: torch.nn.Module | None) -> dict[str, Any]:
     """One GRPO step; reads like the algorithm. Returns the metrics to log."""
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
-    metrics |= step_rollout_metrics(s, samples) | grading_health(s)
+    s.rollouts_done()
+    already_global = [k for k in metrics if k.startswith("reward/")]  # statistics of every rank's rollouts
+    metrics |= policy_lag(s, samples) | grading_health(s)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
     g = s.cfg.grpo
     if is_off_policy(g):
@@ -282,7 +289,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()
     metrics |= s.learner_throughput(real_lengths(batch.tokens).tolist(), passes=g.epochs_per_rollout_batch)
-    return s.reduce_mean(metrics | s.timer.pop(), skip_prefix="reward/")
+    return s.reduce_metrics(metrics | s.timer.pop(), already_global)
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
@@ -304,4 +311,4 @@ def _reference_model(s: Session) -> torch.nn.Module:
     ref = load_model(model_cfg, s.learner.device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
-    return ref
+    return autocast_like_policy(ref, s.accelerator)  # else bf16 runs compare a bf16 policy to an fp32 reference

@@ -74,7 +74,7 @@ class Learner:
         model = load_model(model_cfg)
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.packing = model_cfg.packing
-        _fix_deepspeed_micro_batch(self.accelerator)
+        _configure_deepspeed(self.accelerator, optim_cfg.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, optim_cfg))
         # A plain scheduler, stepped once per optimizer step: accelerate's prepared scheduler steps once per
         # rank, which makes warm-up run `world_size` times too fast.
@@ -90,6 +90,12 @@ class Learner:
     def unwrapped(self) -> torch.nn.Module:
         module: torch.nn.Module = self.accelerator.unwrap_model(self.model)
         return module
+
+    @property
+    def sharded(self) -> bool:
+        """Parameters partitioned over ranks (DeepSpeed ZeRO-3): a forward pass needs every rank."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return plugin is not None and plugin.zero_stage == 3
 
     @contextlib.contextmanager
     def accumulate(self, is_last_micro_batch: bool) -> Iterator[None]:
@@ -140,13 +146,16 @@ class Learner:
         return ModelWeights(self.unwrapped, bucket_mb)
 
 
-def _fix_deepspeed_micro_batch(accelerator: Accelerator) -> None:
+def _configure_deepspeed(accelerator: Accelerator, max_grad_norm: float) -> None:
     """reasonrl feeds DeepSpeed tensors, not a DataLoader, so "auto" micro-batch sizes cannot be inferred;
-    accumulation is explicit (the loss is divided by the accumulation steps), so DeepSpeed sees 1 and 1."""
+    accumulation is explicit (the loss is divided by the accumulation steps), so DeepSpeed sees 1 and 1.
+    DeepSpeed clips gradients itself (accelerate's `clip_grad_norm_` defers to it): `optim.max_grad_norm`
+    goes into its config, so the launch file's value cannot silently override the run's."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
     ds = plugin.deepspeed_config
+    ds["gradient_clipping"] = max_grad_norm
     if ds.get("train_micro_batch_size_per_gpu", "auto") == "auto":
         ds["train_micro_batch_size_per_gpu"] = 1
     ds["gradient_accumulation_steps"] = 1
@@ -158,3 +167,32 @@ def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
     acc = learner.accelerator
     count = mask.sum().to(acc.device, torch.float32)
     return float(acc.reduce(count, "sum")) if acc.num_processes > 1 else float(count)
+
+
+def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """The policy's mixed-precision autocast, for the reference's forward pass on `device`.
+
+    ``accelerate launch --mixed_precision bf16`` (or fp16) wraps only the *prepared* policy's ``forward``
+    in autocast; the reference is a plain module, and run as it is it would compute in its load dtype
+    (float32), so that at step 0 policy and reference (the same weights) disagree by ~1e-2 per sequence
+    and the held-out accuracy is not 0.5. Same device type: `accelerator.autocast()` itself; another one
+    (``dpo.reference_device: cpu`` beside a GPU policy): autocast of the same dtype on that device type.
+    """
+    if device.type == accelerator.device.type or not accelerator.native_amp:
+        ctx: contextlib.AbstractContextManager[Any] = accelerator.autocast()
+        return ctx
+    dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+def autocast_like_policy(module: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
+    """Make a frozen module's forward run under the policy's autocast (`reference_autocast`), as
+    `accelerator.prepare` does for the policy; returns the module."""
+    forward = module.forward
+    device = next(module.parameters()).device
+
+    def forward_like_policy(*args: Any, **kwargs: Any) -> Any:
+        with reference_autocast(accelerator, device):
+            return forward(*args, **kwargs)
+
+    module.forward = forward_like_policy
+    return module

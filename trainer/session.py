@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from trainer.config import RunConfig, save_config, validate_for_cluster
 from trainer.evaluate import eval_sampling, evaluate
 from trainer.flops import FlopCounter
 from trainer.learner import Learner
+from trainer.rank_metrics import combine_rank_metrics
 from trainer.sampler import QuestionSampler
 from trainer.timing import PhaseTimer
 from trainer.tracking import NullTracker, Tracker, make_tracker
@@ -118,30 +119,40 @@ class Session:
         self.trainer_state["policy_version"] = self.engine.policy_version
         return metrics
 
+    def rollouts_done(self) -> None:
+        """Between rollouts a colocated engine gives its accelerator memory (weights, KV cache) back to the
+        learner (`rollout.sleep_between_rollouts`); the next sync or generate wakes it. A no-op where sleep
+        frees nothing (CPU, an HF engine sharing the learner's module)."""
+        if self._engine is not None and self.cfg.rollout.sleep_between_rollouts:
+            self._engine.sleep()
+
     def evaluate(self, step: int, tag: str = "") -> dict[str, float]:
-        """Held-out evaluation on the main process; per-sample JSONL under run_dir/eval/."""
+        """Held-out evaluation on the main process; per-sample JSONL under run_dir/eval/. Token entropy
+        needs a learner forward pass, which rank 0 alone cannot run under ZeRO-3: there it is NaN."""
         metrics: dict[str, float] = {}
+        policy = None if self.learner.sharded else self.learner.unwrapped
         if self.is_main:
             with self.timer("eval"), torch.inference_mode():
                 name = f"step_{step:06d}{tag}.jsonl"
                 metrics, records = evaluate(
                     self.engine, self.eval_examples(), self.cfg.data.prompt_template,
                     eval_sampling(self.cfg.eval, self.cfg.seed + step), self.scorer,
-                    self.run_dir / "eval" / name, self.learner.unwrapped, self.learner.tokenizer.pad_token_id,
+                    self.run_dir / "eval" / name, policy, self.learner.tokenizer.pad_token_id,
                 )
+            self.rollouts_done()
             self.tracker.log(metrics, step)
             self.tracker.log_table("eval/samples", records[: self.cfg.eval.log_samples], step)
         self.accelerator.wait_for_everyone()
         return metrics
 
-    def reduce_mean(self, metrics: dict[str, float], skip_prefix: str = "") -> dict[str, float]:
-        """Average every metric over ranks (one all-reduce); keys under `skip_prefix` are already global."""
+    def reduce_metrics(self, metrics: dict[str, float], already_global: Collection[str] = ()) -> dict[str, float]:
+        """Every rank's metrics combined into one record (`trainer.rank_metrics`: totals summed, the rest
+        averaged over the ranks that report them); keys in `already_global` are taken as they are."""
         if self.accelerator.num_processes == 1:
             return metrics
-        keys = sorted(k for k in metrics if not (skip_prefix and k.startswith(skip_prefix)))
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        reduced = self.accelerator.reduce(values, "mean").tolist()
-        return metrics | dict(zip(keys, reduced, strict=True))
+        from accelerate.utils import gather_object
+
+        return combine_rank_metrics(gather_object([metrics]), already_global)
 
     def learner_throughput(self, sequence_lengths: list[int], passes: int = 1) -> dict[str, float]:
         """Real tokens/s, model TFLOP/s and MFU of the last ``train`` phase, which ran `passes` times over
@@ -179,8 +190,12 @@ class Session:
 
             warm_start(self)
         self.sync_weights()
-        if start == 0:
+        if start:  # the engine now holds the checkpoint's weights: their version, not a fresh count
+            self.engine.policy_version = int(self.trainer_state.get("policy_version", self.engine.policy_version))
+            self.trainer_state["policy_version"] = self.engine.policy_version
+        else:
             self.evaluate(0)
+        self.tracker.log(self.reduce_metrics(self.timer.pop()), start)  # warm start, first sync, evaluation
         return sampler, start
 
     def run_steps(self, desc: str, n_steps: int, start: int, sampler: QuestionSampler[Example],
@@ -192,14 +207,22 @@ class Session:
         final: dict[str, float] = {}
         for step in bar:
             metrics = step_fn(step)
-            if step % self.cfg.logging.every == 0:
-                self.tracker.log(metrics, step)
-            bar.set_postfix(postfix(metrics))
             last = step == n_steps
             if last or (self.cfg.eval.every and step % self.cfg.eval.every == 0):
                 final = self.evaluate(step)
             self.maybe_save(step, last, sampler=sampler.state_dict())
+            metrics = self.add_phase_times(metrics)  # this step's evaluation and checkpoint
+            if step % self.cfg.logging.every == 0:
+                self.tracker.log(metrics, step)
+            bar.set_postfix(postfix(metrics))
         return final
+
+    def add_phase_times(self, metrics: dict[str, float]) -> dict[str, float]:
+        """`metrics` plus the ``time/…`` of phases timed since the step function returned (evaluation and
+        checkpointing, which come after it), counted into ``time/step``."""
+        times = self.reduce_metrics(self.timer.pop())
+        step_seconds = metrics.get("time/step", 0.0) + times.pop("time/step")
+        return metrics | times | {"time/step": step_seconds}
 
     # ---- cleanup ----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -358,7 +358,7 @@ def train_sft(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             metrics |= s.learner_throughput([n for mb in micro_batches for n in real_lengths(mb).tolist()])
             metrics["train/epoch"] = (step - 1) // data.steps_per_epoch
             if step % cfg.logging.every == 0:
-                s.tracker.log(metrics | s.timer.pop(), step)
+                s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
             bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
             last = step == total
             if last or (cfg.eval.every and step % cfg.eval.every == 0):

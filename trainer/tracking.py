@@ -27,11 +27,18 @@ class Tracker:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run_id: str | None = None
+        self._local_ok = True
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         record = {"step": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self._local_ok:
+            try:
+                with self.path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as err:  # a full or vanished disk must not stop training
+                logger.warning("%s: cannot write metrics (%s); local metrics stop here, training goes on",
+                               self.path, err)
+                self._local_ok = False
         self._remote_log(metrics, step)
 
     def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
