@@ -248,7 +248,10 @@ def load_task(
     """Load task `name`: ``gsm8k`` (source: JSONL file, folder or hub id; default ``openai/gsm8k``),
     ``math`` (source: JSONL file or folder, required), or ``arithmetic`` / ``arithmetic:<level>``
     (generated; default level 2; `limit` examples, default 2000 for train and 200 for test/validation;
-    each (split, seed) pair has its own random stream, so train and test differ).
+    each (split, seed) pair has its own random stream). Generated splits are independent draws, not
+    disjoint sets: level 1 has only 100 distinct questions, so its test questions all occur in a 2000-
+    example train split (level 2: 28 of 200, level 3: 38 of 200). Measure generalisation to unseen
+    questions on GSM8K or MATH.
 
     >>> [e.question for e in load_task("arithmetic:1", split="test", limit=2)]
     ['What is 2 + 1?', 'What is 3 + 9?']

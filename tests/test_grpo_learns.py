@@ -4,7 +4,8 @@ Setup (configs/grpo_tiny_cpu.yaml): the tiny random Qwen2 is warm-started by SFT
 from a sloppy demonstrator that leaves the ``<answer>`` tags out half the time, so the warm-started policy
 answers in the rewarded form only ~60% of the time; GRPO (reinforce with baseline, 64 rollouts a step) then
 has a learnable gap. Held-out accuracy = r1_zero reward (format and answer both right) on 400 freshly
-drawn problems sampled at temperature 1.
+drawn problems sampled at temperature 1 (fresh draws from the same 100 single-digit sums: the questions
+themselves also occur in training, so this measures the policy improving, not generalisation).
 
 Margins: the mean accuracy gain over three seeds (each seed re-runs the warm start and GRPO) must be at
 least 0.05, and every seed's format rate must rise by at least 0.15. With 400 samples per evaluation the
