@@ -5,10 +5,32 @@
 1. **Fast path** (pure Python, microseconds). Both sides are unwrapped (``\\boxed{}``, ``$…$``, ``\\$``,
    ``\\text{units}``, a trailing period) and, where they are plain numbers (``1,000``, ``1000.0``, ``$18``,
    ``18 dollars``, ``-3``, ``50%``) or simple fractions (``3/4``, ``\\frac{3}{4}``), compared exactly as
-   rationals. Only listed unit words may follow a bare number (``2 pi`` and ``3 squared`` are not numbers;
-   a number followed by such a math word is graded wrong here). When both sides are numbers the fast path
-   is final: ``180`` and ``1.8`` are not ``18``. Otherwise, identical strings (after removing spaces and
-   ``\\left``/``\\right``) are equal.
+   rationals. When both sides are numbers the fast path is final: ``180`` and ``1.8`` are not ``18``.
+   Otherwise, identical strings (after removing spaces and ``\\left``/``\\right``) are equal.
+
+   Words after a number (one to four words of two or more letters each, nothing else) are read as follows,
+   looking at every word, not just the first:
+
+   a. **Maths word** anywhere among them (``pi``, ``sqrt``, ``root``, ``squared``, ``cubed``,
+      ``factorial``, fraction words ``half``/``halves``/``third(s)``/``…th(s)`` such as ``hundredths``,
+      Greek letter names such as ``theta``, and ``sin``/``cos``/``log``/``ln``/``exp``): the text is not
+      that number and is graded **wrong** on the fast path (``2 pi``, ``3 squared``, ``5 factorial``,
+      ``5 hundredths``, ``2 sqrt``, and also ``2 big pi``: a maths word is never dropped, whatever comes
+      before it). One exception: ``squared``/``cubed`` directly after a listed unit is a unit power
+      (``5 feet squared``, ``3 cm cubed``) and is dropped with the unit.
+   b. **Magnitude or number word** (``hundred``, ``thousand``, ``million``, ``dozen``, ``twenty``,
+      ``one``, …): not a plain number; left to the later steps (``18 thousand`` is neither ``18`` nor,
+      here, ``18000``; ``18 or twenty`` is a hedge, not ``18``).
+   c. **Listed unit** (money, length, area, volume, mass, time, rates, degrees, ``percent``; see
+      `_UNIT_WORDS`): dropped (``18 dollars``, ``5 square feet``, ``60 miles per hour``); ``percent``
+      marks a percentage.
+   d. **Any other plain words** (``cookies``, ``red marbles``, ``years old``): dropped too, so GSM8K's
+      ``18 cookies`` equals ``18`` (and ``17 cookies`` does not). Such words must be separated from the
+      number by a space: written onto it they are not a plain number (``2xy`` is not ``2``, ``18th`` is
+      left to the later steps), while listed units may be (``5kg``, ``60mph``).
+
+   ``\\text{…}`` after a number (``18 \\text{ apples}``) is dropped unless it holds a maths or magnitude
+   word.
 2. **Guard.** A prediction that is too long, too deeply nested, or holds an exponent tower / huge
    exponent / huge factorial (``9**9**9``, ``10^{10^{10}}``, ``99999!``) is graded wrong without being
    parsed: sympy would try to evaluate it. The process-pool timeout in `rollout.rewards` is the real
@@ -120,10 +142,10 @@ def _with_plurals(words: str) -> frozenset[str]:
     return frozenset(words.split()) | {w + "s" for w in words.split()}
 
 
-# Words that may follow a bare number and be dropped ("18 dollars", "5 square feet", "60 miles per hour"):
-# money, length, area, volume, mass, time, speed, temperature/angle and percentages, singular and plural.
-# Any other word ("2 pi", "3 squared", "18 apples") makes the text not a plain number, so the fast path
-# leaves it to the later steps; words in `\text{...}` are treated as units unless they name mathematics.
+# Unit words after a bare number ("18 dollars", "5 square feet", "60 miles per hour"): money, length,
+# area, volume, mass, time, speed, temperature/angle and percentages, singular and plural. They are
+# dropped, like any other plain word ("18 cookies"); being listed matters for "squared"/"cubed", which
+# after a unit is a unit power ("5 feet squared") rather than a maths word ("3 squared").
 _UNIT_WORDS = _with_plurals(
     "dollar cent penny euro pound yen rupee usd"  # money
     " mm cm km millimeter centimeter meter kilometer millimetre centimetre metre kilometre"  # length
@@ -135,14 +157,46 @@ _UNIT_WORDS = _with_plurals(
     " per mph kph kmh"  # rates
     " degree deg celsius fahrenheit kelvin radian percent percentage"  # temperature, angles, percentages
 ) | {"inches", "feet", "pence", "centuries", "lbs", "hrs", "mins", "secs", "old"}
-# Words after a number that name an operation, a constant or a fraction of it: "2 sqrt", "3 squared",
-# "2 pi", "5 hundredths" are not 2, 3, 2 and 5. math-verify reads some of these (a dangling "sqrt") as
-# the bare number, so the fast path grades them wrong itself.
+_UNIT_POWERS = frozenset({"squared", "cubed"})  # maths words, except right after a unit
+# Words after a number that name an operation, a constant, a variable or a fraction of it: "2 sqrt",
+# "3 squared", "2 pi", "2 theta", "5 hundredths" are not 2, 3, 2, 2 and 5. math-verify reads some of
+# these (a dangling "sqrt") as the bare number, so the fast path grades them wrong itself.
 _MATH_WORDS = re.compile(
-    r"\b(?:pi|sqrt|root|squared|cubed|factorial|halves|thirds"
-    r"|(?:four|fif|six|seven|eigh|nin|ten|hundred|thousand|million|billion)ths)\b",
+    r"\b(?:pi|sqrt|root|squared|cubed|factorial|half|halves|thirds?"
+    r"|(?:four|fif|six|seven|eigh|nin|ten|twelf|twentie|hundred|thousand|million|billion)ths?"
+    r"|alpha|beta|gamma|delta|epsilon|theta|lambda|mu|sigma|tau|phi|omega|sin|cos|log|ln|exp)\b",
     re.IGNORECASE,
 )
+# Words that change a number's size or are numbers themselves ("18 thousand", "2 dozen", "18 or twenty"):
+# such text is not a plain number, and is left to the later steps.
+_NUMBER_WORDS = re.compile(
+    r"\b(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve"
+    r"|(?:thir|four|fif|six|seven|eigh|nine)teen|(?:twen|thir|for|fif|six|seven|eigh|nine)ty)\b",
+    re.IGNORECASE,
+)
+
+
+def _word_kind(words: str, attached: bool) -> Literal["math", "other", "drop"]:
+    """How the bare `words` after a number are read: "math" if any names mathematics (graded wrong);
+    "other" (not a plain number) if any is a magnitude or number word, or if the first is written onto the
+    number without a space and is not a listed unit ("2xy", "18th"; "5kg" is fine); else "drop"."""
+    tokens = words.lower().split()
+    for i, word in enumerate(tokens):
+        if word in _UNIT_POWERS and i > 0 and tokens[i - 1] in _UNIT_WORDS:
+            continue  # "5 feet squared": a unit power
+        if _MATH_WORDS.fullmatch(word):
+            return "math"
+    if attached and tokens[0] not in _UNIT_WORDS:
+        return "other"
+    if _MAGNITUDE_WORDS.search(words) or _NUMBER_WORDS.search(words):
+        return "other"
+    return "drop"
+
+
+def _bare_words_kind(m: re.Match[str]) -> Literal["math", "other", "drop"]:
+    """`_word_kind` of the bare (not ``\\text{}``) words in `_NUMBER` match `m`."""
+    start = m.start("unit")
+    return _word_kind(m.group("unit"), attached=not m.string[start - 1].isspace())
 
 
 def _unwrap(s: str) -> str:
@@ -174,8 +228,8 @@ def _as_number(s: str) -> _Number | None:
         if m.group("text") is not None:  # "18 \text{ apples}": any annotation but a magnitude or math word
             if _MAGNITUDE_WORDS.search(unit) or _MATH_WORDS.search(unit):
                 return None
-        elif unit and not all(word in _UNIT_WORDS for word in unit.split()):
-            return None  # "18 thousand", "2 pi", "18 apples": not (only) a number with a unit
+        elif unit and _bare_words_kind(m) != "drop":
+            return None  # "18 thousand", "2 pi", "2 big pi": not a number followed by units or nouns
         digits = (m.group("int") or "0").replace(",", "") + "." + (m.group("frac") or "0")
         value = Fraction(digits)
         if m.group("sign") in ("-", "\u2212"):
@@ -205,9 +259,14 @@ def _number_match(s: str) -> re.Match[str] | None:
 
 
 def _names_math(s: str) -> bool:
-    """Whether `s` is a number followed by words that name an operation or constant (``2 sqrt``)."""
+    """Whether `s` is a number followed by words that name an operation or constant (``2 sqrt``,
+    ``2 big pi``, ``5 \\text{ hundredths}``; not ``5 feet squared``)."""
     m = _number_match(_plain(s))
-    return m is not None and m.group("unit") is not None and _MATH_WORDS.search(m.group("unit")) is not None
+    if m is None or m.group("unit") is None:
+        return False
+    if m.group("text") is not None:
+        return _MATH_WORDS.search(m.group("text")) is not None
+    return _bare_words_kind(m) == "math"
 
 
 def _numbers_equal(a: _Number, b: _Number) -> bool:

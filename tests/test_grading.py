@@ -58,17 +58,42 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
         ("18 thousand", "18000", False),  # magnitude words are not units; not parsed further either
         ("18 or 20", "20", False),  # hedging over two answers
         ("18, 20", "20", False),
-        # only listed unit words are dropped after a number; other words are not units
+        # words after a number: units and other plain words are dropped ...
         ("5 dollars", "5", True),
         ("5 square feet", "5", True),
         ("60 miles per hour", "60", True),
+        ("5kg", "5", True),  # a listed unit may be written onto the number
         ("3 years old", "3", True),
+        ("18 cookies", "18", True),  # GSM8K: math-verify alone rejects plain nouns
+        ("18 eggs", "18", True),
+        ("18 books", "18", True),
+        ("18 people", "18", True),
+        ("7 red marbles", "7", True),
+        ("18 \\text{ cookies}", "18", True),
+        ("17 cookies", "18", False),  # the number still has to match
+        ("18 cookies", "17", False),
+        ("18 cookies", "18 eggs", True),  # both plain numbers: the nouns are not compared
+        ("5 feet squared", "5", True),  # "squared"/"cubed" after a listed unit is a unit power
+        ("3 cm cubed", "3", True),
+        # ... but a maths word anywhere among them makes the answer wrong
         ("2 pi", "2", False),
         ("3 squared", "3", False),
         ("5 factorial", "5", False),
         ("5 hundredths", "5", False),
         ("2 sqrt", "2", False),  # math-verify alone would drop the dangling "sqrt" and read 2
+        ("3 cubed", "3", False),
+        ("1 third", "1", False),
+        ("2 theta", "2", False),
+        ("2pi", "2", False),
+        ("2 big pi", "2", False),  # a maths word is never dropped, whatever words come before it
+        ("3 red squared", "3", False),  # not a unit power: "red" is not a listed unit
+        ("3 squared cm", "3", False),
         ("5 \\text{ hundredths}", "5", False),
+        # ... and magnitude/number words, or a non-unit word written onto the number, make it not a number
+        ("18 or twenty", "18", False),  # a hedge
+        ("2 dozen", "2", False),
+        ("2xy", "2", False),
+        ("2xy", "2yz", False),  # not both "2" with a dropped word
         # math-verify reads a bare "pi" as the symbols p*i, not as the constant, so "2 pi" is not 2\pi;
         # False is acceptable: the prediction is not a LaTeX answer ("2\pi" and "2π" are graded right)
         ("2 pi", "2\\pi", False),
@@ -114,7 +139,10 @@ def test_grade_answer(pred: str, gold: str, correct: bool) -> None:
         ("x" * (MAX_SLOW_PATH_CHARS + 1), "18", "guard"),
         ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", "math_verify"),
         ("2 sqrt", "2", "fast"),  # a number followed by a math word is graded wrong without math-verify
-        ("18 apples", "18", "math_verify"),  # not a listed unit: left to math-verify
+        ("18 apples", "18", "fast"),  # plain words after a number are dropped like units
+        ("2 big pi", "2", "fast"),  # a maths word among them: wrong without math-verify
+        ("18 thousand", "18", "math_verify"),  # a magnitude word: not a plain number
+        ("2xy", "2yz", "math_verify"),  # a non-unit word written onto the number
     ],
 )
 def test_grade_answer_method(pred: str, gold: str, method: str) -> None:
