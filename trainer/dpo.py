@@ -346,7 +346,7 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
                 metrics = dpo_update(s.learner, ref_model, cfg, micro_batches)
             if step % cfg.logging.every == 0:
                 s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
-            s.show_progress(bar, step, total, {"loss": f"{metrics['train/loss']:.3f}",
+            s.show_progress(bar, d.loss, step, total, {"loss": f"{metrics['train/loss']:.3f}",
                                                "acc": f"{metrics['train/accuracy']:.2f}"})
             last = step == total
             if last or (cfg.eval.every and step % cfg.eval.every == 0):

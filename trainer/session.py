@@ -189,10 +189,10 @@ class Session:
             from trainer.warmstart import warm_start
 
             warm_start(self)
+        saved_version = int(self.trainer_state["policy_version"])
         self.sync_weights()
         if start:  # the engine now holds the checkpoint's weights: their version, not a fresh count
-            self.engine.policy_version = int(self.trainer_state.get("policy_version", self.engine.policy_version))
-            self.trainer_state["policy_version"] = self.engine.policy_version
+            self.engine.policy_version = self.trainer_state["policy_version"] = saved_version
         else:
             self.evaluate(0)
         self.tracker.log(self.reduce_metrics(self.timer.pop()), start)  # warm start, first sync, evaluation
@@ -214,14 +214,14 @@ class Session:
             metrics = self.add_phase_times(metrics)  # this step's evaluation and checkpoint
             if step % self.cfg.logging.every == 0:
                 self.tracker.log(metrics, step)
-            self.show_progress(bar, step, n_steps, postfix(metrics))
+            self.show_progress(bar, desc, step, n_steps, postfix(metrics))
         return final
 
-    def show_progress(self, bar: Any, step: int, total: int, fields: dict[str, str]) -> None:
+    def show_progress(self, bar: Any, desc: str, step: int, total: int, fields: dict[str, str]) -> None:
         """The bar's postfix on a terminal; elsewhere (CI, a log file) one log line per logged step."""
         bar.set_postfix(fields)
         if not self.progress_enabled and self.is_main and step % self.cfg.logging.every == 0:
-            logger.info("%s step %d/%d %s", bar.desc, step, total, " ".join(f"{k}={v}" for k, v in fields.items()))
+            logger.info("%s step %d/%d %s", desc, step, total, " ".join(f"{k}={v}" for k, v in fields.items()))
 
     def add_phase_times(self, metrics: dict[str, float]) -> dict[str, float]:
         """`metrics` plus the ``time/…`` of phases timed since the step function returned (evaluation and
