@@ -359,7 +359,7 @@ def train_sft(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             metrics["train/epoch"] = (step - 1) // data.steps_per_epoch
             if step % cfg.logging.every == 0:
                 s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
-            s.show_progress(bar, step, total, {"loss": f"{metrics['train/loss']:.3f}"})
+            s.show_progress(bar, "sft", step, total, {"loss": f"{metrics['train/loss']:.3f}"})
             last = step == total
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
                 final = evaluate_sft(s, data, step)
