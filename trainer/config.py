@@ -3,17 +3,37 @@
 `load_config(path, overrides)` reads YAML, applies ``dotted.key=value`` overrides (values parsed as YAML),
 and validates with pydantic (`extra="forbid"`: unknown keys are errors). Field errors (unknown keys, wrong
 types, out-of-range values) and batch-arithmetic problems (the CS336 checks) are collected into a single
-`ConfigError` naming each field, the value, and the fix. Cluster-dependent checks (world size, devices)
-live in `validate_for_cluster`, run once the process group exists.
+`ConfigError` naming each field, the value, and the fix; so are the rollout-placement rules that need no
+cluster (`placement_problems`). Cluster-dependent checks (world size, learner devices) live in
+`validate_for_cluster`, run once the process group exists.
+
+Rollout placement (``rollout.placement``; `trainer.engines` builds the engine):
+
+- ``colocated``: one engine per learner rank, in its process and on its device (vLLM sleeps between
+  rollouts on CUDA), or the HF engine (``rollout.engine: hf``) sharing the learner's live module. The only
+  placement the HF engine has.
+- ``dedicated``: vLLM on its own GPU, ``rollout.device`` (required, ``cuda`` or ``cuda:N``), which must not
+  be any learner rank's device on the node. One device string names one engine, so ``dedicated`` needs world
+  size 1; several ranks use ``colocated`` (an engine each) or ``remote`` (one server for all).
+- ``remote``: a rollout server at ``rollout.server_url`` (required), weights through
+  ``rollout.weight_transfer_dir`` (required: filesystem transfer; the trainer side of NCCL transfer,
+  `RemoteEngine.init_nccl`, is not wired into training). With several ranks only rank 0 sends weights
+  (`trainer.engines.sync_and_probe`) and ``rollout.sleep_between_rollouts`` must be off: one rank would put
+  the shared server to sleep while another still generates.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ConfigError(ValueError):
@@ -65,10 +85,16 @@ class RolloutConfig(SamplingSection):
     engine: Literal["vllm", "hf"] = "vllm"
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="engine dtype; None = model.dtype (e.g. fp32 master weights, bf16 vLLM)")
-    placement: Literal["colocated", "dedicated", "remote"] = "colocated"
-    device: str | None = Field(None, description="device for a dedicated engine, e.g. cuda:1")
-    server_url: str | None = Field(None, description="rollout server URL for placement=remote")
-    weight_transfer_dir: str | None = Field(None, description="shared directory for filesystem weight sync")
+    placement: Literal["colocated", "dedicated", "remote"] = Field(
+        "colocated", description="colocated | dedicated (own GPU, world size 1) | remote (rollout server); "
+        "see the module docstring")
+    device: str | None = Field(
+        None, description="placement=dedicated (required there): the engine's own GPU, e.g. cuda:1, not a "
+        "learner's")
+    server_url: str | None = Field(None, description="rollout server URL; placement=remote (required there)")
+    weight_transfer_dir: str | None = Field(
+        None, description="directory learner and server both see, for filesystem weight sync; placement=remote "
+        "(required there)")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     max_model_len: int = Field(2048, ge=16)
     enforce_eager: bool = False
@@ -76,6 +102,9 @@ class RolloutConfig(SamplingSection):
     sync_bucket_mb: int = Field(256, ge=1)
     probe_threshold: float | None = Field(
         None, gt=0.0, description="max |Δ log-prob| learner vs engine; None = by dtype (fp32 1e-3, bf16 1.0)")
+    probe_mean_threshold: float | None = Field(
+        None, gt=0.0,
+        description="mean |Δ log-prob| learner vs engine; None = by dtype (fp32 1e-3, bf16 0.05, fp16 0.02)")
     probe_action: Literal["raise", "warn"] = "raise"
 
 
@@ -208,8 +237,8 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
 
     @model_validator(mode="after")
-    def _check_arithmetic(self) -> RunConfig:
-        problems = batch_arithmetic_problems(self.grpo.model_dump())
+    def _check_consistency(self) -> RunConfig:
+        problems = batch_arithmetic_problems(self.grpo.model_dump()) + placement_problems(self.rollout.model_dump())
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -243,6 +272,48 @@ def batch_arithmetic_problems(grpo: dict[str, Any]) -> list[str]:
             f"grpo.rollout_batch_size={rbs} is not divisible by grpo.train_batch_size={tbs}: "
             "each epoch must split into whole optimizer batches"
         )
+    return problems
+
+
+_CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
+
+
+def placement_problems(rollout: Mapping[str, Any]) -> list[str]:
+    """Rollout-placement rules that need no cluster, on a (possibly partial, possibly invalid) ``rollout``
+    mapping; see the module docstring. Messages contain no "; " (the validator joins problems with it)."""
+    defaults = RolloutConfig.model_fields
+    values = {k: rollout.get(k, defaults[k].default) for k in defaults}
+    placement, engine, device = values["placement"], values["engine"], values["device"]
+    problems = []
+    if engine == "hf" and placement in ("dedicated", "remote"):
+        problems.append(
+            f"rollout.engine=hf with rollout.placement={placement}: the HF engine shares the learner's live "
+            "module (its process and device), so it is always colocated. Set rollout.placement=colocated, or "
+            f"rollout.engine=vllm for a {placement} engine"
+        )
+    if placement == "dedicated":
+        if device is None:
+            problems.append(
+                "rollout.placement=dedicated needs rollout.device, the engine's own GPU (e.g. cuda:1, not a "
+                "learner's): set it, or use rollout.placement=colocated to share the learner's GPU (sleep/wake)"
+            )
+        elif isinstance(device, str) and not _CUDA_DEVICE.fullmatch(device):
+            problems.append(
+                f"rollout.device={device!r}: a dedicated engine is vLLM on its own GPU: use a CUDA device like "
+                "cuda:1, or rollout.placement=colocated"
+            )
+    if placement == "remote":
+        if not values["server_url"]:
+            problems.append(
+                "rollout.placement=remote needs rollout.server_url, e.g. http://HOST:8000 (start the server "
+                "with `reasonrl rollout-server`)"
+            )
+        if not values["weight_transfer_dir"]:
+            problems.append(
+                "rollout.placement=remote needs rollout.weight_transfer_dir, a directory the learner writes and "
+                "the rollout server reads (shared storage): weights go to the server as safetensors there. "
+                "NCCL weight transfer is not wired into training (RemoteEngine.init_nccl is never called)"
+            )
     return problems
 
 
@@ -285,9 +356,11 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         problems = _format_validation_error(err)
-        grpo = raw.get("grpo")
+        grpo, rollout = raw.get("grpo"), raw.get("rollout")
         if isinstance(grpo, dict):
             problems += [p for p in batch_arithmetic_problems(grpo) if p not in problems]
+        if isinstance(rollout, dict):
+            problems += [p for p in placement_problems(rollout) if p not in problems]
         raise ConfigError(problems, source) from None
 
 
@@ -309,8 +382,28 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
-def validate_for_cluster(config: RunConfig, world_size: int, devices: list[str]) -> None:
-    """Checks that need the launched cluster: batch sharding and engine placement."""
+def normalize_device(device: str | torch.device) -> torch.device:
+    """`device` with its index: a bare ``cuda`` is this process's current CUDA device (``cuda:0`` where CUDA
+    is unavailable), as accelerate's single-process ``cuda`` means. Other devices are returned as parsed."""
+    import torch
+
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return parsed
+
+
+def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[str | torch.device], *,
+                         cuda_devices: int | None = None) -> None:
+    """Checks that need the launched cluster: batch sharding and engine placement.
+
+    Args:
+        world_size: number of learner ranks.
+        devices: the learner device of *every* rank on this node (a dedicated engine on any of them would
+            share a GPU with a learner), e.g. ``trainer.engines.node_learner_devices(accelerator)``. A bare
+            ``cuda`` means this process's current CUDA device (`normalize_device`).
+        cuda_devices: CUDA devices visible on this node; None = ``torch.cuda.device_count()``.
+    """
     problems = []
     if config.mode == "grpo":
         grpo = config.grpo
@@ -326,12 +419,45 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: list[str])
                 f"cannot be split whole-group across {world_size} ranks"
             )
     rollout = config.rollout
-    if rollout.placement == "dedicated" and rollout.device in devices:
+    if rollout.placement == "dedicated" and rollout.device is not None and _CUDA_DEVICE.fullmatch(rollout.device):
+        problems += _dedicated_problems(rollout.device, world_size, devices, cuda_devices)
+    if rollout.placement == "remote" and world_size > 1 and rollout.sleep_between_rollouts:
         problems.append(
-            f"rollout.device={rollout.device} is also a learner device; use placement=colocated "
-            "(sleep/wake) or give the engine its own device"
+            f"rollout.sleep_between_rollouts=true with rollout.placement=remote and world size {world_size}: "
+            "the ranks share one rollout server, and the first rank done with its rollouts would put it to "
+            "sleep while the others still generate. Set rollout.sleep_between_rollouts=false"
         )
-    if rollout.placement == "remote" and not rollout.server_url:
-        problems.append("rollout.placement=remote needs rollout.server_url (see `reasonrl rollout-server`)")
     if problems:
         raise ConfigError(problems, "config (cluster checks)")
+
+
+def _dedicated_problems(device: str, world_size: int, learner_devices: Sequence[str | torch.device],
+                        cuda_devices: int | None) -> list[str]:
+    import torch
+
+    problems = []
+    engine = normalize_device(device)
+    if world_size > 1:
+        problems.append(
+            f"rollout.placement=dedicated with world size {world_size}: rollout.device={device} names one "
+            f"GPU, and each of the {world_size} learner ranks would start its own engine there. Use "
+            "rollout.placement=colocated (an engine per rank on the rank's GPU) or rollout.placement=remote "
+            "(one `reasonrl rollout-server` for all ranks), or launch a single learner process"
+        )
+    learners = sorted({str(normalize_device(d)) for d in learner_devices})
+    if str(engine) in learners:
+        problems.append(
+            f"rollout.device={device}{'' if str(engine) == device else f' (= {engine})'} is also a learner "
+            f"device (learners on {', '.join(learners)}): "
+            "give the engine a GPU of its own, or use rollout.placement=colocated (sleep/wake)"
+        )
+    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    assert engine.index is not None
+    if engine.index >= count:
+        problems.append(
+            f"rollout.device={device}: this node has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
+            if count else
+            f"rollout.device={device}: this node has no CUDA device, and a dedicated engine needs a GPU of its "
+            "own: use rollout.placement=colocated"
+        )
+    return problems

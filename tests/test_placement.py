@@ -1,0 +1,234 @@
+"""Rollout-engine placement rules (`trainer.config.placement_problems`, `validate_for_cluster`) and the
+shared-engine weight sync (`trainer.engines.sync_and_probe`): pure config and fakes, no GPU (fake
+``cuda:N`` strings)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+
+import trainer.engines as engines
+from trainer.config import ConfigError, RunConfig, config_from_dict, normalize_device, validate_for_cluster
+
+# one rank's batch arithmetic that splits over any world size used here
+GRPO = {"rollout_batch_size": 32, "group_size": 4, "train_batch_size": 32, "gradient_accumulation_steps": 4}
+
+
+def config(**rollout: Any) -> RunConfig:
+    return config_from_dict({"model": {"path": "m"}, "grpo": GRPO, "rollout": rollout})
+
+
+def problems(**rollout: Any) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config(**rollout)
+    return info.value.problems
+
+
+def cluster_problems(cfg: RunConfig, world_size: int, devices: list[str], cuda_devices: int = 8) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        validate_for_cluster(cfg, world_size, devices, cuda_devices=cuda_devices)
+    return info.value.problems
+
+
+# ---- load-time rules -------------------------------------------------------------------------------------
+def test_valid_placements_load() -> None:
+    config()
+    config(engine="hf")
+    config(placement="dedicated", device="cuda:1")
+    config(placement="remote", server_url="http://h:8000", weight_transfer_dir="/shared/w")
+
+
+@pytest.mark.parametrize("placement", ["dedicated", "remote"])
+def test_hf_engine_is_colocated_only(placement: str) -> None:
+    (problem, *_) = problems(engine="hf", placement=placement, device="cuda:1", server_url="http://h:8000",
+                             weight_transfer_dir="/w")
+    assert f"rollout.engine=hf with rollout.placement={placement}" in problem
+    assert "Set rollout.placement=colocated" in problem
+
+
+def test_dedicated_needs_a_device() -> None:
+    assert problems(placement="dedicated") == [
+        "rollout.placement=dedicated needs rollout.device, the engine's own GPU (e.g. cuda:1, not a learner's): "
+        "set it, or use rollout.placement=colocated to share the learner's GPU (sleep/wake)"
+    ]
+
+
+@pytest.mark.parametrize("device", ["cpu", "gpu1", "cuda:x", "1"])
+def test_dedicated_device_must_be_cuda(device: str) -> None:
+    (problem,) = problems(placement="dedicated", device=device)
+    assert problem.startswith(f"rollout.device={device!r}: a dedicated engine is vLLM on its own GPU")
+
+
+def test_remote_needs_server_url_and_weight_transfer_dir() -> None:
+    found = problems(placement="remote")
+    assert len(found) == 2
+    assert "rollout.placement=remote needs rollout.server_url" in found[0]
+    assert "rollout.placement=remote needs rollout.weight_transfer_dir" in found[1]
+    assert "NCCL weight transfer is not wired" in found[1]
+    (only,) = problems(placement="remote", server_url="http://h:8000")
+    assert "weight_transfer_dir" in only
+
+
+def test_placement_problems_are_reported_with_field_errors() -> None:
+    """A field error elsewhere does not hide the placement problems (collected together, like batch checks)."""
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": {"path": "m"}, "grpo": GRPO, "optim": {"learning_rate": -1},
+                          "rollout": {"placement": "dedicated", "engine": "hf", "bogus": 1}})
+    text = str(info.value)
+    assert "optim.learning_rate=-1" in text
+    assert "rollout.bogus: unknown key" in text
+    assert "rollout.engine=hf with rollout.placement=dedicated" in text
+    assert "rollout.placement=dedicated needs rollout.device" in text
+    assert len(info.value.problems) == 4
+
+
+def test_probe_mean_threshold_reaches_the_probe() -> None:
+    assert config().rollout.probe_mean_threshold is None
+    assert any("probe_mean_threshold" in p for p in problems(probe_mean_threshold=0))
+    tokenizer = lambda text, add_special_tokens: {"input_ids": [1, 2, 3]}  # noqa: E731
+    learner: Any = SimpleNamespace(tokenizer=tokenizer)
+    probe = engines.make_probe(config(probe_threshold=0.7, probe_mean_threshold=0.2), learner)
+    assert (probe.max_threshold, probe.mean_threshold) == (0.7, 0.2)
+    default = engines.make_probe(config(), learner)  # bf16 engine: the dtype defaults
+    assert (default.max_threshold, default.mean_threshold) == (1.0, 0.05)
+
+
+# ---- cluster rules -------------------------------------------------------------------------------------------
+def test_bare_cuda_is_the_current_device() -> None:
+    assert normalize_device("cuda") == torch.device("cuda", 0)  # no CUDA here: index 0
+    assert normalize_device(torch.device("cuda", 3)) == torch.device("cuda:3")
+    assert normalize_device("cpu") == torch.device("cpu")
+
+
+def test_dedicated_on_the_single_gpu_learners_bare_cuda_is_rejected() -> None:
+    """accelerate reports a single-process GPU learner as ``cuda``: the same GPU as ``cuda:0``."""
+    (problem,) = cluster_problems(config(placement="dedicated", device="cuda:0"), 1, ["cuda"])
+    assert problem.startswith("rollout.device=cuda:0 is also a learner device (learners on cuda:0)")
+    (problem,) = cluster_problems(config(placement="dedicated", device="cuda"), 1, ["cuda:0"])
+    assert problem.startswith("rollout.device=cuda (= cuda:0) is also a learner device")
+
+
+def test_dedicated_checks_every_ranks_learner_device() -> None:
+    """Rank 1 (learner cuda:1) must reject an engine on rank 0's learner GPU: it gets the node's whole list."""
+    found = cluster_problems(config(placement="dedicated", device="cuda:0"), 2, ["cuda:1", "cuda:0"])
+    assert any("rollout.device=cuda:0 is also a learner device (learners on cuda:0, cuda:1)" in p for p in found)
+
+
+def test_dedicated_needs_world_size_1() -> None:
+    (problem,) = cluster_problems(config(placement="dedicated", device="cuda:2"), 2, ["cuda:0", "cuda:1"])
+    assert problem.startswith("rollout.placement=dedicated with world size 2: rollout.device=cuda:2 names one GPU")
+    assert "rollout.placement=remote" in problem
+    validate_for_cluster(config(placement="dedicated", device="cuda:1"), 1, ["cuda:0"], cuda_devices=2)
+
+
+def test_dedicated_device_must_exist_on_the_node() -> None:
+    cfg = config(placement="dedicated", device="cuda:2")
+    (problem,) = cluster_problems(cfg, 1, ["cuda:0"], cuda_devices=2)
+    assert problem == "rollout.device=cuda:2: this node has 2 CUDA device(s) (cuda:0..cuda:1)"
+    (problem,) = cluster_problems(cfg, 1, ["cpu"], cuda_devices=0)
+    assert "this node has no CUDA device" in problem
+
+
+def test_remote_with_several_ranks_must_not_sleep_the_shared_server() -> None:
+    remote = {"placement": "remote", "server_url": "http://h:8000", "weight_transfer_dir": "/w"}
+    (problem,) = cluster_problems(config(**remote), 2, ["cuda:0", "cuda:1"])
+    assert problem.endswith("Set rollout.sleep_between_rollouts=false")
+    validate_for_cluster(config(**remote, sleep_between_rollouts=False), 2, ["cuda:0", "cuda:1"])
+    validate_for_cluster(config(**remote), 1, ["cuda:0"])
+
+
+# ---- learner devices and the shared-engine sync ------------------------------------------------------------
+def test_node_learner_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    single: Any = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
+    assert engines.node_learner_devices(single) == ["cuda:0"]
+    # rank 3 = local rank 1 on the node whose ranks start at 2; ranks 0-1 are another node's
+    everyone = [(0, "cuda:0"), (0, "cuda:1"), (2, "cuda:0"), (2, "cuda:1")]
+    gathered: list[Any] = []
+    monkeypatch.setattr("accelerate.utils.gather_object", lambda obj: gathered.append(obj) or everyone)
+    rank3: Any = SimpleNamespace(device=torch.device("cuda:1"), num_processes=4, process_index=3,
+                                 local_process_index=1)
+    assert engines.node_learner_devices(rank3) == ["cuda:0", "cuda:1"]
+    assert gathered == [[(2, "cuda:1")]]
+
+
+class _Weights:
+    def __init__(self) -> None:
+        self.drained = 0
+
+    def __iter__(self) -> Any:
+        yield "w", torch.zeros(1)
+
+    def drain(self) -> None:
+        self.drained += 1
+
+
+class _Engine:
+    def __init__(self, version: int) -> None:
+        self.policy_version = version
+        self.sent = 0
+        self.metrics = {"rollout/sync_s": 1.0, "rollout/output_tokens_per_s": 2.0}
+
+    def update_weights(self, weights: Any) -> None:
+        list(weights)
+        self.sent += 1
+        self.policy_version += 1
+
+
+def _sync(cfg: RunConfig, rank: int, world: int, engine: _Engine) -> tuple[_Weights, dict[str, float]]:
+    weights = _Weights()
+    accelerator = SimpleNamespace(num_processes=world, is_main_process=rank == 0)
+    learner: Any = SimpleNamespace(accelerator=accelerator, weights=lambda bucket_mb: weights, unwrapped=None)
+    probe: Any = lambda engine, model: SimpleNamespace(metrics=lambda: {"rollout/probe_ok": 1.0})  # noqa: E731
+    return weights, engines.sync_and_probe(engine, learner, cfg, probe)  # type: ignore[arg-type]
+
+
+REMOTE = {"placement": "remote", "server_url": "http://h:8000", "weight_transfer_dir": "/w"}
+
+
+def test_shared_remote_engine_only_rank_0_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks, one server: rank 0 sends, rank 1 only iterates the stream (ZeRO-3 gathers) and both end at
+    rank 0's policy version (the broadcast is also the barrier)."""
+    broadcasts: list[int] = []
+    rank0_version = 6
+
+    def broadcast(value: int) -> int:
+        broadcasts.append(value)
+        return rank0_version
+
+    monkeypatch.setattr(engines, "broadcast_from_main", broadcast)
+    cfg = config(**REMOTE, sleep_between_rollouts=False)
+    rank0 = _Engine(5)
+    weights, metrics = _sync(cfg, 0, 2, rank0)
+    assert (rank0.sent, weights.drained, rank0.policy_version) == (1, 0, 6)
+    assert metrics == {"rollout/sync_s": 1.0, "rollout/probe_ok": 1.0}
+    rank1 = _Engine(2)  # a stale local count: it takes rank 0's
+    weights, _ = _sync(cfg, 1, 2, rank1)
+    assert (rank1.sent, weights.drained, rank1.policy_version) == (0, 1, 6)
+    assert broadcasts == [6, 2]
+
+
+@pytest.mark.parametrize(("rollout", "world"), [({}, 2), (REMOTE, 1)])
+def test_own_engines_are_synced_on_every_rank(monkeypatch: pytest.MonkeyPatch, rollout: dict[str, str],
+                                              world: int) -> None:
+    def no_broadcast(value: int) -> int:
+        raise AssertionError("no shared engine: no broadcast")
+
+    monkeypatch.setattr(engines, "broadcast_from_main", no_broadcast)
+    for rank in range(world):
+        engine = _Engine(0)
+        weights, _ = _sync(config(**rollout), rank, world, engine)
+        assert (engine.sent, weights.drained, engine.policy_version) == (1, 0, 1)
+
+
+def test_broadcast_from_main_in_one_process() -> None:
+    assert engines.broadcast_from_main(4) == 4
+
+
+def test_build_engine_refuses_remote_without_weight_transfer_dir() -> None:
+    cfg = config(**REMOTE)
+    cfg.rollout.weight_transfer_dir = None  # validation already rejects this; build_engine must too
+    with pytest.raises(ValueError, match="weight_transfer_dir"):
+        engines.build_engine(cfg, None)  # type: ignore[arg-type]
