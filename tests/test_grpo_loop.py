@@ -199,7 +199,9 @@ def test_engine_sleeps_after_every_rollout(tiny_qwen2_path: str, tmp_path: Path,
     cfg = small_config(tiny_qwen2_path, tmp_path / "run", "grpo.n_grpo_steps=2", "eval.every=1",
                        "rollout.sleep_between_rollouts=true")
     train_grpo(cfg)
-    # initial sync, eval 0, then per step: rollout, update, sync, eval
-    assert calls == ["update_weights", "generate", "sleep",
-                     "generate", "sleep", "update_weights", "generate", "sleep",
-                     "generate", "sleep", "update_weights", "generate", "sleep"]  # fmt: skip
+    # 5 generation phases (evaluation at step 0; per step the rollout and the evaluation), each followed by a
+    # sleep before the next weight update; the probe's own scoring after each update may generate too
+    assert calls.count("update_weights") == 3 and calls.count("sleep") == 5
+    segments = "|".join(calls).split("update_weights")[1:]  # what happens after each sync
+    assert all(seg.rstrip("|").endswith("sleep") for seg in segments), calls
+    assert "generate|sleep" in segments[1] and segments[1].count("sleep") == 2, calls  # rollout, then eval
