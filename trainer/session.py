@@ -24,6 +24,7 @@ from rollout.rewards import RewardScorer
 from rollout.tasks import Example, load_task
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig, save_config, validate_for_cluster
+from trainer.engines import node_learner_devices
 from trainer.evaluate import eval_sampling, evaluate
 from trainer.flops import FlopCounter
 from trainer.learner import Learner
@@ -51,7 +52,7 @@ class Session:
             register_template(name, template)
         self.accelerator = Accelerator()
         _check_world(self.accelerator.num_processes)
-        validate_for_cluster(cfg, self.accelerator.num_processes, [str(self.accelerator.device)])
+        validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         self.flops = FlopCounter(self.learner.unwrapped, self.learner.device, cfg.logging.peak_tflops)
         self.timer = PhaseTimer()
