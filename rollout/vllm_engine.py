@@ -18,10 +18,30 @@ Placement:
 Weight sync (`update_weights`) streams (name, tensor) pairs through vLLM's in-place
 ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` in a single call (vLLM processes each
 layer when all its tensors have arrived; splitting a reload into several calls would process layers half
-loaded), then resets the prefix cache and bumps `policy_version` (also set as vLLM's weight version).
+loaded), then resets the prefix cache (a False from vLLM's reset is an error: cached KV of the old weights
+would be reused) and bumps `policy_version` (also set as vLLM's weight version).
 Naive twin: ``reload_weights(weights_iterator=iter(model.state_dict().items()))`` - tested bit-identical.
 Send every state-dict name, tied aliases included (`rollout.engine.iter_state_dict` /
 `rollout.weight_sync.ModelWeights` do): a tied ``lm_head.weight`` that is not sent keeps its old values.
+
+Sync validation: vLLM checks neither names nor shapes, and an exception inside its reload leaves the model's
+layers on the meta device (every later call fails, a full resync included). So the engine knows the
+checkpoint's state-dict names and shapes (`checkpoint_shapes`: the HF model built from vLLM's config on the
+meta device, tied ``lm_head.weight`` included, the same on every vLLM version) and checks each pair before
+vLLM sees it:
+
+- a stream with ``metadata()`` (`ModelWeights`, what the trainer sends) is checked whole before anything is
+  sent: a wrong shape or an unknown, repeated or missing name raises ValueError, and the engine keeps its
+  weights and version;
+- other iterables are checked as they stream (no buffering): at the first bad pair the stream ends there, so
+  vLLM finishes the reload normally with the pairs before it, and ValueError names the tensor, its shape and
+  the checkpoint's (the rest of the stream is still read and checked, not loaded: a ZeRO-3 gather keeps every
+  rank in step). A stream that ends with names missing raises too. After either the engine holds a mix of
+  old and new (and half-loaded) layers: `generate` / `prompt_logprobs` refuse until a full `update_weights`
+  succeeds, which restores it (tested);
+- if vLLM's reload raises anyway, the engine is marked broken: every later call raises "recreate it".
+
+`policy_version` is bumped only by a complete sync. No caller in this project sends partial state dicts.
 
 Sampling: one request per prompt with ``n`` = group size; request i gets seed ``sample_seed(seed, i, n, 0)``
 and vLLM gives child k that seed ``+ k`` (= ``sample_seed(seed, i, n, k)``), so every sample has its own stream.
@@ -37,6 +57,7 @@ Checksums use ``LLM.apply_model``, present in both.
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import hashlib
 import importlib
@@ -55,6 +76,7 @@ from rollout.engine import (
     Prompt,
     Sample,
     SamplingConfig,
+    iter_state_dict,
     rollout_metrics,
     sample_seed,
     sync_metrics,
@@ -174,6 +196,15 @@ class VLLMEngine:
         self._sampling_params_cls = vllm.SamplingParams
         model_config = self._llm.llm_engine.model_config
         self.dtype: torch.dtype = model_config.dtype
+        self.max_model_len: int = int(model_config.max_model_len)
+        # prefix caching stores KV in whole blocks of this many tokens (CPU: 128; CUDA: usually 16)
+        self.cache_block_size: int = int(self._llm.llm_engine.vllm_config.cache_config.block_size)
+        # HF state-dict name -> shape every sync is checked against (None: learnt from the first full sync)
+        self.weight_shapes = checkpoint_shapes(
+            model_config.hf_config, trust_remote_code=bool(getattr(model_config, "trust_remote_code", False))
+        )
+        self._partial: str | None = None  # why generation is refused until a full sync succeeds
+        self._broken: str | None = None  # why every call is refused (recreate the engine)
         self._engine_device = (
             self.device
             if self.device is not None
@@ -183,6 +214,7 @@ class VLLMEngine:
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
         """`params.n` samples per prompt, grouped: samples of prompt i are at [i*n, (i+1)*n)."""
+        self._check_usable()
         self.wake()
         inputs = [_as_vllm_prompt(p) for p in prompts]
         per_prompt = [
@@ -235,7 +267,12 @@ class VLLMEngine:
         return samples
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(token_t | tokens_<t) for t >= 1 of each sequence (vLLM ``prompt_logprobs=0``)."""
+        """log p(token_t | tokens_<t) for t >= 1 of each sequence (vLLM ``prompt_logprobs=0``).
+
+        vLLM never reads the prefix cache for a request with prompt log-probs (``skip_reading_prefix_cache``),
+        so these are always computed from the current weights, even where `generate` would reuse stale KV.
+        """
+        self._check_usable()
         self.wake()
         params = self._sampling_params_cls(max_tokens=1, prompt_logprobs=0, detokenize=False)
         seqs = [[int(t) for t in s] for s in token_ids]
@@ -250,20 +287,79 @@ class VLLMEngine:
     # ---- weights ------------------------------------------------------------------------------------------
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Stream (HF name, tensor) pairs into vLLM in one ``reload_weights`` call, reset the prefix cache and
-        bump `policy_version`. Pass `ModelWeights(model)` for a ZeRO-3 learner (gathers bucket by bucket)."""
+        bump `policy_version`. Pass `ModelWeights(model)` for a ZeRO-3 learner (gathers bucket by bucket).
+
+        Every state-dict name of the checkpoint, once, with its shape: otherwise ValueError (see the module
+        docstring for what state the engine is left in). RuntimeError if vLLM's reload fails (the engine is
+        broken) or its prefix cache cannot be reset.
+        """
+        self._check_usable(partial_ok=True)
+        expected = self.weight_shapes
+        metadata = getattr(weights, "metadata", None)
+        if expected is not None and callable(metadata):
+            problem = WeightCheck(expected).listing((m.name, tuple(m.shape)) for m in metadata())
+            if problem is not None:
+                raise ValueError(
+                    f"VLLMEngine.update_weights: {problem}. Nothing was sent (found in the stream's metadata); "
+                    f"the engine keeps policy version {self.policy_version}"
+                )
         if "weights" in self._asleep:
             with self._on_device():
                 self._llm.wake_up(tags=["weights"])
             self._asleep.discard("weights")
         start = time.perf_counter()
-        counted = ByteCounter(convert_bucketed(weights, self._engine_device, None, self.sync_bucket_bytes))
-        with self._on_device():
-            self._llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": iter(counted), "is_checkpoint_format": True}
+        version = self.policy_version
+        checked = WeightCheck(expected)
+        counted = ByteCounter(
+            convert_bucketed(checked.stream(weights), self._engine_device, None, self.sync_bucket_bytes)
+        )
+        try:
+            with self._on_device():
+                self._llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": iter(counted), "is_checkpoint_format": True}
+                )
+        except BaseException:
+            self._broken = (
+                f"VLLMEngine is broken after a failed weight update at policy version {version} (vLLM's in-place "
+                "reload raised part-way and left layers on the meta device); recreate it"
             )
-            self._llm.reset_prefix_cache()
-        if counted.num_tensors == 0:
+            with contextlib.suppress(Exception), self._on_device():
+                self._llm.reset_prefix_cache()
+            raise
+        with self._on_device():
+            reset = self._llm.reset_prefix_cache()
+        checked.drain()
+        if not checked.shapes:
             raise ValueError("VLLMEngine.update_weights: the weights iterator was empty")
+        problem = checked.problem()
+        if problem is not None:
+            if checked.num_passed == 0:  # vLLM got nothing: every layer kept its weights
+                raise ValueError(f"VLLMEngine.update_weights: {problem}. Nothing was loaded")
+            self._partial = (
+                f"VLLMEngine holds a partial weight update (the update after policy version {version} failed: "
+                f"{problem}); call update_weights with a full state dict before generating"
+            )
+            loaded = (
+                f"The stream was cut at the first problem; the {checked.num_passed} good tensors before it"
+                if checked.errors
+                else f"The {checked.num_passed} tensors sent"
+            )
+            raise ValueError(
+                f"VLLMEngine.update_weights: {problem}. {loaded} were loaded, so the engine refuses to "
+                "generate until a full update_weights succeeds"
+            )
+        if not reset:
+            self._partial = (
+                f"VLLMEngine: the prefix cache could not be reset after the update from policy version {version}"
+                " (requests still running?): cached KV of the old weights would be reused; call update_weights"
+                " again before generating"
+            )
+            raise RuntimeError(
+                f"VLLMEngine.update_weights: vLLM's reset_prefix_cache() returned False. {self._partial}"
+            )
+        if self.weight_shapes is None:
+            self.weight_shapes = dict(checked.shapes)
+        self._partial = None
         self.policy_version += 1
         set_weight_version(self._llm, self.policy_version)
         self.metrics.update(sync_metrics(time.perf_counter() - start, counted.num_bytes))
@@ -281,6 +377,7 @@ class VLLMEngine:
         layers keep their weights inside packed kernels and their ``weight`` parameters are empty, so there
         the digests cover embeddings, norms and biases only (as 0.32's own RPC does).
         """
+        self._check_usable(partial_ok=True)
         with self._on_device():
             parts = self._llm.apply_model(parameter_digests)
         if len(parts) == 1:
@@ -330,6 +427,108 @@ class VLLMEngine:
 
     def _on_device(self) -> contextlib.AbstractContextManager[Any]:
         return torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
+
+    def _check_usable(self, *, partial_ok: bool = False) -> None:
+        """Raise if a failed weight update broke the engine, or (unless `partial_ok`) left it half updated."""
+        if self._broken is not None:
+            raise RuntimeError(self._broken)
+        if self._partial is not None and not partial_ok:
+            raise RuntimeError(self._partial)
+
+
+def checkpoint_shapes(
+    hf_config: Any, *, trust_remote_code: bool = False
+) -> dict[str, tuple[int, ...]] | None:
+    """State-dict name -> shape of the HF model `hf_config` describes: what a learner's `iter_state_dict` /
+    `ModelWeights` yields (tied ``lm_head.weight`` included). Built on the meta device (no memory; ~0.1 s for
+    a 1.5B model). None, with a warning, where transformers cannot build the model from the config."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+                copy.deepcopy(hf_config), trust_remote_code=trust_remote_code
+            )
+    except Exception as exc:  # any failure only disables the up-front check of names
+        logger.warning(
+            "VLLMEngine: cannot build %s from its config (%s); weight syncs are checked against the first "
+            "full sync's names and shapes instead",
+            type(hf_config).__name__,
+            exc,
+        )
+        return None
+    return {name: tuple(t.shape) for name, t in iter_state_dict(model)}
+
+
+class WeightCheck:
+    """Checks (name, shape) pairs against a checkpoint's `expected` names and shapes.
+
+    `listing` checks a whole (name, shape) listing (a stream's metadata). `stream` passes (name, tensor) pairs
+    through unbuffered and cuts the stream at the first bad pair; `drain` then checks the rest without
+    loading it (a ZeRO-3 `ModelWeights` gathers collectively, so every rank keeps iterating in step, as
+    `HFEngine.update_weights` does). `problem` sums up the bad pairs and the names never sent. With `expected`
+    None only repeated names are errors, and `shapes` records what passed.
+    """
+
+    def __init__(self, expected: dict[str, tuple[int, ...]] | None) -> None:
+        self.expected = expected
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.errors: list[str] = []
+        self.num_passed = 0  # pairs `stream` let through before the cut
+        self._rest: Iterator[tuple[str, torch.Tensor]] | None = None
+
+    def add(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Record one pair; False (and an entry in `errors`) if it is wrong."""
+        error = None
+        want = self.expected.get(name) if self.expected is not None else shape
+        if name in self.shapes:
+            error = f"{name} was sent twice"
+        elif want is None:
+            error = f"{name} (shape {shape}) is not a weight of this checkpoint"
+        elif shape != want:
+            error = f"{name} has shape {shape}, the checkpoint's is {want}"
+        self.shapes.setdefault(name, shape)
+        if error is not None:
+            self.errors.append(error)
+        return error is None
+
+    def listing(self, pairs: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
+        """Check a whole (name, shape) listing; `problem`."""
+        for name, shape in pairs:
+            self.add(name, shape)
+        return self.problem()
+
+    def stream(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """`pairs` while they are right; the first wrong one is not yielded and ends the stream."""
+        source = iter(pairs)
+        for name, tensor in source:
+            if not self.add(name, tuple(tensor.shape)):
+                self._rest = source
+                return
+            self.num_passed += 1
+            yield name, tensor
+
+    def drain(self) -> None:
+        """Check what is left of a stream `stream` cut, loading nothing."""
+        rest, self._rest = self._rest, None
+        for name, tensor in rest or ():
+            self.add(name, tuple(tensor.shape))
+
+    def problem(self) -> str | None:
+        """The bad pairs and the names never sent, in words; None if all is well."""
+        parts = self.errors[:10] + ([f"{len(self.errors) - 10} more"] if len(self.errors) > 10 else [])
+        missing = [n for n in self.expected or () if n not in self.shapes]
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            parts.append(
+                f"no tensor sent for {len(missing)} of the checkpoint's {len(self.expected or ())} names: {shown}"
+            )
+            if any(n.startswith("lm_head.") for n in missing):
+                parts[-1] += (
+                    " (a tied lm_head is a state-dict name of its own, which named_parameters() leaves out: "
+                    "send rollout.engine.iter_state_dict or ModelWeights)"
+                )
+        return "; ".join(parts) or None
 
 
 def parameter_digests(model: torch.nn.Module) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
 from rollout.hf_engine import HFEngine
 from rollout.probe import StaleWeightProbe
-from rollout.vllm_engine import NCCLSender026, VLLMEngine, set_weight_version
+from rollout.vllm_engine import NCCLSender026, VLLMEngine, WeightCheck, checkpoint_shapes, set_weight_version
 from rollout.weight_sync import ModelWeights
 
 pytestmark = pytest.mark.vllm
@@ -138,26 +139,210 @@ def test_stop_string_kept_in_output(engine: VLLMEngine, tiny_qwen2_path: str) ->
     assert a.finish_reason == "stop"
 
 
-def test_weight_update_matches_hf_and_resets_prefix_cache(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+def cached_prompt(engine: VLLMEngine) -> list[int]:
+    """A prompt filling two prefix-cache blocks and a few tokens more: vLLM caches whole blocks only (the
+    block size is the engine's: 128 tokens on vLLM's CPU backend), and always recomputes the last token."""
+    block = engine.cache_block_size
+    assert 2 * block + 7 + GREEDY.max_tokens <= engine.max_model_len
+    return [5, 6, 7, *(40 + (11 * i) % 900 for i in range(2 * block + 4))]
+
+
+def test_weight_update_matches_hf_and_resets_prefix_cache(
+    engine: VLLMEngine, tiny_qwen2_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After syncing trained (perturbed) weights, greedy continuations equal HF's and log-probs agree ≤ 1e-4.
 
-    The prompt is generated once under the old weights first, so a stale prefix-cache entry would show.
+    The prompt fills two prefix-cache blocks and is generated once under the old weights first, so a stale
+    prefix-cache entry would show, and does: with vLLM's reset stubbed out the continuation's log-probs are
+    off from the learner's by tenths (the test sees the bug it guards against).
     """
-    prompt = [5, 6, 7, *range(40, 80)]
-    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
-    (before,) = engine.generate([prompt], GREEDY)
+    prompt = cached_prompt(engine)
     learner = perturbed(tiny_qwen2_path, seed=2)
+    hf = HFEngine(learner, tiny_qwen2_path)
+    (ref,) = hf.generate([prompt], GREEDY)
+
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    engine.generate([prompt], GREEDY)  # caches the prompt's blocks under the old weights
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: True)
+        engine.update_weights(ModelWeights(learner, bucket_mb=0.1))
+    (stale,) = engine.generate([prompt], GREEDY)
+    stale_diff = max_diff(stale.logprobs, hf.score(prompt, stale.response_ids, GREEDY))
+    assert stale_diff > 1e-2, stale_diff  # the learner's log-probs of the engine's own tokens
+
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    (before,) = engine.generate([prompt], GREEDY)  # cached under the old weights again
     version = engine.policy_version
-    engine.update_weights(ModelWeights(learner, bucket_mb=0.1))
+    engine.update_weights(ModelWeights(learner, bucket_mb=0.1))  # with the reset
     assert engine.policy_version == version + 1
     assert engine.metrics["rollout/sync_gb"] > 0 and engine.metrics["rollout/sync_gb_per_s"] > 0
-    hf = HFEngine(learner, tiny_qwen2_path)
-    (after,), (ref,) = engine.generate([prompt], GREEDY), hf.generate([prompt], GREEDY)
+    (after,) = engine.generate([prompt], GREEDY)
     assert after.response_ids == ref.response_ids != before.response_ids
     assert max_diff(after.logprobs, ref.logprobs) <= 1e-4
     assert after.policy_version == version + 1
     seq = [prompt + ref.response_ids]
     assert max_diff(engine.prompt_logprobs(seq)[0], hf.prompt_logprobs(seq)[0]) <= 1e-4
+
+
+def test_failed_prefix_cache_reset_raises_and_blocks_generation(
+    engine: VLLMEngine, tiny_qwen2_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM's ``reset_prefix_cache()`` answering False (blocks still in use) is an error, not a log line:
+    no version bump, no generation until a sync resets it."""
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    version = engine.policy_version
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: False)
+        with pytest.raises(RuntimeError, match="reset_prefix_cache\\(\\) returned False"):
+            engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    assert engine.policy_version == version
+    with pytest.raises(RuntimeError, match="prefix cache could not be reset"):
+        engine.generate([[5, 6, 7]], GREEDY)
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    assert engine.policy_version == version + 1 and engine.generate([[5, 6, 7]], GREEDY)
+
+
+# ---- sync validation -------------------------------------------------------------------------------------------
+V_PROJ = "model.layers.0.self_attn.v_proj.weight"
+
+
+def test_checkpoint_shapes_are_the_learners_state_dict(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """The names and shapes syncs are checked against: the learner's `iter_state_dict`, tied lm_head too."""
+    learner = load(tiny_qwen2_path)
+    expected = {name: tuple(t.shape) for name, t in iter_state_dict(learner)}
+    assert engine.weight_shapes == expected and "lm_head.weight" in expected
+    assert checkpoint_shapes(learner.config) == expected
+
+
+def test_wrong_shape_is_named_before_vllm_sees_it(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """A plain stream with a wrong-shaped tensor: ValueError names it and both shapes; the stream is cut there
+    (vLLM never sees it) but still read to the end (a ZeRO-3 gather on other ranks keeps in step); the
+    engine refuses to generate (half its layers are new) until a full sync, which restores it exactly."""
+    learner = perturbed(tiny_qwen2_path, seed=6)
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    version = engine.policy_version
+    read: list[str] = []
+
+    def bad() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in iter_state_dict(learner):
+            read.append(name)
+            yield name, (tensor[:-1] if name == V_PROJ else tensor)
+
+    with pytest.raises(
+        ValueError, match=f"{V_PROJ} has shape \\(127, 128\\), the checkpoint's is \\(128, 128\\)"
+    ):
+        engine.update_weights(bad())
+    assert read == [name for name, _ in iter_state_dict(learner)]
+    assert engine.policy_version == version
+    for call in (lambda: engine.generate([[5, 6, 7]], GREEDY), lambda: engine.prompt_logprobs([[5, 6, 7]])):
+        with pytest.raises(
+            RuntimeError, match=f"partial weight update \\(the update after policy version {version}"
+        ):
+            call()
+    engine.update_weights(iter_state_dict(learner))
+    hf = HFEngine(learner, tiny_qwen2_path)
+    (ours,), (ref,) = engine.generate([[5, 6, 7]], GREEDY), hf.generate([[5, 6, 7]], GREEDY)
+    assert ours.response_ids == ref.response_ids and max_diff(ours.logprobs, ref.logprobs) <= 1e-4
+    assert engine.policy_version == version + 1
+
+
+def test_metadata_is_checked_before_anything_is_sent(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """`ModelWeights` lists its names and shapes up front: a wrong shape there is found before the first
+    tensor moves, and the engine keeps its weights, its version and its ability to generate."""
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    (before,) = engine.generate([[5, 6, 7]], GREEDY)
+    version = engine.policy_version
+    model = perturbed(tiny_qwen2_path, seed=7)
+    model.model.layers[0].self_attn.v_proj.weight = torch.nn.Parameter(torch.zeros(127, 128))
+    weights = RecordingWeights(model)
+    with pytest.raises(ValueError, match=f"{V_PROJ} has shape .* Nothing was sent .* keeps policy version"):
+        engine.update_weights(weights)
+    assert weights.yielded == [] and engine.policy_version == version
+    assert engine.generate([[5, 6, 7]], GREEDY)[0].response_ids == before.response_ids
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("unknown", "no.such.weight \\(shape \\(3,\\)\\) is not a weight of this checkpoint"),
+        ("truncated", "no tensor sent for 2 of the checkpoint's 27 names: model.norm.weight, lm_head.weight"),
+        ("named_parameters", "no tensor sent for 1 .*: lm_head.weight \\(a tied lm_head .* named_parameters"),
+        ("twice", "model.embed_tokens.weight was sent twice"),
+    ],
+)
+def test_incomplete_or_unknown_names_raise(
+    engine: VLLMEngine, tiny_qwen2_path: str, case: str, message: str
+) -> None:
+    """Names vLLM would silently skip or half-load are errors and never bump the version. A tied lm_head left
+    out (``named_parameters()``) is an error on every vLLM version, though 0.26 would share the embedding."""
+    learner = perturbed(tiny_qwen2_path, seed=8)
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    version = engine.policy_version
+    full = list(iter_state_dict(learner))
+    weights = {
+        "unknown": [("no.such.weight", torch.zeros(3)), *full],
+        "truncated": full[:-2],
+        "named_parameters": [(n, p.detach()) for n, p in learner.named_parameters()],
+        "twice": full + full[:1],
+    }[case]
+    with pytest.raises(ValueError, match=message):
+        engine.update_weights(weights)
+    assert engine.policy_version == version
+    if case == "unknown":  # the first pair was wrong: nothing reached vLLM, the engine is as it was
+        assert engine.generate([[5, 6, 7]], GREEDY)
+    else:
+        with pytest.raises(RuntimeError, match="partial weight update"):
+            engine.generate([[5, 6, 7]], GREEDY)
+    engine.update_weights(iter(full))
+    assert engine.policy_version == version + 1 and engine.generate([[5, 6, 7]], GREEDY)
+
+
+def test_failed_reload_marks_the_engine_broken(
+    engine: VLLMEngine, tiny_qwen2_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If vLLM's reload itself raises part-way (its layers are then left on the meta device, so every later
+    call would fail with "Tensor on device meta"), the error passes through and every later call says the
+    engine is broken. (vLLM is stubbed here, so the shared engine survives; the real failure is the one
+    `test_wrong_shape_is_named_before_vllm_sees_it` now prevents.)"""
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    version = engine.policy_version
+
+    def failing_rpc(method: str, kwargs: dict[str, Any]) -> None:
+        next(kwargs["weights_iterator"])
+        raise RuntimeError("start (0) + length (128) exceeds dimension size (127)")
+
+    monkeypatch.setattr(engine.llm, "collective_rpc", failing_rpc)
+    try:
+        with pytest.raises(RuntimeError, match="exceeds dimension size"):
+            engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+        broken = f"broken after a failed weight update at policy version {version} .*; recreate it"
+        for call in (
+            lambda: engine.generate([[5, 6, 7]], GREEDY),
+            lambda: engine.prompt_logprobs([[5, 6, 7]]),
+            lambda: engine.update_weights(iter_state_dict(load(tiny_qwen2_path))),
+            engine.weight_checksums,
+        ):
+            with pytest.raises(RuntimeError, match=broken):
+                call()
+    finally:
+        engine._broken = None  # vLLM was never touched: the shared engine is fine
+    monkeypatch.undo()
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+
+
+def test_weight_check_without_checkpoint_shapes(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """Where transformers cannot build the model from its config, the first full sync's names and shapes
+    become the reference; until then only repeated names are errors."""
+    check = WeightCheck(None)
+    assert check.listing([("a", (2,)), ("b", (3,))]) is None
+    assert check.listing([("a", (2,))]) == "a was sent twice"
+    expected = engine.weight_shapes
+    engine.weight_shapes = None
+    try:
+        engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+        assert engine.weight_shapes == expected
+    finally:
+        engine.weight_shapes = expected
 
 
 def test_sampled_logprobs_are_the_sampling_distribution(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
