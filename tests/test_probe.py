@@ -66,7 +66,33 @@ def test_default_probe_sequence(tiny_qwen2_path: str) -> None:
     ids = probe_token_ids(hf.tokenizer)
     assert len(ids) > 32 and hf.tokenizer.decode(ids) == PROBE_TEXT
     result = StaleWeightProbe(tokenizer=hf.tokenizer)(hf, hf.model)  # an engine sharing the learner: exact
-    assert result.max_abs_diff == 0.0 and result.num_tokens == len(ids) - 1
+    assert result.max_abs_diff == 0.0 and result.generation_abs_diff == 0.0
+    assert result.num_tokens == len(ids) - 1 + 1  # the probe's tokens and the one generated
+    prompt_only = StaleWeightProbe(tokenizer=hf.tokenizer, generation_check=False)(hf, hf.model)
+    assert prompt_only.num_tokens == len(ids) - 1 and prompt_only.generation_abs_diff is None
+    assert "rollout/probe_generation_abs_diff" not in prompt_only.metrics()
+
+
+class _Engine:
+    def __init__(self, **attrs: int) -> None:
+        vars(self).update(attrs)
+
+
+def test_generation_prefix_fills_two_cache_blocks() -> None:
+    """Two blocks and 8 tokens of the probe sequence repeated; no shorter than the sequence less one token;
+    the sequence alone without a block size; cut to fit max_model_len; `prefix_len` overrides."""
+    probe = StaleWeightProbe([[1, 2, 3, 4, 5]])
+    assert probe.generation_prefix(_Engine()) == [1, 2, 3, 4]
+    assert probe.generation_prefix(_Engine(cache_block_size=4)) == [1, 2, 3, 4, 5] * 3 + [1]
+    assert probe.generation_prefix(_Engine(cache_block_size=4, max_model_len=8)) == [1, 2, 3, 4, 5, 1, 2]
+    assert probe.generation_prefix(_Engine(cache_block_size=1)) == [1, 2, 3, 4, 5] * 2
+    assert StaleWeightProbe([[1, 2]], prefix_len=3).generation_prefix(_Engine(cache_block_size=4)) == [
+        1,
+        2,
+        1,
+    ]
+    with pytest.raises(ValueError, match="prefix_len"):
+        StaleWeightProbe([[1, 2]], prefix_len=0)
 
 
 # ---- against a real vLLM engine ------------------------------------------------------------------------------------
@@ -103,13 +129,54 @@ def test_probe_catches_wrong_and_stale_weights(engine: VLLMEngine, tiny_qwen2_pa
 
 @pytest.mark.vllm
 def test_probe_catches_untied_lm_head_left_behind(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
-    """``named_parameters()`` lists a tied weight once; vLLM 0.32's reload then keeps the old ``lm_head``
-    (vLLM 0.26 shares it with the embedding, so there the head follows and the probe passes)."""
+    """``named_parameters()`` lists a tied weight once. `VLLMEngine.update_weights` now refuses that stream
+    (lm_head.weight missing); sent to vLLM's reload directly, vLLM 0.32 keeps the old ``lm_head`` and the
+    probe sees it (vLLM 0.26 shares it with the embedding, so there the head follows and the probe passes)."""
     learner = perturbed(tiny_qwen2_path, seed=4)
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
-    engine.update_weights((n, p.detach()) for n, p in learner.named_parameters())
+    with pytest.raises(ValueError, match=r"lm_head\.weight"):
+        engine.update_weights((n, p.detach()) for n, p in learner.named_parameters())
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    engine.llm.collective_rpc(
+        "reload_weights",
+        kwargs={
+            "weights_iterator": ((n, p.detach()) for n, p in learner.named_parameters()),
+            "is_checkpoint_format": True,
+        },
+    )
+    engine.llm.reset_prefix_cache()
     result = StaleWeightProbe(tokenizer=engine.tokenizer, on_mismatch="warn")(engine, learner)
     if vllm_at_least(0, 32):
         assert not result.ok and result.mean_abs_diff > 1e-2
     else:
         assert result.ok and result.max_abs_diff < 1e-4
+
+
+@pytest.mark.vllm
+def test_probe_sees_a_stale_prefix_cache(
+    engine: VLLMEngine, tiny_qwen2_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync whose prefix-cache reset did nothing: prompt log-probs (never read from the cache) still agree,
+    the token generated after the probe's cached prefix does not, and the probe says so. With the reset the
+    probe passes."""
+    base, learner = load(tiny_qwen2_path), perturbed(tiny_qwen2_path, seed=5)
+    probe = StaleWeightProbe(tokenizer=engine.tokenizer)
+    prompt_only = StaleWeightProbe(tokenizer=engine.tokenizer, generation_check=False)
+    prefix = probe.generation_prefix(engine)
+    assert len(prefix) == 2 * engine.cache_block_size + 8 <= engine.max_model_len - 1
+    engine.update_weights(iter_state_dict(base))
+    assert probe(engine, base).ok  # leaves the prefix cached under these weights
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: True)
+        engine.update_weights(iter_state_dict(learner))
+    assert prompt_only(engine, learner).max_abs_diff < 1e-4  # blind to the stale cache
+    with pytest.raises(StaleWeightsError, match="stale prefix cache"):
+        probe(engine, learner)
+    result = StaleWeightProbe(tokenizer=engine.tokenizer, on_mismatch="warn")(engine, learner)
+    assert result.generation_abs_diff is not None and result.generation_abs_diff > 1e-2
+    engine.update_weights(iter_state_dict(base))
+    assert probe(engine, base).ok
+    engine.update_weights(iter_state_dict(learner))
+    result = probe(engine, learner)
+    assert result.ok and result.generation_abs_diff is not None and result.generation_abs_diff < 1e-4
+    assert result.metrics()["rollout/probe_generation_abs_diff"] == result.generation_abs_diff
