@@ -20,7 +20,10 @@ Exactly this, for each of ``ei.n_ei_steps`` steps:
 
 An optional SFT warm start (``warmstart.steps``, `trainer.warmstart`) runs before step 1, so that a random
 policy produces some correct samples. Data parallel: every rank draws the same questions and samples its
-share; the kept samples are gathered so that every rank trains on the same set, sharded by rows.
+share; the kept samples are gathered so that every rank trains on the same set, sharded by rows
+(`trainer.batching.deal_micro_batches`: the kept count is arbitrary, so a rank short of rows — or with
+none — runs zero-weight micro-batches, keeping every rank's forward/backward passes and optimizer steps
+in step; the update equals the 1-process one).
 """
 
 from __future__ import annotations
@@ -30,12 +33,12 @@ from typing import Any
 from rollout.engine import Sample, rollout_metrics
 from rollout.prompts import format_prompt
 from rollout.tasks import Example
-from trainer.batching import pack_token_ids
+from trainer.batching import deal_micro_batches, pack_micro_batches, pack_token_ids
 from trainer.config import RunConfig
 from trainer.evaluate import response_entropy
 from trainer.sampler import QuestionSampler
 from trainer.session import Session
-from trainer.sft import epoch_batches, rank_micro_batches, sft_update
+from trainer.sft import epoch_batches, sft_update
 
 
 def sample_and_filter(
@@ -83,15 +86,13 @@ def sft_on_kept(s: Session, kept: list[Sample], step: int) -> dict[str, float]:
     totals: dict[str, list[float]] = {}
     for epoch in range(ei.ei_epochs):
         for rows in epoch_batches(len(kept), ei.batch_size, s.cfg.seed * 100_003 + 1_000 * step + epoch):
-            micro_rows = rank_micro_batches(
+            micro_rows = deal_micro_batches(
                 rows, ei.gradient_accumulation_steps, acc.process_index, acc.num_processes
             )
-            if not micro_rows:
-                continue
-            micro = [
-                pack_token_ids([kept[i].prompt_ids for i in m], [kept[i].response_ids for i in m], pad)
-                for m in micro_rows
-            ]
+            micro = pack_micro_batches(
+                micro_rows,
+                lambda m: pack_token_ids([kept[i].prompt_ids for i in m], [kept[i].response_ids for i in m], pad),
+            )
             for k, v in sft_update(s.learner, micro).items():
                 totals.setdefault(k, []).append(v)
     metrics = {k: sum(v) / len(v) for k, v in totals.items()}

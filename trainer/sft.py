@@ -32,11 +32,14 @@ Exactly this:
 Length: ``sft.max_steps`` optimizer steps if set (cycling over epochs), else ``sft.num_epochs`` epochs.
 Resume: the data order is a pure function of (seed, epoch), so a resumed run skips the batches it has seen
 and continues with the restored optimizer state. Data parallel: each rank takes rows ``rank::world`` of
-every optimizer batch (batches with fewer rows than ranks are skipped).
+every optimizer batch (`trainer.batching.deal_micro_batches`), and a rank short of rows — the last short
+batch of an epoch may hold fewer rows than ranks — pads with zero-weight micro-batches, so that every rank
+runs the same forward/backward passes and optimizer steps; every batch trains, as on one process.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -50,7 +53,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from rollout.jsonl import DatasetFormatError, read_jsonl
-from trainer.batching import TokenBatch, pack_token_ids
+from trainer.batching import TokenBatch, deal_micro_batches, pack_micro_batches, pack_token_ids
 from trainer.config import RunConfig
 from trainer.learner import Learner, global_token_count
 from trainer.logprobs import get_response_log_probs
@@ -153,6 +156,9 @@ def rank_micro_batches(
     """This rank's rows ``rows[rank::world]`` of one optimizer batch, in at most `grad_accum` near-equal
     micro-batches (empty ones dropped). ``[]`` when the batch has fewer rows than ranks.
 
+    Ranks can get different numbers of micro-batches (5 rows, 4 steps, 2 ranks: 3 and 2); SFT and expert
+    iteration use `trainer.batching.deal_micro_batches`, which pads every rank to the same number.
+
     >>> rank_micro_batches([0, 1, 2, 3, 4], 2)
     [[0, 1, 2], [3, 4]]
     """
@@ -239,12 +245,11 @@ def load_sft_data(s: Session) -> SFTData:
 
     def epoch(e: int) -> Iterator[list[TokenBatch]]:
         for rows in epoch_batches(len(train), sft.batch_size, cfg.seed * 100_003 + e):
-            micro_rows = rank_micro_batches(rows, gas, rank, world)
-            if micro_rows:
-                yield [batch_of([train[i] for i in m]) for m in micro_rows]
+            micro_rows = deal_micro_batches(rows, gas, rank, world)
+            yield pack_micro_batches(micro_rows, lambda m: batch_of([train[i] for i in m]))
 
     heldout = [batch_of(held[i : i + micro]) for i in range(0, len(held), micro)]
-    return SFTData(len(train), steps_per_epoch(len(train), sft.batch_size, world), epoch, heldout)
+    return SFTData(len(train), steps_per_epoch(len(train), sft.batch_size), epoch, heldout)
 
 
 def _packed_data(s: Session, micro: int) -> SFTData:
@@ -267,17 +272,19 @@ def _packed_data(s: Session, micro: int) -> SFTData:
         ones = torch.ones_like(batch["input_ids"])  # (b, seq_length): every token is a target
         return TokenBatch(batch["input_ids"], batch["labels"], ones.bool(), ones)
 
+    def rows_of(batch: dict[str, torch.Tensor], rows: list[int]) -> TokenBatch:
+        return blocks({k: v[rows] for k, v in batch.items()})
+
     def epoch(e: int) -> Iterator[list[TokenBatch]]:
         for batch in iterate_batches(train_set, sft.batch_size, shuffle=True, seed=cfg.seed * 100_003 + e):
-            micro_rows = rank_micro_batches(
+            micro_rows = deal_micro_batches(
                 range(len(batch["input_ids"])), sft.gradient_accumulation_steps, rank, world
             )
-            if micro_rows:
-                yield [blocks({k: v[m] for k, v in batch.items()}) for m in micro_rows]
+            yield pack_micro_batches(micro_rows, functools.partial(rows_of, batch))
 
     held_set = Subset(dataset, range(len(dataset) - n_held, len(dataset)))
     heldout = [blocks(b) for b in iterate_batches(held_set, micro, shuffle=False)] if n_held else []
-    return SFTData(len(train_set), steps_per_epoch(len(train_set), sft.batch_size, world), epoch, heldout)
+    return SFTData(len(train_set), steps_per_epoch(len(train_set), sft.batch_size), epoch, heldout)
 
 
 # ---- the SFT step (shared with expert iteration) ------------------------------------------------
