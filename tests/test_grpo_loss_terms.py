@@ -143,7 +143,7 @@ class Case:
         """The real micro_step: (loss, ∂loss/∂lp, ∂loss/∂H) on rows `index`, in the case's dtype; metrics."""
         lp, ent = self.lp.clone().requires_grad_(), self.ent.clone().requires_grad_()
         learner = FakeLearner(lp, ent, self.index)
-        monkeypatch.setattr(grpo, "_ref_log_probs", lambda model, mb, packed: self.ref[self.index])
+        monkeypatch.setattr(grpo, "_ref_log_probs", lambda model, mb, packed, temperature=1.0: self.ref[self.index])
         metrics = micro_step(learner, cfg, self.batch, self.index, self.n_tokens,
                              torch.nn.Identity() if with_ref else None)
         assert learner.loss is not None and lp.grad is not None

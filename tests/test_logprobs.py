@@ -222,6 +222,28 @@ def test_get_response_log_probs_grads_match_naive(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_temperature_scores_the_sampling_distribution(gpt2: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    """Naive twin at temperature 0.7: log_softmax(logits / 0.7) gathered, its entropy, and the parameter
+    gradients (the in-place division must not break autograd); temperature 1 leaves the model's own.
+    Float32 outputs: values within 1e-5; each parameter's gradient within 1e-5 of its norm (elementwise,
+    the entropy term's larger terms leave ~2e-6 of summation-order noise on single entries)."""
+    mask = batch["response_mask"].float()
+    params = [p for p in gpt2.parameters() if p.requires_grad]
+    got = get_response_log_probs(gpt2, batch["input_ids"], batch["labels"], True, chunk_tokens=4, temperature=0.7)
+    g_got = torch.autograd.grad(((got["log_probs"] + got["token_entropy"]) * mask).sum(), params)
+    logits = gpt2(input_ids=batch["input_ids"]).logits / 0.7
+    naive, naive_entropy = naive_log_probs(logits, batch["labels"]), compute_entropy(logits)
+    g_want = torch.autograd.grad(((naive + naive_entropy) * mask).sum(), params)
+    torch.testing.assert_close(got["log_probs"], naive, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["token_entropy"], naive_entropy, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_got, g_want, strict=True):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm()) + 1e-12
+    plain = get_response_log_probs(gpt2, batch["input_ids"], batch["labels"])["log_probs"]
+    assert (plain - got["log_probs"]).abs().max() > 1e-2  # the temperature really changed the scores
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        get_response_log_probs(gpt2, batch["input_ids"], batch["labels"], temperature=0.0)
+
+
 def test_attention_mask_right_padding(gpt2: torch.nn.Module, tiny_gpt2_path: str) -> None:
     """With right padding + attention mask, log-probs at real positions equal the unpadded sequence's."""
     tok = AutoTokenizer.from_pretrained(tiny_gpt2_path)

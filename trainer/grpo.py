@@ -17,6 +17,9 @@ Exactly this variant, per step:
 5. gradient-norm clip (1.0), AdamW (β = 0.9, 0.95, weight decay 0);
 6. weight sync to the rollout engine, checked by the stale-weight probe; 7. logging.
 
+Every learner-side log-prob (current, old, reference) and the entropy are taken under
+softmax(logits / ``rollout.temperature``), the distribution the rollouts were sampled from, so the
+policy gradient, the ratios and the mismatch metrics refer to the sampling policy (1.0 in CS336).
 No KL term by default (as in CS336 and Dr. GRPO). Data parallel: every rank draws the same questions and
 takes its own whole groups, so a group is never split across ranks.
 """
@@ -157,14 +160,15 @@ def is_off_policy(g: GRPOConfig) -> bool:
 
 
 @torch.inference_mode()
-def compute_old_log_probs(learner: Learner, tokens: TokenBatch, micro_batch_size: int) -> torch.Tensor:
+def compute_old_log_probs(learner: Learner, tokens: TokenBatch, micro_batch_size: int,
+                          temperature: float = 1.0) -> torch.Tensor:
     """log π_old(o_t) for every row (0 on padding), computed once per rollout batch; (b, s) on CPU.
 
     Rows are taken longest first, so each micro-batch holds sequences of similar length."""
     out = torch.zeros(tokens.labels.shape, dtype=torch.float32)  # (b, s)
     order = length_sorted_order(tokens, torch.arange(len(tokens)))
     for sl in micro_batch_slices(len(tokens), micro_batch_size):
-        out[order[sl]] = learner.log_probs(tokens.select(order[sl]))["log_probs"].float().cpu()
+        out[order[sl]] = learner.log_probs(tokens.select(order[sl]), temperature=temperature)["log_probs"].float().cpu()
     return out
 
 
@@ -208,7 +212,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     g, device = cfg.grpo, learner.device
     mb = batch.tokens.select(index).to(device)
     mask = mb.response_mask
-    out = learner.log_probs(mb, return_token_entropy=True)
+    out = learner.log_probs(mb, return_token_entropy=True, temperature=cfg.rollout.temperature)
     log_probs, entropy = out["log_probs"], out["token_entropy"]  # (b, s) each
     old = batch.old_log_probs[index].to(device) if batch.old_log_probs is not None else log_probs.detach()
     per_token, meta = compute_policy_gradient_loss(
@@ -221,7 +225,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     if g.tis_cap is not None:
         per_token = per_token * torch.exp(old - rollout_lp).clamp(max=g.tis_cap).detach()
     if ref_model is not None and g.kl_coef > 0:
-        kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb, cfg.model.packing))
+        kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb, cfg.model.packing, cfg.rollout.temperature))
         per_token = per_token + g.kl_coef * kl
         metrics["train/kl"] = _masked_mean(kl.detach(), mask)
     if g.entropy_coef > 0:
@@ -251,8 +255,8 @@ def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: t
 
 
 @torch.no_grad()
-def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch, packed: bool) -> torch.Tensor:
-    return forward_log_probs(ref_model, mb, packed=packed)["log_probs"]
+def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch, packed: bool, temperature: float = 1.0) -> torch.Tensor:
+    return forward_log_probs(ref_model, mb, packed=packed, temperature=temperature)["log_probs"]
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -284,7 +288,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     if is_off_policy(g):
         with s.timer("old_log_probs"):
             micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
-            batch.old_log_probs = compute_old_log_probs(s.learner, batch.tokens, micro)
+            batch.old_log_probs = compute_old_log_probs(s.learner, batch.tokens, micro, s.cfg.rollout.temperature)
     with s.timer("train"):
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()

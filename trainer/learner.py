@@ -111,11 +111,12 @@ class Learner:
         finally:
             self.accelerator.gradient_state._set_sync_gradients(True)
 
-    def log_probs(self, tokens: TokenBatch, return_token_entropy: bool = False) -> dict[str, torch.Tensor]:
+    def log_probs(self, tokens: TokenBatch, return_token_entropy: bool = False,
+                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
         """Per-token log-probs (and entropies) of a micro-batch on the learner's device, trimmed or packed
-        (`model.packing`); (batch, seq), 0 on padding."""
+        (`model.packing`), under softmax(logits / temperature); (batch, seq), 0 on padding."""
         return forward_log_probs(self.model, tokens.to(self.device), return_token_entropy=return_token_entropy,
-                                 packed=self.packing)
+                                 packed=self.packing, temperature=temperature)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

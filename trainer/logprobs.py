@@ -163,6 +163,7 @@ def get_response_log_probs(
     *,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """``log p_θ(labels_t | input_ids_{≤t})`` for every position of a causal LM.
 
@@ -178,6 +179,8 @@ def get_response_log_probs(
         labels: (batch, seq) long (``input_ids`` shifted left by one).
         return_token_entropy: also return the per-position entropy (`compute_entropy`).
         attention_mask: optional (batch, seq) mask passed to the model (1 = real token).
+        temperature: score under softmax(logits / temperature), the distribution a sampler at that
+            temperature draws from (entropies too); 1 = the model's own.
     Returns:
         ``{"log_probs": (batch, seq) float32}`` plus ``"token_entropy": (batch, seq)`` when asked.
     """
@@ -185,6 +188,7 @@ def get_response_log_probs(
         logits = model(input_ids=input_ids).logits  # (batch, seq, vocab)
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = scale_logits(logits, temperature)
     log_probs, entropy = chunked_label_log_probs(
         logits, labels, return_token_entropy=return_token_entropy, chunk_tokens=chunk_tokens
     )
@@ -192,6 +196,14 @@ def get_response_log_probs(
     if entropy is not None:
         result["token_entropy"] = entropy
     return result
+
+
+def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / temperature``, in place (the lm_head's backward does not need its output, and a copy
+    would cost another (batch, seq, vocab) tensor); unchanged at temperature 1."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 to score tokens, got {temperature}")
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 def sequence_log_probs(

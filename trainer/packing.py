@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from trainer.batching import TokenBatch
-from trainer.logprobs import chunked_label_log_probs, get_response_log_probs
+from trainer.logprobs import chunked_label_log_probs, get_response_log_probs, scale_logits
 
 
 def real_lengths(tokens: TokenBatch) -> torch.Tensor:
@@ -79,19 +79,21 @@ def pack(tokens: TokenBatch) -> PackedRow:
 
 
 def forward_log_probs(
-    model: torch.nn.Module, tokens: TokenBatch, *, return_token_entropy: bool = False, packed: bool = False
+    model: torch.nn.Module, tokens: TokenBatch, *, return_token_entropy: bool = False, packed: bool = False,
+    temperature: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """`get_response_log_probs` of a micro-batch in the trimmed (or packed) layout, returned padded.
 
     Returns ``{"log_probs": (batch, seq)}`` (+ ``"token_entropy"``) in `tokens`' own width, equal to the
     padded twin on real positions and exactly 0 on padding in every layout (so log-prob ratios between
-    layouts are 1 there, never ``exp`` of a padding value).
+    layouts are 1 there, never ``exp`` of a padding value). `temperature`: as in `get_response_log_probs`.
     """
     width = tokens.input_ids.shape[1]
     if packed:
         row = pack(tokens)
         # use_cache=False: HF detects packing from position_ids only when there is no KV cache
         logits = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False).logits
+        logits = scale_logits(logits, temperature)
         log_probs, entropy = chunked_label_log_probs(logits, row.labels, return_token_entropy=return_token_entropy)
         out = {"log_probs": row.unpack(log_probs)}
         if entropy is not None:
@@ -99,7 +101,7 @@ def forward_log_probs(
         return out
     short = trim(tokens)
     out = get_response_log_probs(model, short.input_ids, short.labels, return_token_entropy,
-                                 attention_mask=short.attention_mask)
+                                 attention_mask=short.attention_mask, temperature=temperature)
     real = short.attention_mask.bool()  # (batch, w)
     return {k: _pad_columns(torch.where(real, v, 0.0), width) for k, v in out.items()}
 
