@@ -100,8 +100,9 @@ class FakeLearner:
         self.accelerator = SimpleNamespace(num_processes=1)
         self.loss: torch.Tensor | None = None
 
-    def log_probs(self, tokens: TokenBatch, return_token_entropy: bool = False) -> dict[str, torch.Tensor]:
-        assert return_token_entropy and tokens.labels.shape == self.lp[self.index].shape
+    def log_probs(self, tokens: TokenBatch, return_token_entropy: bool = False,
+                  temperature: float = 1.0) -> dict[str, torch.Tensor]:
+        assert return_token_entropy and tokens.labels.shape == self.lp[self.index].shape and temperature == 1.0
         return {"log_probs": self.lp[self.index], "token_entropy": self.ent[self.index]}
 
     def backward(self, loss: torch.Tensor) -> None:
