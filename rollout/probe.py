@@ -229,7 +229,8 @@ class StaleWeightProbe:
             f"learner's by max {worst:.3g} (threshold {self.max_threshold:.3g}), mean {mean:.3g} (threshold "
             f"{self.mean_threshold:.3g}) over {count} probe tokens. The engine is not sampling from the "
             "learner's weights: check the sync (names, tied lm_head, dtype, sleep level 2 without a sync) or "
-            "loosen rollout.probe_threshold for low-precision engines."
+            "loosen rollout.probe_threshold (max) / rollout.probe_mean_threshold (mean) for low-precision "
+            "engines."
         )
         if generation and len(learner) > 1:
             prompt_mean, prompt_worst, _ = compare_logprobs(learner[:-1], engine[:-1])
