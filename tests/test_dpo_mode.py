@@ -155,6 +155,7 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
     expected = {n: p.grad.clone() for n, p in learner.model.named_parameters()}
     learner.optimizer.zero_grad(set_to_none=True)
     captured = capture_grads_at_step(learner)
+    initial = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
     metrics = dpo_update(learner, ref, cfg, [pairs[:2], pairs[2:4], pairs[4:]])
     assert set(captured) == set(expected)
     for name, grad in expected.items():
@@ -162,6 +163,18 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
             captured[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}"
         )
     assert metrics["train/loss"] == pytest.approx(float(whole.detach()), rel=1e-6)
+
+    # a zero-weight stand-in micro-batch (a rank short of pairs, `deal_micro_batches`), placed last where
+    # the gradient sync happens, changes nothing: same gradient, same loss and metrics
+    with torch.no_grad():  # back to the same point, so the gradient is comparable
+        for n, p in learner.model.named_parameters():
+            p.copy_(initial[n])
+    captured.clear()
+    with_dummy = dpo_update(learner, ref, cfg, [pairs[:2], pairs[2:4], pairs[4:], pairs[:1]],
+                            dummies=[False, False, False, True])
+    for name, grad in expected.items():
+        torch.testing.assert_close(captured[name], grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert with_dummy["train/loss"] == pytest.approx(metrics["train/loss"], rel=1e-6)
 
 
 @pytest.fixture

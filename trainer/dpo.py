@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from rollout.prompts import get_template
-from trainer.batching import pack_token_ids
+from trainer.batching import deal_micro_batches, pack_token_ids
 from trainer.config import DPOConfig, RunConfig
 from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
 from trainer.learner import Learner, global_token_count, load_model, reference_autocast
@@ -61,7 +61,6 @@ from trainer.masking import aggregate_loss
 from trainer.session import Session
 from trainer.sft import (
     epoch_batches,
-    rank_micro_batches,
     read_jsonl_records,
     split_heldout,
     step_stream,
@@ -188,28 +187,29 @@ def dpo_update(
     ref_model: torch.nn.Module | None,
     cfg: RunConfig,
     micro_batches: Sequence[Sequence[PreferencePair]],
+    dummies: Sequence[bool] | None = None,
 ) -> dict[str, float]:
-    """One optimizer step over this rank's micro-batches: mean per-pair loss over the global batch."""
+    """One optimizer step over this rank's micro-batches: mean per-pair loss over the global batch.
+
+    ``dummies[i]`` marks a zero-weight micro-batch (`trainer.batching.deal_micro_batches`): it runs its
+    forward and backward, so every rank makes the same passes, but adds nothing to loss, gradient, pair
+    count or metrics."""
     template, world = get_template(cfg.dpo.template), learner.accelerator.num_processes
-    n_pairs = global_token_count(learner, torch.tensor(float(sum(len(mb) for mb in micro_batches))))
+    dummies = list(dummies) if dummies is not None else [False] * len(micro_batches)
+    real_pairs = sum(len(mb) for mb, dummy in zip(micro_batches, dummies, strict=True) if not dummy)
+    n_pairs = global_token_count(learner, torch.tensor(float(real_pairs)))
     outs = []
-    for i, pairs in enumerate(micro_batches):
+    for i, (pairs, dummy) in enumerate(zip(micro_batches, dummies, strict=True)):
         with learner.accumulate(is_last_micro_batch=i == len(micro_batches) - 1):
             policy = pair_logps(learner.model, learner.tokenizer, pairs, template, cfg.dpo.loss)
             ref = _ref_logps(ref_model, learner, pairs, template, cfg.dpo.loss)
             out = preference_loss(policy, ref, cfg.dpo)
             per_pair = out.loss.unsqueeze(-1)  # (n, 1): one "token" per pair
-            learner.backward(
-                aggregate_loss(
-                    per_pair,
-                    torch.ones_like(per_pair, dtype=torch.bool),
-                    "token",
-                    global_token_count=n_pairs,
-                    world_size=world,
-                )
-            )
-            outs.append(out)
-    metrics = reward_metrics(_cat(outs), "train")
+            weight = torch.full_like(per_pair, not dummy, dtype=torch.bool)
+            learner.backward(aggregate_loss(per_pair, weight, "token", global_token_count=n_pairs, world_size=world))
+            if not dummy:
+                outs.append(out)
+    metrics = reward_metrics(_cat(outs), "train") if outs else {}
     metrics["train/grad_norm"] = learner.step()
     metrics["train/lr"] = float(learner.scheduler.get_last_lr()[0])
     return metrics
@@ -306,13 +306,12 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         rank, world = s.accelerator.process_index, s.accelerator.num_processes
         grad_accum = math.ceil(d.pairs_per_step / world / d.micro_batch_pairs)
 
-        def epoch(e: int) -> Iterator[list[list[PreferencePair]]]:
+        def epoch(e: int) -> Iterator[tuple[list[list[PreferencePair]], list[bool]]]:
             for rows in epoch_batches(len(train), d.pairs_per_step, cfg.seed * 100_003 + e):
-                micro = rank_micro_batches(rows, grad_accum, rank, world)
-                if micro:
-                    yield [[train[i] for i in m] for m in micro]
+                micro = deal_micro_batches(rows, grad_accum, rank, world)  # equal passes on every rank
+                yield [[train[i] for i in m.rows] for m in micro], [m.dummy for m in micro]
 
-        per_epoch = steps_per_epoch(len(train), d.pairs_per_step, world)
+        per_epoch = steps_per_epoch(len(train), d.pairs_per_step)
         total = d.max_steps or d.num_epochs * per_epoch
         start = int(s.trainer_state["step"])
         best = {
@@ -341,13 +340,13 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             initial=start,
             total=total,
         )
-        for step, micro_batches in zip(bar, step_stream(epoch, per_epoch, start), strict=False):
+        for step, (micro_batches, dummies) in zip(bar, step_stream(epoch, per_epoch, start), strict=False):
             with s.timer("train"):
-                metrics = dpo_update(s.learner, ref_model, cfg, micro_batches)
+                metrics = dpo_update(s.learner, ref_model, cfg, micro_batches, dummies)
             if step % cfg.logging.every == 0:
                 s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
-            s.show_progress(bar, d.loss, step, total, {"loss": f"{metrics['train/loss']:.3f}",
-                                               "acc": f"{metrics['train/accuracy']:.2f}"})
+            s.show_progress(bar, d.loss, step, total, {"loss": f"{metrics.get('train/loss', math.nan):.3f}",
+                                               "acc": f"{metrics.get('train/accuracy', math.nan):.2f}"})
             last = step == total
             if last or (cfg.eval.every and step % cfg.eval.every == 0):
                 final = validation(step)
