@@ -119,3 +119,22 @@ def test_gpu_grpo_configs_shard_over_up_to_8_gpus(name: str, world: int) -> None
     """The README launches these configs on 1 and 8 GPUs: whole groups and micro-batches must split evenly."""
     cfg = load_config(REPO / "configs" / name)
     validate_for_cluster(cfg, world, [f"cuda:{i}" for i in range(world)])
+
+
+def test_clip_seed_and_stop_rules_reported_together() -> None:
+    """clip-higher below the clip range, more refill rounds than the seed spacing allows, and an empty
+    stop string: each named with its value and fix, in one error."""
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "grpo_tiny_cpu.yaml",
+                    ["grpo.cliprange_high=0.1", "grpo.max_refill_rounds=12", 'rollout.stop=["</answer>", ""]'])
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert "grpo.cliprange_high=0.1 < grpo.cliprange=0.2" in text and "leave it unset" in text
+    assert "grpo.max_refill_rounds=12" in text
+    assert "empty stop string" in text
+    ok = load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", ["grpo.cliprange_high=0.28", "grpo.dynamic_sampling=true"])
+    validate_for_cluster(ok, 4, ["cpu"] * 4)
+    with pytest.raises(ConfigError, match="ranks beyond 100 would reuse another round's seeds"):
+        validate_for_cluster(ok.model_copy(update={"grpo": ok.grpo.model_copy(update={
+            "rollout_batch_size": 1024, "train_batch_size": 1024, "group_size": 4,
+            "gradient_accumulation_steps": 2})}), 128, ["cpu"] * 128)  # fmt: skip

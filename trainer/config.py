@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     import torch
@@ -79,6 +79,13 @@ class SamplingSection(_Section):
     max_tokens: int = Field(1024, ge=1)
     min_tokens: int = Field(4, ge=0)
     stop: list[str] = Field(default_factory=lambda: ["</answer>"])
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("an empty stop string would end every response at once: remove it")
+        return stop
 
 
 class RolloutConfig(SamplingSection):
@@ -141,7 +148,7 @@ class GRPOConfig(_Section):
     kl_coef: float = Field(0.0, ge=0.0, description="k3 KL penalty to the frozen initial policy")
     entropy_coef: float = Field(0.0, ge=0.0)
     dynamic_sampling: bool = Field(False, description="DAPO: drop zero-std groups and refill")
-    max_refill_rounds: int = Field(3, ge=0)
+    max_refill_rounds: int = Field(3, ge=0, le=9, description="at most 9: each round's seed is 100 apart")
     tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling cap; None = off")
     sort_by_length: bool = Field(
         True, description="group rows of similar length into micro-batches (less padding; same gradient)"
@@ -267,6 +274,12 @@ def batch_arithmetic_problems(grpo: dict[str, Any]) -> list[str]:
         )
     if ok(tbs, group) and tbs < group:
         problems.append(f"grpo.train_batch_size={tbs} < grpo.group_size={group}: raise train_batch_size")
+    low, high = values["cliprange"], values["cliprange_high"]
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and high < low:
+        problems.append(
+            f"grpo.cliprange_high={high} < grpo.cliprange={low}: clip-higher (DAPO) widens the upper clip "
+            "range; set cliprange_high >= cliprange, or leave it unset to clip symmetrically"
+        )
     if ok(rbs, tbs) and rbs % tbs:
         problems.append(
             f"grpo.rollout_batch_size={rbs} is not divisible by grpo.train_batch_size={tbs}: "
@@ -417,6 +430,12 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[s
             problems.append(
                 f"rollout_batch_size/group_size={grpo.rollout_batch_size // grpo.group_size} questions "
                 f"cannot be split whole-group across {world_size} ranks"
+            )
+        if grpo.dynamic_sampling and world_size > 100:
+            problems.append(
+                f"grpo.dynamic_sampling with world size {world_size}: generation seeds are seed + 1000·step + "
+                "100·round + rank, so ranks beyond 100 would reuse another round's seeds; turn dynamic "
+                "sampling off or use at most 100 ranks"
             )
     rollout = config.rollout
     if rollout.placement == "dedicated" and rollout.device is not None and _CUDA_DEVICE.fullmatch(rollout.device):
