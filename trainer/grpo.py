@@ -221,7 +221,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
         cliprange_low=g.cliprange, cliprange_high=g.cliprange_high or g.cliprange,
     )
     rollout_lp = batch.rollout_log_probs[index].to(device)
-    metrics = mismatch_metrics(log_probs.detach(), rollout_lp, mask)
+    metrics = mismatch_metrics(old, rollout_lp, mask)  # engine vs learner at the sampling weights
     if g.tis_cap is not None:
         per_token = per_token * torch.exp(old - rollout_lp).clamp(max=g.tis_cap).detach()
     if ref_model is not None and g.kl_coef > 0:
