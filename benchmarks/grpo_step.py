@@ -1,4 +1,4 @@
-"""GRPO step benchmark: seconds per step by phase (generate / score / old log-probs / train / sync).
+"""GRPO step benchmark: seconds per step by phase (generate / score / old log-probs / train / sync / log).
 
 Usage::
 
@@ -8,7 +8,9 @@ Usage::
 
 Runs `train_grpo` for ``--steps`` steps (no warm start, evaluation only at the end, no checkpoints) and
 prints the mean seconds of each phase over the steps after the first (which includes engine start-up and
-compilation), plus rollout and learner throughput. Extra arguments are config overrides.
+compilation), plus rollout and learner throughput; the step total leaves out the final evaluation (which
+the last step's record carries). ``log`` is the previous step's logging. Extra arguments are config
+overrides.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-PHASES = ["generate", "score", "old_log_probs", "train", "sync"]
+PHASES = ["generate", "score", "old_log_probs", "train", "sync", "log"]
 
 
 def main() -> None:
@@ -53,7 +55,8 @@ def main() -> None:
     def mean(key: str) -> float:
         return statistics.mean(float(r.get(key, 0.0)) for r in steps)
 
-    total = mean("time/step")
+    total = statistics.mean(float(r["time/step"]) - float(r.get("time/eval", 0.0)) - float(r.get("time/save", 0.0))
+                            for r in steps)
     print(f"\nGRPO step phases, mean of steps 2..{args.steps} ({cfg.grpo.rollout_batch_size} rollouts, "
           f"group {cfg.grpo.group_size}, max_tokens {cfg.rollout.max_tokens}, engine {cfg.rollout.engine})")
     print(f"{'phase':<16}{'seconds':>10}{'share':>9}")

@@ -213,8 +213,9 @@ class Session:
                 final = self.evaluate(step)
             self.maybe_save(step, last, sampler=sampler.state_dict())
             metrics = self.add_phase_times(metrics)  # this step's evaluation and checkpoint
-            if step % self.cfg.logging.every == 0:
-                self.tracker.log(metrics, step)
+            with self.timer("log"):  # reported with the next step
+                if step % self.cfg.logging.every == 0:
+                    self.tracker.log(metrics, step)
             self.show_progress(bar, desc, step, n_steps, postfix(metrics))
         return final
 
