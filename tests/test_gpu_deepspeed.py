@@ -1,12 +1,14 @@
-"""DeepSpeed ZeRO-3 (GPU): one GRPO optimizer step of `update_policy`, then checkpoint save and resume.
+"""DeepSpeed ZeRO-2 and ZeRO-3 (GPU): one GRPO optimizer step of `update_policy`, then checkpoint save and
+resume.
 
-The test launches this file twice with ``accelerate launch --config_file launch/zero3.yaml --num_processes
-N`` (N = min(2, GPUs); bf16, ZeRO-3, as a real run) on the tiny GPT-2 and the seeded batches of
+For each stage the test launches this file twice with ``accelerate launch --config_file launch/zero{2,3}.yaml
+--num_processes N`` (N = min(2, GPUs); bf16, as a real run) on the tiny GPT-2 and the seeded batches of
 `tests/dp_worker.py`:
 
 1. ``train``: `Learner` + `update_policy` on batch A (token-level normalisation, 2 micro-batches per rank)
    must make exactly one optimizer step: DeepSpeed's ``global_steps`` is 1 and the warm-up learning rate
-   has advanced once (``lr · 2/10``). Then `save_checkpoint` (step 1), then a second step on batch B.
+   has advanced once (``lr · 2/10``); DeepSpeed clips at the run's ``optim.max_grad_norm`` (0.5 here), not
+   the launch file's 1.0. Then `save_checkpoint` (step 1), then a second step on batch B.
 2. ``resume``: a fresh `Learner`, `load_checkpoint` of step 1: the gathered weights equal step 1's, the
    checkpoint's ``hf/`` loads with ``from_pretrained`` to the same weights, and the second step on batch
    B lands where the uninterrupted run did (within 5 % of that step's size: GPU atomics make bf16 steps not
@@ -31,7 +33,7 @@ from helpers import repo_pythonpath
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600
-LR, WARMUP = 1e-3, 10
+LR, WARMUP, MAX_GRAD_NORM = 1e-3, 10, 0.5
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(3 * TIMEOUT_S)]
 
@@ -43,7 +45,7 @@ def _config(model_path: str, out: Path) -> Any:
     return config_from_dict({
         "output_dir": str(out / "run"),
         "model": {"path": model_path, "dtype": "bfloat16"},
-        "optim": {"learning_rate": LR, "warmup_steps": WARMUP},
+        "optim": {"learning_rate": LR, "warmup_steps": WARMUP, "max_grad_norm": MAX_GRAD_NORM},
         "rollout": {"max_tokens": 24},
         "grpo": {"rollout_batch_size": 16, "group_size": 4, "train_batch_size": 16,
                  "gradient_accumulation_steps": 2, "loss_type": "grpo_clip", "length_normalization": "token"},
@@ -85,6 +87,7 @@ def worker(phase: str, model_path: str, out_dir: str) -> None:
     if phase == "train":
         record["metrics_1"] = _step(learner, cfg, variant=0)
         record["global_steps_1"] = int(learner.model.global_steps)
+        record["gradient_clipping"] = float(learner.model.gradient_clipping())
         record["state_1"] = _full_state(learner)
         save_checkpoint(
             acc, learner.model, learner.tokenizer, cfg.output_dir, 1, {"step": 1}, cfg, keep_last=2
@@ -108,13 +111,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(phase: str, model: str, out: Path, n: int) -> dict[str, Any]:
+def _launch(phase: str, model: str, out: Path, n: int, stage: str) -> dict[str, Any]:
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
-        str(REPO / "launch" / "zero3.yaml"),
+        str(REPO / "launch" / f"{stage}.yaml"),
         "--num_processes",
         str(n),
         "--main_process_port",
@@ -135,11 +138,13 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in a)))
 
 
-def test_zero3_grpo_step_save_resume(tiny_gpt2_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_grpo_step_save_resume(tiny_gpt2_path: str, tmp_path: Path, stage: str) -> None:
     pytest.importorskip("deepspeed", reason="DeepSpeed is in the gpu extra: pip install -e '.[gpu]'")
     n = min(2, torch.cuda.device_count())
-    train = _launch("train", tiny_gpt2_path, tmp_path, n)
+    train = _launch("train", tiny_gpt2_path, tmp_path, n, stage)
     assert train["world"] == n
+    assert train["gradient_clipping"] == MAX_GRAD_NORM
     # exactly one optimizer step for one optimizer batch of 2 micro-batches per rank
     assert train["global_steps_1"] == 1
     assert train["metrics_1"]["train/lr"] == pytest.approx(LR * 2 / WARMUP)
@@ -148,7 +153,7 @@ def test_zero3_grpo_step_save_resume(tiny_gpt2_path: str, tmp_path: Path) -> Non
     assert all(torch.isfinite(torch.tensor(v)) for v in m.values()), m
     assert m["train/grad_norm"] > 0
 
-    resume = _launch("resume", tiny_gpt2_path, tmp_path, n)
+    resume = _launch("resume", tiny_gpt2_path, tmp_path, n, stage)
     assert resume["trainer_state"]["step"] == 1
     assert _distance(resume["state_1"], train["state_1"]) == 0.0, "resumed weights differ from step 1's"
     from transformers import AutoModelForCausalLM
