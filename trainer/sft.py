@@ -362,7 +362,8 @@ def train_sft(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         for step, micro_batches in zip(bar, data.stream(start), strict=False):
             with s.timer("train"):
                 metrics = sft_update(s.learner, micro_batches)
-            metrics |= s.learner_throughput([n for mb in micro_batches for n in real_lengths(mb).tolist()])
+            useful = [mb for mb in micro_batches if mb.response_mask.any()]  # not zero-weight stand-ins
+            metrics |= s.learner_throughput([n for mb in useful for n in real_lengths(mb).tolist()])
             metrics["train/epoch"] = (step - 1) // data.steps_per_epoch
             if step % cfg.logging.every == 0:
                 s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
