@@ -47,7 +47,8 @@ case "$stage" in
     check rollout 180 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
     ;;
   tests)
-    check gpu_tests 270 python3 -m pytest -m gpu -q -p no:cacheprovider -x
+    # ZeRO-3 only here (the harder case: bucket-wise gathering); ZeRO-2 doubles the DeepSpeed launches
+    check gpu_tests 270 python3 -m pytest -m gpu -q -p no:cacheprovider -x -k "not zero2"
     [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.shaped "$model"
     check grpo_step 270 python3 -m accelerate.commands.launch --config_file launch/single_gpu.yaml benchmarks/grpo_step.py \
       --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml --steps 3 "model.path=$model" data.task=arithmetic \
