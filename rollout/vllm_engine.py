@@ -15,6 +15,24 @@ Placement:
   left alone, and weights cross devices in ``sync_bucket_mb`` buckets. No sleep needed (``enable_sleep_mode``
   defaults to off there).
 
+Which GPU (`engine_gpu`): vLLM's in-process (uniproc) executor takes its worker's local rank from the device
+config, which is always a bare ``cuda`` (vLLM 0.26 / 0.32 ``config/device.py`` keeps the type only), so the
+worker lands on ``cuda:0`` in every process unless ``device_ids`` maps that local rank 0 to a GPU (vLLM's
+``assigned_physical_gpu_ids``; indices into ``CUDA_VISIBLE_DEVICES`` as torch counts them). So a colocated
+engine on CUDA passes ``device_ids=[learner's index]`` too: the learner's device (``learner_device``,
+``cuda:LOCAL_RANK`` under accelerate), else this process's current CUDA device. Without it every rank of a
+data-parallel run would put its engine on GPU 0.
+
+Several learner ranks (a ``torch.distributed`` default group exists when the engine starts): vLLM's worker
+adopts that group as its world (``init_distributed_environment`` skips its own ``init_process_group``) and
+lays its groups out as external-DP x DP x PP x PCP x TP, so with tensor/pipeline/data parallel size 1 each rank
+is its own TP/PP/DP group of one and the ranks' engines never communicate while generating, syncing,
+sleeping or waking: rank 0 may generate alone (evaluation) while the others wait elsewhere. Starting the
+engine, however, is a collective over the learner's group (vLLM creates its world group over all ranks,
+counts nodes, and on Hopper+ with FlashInfer tunes kernels across the world): every rank must build its
+engine at the same point, as `trainer.session.Session` does (the first sync runs on every rank). `close` then
+releases vLLM's groups but leaves the learner's default group alone (vLLM's own cleanup would destroy it).
+
 Weight sync (`update_weights`) streams (name, tensor) pairs through vLLM's in-place
 ``reload_weights(weights_iterator=..., is_checkpoint_format=True)`` in a single call (vLLM processes each
 layer when all its tensors have arrived; splitting a reload into several calls would process layers half
@@ -112,6 +130,8 @@ class VLLMEngine:
         model: checkpoint path (config + tokenizer + weights; the weights are replaced by the first sync).
         tokenizer: tokenizer path if not the model's.
         device: None = colocated; ``"cuda:N"`` = dedicated GPU N.
+        learner_device: colocated on CUDA: the learner's device (``cuda:LOCAL_RANK``), where the engine runs;
+            None = this process's current CUDA device. Ignored without CUDA and for a dedicated engine.
         dtype: vLLM dtype (``"auto"``, ``"bfloat16"``, ``"float32"``).
         gpu_memory_utilization: fraction of the device's memory (of host RAM on CPU) vLLM may take.
         kv_cache_memory_bytes: fixed KV-cache size instead (skips vLLM's memory profiling; fast start-up).
@@ -132,6 +152,7 @@ class VLLMEngine:
         *,
         tokenizer: str | None = None,
         device: str | None = None,
+        learner_device: str | torch.device | None = None,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.3,
         kv_cache_memory_bytes: int | None = None,
@@ -146,14 +167,12 @@ class VLLMEngine:
         **llm_kwargs: Any,
     ) -> None:
         vllm = import_vllm()
-        self.device = torch.device(device) if device is not None else None
-        if self.device is not None and self.device.type != "cuda":
-            raise ValueError(
-                f"VLLMEngine: device={device!r}: a dedicated engine needs a CUDA device like 'cuda:1'"
-            )
         on_gpu = torch.cuda.is_available()
+        self.dedicated = device is not None
+        # the engine's GPU (dedicated or colocated); None on vLLM's CPU backend
+        self.device = engine_gpu(device, learner_device, torch.cuda.current_device() if on_gpu else None)
         if enable_sleep_mode is None:
-            enable_sleep_mode = on_gpu and self.device is None
+            enable_sleep_mode = on_gpu and not self.dedicated
         if enable_sleep_mode and not on_gpu:
             raise ValueError(
                 "VLLMEngine: enable_sleep_mode=True needs CUDA; vLLM's CPU backend has no sleep mode"
@@ -168,9 +187,11 @@ class VLLMEngine:
         self.metrics: dict[str, float] = {}
         self._asleep: set[str] = set()  # tags currently released: {"weights", "kv_cache"}
         if self.device is not None:
-            llm_kwargs.setdefault("device_ids", [self.device.index or 0])
+            llm_kwargs.setdefault("device_ids", [self.device.index])
         if not on_gpu:
             llm_kwargs.setdefault("max_num_batched_tokens", CPU_MAX_BATCHED_TOKENS)
+        # a default group that exists now is the learner's, which vLLM adopts (module docstring); keep it at close
+        self._learner_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         previous_device = torch.cuda.current_device() if on_gpu else None
         start = time.perf_counter()
         with self._on_device():
@@ -205,11 +226,7 @@ class VLLMEngine:
         )
         self._partial: str | None = None  # why generation is refused until a full sync succeeds
         self._broken: str | None = None  # why every call is refused (recreate the engine)
-        self._engine_device = (
-            self.device
-            if self.device is not None
-            else (torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"))
-        )
+        self._engine_device = self.device if self.device is not None else torch.device("cpu")
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
@@ -407,18 +424,25 @@ class VLLMEngine:
         self._asleep.clear()
 
     def close(self) -> None:
-        """Shut the engine down and release vLLM's process-global state, so another engine can start."""
+        """Shut the engine down and release vLLM's process-global state, so another engine can start.
+
+        vLLM's teardown (``EngineCore.shutdown`` in 0.26 and 0.32, then ``cleanup_dist_env_and_memory``) ends by
+        destroying ``torch.distributed``'s default group; where that group is the learner's (adopted at start-up)
+        it is kept (`keep_default_group`) and only vLLM's own groups go. The GPU assignment is released too
+        (`release_gpu_assignment`)."""
         llm = getattr(self, "_llm", None)
         if llm is None:
             return
         self._llm = None
-        with contextlib.suppress(Exception):
-            llm.llm_engine.engine_core.shutdown()
-        del llm
-        gc.collect()
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        from vllm.distributed import parallel_state
 
-        cleanup_dist_env_and_memory()
+        with keep_default_group(parallel_state) if self._learner_group else contextlib.nullcontext():
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+            parallel_state.cleanup_dist_env_and_memory()
+        release_gpu_assignment()
 
     @property
     def llm(self) -> Any:
@@ -434,6 +458,63 @@ class VLLMEngine:
             raise RuntimeError(self._broken)
         if self._partial is not None and not partial_ok:
             raise RuntimeError(self._partial)
+
+
+def engine_gpu(
+    device: str | torch.device | None, learner_device: str | torch.device | None, current_cuda: int | None
+) -> torch.device | None:
+    """The GPU a `VLLMEngine` runs on, always with an index (it becomes vLLM's ``device_ids=[index]``).
+
+    Args:
+        device: a dedicated engine's GPU (``cuda:N``; a bare ``cuda`` is GPU 0, as vLLM's ``device_ids``
+            default); None = colocated.
+        learner_device: a colocated engine's: the learner's device (``cuda:LOCAL_RANK``); a bare ``cuda``, a
+            non-CUDA device or None = `current_cuda`.
+        current_cuda: this process's current CUDA device index (``torch.cuda.current_device()``, which
+            accelerate sets to the local rank); None = no CUDA (vLLM's CPU backend: no GPU, returns None).
+    """
+    if device is not None:
+        gpu = torch.device(device)
+        if gpu.type != "cuda":
+            raise ValueError(
+                f"VLLMEngine: device={device!r}: a dedicated engine needs a CUDA device like 'cuda:1'"
+            )
+        return torch.device("cuda", gpu.index or 0)
+    if current_cuda is None:
+        return None
+    learner = torch.device(learner_device) if learner_device is not None else None
+    if learner is not None and learner.type == "cuda" and learner.index is not None:
+        return learner
+    return torch.device("cuda", current_cuda)
+
+
+def release_gpu_assignment() -> None:
+    """Forget the GPU vLLM's worker assigned this process from ``device_ids`` (a process-global that vLLM 0.26 /
+    0.32 ``platforms/interface.py`` sets once and refuses to change), so that a later engine in this process
+    can run on another GPU (e.g. a colocated engine on ``cuda:0``, closed, then a dedicated one on ``cuda:1``)."""
+    interface: Any = importlib.import_module("vllm.platforms.interface")
+    if hasattr(interface, "_assigned_physical_gpu_ids"):
+        interface._assigned_physical_gpu_ids = None
+
+
+@contextlib.contextmanager
+def keep_default_group(parallel_state: Any) -> Iterator[None]:
+    """While active, vLLM's ``destroy_distributed_environment`` (which ``cleanup_dist_env_and_memory`` calls)
+    destroys vLLM's world group only, not ``torch.distributed``'s default group: the learner's, which vLLM
+    adopted (vLLM 0.26 and 0.32 both end with ``torch.distributed.destroy_process_group()``)."""
+    original = parallel_state.destroy_distributed_environment
+
+    def destroy_vllm_world() -> None:
+        if parallel_state._WORLD is not None:
+            parallel_state._WORLD.destroy()
+        parallel_state._WORLD = None
+        parallel_state._NODE_COUNT = None
+
+    parallel_state.destroy_distributed_environment = destroy_vllm_world
+    try:
+        yield
+    finally:
+        parallel_state.destroy_distributed_environment = original
 
 
 def checkpoint_shapes(

@@ -450,6 +450,7 @@ def test_sleep_and_wake_are_noops_on_cpu(engine: VLLMEngine, tiny_qwen2_path: st
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
     (before,) = engine.generate([[5, 6, 7]], GREEDY)
     assert engine.sleep_supported is torch.cuda.is_available()
+    assert not engine.dedicated and (engine.device is None) is not torch.cuda.is_available()  # CPU: no GPU
     engine.sleep()
     engine.wake()
     assert engine.generate([[5, 6, 7]], GREEDY)[0].response_ids == before.response_ids
@@ -486,6 +487,7 @@ def test_gpu_bf16_colocated_generate_sleep_sync_probe(tmp_path: Path, tiny_qwen2
     )
     try:
         assert engine.sleep_supported
+        assert not engine.dedicated and engine.device == torch.device("cuda", torch.cuda.current_device())
         params = SamplingConfig(max_tokens=32, n=4, seed=0)
         samples = engine.generate(["What is 2 + 3?", [5, 6, 7]], params)
         assert len(samples) == 8 and len({tuple(s.response_ids) for s in samples[:4]}) == 4
@@ -519,6 +521,7 @@ def test_gpu_dedicated_device(tiny_qwen2_path: str) -> None:
     )
     try:
         assert torch.cuda.current_device() == 0  # the learner's device is left alone
+        assert engine.dedicated and engine.device == torch.device("cuda", 1)
         assert not engine.sleep_supported
         engine.update_weights(ModelWeights(learner))
         assert StaleWeightProbe(tokenizer=engine.tokenizer)(engine, learner).ok

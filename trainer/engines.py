@@ -37,8 +37,10 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     from rollout.vllm_engine import VLLMEngine
 
     on_cuda = learner.device.type == "cuda"
-    return VLLMEngine(
-        cfg.model.path, device=r.device if r.placement == "dedicated" else None, dtype=engine_dtype(cfg),
+    dedicated = r.placement == "dedicated"
+    return VLLMEngine(  # colocated: on the learner's own GPU (cuda:LOCAL_RANK), not vLLM's default cuda:0
+        cfg.model.path, device=r.device if dedicated else None,
+        learner_device=None if dedicated else learner.device, dtype=engine_dtype(cfg),
         gpu_memory_utilization=r.gpu_memory_utilization, max_model_len=r.max_model_len, seed=cfg.seed,
         enable_sleep_mode=r.sleep_between_rollouts and on_cuda and r.placement == "colocated",
         enforce_eager=r.enforce_eager, sync_bucket_mb=r.sync_bucket_mb,
