@@ -409,8 +409,10 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         """Release the engine's accelerator memory until the next `wake` / `generate` (no-op if unsupported)."""
-        if not self._sleep_enabled or self._asleep:
+        if not self._sleep_enabled or self._asleep == {"weights", "kv_cache"}:
             return
+        if self._asleep:  # partly asleep (a sync woke only the weights): vLLM sleeps from fully awake
+            self.wake()
         with self._on_device():
             self._llm.sleep(level=self.sleep_level)
         self._asleep = {"weights", "kv_cache"}

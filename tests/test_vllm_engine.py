@@ -456,6 +456,32 @@ def test_sleep_and_wake_are_noops_on_cpu(engine: VLLMEngine, tiny_qwen2_path: st
     assert engine.generate([[5, 6, 7]], GREEDY)[0].response_ids == before.response_ids
 
 
+def test_sleep_from_a_partial_wake_releases_everything() -> None:
+    """After a sync only the weights are awake (`update_weights` wakes that pool alone); `sleep` then must
+    not return early with the weights left on the GPU: it wakes the KV cache and sleeps whole. The sleep
+    mode itself needs CUDA, so vLLM's LLM is a recording stand-in here (the calls are what is checked)."""
+
+    class RecordingLLM:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, object]] = []
+
+        def wake_up(self, tags: list[str]) -> None:
+            self.calls.append(("wake_up", tags))
+
+        def sleep(self, level: int) -> None:
+            self.calls.append(("sleep", level))
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # no vLLM start-up: only the sleep bookkeeping runs
+    llm = RecordingLLM()
+    engine._llm, engine.device, engine._sleep_enabled, engine.sleep_level = llm, None, True, 1
+    engine._asleep = {"kv_cache"}
+    engine.sleep()
+    assert llm.calls == [("wake_up", ["kv_cache"]), ("sleep", 1)]
+    assert engine._asleep == {"weights", "kv_cache"}
+    engine.sleep()  # already asleep: nothing more
+    assert len(llm.calls) == 2
+
+
 # ---- GPU ---------------------------------------------------------------------------------------------------------
 def qwen_math_15b_shaped(out: Path, tokenizer_path: str) -> str:
     """A random model with Qwen2.5-Math-1.5B's shapes (bf16), saved with the tiny tokenizer."""

@@ -132,6 +132,7 @@ class Session:
         needs a learner forward pass, which rank 0 alone cannot run under ZeRO-3: there it is NaN."""
         metrics: dict[str, float] = {}
         policy = None if self.learner.sharded else self.learner.unwrapped
+        _ = self.engine  # built on every rank: a vLLM engine's start-up is collective over the learner's ranks
         if self.is_main:
             with self.timer("eval"), torch.inference_mode():
                 name = f"step_{step:06d}{tag}.jsonl"
