@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -52,6 +58,48 @@ def session_pids(sid: int) -> list[int]:
         if int(fields[3]) == sid and fields[0] != "Z":  # fields: state ppid pgrp session ...
             alive.append(int(stat.parent.name))
     return alive
+
+
+def launch_worlds(worker: Path, args: Callable[[int], list[str]], out: Path, timeout_s: float) -> None:
+    """Run `worker` twice at the same time: as one plain process (world 1) and as 2 gloo ranks under
+    ``torchrun --standalone`` (world 2), with ``args(world)`` and logs in ``out/w{world}.log``. Fails the
+    test on a launch past `timeout_s` (a rank hung?), a non-zero exit, or processes left behind; kills
+    whatever is left either way."""
+    cmds = {
+        1: [sys.executable, str(worker), *args(1)],
+        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+            *args(2)],
+    }  # fmt: skip
+    procs = {}
+    for world, cmd in cmds.items():
+        with (out / f"w{world}.log").open("w") as log:
+            procs[world] = subprocess.Popen(cmd, cwd=REPO, env=launch_env(world > 1), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        for world, proc in procs.items():
+            try:
+                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"world-{world} launch exceeded {timeout_s} s (a rank hung?); log:\n{log_tail(out, world)}")
+            assert rc == 0, f"world-{world} launch exited {rc}; log:\n{log_tail(out, world)}"
+        for world, proc in procs.items():  # reward workers exit within ~1 s of their parent
+            leftover = session_pids(proc.pid)
+            for _ in range(50):
+                if not leftover:
+                    break
+                time.sleep(0.1)
+                leftover = session_pids(proc.pid)
+            assert not leftover, f"world-{world} launch left processes behind: {leftover}"
+    finally:
+        for proc in procs.values():
+            if session_pids(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def log_tail(out: Path, world: int, lines: int = 40) -> str:
+    return "\n".join((out / f"w{world}.log").read_text().splitlines()[-lines:])
 
 
 def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:

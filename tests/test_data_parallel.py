@@ -34,17 +34,12 @@ parameters and gradients agree to ~1e-7.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import launch_env, session_pids
+from helpers import launch_worlds
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "dp_worker.py"
@@ -56,53 +51,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * TIMEOUT_S)]
 
 
 def _run_both(model: str, out: Path) -> dict[int, dict[str, Any]]:
-    cmds = {
-        1: [sys.executable, str(WORKER), model, str(out / "w1"), "1"],
-        2: [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(WORKER),
-            model,
-            str(out / "w2"),
-            "2",
-        ],
-    }
-    procs = {}
-    for world, cmd in cmds.items():
-        log = (out / f"w{world}.log").open("w")
-        procs[world] = subprocess.Popen(
-            cmd, cwd=REPO, env=launch_env(world > 1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        for world, proc in procs.items():
-            try:
-                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"world-{world} launch exceeded {TIMEOUT_S} s; log:\n{_tail(out, world)}")
-            assert rc == 0, f"world-{world} launch exited {rc}; log:\n{_tail(out, world)}"
-        for world, proc in procs.items():  # reward workers exit within ~1 s of their parent
-            leftover = session_pids(proc.pid)
-            for _ in range(50):
-                if not leftover:
-                    break
-                time.sleep(0.1)
-                leftover = session_pids(proc.pid)
-            assert not leftover, f"world-{world} launch left processes behind: {leftover}"
-    finally:
-        for proc in procs.values():
-            if session_pids(proc.pid):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return {w: torch.load(out / f"w{w}" / "results.pt", weights_only=False) for w in cmds}
-
-
-def _tail(out: Path, world: int) -> str:
-    return "\n".join((out / f"w{world}.log").read_text().splitlines()[-40:])
+    launch_worlds(WORKER, lambda world: [model, str(out / f"w{world}"), str(world)], out, TIMEOUT_S)
+    return {w: torch.load(out / f"w{w}" / "results.pt", weights_only=False) for w in (1, 2)}
 
 
 @pytest.fixture(scope="module")

@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import capture_grads_at_step, launch_env, session_pids
+from helpers import capture_grads_at_step, launch_worlds
 
 from rollout.prompts import format_prompt
 from rollout.tasks import make_arithmetic
@@ -221,35 +216,8 @@ def test_zero_weight_micro_batch_naive_twin(tiny_qwen2_path: str) -> None:
 @pytest.fixture(scope="module")
 def ragged_runs(tiny_gpt2_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
     out = tmp_path_factory.mktemp("ragged")
-    cmds = {
-        1: [sys.executable, str(WORKER), tiny_gpt2_path, str(out / "w1"), "1"],
-        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(WORKER), tiny_gpt2_path, str(out / "w2"), "2"],
-    }  # fmt: skip
-    procs = {}
-    for world, cmd in cmds.items():
-        log = (out / f"w{world}.log").open("w")
-        procs[world] = subprocess.Popen(
-            cmd, cwd=REPO, env=launch_env(world > 1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        for world, proc in procs.items():
-            try:
-                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"world-{world} launch exceeded {TIMEOUT_S} s (a rank hung?); log:\n{_tail(out, world)}")
-            assert rc == 0, f"world-{world} launch exited {rc}; log:\n{_tail(out, world)}"
-    finally:
-        for proc in procs.values():
-            if session_pids(proc.pid):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return {w: torch.load(out / f"w{w}" / "results.pt", weights_only=False) for w in cmds}
-
-
-def _tail(out: Path, world: int) -> str:
-    return "\n".join((out / f"w{world}.log").read_text().splitlines()[-40:])
+    launch_worlds(WORKER, lambda world: [tiny_gpt2_path, str(out / f"w{world}"), str(world)], out, TIMEOUT_S)
+    return {w: torch.load(out / f"w{w}" / "results.pt", weights_only=False) for w in (1, 2)}
 
 
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:

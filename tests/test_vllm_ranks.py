@@ -14,18 +14,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
-from helpers import launch_env, session_pids
+from helpers import launch_worlds
 
 from rollout.engine import SamplingConfig
 from rollout.vllm_engine import engine_gpu, keep_default_group, release_gpu_assignment
@@ -133,38 +128,11 @@ def test_release_gpu_assignment_lets_a_later_engine_use_another_gpu() -> None:
 
 # ---- two CPU ranks with real engines ------------------------------------------------------------------------
 def _launch(model: str, out: Path) -> dict[int, dict[int, dict[str, Any]]]:
-    cmds = {
-        1: [sys.executable, str(WORKER), model, str(out / "w1")],
-        2: [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-            model, str(out / "w2")],
-    }  # fmt: skip
-    procs = {}
-    for world, cmd in cmds.items():
-        log = (out / f"w{world}.log").open("w")
-        procs[world] = subprocess.Popen(
-            cmd, cwd=REPO, env=launch_env(world > 1), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        for world, proc in procs.items():
-            try:
-                rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"world-{world} launch exceeded {TIMEOUT_S} s (hung?); log:\n{_tail(out, world)}")
-            assert rc == 0, f"world-{world} launch exited {rc}; log:\n{_tail(out, world)}"
-    finally:
-        for proc in procs.values():
-            if session_pids(proc.pid):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    launch_worlds(WORKER, lambda world: [model, str(out / f"w{world}")], out, TIMEOUT_S)
     return {
         world: {r: torch.load(out / f"w{world}" / f"rank{r}.pt", weights_only=False) for r in range(world)}
-        for world in cmds
+        for world in (1, 2)
     }
-
-
-def _tail(out: Path, world: int) -> str:
-    return "\n".join((out / f"w{world}.log").read_text().splitlines()[-40:])
 
 
 @pytest.fixture(scope="module")
