@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from rollout.prompts import format_prompt
 from rollout.tasks import Example
+from trainer.config import ConfigError
 from trainer.logprobs import get_response_log_probs
 from trainer.session import Session
 from trainer.tokenization import tokenize_prompt_and_output
@@ -32,6 +33,11 @@ def r1_zero_target(example: Example, sloppy: bool = False) -> str:
 
 
 def warm_start(s: Session) -> dict[str, float]:
+    if getattr(s.accelerator.state, "deepspeed_plugin", None) is not None:
+        raise ConfigError([
+            f"warmstart.steps={s.cfg.warmstart.steps} under DeepSpeed: the warm start is the CPU demo's plain "
+            "PyTorch loop (its own AdamW); set warmstart.steps=0 and start GRPO from an SFT checkpoint "
+            "(mode: sft) instead"], "config")
     cfg = s.cfg.warmstart
     examples = s.train_examples()
     rng = random.Random(s.cfg.seed)
