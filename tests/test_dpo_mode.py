@@ -210,8 +210,8 @@ def test_reference_runs_under_the_policys_bf16_autocast(tiny_qwen2_path: str) ->
     assert ref is not None
     pairs = [PreferencePair(f"What is {a} + {b}?", f"{a} + {b} = {a + b}", f"{a} + {b} = {a + b + 10}")
              for a in range(4) for b in range(2)]  # fmt: skip
-    with torch.no_grad():  # control: outside autocast the float32 reference disagrees with the bf16 policy
-        plain = pair_logps(ref, learner.tokenizer, pairs, ALPACA, "dpo")[0]
+    with torch.no_grad():  # control: outside autocast a float32 reference disagrees with the bf16 policy
+        plain = pair_logps(load_model(cfg.model, "cpu").eval(), learner.tokenizer, pairs, ALPACA, "dpo")[0]
         policy = pair_logps(learner.model, learner.tokenizer, pairs, ALPACA, "dpo")[0]
     assert float((plain - policy).abs().max()) > 1e-4
     evals = Validator(pairs, cfg.dpo.micro_batch_pairs)(learner, ref, cfg.dpo)

@@ -55,7 +55,7 @@ from rollout.prompts import get_template
 from trainer.batching import deal_micro_batches, pack_token_ids
 from trainer.config import DPOConfig, RunConfig
 from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
-from trainer.learner import Learner, global_token_count, load_model, reference_autocast
+from trainer.learner import Learner, global_token_count, load_frozen_reference
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.session import Session
@@ -223,15 +223,14 @@ def _ref_logps(
     template: str,
     loss: str,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Reference (chosen, rejected) log-probs, under the policy's autocast (`reference_autocast`).
+    """Reference (chosen, rejected) log-probs; `reference_model`'s forward runs under the policy's autocast.
 
     Inside autocast the logits come out in bf16 where the prepared policy's come out converted to
     float32; `sequence_logp` upcasts either to float64 before the log-softmax, so both give the same sums.
     """
     if ref_model is None:
         return None
-    with reference_autocast(learner.accelerator, next(ref_model.parameters()).device):
-        return pair_logps(ref_model, learner.tokenizer, pairs, template, loss)
+    return pair_logps(ref_model, learner.tokenizer, pairs, template, loss)
 
 
 def _cat(outs: Sequence[PairOutput]) -> PairOutput:
@@ -283,10 +282,7 @@ def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:
     """The frozen initial policy on ``dpo.reference_device`` (default: the policy's); None for SimPO."""
     if cfg.dpo.loss == "simpo":
         return None
-    ref = load_model(cfg.model, cfg.dpo.reference_device or learner.device).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
+    return load_frozen_reference(cfg.model, cfg.dpo.reference_device or learner.device, learner.accelerator)
 
 
 # ---- the loop -------------------------------------------------------------------------------------

@@ -28,8 +28,6 @@ in step; the update equals the 1-process one).
 
 from __future__ import annotations
 
-from typing import Any
-
 from rollout.engine import Sample, rollout_metrics
 from rollout.prompts import format_prompt
 from rollout.tasks import Example
@@ -100,15 +98,15 @@ def sft_on_kept(s: Session, kept: list[Sample], step: int) -> dict[str, float]:
     return metrics
 
 
-def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> dict[str, Any]:
-    """One expert-iteration step: sample → filter → SFT → sync → metrics."""
+def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> tuple[dict[str, float], tuple[str, ...]]:
+    """One expert-iteration step: sample → filter → SFT → sync; this rank's metrics, the global keys."""
     kept, metrics = sample_and_filter(s, sampler, step)
     s.rollouts_done()
     if kept:
         with s.timer("train"):
             metrics |= sft_on_kept(s, kept, step)
         metrics |= s.sync_weights()
-    return s.reduce_metrics(metrics | s.timer.pop(), already_global=("ei/kept",))  # kept: gathered already
+    return metrics, ("ei/kept",)  # kept: gathered over ranks already
 
 
 def train_ei(cfg: RunConfig, resume: bool = False) -> dict[str, float]:

@@ -27,7 +27,6 @@ takes its own whole groups, so a group is never split across ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -37,7 +36,7 @@ from rollout.tasks import Example
 from trainer.advantages import group_normalize, reward_metadata
 from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.config import GRPOConfig, RunConfig
-from trainer.learner import Learner, autocast_like_policy, global_token_count, load_model
+from trainer.learner import Learner, global_token_count, load_frozen_reference
 from trainer.masking import aggregate_loss
 from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
 from trainer.pg_losses import compute_policy_gradient_loss
@@ -277,8 +276,9 @@ def grading_health(s: Session) -> dict[str, float]:
 
 
 def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
-              ref_model: torch.nn.Module | None) -> dict[str, Any]:
-    """One GRPO step; reads like the algorithm. Returns the metrics to log."""
+              ref_model: torch.nn.Module | None) -> tuple[dict[str, float], list[str]]:
+    """One GRPO step; reads like the algorithm. Returns this rank's metrics and the keys among them that
+    are global already (the reward statistics)."""
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
     s.rollouts_done()
     already_global = [k for k in metrics if k.startswith("reward/")]  # statistics of every rank's rollouts
@@ -293,7 +293,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
         metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
     metrics |= s.sync_weights()
     metrics |= s.learner_throughput(real_lengths(batch.tokens).tolist(), passes=g.epochs_per_rollout_batch)
-    return s.reduce_metrics(metrics | s.timer.pop(), already_global)
+    return metrics, already_global
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
@@ -312,7 +312,4 @@ def _reference_model(s: Session) -> torch.nn.Module:
     model_cfg = s.cfg.model
     if s.cfg.warmstart.steps:
         model_cfg = model_cfg.model_copy(update={"path": str(s.run_dir / "warmstart")})
-    ref = load_model(model_cfg, s.learner.device).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return autocast_like_policy(ref, s.accelerator)  # else bf16 runs compare a bf16 policy to an fp32 reference
+    return load_frozen_reference(model_cfg, s.learner.device, s.accelerator)

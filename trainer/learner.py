@@ -185,6 +185,16 @@ def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.Abs
     dtype = torch.float16 if accelerator.mixed_precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+def load_frozen_reference(model_cfg: ModelConfig, device: torch.device | str,
+                          accelerator: Accelerator) -> torch.nn.Module:
+    """A frozen copy of a model (eval mode, no gradients) whose forward runs under the policy's autocast:
+    the reference of GRPO's KL penalty and of DPO."""
+    ref = load_model(model_cfg, device).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return autocast_like_policy(ref, accelerator)
+
+
 def autocast_like_policy(module: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:
     """Make a frozen module's forward run under the policy's autocast (`reference_autocast`), as
     `accelerator.prepare` does for the policy; returns the module."""

@@ -53,6 +53,10 @@ class Session:
         self.accelerator = Accelerator()
         _check_world(self.accelerator.num_processes)
         validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
+        if cfg.mode in ("grpo", "ei"):  # the rollout modes start with the warm start (before any loading)
+            from trainer.warmstart import check_warm_start
+
+            check_warm_start(cfg.warmstart.steps, getattr(self.accelerator.state, "deepspeed_plugin", None) is not None)
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         self.flops = FlopCounter(self.learner.unwrapped, self.learner.device, cfg.logging.peak_tflops)
         self.timer = PhaseTimer()
@@ -124,7 +128,7 @@ class Session:
         """Between rollouts a colocated engine gives its accelerator memory (weights, KV cache) back to the
         learner (`rollout.sleep_between_rollouts`); the next sync or generate wakes it. A no-op where sleep
         frees nothing (CPU, an HF engine sharing the learner's module)."""
-        if self._engine is not None and self.cfg.rollout.sleep_between_rollouts:
+        if self._engine is not None:  # each engine knows whether it may sleep (config, device, ownership)
             self._engine.sleep()
 
     def evaluate(self, step: int, tag: str = "") -> dict[str, float]:
@@ -201,19 +205,22 @@ class Session:
         return sampler, start
 
     def run_steps(self, desc: str, n_steps: int, start: int, sampler: QuestionSampler[Example],
-                  step_fn: Callable[[int], dict[str, float]],
+                  step_fn: Callable[[int], tuple[dict[str, float], Collection[str]]],
                   postfix: Callable[[dict[str, float]], dict[str, str]]) -> dict[str, float]:
-        """Steps start+1..n_steps: step, log, evaluate every `eval.every` and at the end, checkpoint."""
+        """Steps start+1..n_steps: step, evaluate every `eval.every` and at the end, checkpoint, log.
+
+        `step_fn` returns this rank's metrics and the keys among them that are global already; they are
+        combined over ranks once per step, with the step's phase times (evaluation and checkpoint too)."""
         bar = tqdm(range(start + 1, n_steps + 1), desc=desc, disable=not self.progress_enabled, initial=start,
                    total=n_steps)
         final: dict[str, float] = {}
         for step in bar:
-            metrics = step_fn(step)
+            metrics, already_global = step_fn(step)
             last = step == n_steps
             if last or (self.cfg.eval.every and step % self.cfg.eval.every == 0):
                 final = self.evaluate(step)
             self.maybe_save(step, last, sampler=sampler.state_dict())
-            metrics = self.add_phase_times(metrics)  # this step's evaluation and checkpoint
+            metrics = self.reduce_metrics(metrics | self.timer.pop(), already_global)
             with self.timer("log"):  # reported with the next step
                 if step % self.cfg.logging.every == 0:
                     self.tracker.log(metrics, step)
@@ -225,13 +232,6 @@ class Session:
         bar.set_postfix(fields)
         if not self.progress_enabled and self.is_main and step % self.cfg.logging.every == 0:
             logger.info("%s step %d/%d %s", desc, step, total, " ".join(f"{k}={v}" for k, v in fields.items()))
-
-    def add_phase_times(self, metrics: dict[str, float]) -> dict[str, float]:
-        """`metrics` plus the ``time/…`` of phases timed since the step function returned (evaluation and
-        checkpointing, which come after it), counted into ``time/step``."""
-        times = self.reduce_metrics(self.timer.pop())
-        step_seconds = metrics.get("time/step", 0.0) + times.pop("time/step")
-        return metrics | times | {"time/step": step_seconds}
 
     # ---- cleanup ----------------------------------------------------------------------------------
     def close(self) -> None:

@@ -32,12 +32,16 @@ def r1_zero_target(example: Example, sloppy: bool = False) -> str:
     return f" {reasoning} </think> <answer> {example.answer} </answer>"
 
 
-def warm_start(s: Session) -> dict[str, float]:
-    if getattr(s.accelerator.state, "deepspeed_plugin", None) is not None:
+def check_warm_start(steps: int, deepspeed: bool) -> None:
+    """The warm start is the CPU demo's plain PyTorch loop (its own AdamW): refused under DeepSpeed, whose
+    engine needs its own backward and step and partitions the parameters (ZeRO-3)."""
+    if steps and deepspeed:
         raise ConfigError([
-            f"warmstart.steps={s.cfg.warmstart.steps} under DeepSpeed: the warm start is the CPU demo's plain "
-            "PyTorch loop (its own AdamW); set warmstart.steps=0 and start GRPO from an SFT checkpoint "
-            "(mode: sft) instead"], "config")
+            f"warmstart.steps={steps} under DeepSpeed: the warm start is the CPU demo's plain PyTorch loop; "
+            "set warmstart.steps=0 and start GRPO from an SFT checkpoint (mode: sft) instead"], "config")
+
+
+def warm_start(s: Session) -> dict[str, float]:
     cfg = s.cfg.warmstart
     examples = s.train_examples()
     rng = random.Random(s.cfg.seed)
