@@ -146,10 +146,12 @@ def grpo_case(cfg: Any, s: Any) -> dict[str, Any]:
 
 def sft_case(cfg: Any, s: Any) -> dict[str, Any]:
     """One SFT optimizer step (`trainer.sft.sft_update`, token-mean NLL) over the global batch, each rank
-    taking its rows as `trainer.sft.rank_micro_batches` deals them (``rows[rank::world]``)."""
+    taking its rows as `helpers.rank_micro_batches` deals them (``rows[rank::world]``)."""
+    from helpers import rank_micro_batches
+
     from trainer.batching import pack_token_ids
     from trainer.learner import Learner
-    from trainer.sft import rank_micro_batches, sft_update
+    from trainer.sft import sft_update
 
     learner = Learner(cfg.model, cfg.optim, s.accelerator)
     grads = capture_grads(learner)

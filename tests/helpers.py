@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,24 @@ def launch_worlds(worker: Path, args: Callable[[int], list[str]], out: Path, tim
 
 def log_tail(out: Path, world: int, lines: int = 40) -> str:
     return "\n".join((out / f"w{world}.log").read_text().splitlines()[-lines:])
+
+
+def rank_micro_batches(
+    rows: Sequence[int], grad_accum: int, rank: int = 0, world: int = 1
+) -> list[list[int]]:
+    """The plain dealing, the reference for `trainer.batching.deal_micro_batches`' real micro-batches: this
+    rank's rows ``rows[rank::world]`` of one optimizer batch in at most `grad_accum` near-equal micro-batches,
+    ``[]`` when the batch has fewer rows than ranks. Ranks can get different numbers of micro-batches (5 rows,
+    4 steps, 2 ranks: 3 and 2), which is why the trainer pads them with stand-ins.
+
+    >>> rank_micro_batches([0, 1, 2, 3, 4], 2)
+    [[0, 1, 2], [3, 4]]
+    """
+    if len(rows) < world:
+        return []
+    mine = list(rows)[rank::world]
+    size = math.ceil(len(mine) / grad_accum)
+    return [mine[i : i + size] for i in range(0, len(mine), size)]
 
 
 def perturbed(path: str, seed: int = 1, scale: float = 0.05) -> torch.nn.Module:

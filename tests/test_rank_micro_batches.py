@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import capture_grads_at_step, launch_worlds
+from helpers import capture_grads_at_step, launch_worlds, rank_micro_batches
 
 from rollout.prompts import format_prompt
 from rollout.tasks import make_arithmetic
@@ -37,7 +37,7 @@ from trainer.batching import TokenBatch, deal_micro_batches, micro_batches_per_r
 from trainer.config import ModelConfig, OptimConfig, config_from_dict
 from trainer.learner import Learner
 from trainer.masking import aggregate_loss
-from trainer.sft import load_sft_data, pair_batch, rank_micro_batches, sft_update
+from trainer.sft import load_sft_data, pair_batch, sft_update
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ragged_worker.py"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import capture_grads_at_step
+from helpers import capture_grads_at_step, rank_micro_batches
 from safetensors.torch import load_file
 
 from rollout.prompts import format_prompt
@@ -19,7 +19,7 @@ from rollout.tasks import DatasetFormatError, make_arithmetic
 from trainer.cli import main as cli_main
 from trainer.config import load_config
 from trainer.learner import Learner
-from trainer.sft import heldout_loss, pair_batch, rank_micro_batches, read_sft_examples, sft_update, train_sft
+from trainer.sft import heldout_loss, pair_batch, read_sft_examples, sft_update, train_sft
 from trainer.tracking import read_metrics
 from trainer.train_steps import sft_microbatch_train_step
 

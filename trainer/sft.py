@@ -150,25 +150,6 @@ def epoch_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def rank_micro_batches(
-    rows: Sequence[int], grad_accum: int, rank: int = 0, world: int = 1
-) -> list[list[int]]:
-    """This rank's rows ``rows[rank::world]`` of one optimizer batch, in at most `grad_accum` near-equal
-    micro-batches (empty ones dropped). ``[]`` when the batch has fewer rows than ranks.
-
-    Ranks can get different numbers of micro-batches (5 rows, 4 steps, 2 ranks: 3 and 2); SFT and expert
-    iteration use `trainer.batching.deal_micro_batches`, which pads every rank to the same number.
-
-    >>> rank_micro_batches([0, 1, 2, 3, 4], 2)
-    [[0, 1, 2], [3, 4]]
-    """
-    if len(rows) < world:
-        return []
-    mine = list(rows)[rank::world]
-    size = math.ceil(len(mine) / grad_accum)
-    return [mine[i : i + size] for i in range(0, len(mine), size)]
-
-
 def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
     """`tokenize_prompt_and_output` as a `TokenBatch`: the same ids, labels and response mask (built by its
     token-id twin `pack_token_ids`), plus the attention mask of the real tokens, 0 on the right padding, so
@@ -184,10 +165,10 @@ def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str])
     return pack_token_ids(prompt_ids, response_ids, pad_token_id_of(tokenizer))
 
 
-def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    """Optimizer batches in an epoch of `n` rows (a short last batch counts if every rank gets a row)."""
-    full, rest = divmod(n, batch_size)
-    return full + int(rest >= max(1, world))
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer batches in an epoch of `n` rows, a short last batch included (every rank runs it, with
+    zero-weight stand-ins where it has no rows: `trainer.batching.deal_micro_batches`)."""
+    return math.ceil(n / batch_size)
 
 
 @dataclass
