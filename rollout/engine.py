@@ -8,7 +8,7 @@ closed once. Every sample is stamped with the policy version that produced it (b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -117,6 +117,119 @@ def iter_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
         for name, buffer in module._buffers.items():
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 yield prefix + name, buffer.detach()
+
+
+class WeightCheck:
+    """Checks (name, shape) pairs against the `expected` names and shapes of a weight sync's receiver.
+
+    The one check of both engines' ``update_weights``: a name not in `expected`, a shape other than the
+    expected one exactly, or a name sent twice is wrong, and so is a name of `expected` never sent.
+
+    `listing` checks a whole (name, shape) listing (a stream's metadata). `stream` passes (name, tensor) pairs
+    through unbuffered and cuts the stream at the first bad pair; `drain` then checks the rest without
+    loading it (a ZeRO-3 `ModelWeights` gathers collectively, so every rank keeps iterating in step).
+    `problem` sums up the bad pairs and the names never sent; `unknown` lists the names not in `expected`.
+    With `expected` None only repeated names are errors, and `shapes` records what passed.
+
+    Args:
+        expected: name -> shape of the receiver (`VLLMEngine`: the checkpoint's; `HFEngine`: its model's).
+        what: the receiver in messages (``... is not a weight of this checkpoint``).
+        aliases: name -> the name whose tensor it shares (tied weights): sending any name of such a group
+            covers all of them. None: every name must be sent itself.
+    """
+
+    def __init__(
+        self,
+        expected: dict[str, tuple[int, ...]] | None,
+        *,
+        what: str = "checkpoint",
+        aliases: Mapping[str, str] | None = None,
+    ) -> None:
+        self.expected = expected
+        self.what = what
+        self.aliases = aliases or {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.errors: list[str] = []
+        self.unknown: list[str] = []  # names sent that `expected` lacks
+        self.num_passed = 0  # pairs `stream` let through before the cut
+        self._rest: Iterator[tuple[str, torch.Tensor]] | None = None
+
+    def add(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Record one pair; False (and an entry in `errors`) if it is wrong."""
+        error = None
+        want = self.expected.get(name) if self.expected is not None else shape
+        if name in self.shapes:
+            error = f"{name} was sent twice"
+        elif want is None:
+            error = f"{name} (shape {shape}) is not a weight of this {self.what}"
+            self.unknown.append(name)
+        elif shape != want:
+            error = f"{name} has shape {shape}, the {self.what}'s is {want}"
+        self.shapes.setdefault(name, shape)
+        if error is not None:
+            self.errors.append(error)
+        return error is None
+
+    def listing(self, pairs: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
+        """Check a whole (name, shape) listing; `problem`."""
+        for name, shape in pairs:
+            self.add(name, shape)
+        return self.problem()
+
+    def stream(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        """`pairs` while they are right; the first wrong one is not yielded and ends the stream."""
+        source = iter(pairs)
+        for name, tensor in source:
+            if not self.add(name, tuple(tensor.shape)):
+                self._rest = source
+                return
+            self.num_passed += 1
+            yield name, tensor
+
+    def drain(self) -> None:
+        """Check what is left of a stream `stream` cut, loading nothing."""
+        rest, self._rest = self._rest, None
+        for name, tensor in rest or ():
+            self.add(name, tuple(tensor.shape))
+
+    def missing(self) -> list[str]:
+        """The names of `expected` not sent, neither themselves nor through an alias."""
+        sent = {self.aliases.get(n, n) for n in self.shapes}
+        return [n for n in self.expected or () if self.aliases.get(n, n) not in sent]
+
+    def problem(self) -> str | None:
+        """The bad pairs and the names never sent, in words; None if all is well."""
+        parts = self.errors[:10] + ([f"{len(self.errors) - 10} more"] if len(self.errors) > 10 else [])
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
+            parts.append(
+                f"no tensor sent for {len(missing)} of the {self.what}'s {len(self.expected or ())} names: {shown}"
+            )
+            if any(n.startswith("lm_head.") for n in missing):
+                parts[-1] += (
+                    " (a tied lm_head is a state-dict name of its own, which named_parameters() leaves out: "
+                    "send rollout.engine.iter_state_dict or ModelWeights)"
+                )
+        return "; ".join(parts) or None
+
+
+def normalize_device(device: str | torch.device, current_cuda: int | None = None) -> torch.device:
+    """`device` with its index. A bare ``cuda`` is the current CUDA device, as torch and accelerate mean it
+    (a single-process GPU learner reports ``cuda``): `current_cuda` where given, else this process's
+    (``torch.cuda.current_device()``; ``cuda:0`` where CUDA is unavailable). Other devices are returned as
+    parsed. The one rule for both config validation (`trainer.config`) and the vLLM engine's GPU
+    (`rollout.vllm_engine.engine_gpu`), so a dedicated engine runs where validation checked it would.
+
+    >>> normalize_device("cuda", 2), normalize_device("cuda:1", 2), normalize_device("cpu", 2)
+    (device(type='cuda', index=2), device(type='cuda', index=1), device(type='cpu'))
+    """
+    parsed = torch.device(device)
+    if parsed.type == "cuda" and parsed.index is None:
+        if current_cuda is None:
+            current_cuda = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return torch.device("cuda", current_cuda)
+    return parsed
 
 
 def sample_seed(seed: int | None, prompt_index: int, n: int, k: int) -> int | None:

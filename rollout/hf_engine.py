@@ -36,6 +36,7 @@ from rollout.engine import (
     Prompt,
     Sample,
     SamplingConfig,
+    WeightCheck,
     iter_state_dict,
     rollout_metrics,
     sample_seed,
@@ -292,11 +293,12 @@ class HFEngine:
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (name, tensor) pairs into the model in place (any iterable; one tensor at a time).
 
-        Each tensor is checked before it is copied: its name must be in the model (`KeyError` otherwise) and
-        its shape must equal the target's exactly (`ValueError`; ``copy_`` would broadcast a compatible
-        shape); the dtype and device may differ (converted by the copy). Every tensor of the model must be
-        covered (tied weights count as covered through any alias), else `ValueError`. The messages name the
-        culprits.
+        Each tensor is checked before it is copied (`rollout.engine.WeightCheck`, the vLLM engine's check):
+        its name must be in the model, once, and its shape must equal the target's exactly (``copy_`` would
+        broadcast a compatible shape); the dtype and device may differ (converted by the copy). Every tensor
+        of the model must be covered (tied weights count as covered through any alias: the one check of this
+        engine's own). A name not in the model raises `KeyError`, any other problem `ValueError`; the message
+        names the culprits.
 
         Streamed, not staged: a bad tensor is found only when it arrives, and the tensors before it are then
         already copied. From the first bad tensor on nothing more is copied, but the rest of the stream is
@@ -307,37 +309,19 @@ class HFEngine:
         """
         start, moved = time.perf_counter(), 0
         targets = dict(iter_state_dict(self.model))
-        loaded: set[int] = set()
-        unknown: list[str] = []
-        bad_shapes: list[str] = []
-        for name, tensor in weights:
-            target = targets.get(name)
-            if target is None:
-                unknown.append(name)
-                continue
-            if tensor.shape != target.shape:
-                bad_shapes.append(f"{name}: sent {tuple(tensor.shape)}, model has {tuple(target.shape)}")
-                continue
-            if unknown or bad_shapes:
-                continue  # stop copying at the first problem; keep checking the rest of the stream
+        first_name: dict[int, str] = {}  # tied weights: every alias of one storage maps to its first name
+        aliases = {name: first_name.setdefault(t.data_ptr(), name) for name, t in targets.items()}
+        check = WeightCheck({n: tuple(t.shape) for n, t in targets.items()}, what="model", aliases=aliases)
+        for name, tensor in check.stream(weights):
+            target = targets[name]
             if target.data_ptr() != tensor.data_ptr():
                 target.copy_(tensor)
-            loaded.add(target.data_ptr())
             moved += tensor.numel() * tensor.element_size()
-        problems = []
-        if unknown:
-            problems.append(f"names not in the model: {unknown[:10]} ({len(unknown)} tensors)")
-        if bad_shapes:
-            problems.append(f"shape mismatch: {bad_shapes[:10]} ({len(bad_shapes)} tensors)")
-        if problems:
-            message = "HFEngine.update_weights: " + "; ".join(problems) + _PARTIAL
-            raise KeyError(message) if unknown else ValueError(message)
-        missing = [n for n, t in targets.items() if t.data_ptr() not in loaded]
-        if missing:
-            raise ValueError(
-                f"HFEngine.update_weights: no value sent for {missing[:10]} ({len(missing)} tensors)"
-                + _PARTIAL
-            )
+        check.drain()
+        problem = check.problem()
+        if problem is not None:
+            message = f"HFEngine.update_weights: {problem}{_PARTIAL}"
+            raise KeyError(message) if check.unknown else ValueError(message)
         self.policy_version += 1
         self.metrics.update(sync_metrics(time.perf_counter() - start, moved))
 

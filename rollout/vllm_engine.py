@@ -21,7 +21,8 @@ worker lands on ``cuda:0`` in every process unless ``device_ids`` maps that loca
 ``assigned_physical_gpu_ids``; indices into ``CUDA_VISIBLE_DEVICES`` as torch counts them). So a colocated
 engine on CUDA passes ``device_ids=[learner's index]`` too: the learner's device (``learner_device``,
 ``cuda:LOCAL_RANK`` under accelerate), else this process's current CUDA device. Without it every rank of a
-data-parallel run would put its engine on GPU 0.
+data-parallel run would put its engine on GPU 0. A bare ``cuda`` (dedicated ``device`` or ``learner_device``)
+is the current CUDA device, as config validation assumes (`rollout.engine.normalize_device`).
 
 Several learner ranks (a ``torch.distributed`` default group exists when the engine starts): vLLM's worker
 adopts that group as its world (``init_distributed_environment`` skips its own ``init_process_group``) and
@@ -94,7 +95,9 @@ from rollout.engine import (
     Prompt,
     Sample,
     SamplingConfig,
+    WeightCheck,
     iter_state_dict,
+    normalize_device,
     rollout_metrics,
     sample_seed,
     sync_metrics,
@@ -467,27 +470,28 @@ def engine_gpu(
 ) -> torch.device | None:
     """The GPU a `VLLMEngine` runs on, always with an index (it becomes vLLM's ``device_ids=[index]``).
 
+    A bare ``cuda`` is the current CUDA device (`current_cuda`) here as everywhere (`normalize_device`, the
+    rule config validation checks a dedicated engine's GPU with), for both arguments.
+
     Args:
-        device: a dedicated engine's GPU (``cuda:N``; a bare ``cuda`` is GPU 0, as vLLM's ``device_ids``
-            default); None = colocated.
+        device: a dedicated engine's GPU (``cuda:N``, or a bare ``cuda``: `current_cuda`); None = colocated.
         learner_device: a colocated engine's: the learner's device (``cuda:LOCAL_RANK``); a bare ``cuda``, a
             non-CUDA device or None = `current_cuda`.
         current_cuda: this process's current CUDA device index (``torch.cuda.current_device()``, which
-            accelerate sets to the local rank); None = no CUDA (vLLM's CPU backend: no GPU, returns None).
+            accelerate sets to the local rank); None = no CUDA (vLLM's CPU backend: a colocated engine has no
+            GPU, returns None; a dedicated bare ``cuda`` is then ``cuda:0``, as in `normalize_device`).
     """
     if device is not None:
-        gpu = torch.device(device)
+        gpu = normalize_device(device, 0 if current_cuda is None else current_cuda)
         if gpu.type != "cuda":
             raise ValueError(
                 f"VLLMEngine: device={device!r}: a dedicated engine needs a CUDA device like 'cuda:1'"
             )
-        return torch.device("cuda", gpu.index or 0)
+        return gpu
     if current_cuda is None:
         return None
-    learner = torch.device(learner_device) if learner_device is not None else None
-    if learner is not None and learner.type == "cuda" and learner.index is not None:
-        return learner
-    return torch.device("cuda", current_cuda)
+    learner = normalize_device(learner_device if learner_device is not None else "cuda", current_cuda)
+    return learner if learner.type == "cuda" else torch.device("cuda", current_cuda)
 
 
 def release_gpu_assignment() -> None:
@@ -541,77 +545,6 @@ def checkpoint_shapes(
         )
         return None
     return {name: tuple(t.shape) for name, t in iter_state_dict(model)}
-
-
-class WeightCheck:
-    """Checks (name, shape) pairs against a checkpoint's `expected` names and shapes.
-
-    `listing` checks a whole (name, shape) listing (a stream's metadata). `stream` passes (name, tensor) pairs
-    through unbuffered and cuts the stream at the first bad pair; `drain` then checks the rest without
-    loading it (a ZeRO-3 `ModelWeights` gathers collectively, so every rank keeps iterating in step, as
-    `HFEngine.update_weights` does). `problem` sums up the bad pairs and the names never sent. With `expected`
-    None only repeated names are errors, and `shapes` records what passed.
-    """
-
-    def __init__(self, expected: dict[str, tuple[int, ...]] | None) -> None:
-        self.expected = expected
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.errors: list[str] = []
-        self.num_passed = 0  # pairs `stream` let through before the cut
-        self._rest: Iterator[tuple[str, torch.Tensor]] | None = None
-
-    def add(self, name: str, shape: tuple[int, ...]) -> bool:
-        """Record one pair; False (and an entry in `errors`) if it is wrong."""
-        error = None
-        want = self.expected.get(name) if self.expected is not None else shape
-        if name in self.shapes:
-            error = f"{name} was sent twice"
-        elif want is None:
-            error = f"{name} (shape {shape}) is not a weight of this checkpoint"
-        elif shape != want:
-            error = f"{name} has shape {shape}, the checkpoint's is {want}"
-        self.shapes.setdefault(name, shape)
-        if error is not None:
-            self.errors.append(error)
-        return error is None
-
-    def listing(self, pairs: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
-        """Check a whole (name, shape) listing; `problem`."""
-        for name, shape in pairs:
-            self.add(name, shape)
-        return self.problem()
-
-    def stream(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """`pairs` while they are right; the first wrong one is not yielded and ends the stream."""
-        source = iter(pairs)
-        for name, tensor in source:
-            if not self.add(name, tuple(tensor.shape)):
-                self._rest = source
-                return
-            self.num_passed += 1
-            yield name, tensor
-
-    def drain(self) -> None:
-        """Check what is left of a stream `stream` cut, loading nothing."""
-        rest, self._rest = self._rest, None
-        for name, tensor in rest or ():
-            self.add(name, tuple(tensor.shape))
-
-    def problem(self) -> str | None:
-        """The bad pairs and the names never sent, in words; None if all is well."""
-        parts = self.errors[:10] + ([f"{len(self.errors) - 10} more"] if len(self.errors) > 10 else [])
-        missing = [n for n in self.expected or () if n not in self.shapes]
-        if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            parts.append(
-                f"no tensor sent for {len(missing)} of the checkpoint's {len(self.expected or ())} names: {shown}"
-            )
-            if any(n.startswith("lm_head.") for n in missing):
-                parts[-1] += (
-                    " (a tied lm_head is a state-dict name of its own, which named_parameters() leaves out: "
-                    "send rollout.engine.iter_state_dict or ModelWeights)"
-                )
-        return "; ".join(parts) or None
 
 
 def parameter_digests(model: torch.nn.Module) -> dict[str, str]:

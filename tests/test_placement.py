@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import trainer.engines as engines
-from trainer.config import ConfigError, RunConfig, config_from_dict, normalize_device, validate_for_cluster
+from rollout.engine import normalize_device
+from trainer.config import ConfigError, RunConfig, config_from_dict, validate_for_cluster
 
 # one rank's batch arithmetic that splits over any world size used here
 GRPO = {"rollout_batch_size": 32, "group_size": 4, "train_batch_size": 32, "gradient_accumulation_steps": 4}
@@ -101,6 +102,8 @@ def test_bare_cuda_is_the_current_device() -> None:
     assert normalize_device("cuda") == torch.device("cuda", 0)  # no CUDA here: index 0
     assert normalize_device(torch.device("cuda", 3)) == torch.device("cuda:3")
     assert normalize_device("cpu") == torch.device("cpu")
+    assert normalize_device("cuda", 2) == torch.device("cuda:2")  # a given current device (vLLM's engine_gpu)
+    assert normalize_device("cuda:1", 2) == torch.device("cuda:1")
 
 
 def test_dedicated_on_the_single_gpu_learners_bare_cuda_is_rejected() -> None:

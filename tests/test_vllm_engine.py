@@ -16,10 +16,10 @@ from helpers import perturbed, tiny_vllm_engine
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
-from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
+from rollout.engine import RolloutEngine, SamplingConfig, WeightCheck, iter_state_dict
 from rollout.hf_engine import HFEngine
 from rollout.probe import StaleWeightProbe
-from rollout.vllm_engine import NCCLSender026, VLLMEngine, WeightCheck, checkpoint_shapes, set_weight_version
+from rollout.vllm_engine import NCCLSender026, VLLMEngine, checkpoint_shapes, set_weight_version
 from rollout.weight_sync import ModelWeights
 
 pytestmark = pytest.mark.vllm

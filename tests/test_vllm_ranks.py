@@ -22,7 +22,7 @@ import pytest
 import torch
 from helpers import launch_worlds
 
-from rollout.engine import SamplingConfig
+from rollout.engine import SamplingConfig, normalize_device
 from rollout.vllm_engine import engine_gpu, keep_default_group, release_gpu_assignment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,13 +41,21 @@ TIMEOUT_S = 300
         (None, "cuda:3", None, None),  # no CUDA: vLLM's CPU backend, no GPU
         (None, None, None, None),
         ("cuda:1", "cuda:0", 0, "cuda:1"),  # dedicated: its own GPU, whatever the learner's
-        ("cuda", None, 3, "cuda:0"),  # vLLM's device_ids for a bare "cuda": GPU 0
+        ("cuda", None, 3, "cuda:3"),  # dedicated bare "cuda": the current device too, as config validation
+        ("cuda", None, None, "cuda:0"),  # no CUDA: cuda:0, as normalize_device
     ],
 )
 def test_engine_gpu(device: str | None, learner_device: Any, current: int | None, want: str | None) -> None:
     got = engine_gpu(device, learner_device, current)
     assert got == (torch.device(want) if want is not None else None)
     assert got is None or got.index is not None  # vLLM's device_ids=[index]
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:2"])
+def test_a_dedicated_engine_runs_where_config_validation_checked_it(device: str) -> None:
+    """`trainer.config.validate_for_cluster` checks a dedicated engine's GPU as `normalize_device` resolves it."""
+    for current in (0, 1, 3):
+        assert engine_gpu(device, None, current) == normalize_device(device, current)
 
 
 def test_engine_gpu_rejects_a_non_cuda_dedicated_device() -> None:

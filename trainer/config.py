@@ -395,17 +395,6 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
-def normalize_device(device: str | torch.device) -> torch.device:
-    """`device` with its index: a bare ``cuda`` is this process's current CUDA device (``cuda:0`` where CUDA
-    is unavailable), as accelerate's single-process ``cuda`` means. Other devices are returned as parsed."""
-    import torch
-
-    parsed = torch.device(device)
-    if parsed.type == "cuda" and parsed.index is None:
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return parsed
-
-
 def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[str | torch.device], *,
                          cuda_devices: int | None = None) -> None:
     """Checks that need the launched cluster: batch sharding and engine placement.
@@ -414,7 +403,8 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[s
         world_size: number of learner ranks.
         devices: the learner device of *every* rank on this node (a dedicated engine on any of them would
             share a GPU with a learner), e.g. ``trainer.engines.node_learner_devices(accelerator)``. A bare
-            ``cuda`` means this process's current CUDA device (`normalize_device`).
+            ``cuda`` means this process's current CUDA device (`rollout.engine.normalize_device`, the rule
+            the vLLM engine places itself by).
         cuda_devices: CUDA devices visible on this node; None = ``torch.cuda.device_count()``.
     """
     problems = []
@@ -453,6 +443,8 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[s
 def _dedicated_problems(device: str, world_size: int, learner_devices: Sequence[str | torch.device],
                         cuda_devices: int | None) -> list[str]:
     import torch
+
+    from rollout.engine import normalize_device  # here, not at the top: importing the config stays torch-free
 
     problems = []
     engine = normalize_device(device)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.engine import RolloutEngine
+from rollout.engine import RolloutEngine, normalize_device
 from rollout.probe import StaleWeightProbe
-from trainer.config import RunConfig, normalize_device
+from trainer.config import RunConfig
 from trainer.learner import DTYPES, Learner
 
 
