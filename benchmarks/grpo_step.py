@@ -37,8 +37,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from trainer.config import load_config
-    from trainer.grpo import train_grpo
-    from trainer.tiny import build_tiny
+    from trainer.learners.grpo import train_grpo
+    from trainer.tools.tiny import build_tiny
     from trainer.tracking import read_metrics
 
     out = Path(tempfile.mkdtemp(prefix="grpo_bench_"))
@@ -58,7 +58,7 @@ def main() -> None:
     total = statistics.mean(float(r["time/step"]) - float(r.get("time/eval", 0.0)) - float(r.get("time/save", 0.0))
                             for r in steps)
     print(f"\nGRPO step phases, mean of steps 2..{args.steps} ({cfg.grpo.rollout_batch_size} rollouts, "
-          f"group {cfg.grpo.group_size}, max_tokens {cfg.rollout.max_tokens}, engine {cfg.rollout.engine})")
+          f"group {cfg.grpo.group_size}, max_tokens {cfg.rollout.max_tokens}, engine {cfg.rollout.engines.protocol})")
     print(f"{'phase':<16}{'seconds':>10}{'share':>9}")
     for phase in PHASES:
         seconds = mean(f"time/{phase}")

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids
+from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids
 from trainer.flops import FlopCounter
 from trainer.logprobs import get_response_log_probs
 from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
@@ -115,7 +115,7 @@ def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
 
     path = args.model
     if path is None:
-        from trainer.tiny import build_tiny
+        from trainer.tools.tiny import build_tiny
 
         path = str(build_tiny(tempfile.mkdtemp(prefix="learner_bench_"))["tiny-qwen2"])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype),

@@ -22,9 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rollout.grading import grade_answer, warm_up  # noqa: E402
-from rollout.rewards import RewardScorer, r1_zero_answer, r1_zero_reward  # noqa: E402
-from rollout.tasks import load_gsm8k  # noqa: E402
+from rollout.reward.grading import grade_answer, warm_up  # noqa: E402
+from rollout.reward.pool import RewardScorer, r1_zero_answer, r1_zero_reward  # noqa: E402
+from trainer.data.tasks import load_gsm8k  # noqa: E402
 
 
 def _commas(gold: str) -> str:

@@ -90,16 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rollout.engine import SamplingConfig, sample_seed
-    from rollout.hf_engine import HFEngine
-    from rollout.vllm_engine import VLLMEngine, import_vllm
-    from rollout.weight_sync import ModelWeights
+    from rollout.engines.hf import HFEngine
+    from rollout.engines.protocol import SamplingConfig, sample_seed
+    from rollout.engines.vllm import VLLMEngine, import_vllm
+    from rollout.weights import ModelWeights
 
     on_gpu = torch.cuda.is_available()
     model_path = args.model
     scratch = None
     if args.small and model_path is None:
-        from trainer.tiny import build_tiny
+        from trainer.tools.tiny import build_tiny
 
         scratch = tempfile.TemporaryDirectory(prefix="reasonrl-bench-")
         model_path = str(build_tiny(scratch.name)["tiny-qwen2"])

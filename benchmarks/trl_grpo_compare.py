@@ -2,12 +2,12 @@
 
 Setup (mirrors the default of ``benchmarks/grpo_step.py``, i.e. ``configs/grpo_tiny_cpu.yaml``):
 
-- model: the tiny random Qwen2 + local BPE tokenizer from ``trainer.tiny.build_tiny`` (float32, CPU;
+- model: the tiny random Qwen2 + local BPE tokenizer from ``trainer.tools.tiny.build_tiny`` (float32, CPU;
   no warm start, so both trainers start from the same random init);
-- data: ``rollout.tasks.make_arithmetic(2000, seed=0, level=1)``, prompt template
+- data: ``trainer.data.tasks.make_arithmetic(2000, seed=0, level=1)``, prompt template
   ``"User: {question}\\nAssistant: <think>"`` (plain text, no chat template);
 - rollouts: 64 per step = 8 prompts x group 8, max 24 new tokens, temperature 1.0 (top_p 1, no top_k);
-- reward: ``rollout.rewards.r1_zero_reward(completion, gold)["reward"]``;
+- reward: ``rollout.reward.pool.r1_zero_reward(completion, gold)["reward"]``;
 - optimisation: AdamW lr 2e-4, one optimizer step per rollout batch, made of 2 gradient-accumulation
   micro-batches of 32 (TRL: ``per_device_train_batch_size=32``, ``gradient_accumulation_steps=2``,
   ``steps_per_generation=2``, ``num_iterations=1``), advantages scaled by the group std, no KL (beta 0).
@@ -70,9 +70,9 @@ def run_trl(steps: int, workdir: Path) -> tuple[list[float], str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout.rewards import r1_zero_reward
-    from rollout.tasks import make_arithmetic
-    from trainer.tiny import build_tiny
+    from rollout.reward.pool import r1_zero_reward
+    from trainer.data.tasks import make_arithmetic
+    from trainer.tools.tiny import build_tiny
 
     torch.manual_seed(0)
     model_dir = build_tiny(workdir / "tiny")["tiny-qwen2"]

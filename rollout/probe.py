@@ -51,8 +51,8 @@ from typing import Any, Literal
 
 import torch
 
-from rollout.engine import RolloutEngine, SamplingConfig
-from rollout.hf_engine import score_sequences
+from rollout.engines.hf import score_sequences
+from rollout.engines.protocol import RolloutEngine, SamplingConfig
 
 logger = logging.getLogger(__name__)
 

@@ -46,46 +46,26 @@ close (tests, single-node runs); `RemoteEngine` is the client and implements `Ro
 from __future__ import annotations
 
 import argparse
-import http.client
 import importlib.util
 import json
 import logging
 import os
-import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO
 
-import torch
-
-from rollout.engine import (
-    FinishReason,
-    Prompt,
-    Sample,
-    SamplingConfig,
-    rollout_metrics,
-    sample_seed,
-    sync_metrics,
-)
-from rollout.weight_sync import MB, ModelWeights, TensorMeta, write_safetensors_shards
+from rollout.engines.remote import health
 
 logger = logging.getLogger(__name__)
 
 # vLLM's server entry module, newest first: 0.32's, then 0.26's (0.32 keeps the latter only as a deprecated
 # re-export without a ``__main__``, so the order matters).
 VLLM_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
-TransferMode = Literal["filesystem", "nccl"]
-_VERSION_DIR = re.compile(r"v\d{6,}")  # RemoteEngine's filesystem-sync directories: f"v{version:06d}"
 
 
 # ---- server side ---------------------------------------------------------------------------------------------
@@ -94,7 +74,7 @@ def vllm_server_module(vllm_dir: Path | None = None) -> str:
     located by `importlib.util.find_spec`); the 0.32 module if there is none.
 
     Looks for the module's file, so vLLM is not imported (``find_spec`` of a submodule would import its
-    parents; only `rollout.vllm_engine` imports vLLM).
+    parents; only `rollout.engines.vllm` imports vLLM).
     """
     if vllm_dir is None:
         spec = importlib.util.find_spec("vllm")
@@ -342,300 +322,6 @@ def _group_alive(pgid: int) -> bool:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             return True
     return False
-
-
-# ---- client side -----------------------------------------------------------------------------------------------
-def health(url: str, timeout_s: float = 5) -> bool:
-    """True when the server at `url` answers ``GET /health`` with 200."""
-    try:
-        with urllib.request.urlopen(f"{url.rstrip('/')}/health", timeout=timeout_s) as response:
-            return bool(response.status == 200)
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
-
-
-class ServerError(RuntimeError):
-    """A rollout server answered with an HTTP error `status`."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-class _Http:
-    """Tiny JSON-over-HTTP helper on the standard library (the learner needs no HTTP package)."""
-
-    def __init__(self, base_url: str, timeout_s: float) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.timeout_s = timeout_s
-
-    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
-        url = self.base_url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(
-            url, data=data, method=method, headers={"Content-Type": "application/json"}
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:2000]
-            message = f"rollout server {method} {url} failed: HTTP {err.code}: {detail}"
-            raise ServerError(message, err.code) from err
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            # no answer: refused, reset, dead server, timeout; say which request it was
-            reason = err.reason if isinstance(err, urllib.error.URLError) else err
-            message = f"rollout server {method} {url} failed: {type(reason).__name__}: {reason}"
-            if isinstance(reason, TimeoutError):
-                raise TimeoutError(f"{message} (timeout_s={self.timeout_s})") from err
-            raise ConnectionError(message) from err
-        return json.loads(raw) if raw else None
-
-    def get(self, path: str) -> Any:
-        return self.request("GET", path)
-
-    def post(self, path: str, body: Any = None, **query: Any) -> Any:
-        return self.request("POST", path, body, query or None)
-
-
-class _CurrentWeights:
-    """The weights of the sync in progress, as vLLM's NCCL engine wants them: ``metadata()`` + iteration."""
-
-    def __init__(self) -> None:
-        self.weights: Iterable[tuple[str, torch.Tensor]] = ()
-
-    def metadata(self) -> list[TensorMeta]:
-        if isinstance(self.weights, ModelWeights):
-            return self.weights.metadata()
-        self.weights = list(self.weights)  # references to the learner's tensors, not copies
-        return [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in self.weights]
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.weights
-
-
-class RemoteEngine:
-    """`RolloutEngine` over HTTP to a rollout server (see the module docstring for the protocol).
-
-    Args:
-        base_url: e.g. ``http://10.0.0.5:8000``.
-        transfer: ``"filesystem"`` (needs `weights_dir`) or ``"nccl"`` (call `init_nccl` once first).
-        weights_dir: directory shared by learner and server for filesystem syncs.
-        bucket_mb: shard size of filesystem syncs (MiB).
-        timeout_s: per-request timeout (a generation request included).
-        max_concurrency: prompts in flight at once (one request per prompt, so each gets its own seed).
-        sleep_between_rollouts: call the server's ``/sleep`` / ``/wake_up`` (GPU servers in sleep mode).
-
-    The policy version is stored on the server (``/weight_info``, ``/update_weight_version``), so a new client
-    continues from it. A vLLM 0.26 server has neither route (HTTP 404): then `server_versions` turns False,
-    the version starts at 0 and lives in this client only (logged once; see `_version_route`).
-    """
-
-    def __init__(
-        self,
-        base_url: str,
-        *,
-        transfer: TransferMode = "filesystem",
-        weights_dir: str | Path | None = None,
-        bucket_mb: float = 256,
-        timeout_s: float = 600,
-        max_concurrency: int = 64,
-        sleep_between_rollouts: bool = False,
-    ) -> None:
-        if transfer == "filesystem" and weights_dir is None:
-            raise ValueError(
-                "RemoteEngine: transfer='filesystem' needs weights_dir (a directory the server can read)"
-            )
-        if transfer not in ("filesystem", "nccl"):
-            raise ValueError(f"RemoteEngine: transfer={transfer!r} must be 'filesystem' or 'nccl'")
-        self.http = _Http(base_url, timeout_s)
-        self.base_url = self.http.base_url
-        self.transfer = transfer
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
-        self.bucket_bytes = int(bucket_mb * MB)
-        self.max_concurrency = max_concurrency
-        self._sleep = sleep_between_rollouts
-        self._asleep = False
-        self.metrics: dict[str, float] = {}
-        if not health(self.base_url, timeout_s=min(timeout_s, 10)):
-            raise ConnectionError(f"RemoteEngine: no healthy rollout server at {self.base_url} (GET /health)")
-        self.model_name = self.http.get("/v1/models")["data"][0]["id"]
-        self.server_versions = True
-        info = self._version_route("GET", "/weight_info") or {}
-        version = str(info.get("weight_version") or "0")
-        self.policy_version = int(version) if version.isdigit() else 0
-        self._nccl: Any = None
-        self._nccl_weights = _CurrentWeights()
-
-    # ---- generation -------------------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
-        """`params.n` samples per prompt, grouped; one request per prompt with seed ``sample_seed(seed, i, n, 0)``."""
-        self.wake()
-        start = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(prompts)))) as pool:
-            responses = list(pool.map(lambda ip: self._complete(ip[0], ip[1], params), enumerate(prompts)))
-        samples = [s for group in responses for s in group]
-        self.metrics.update(rollout_metrics(samples, time.perf_counter() - start))
-        return samples
-
-    def _complete(self, index: int, prompt: Prompt, params: SamplingConfig) -> list[Sample]:
-        body = {
-            "model": self.model_name,
-            "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-            "n": params.n,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "max_tokens": params.max_tokens,
-            "min_tokens": params.min_tokens,
-            "stop": list(params.stop),
-            "include_stop_str_in_output": True,
-            "seed": sample_seed(params.seed, index, params.n, 0),
-            "logprobs": 0,
-            "return_token_ids": True,
-            "skip_special_tokens": True,
-        }
-        version = self.policy_version
-        out = self.http.post("/v1/completions", body)
-        samples = []
-        for choice in sorted(out["choices"], key=lambda c: c["index"]):
-            ids = list(choice["token_ids"])
-            logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
-            if len(logprobs) != len(ids):
-                raise RuntimeError(f"rollout server returned {len(logprobs)} log-probs for {len(ids)} tokens")
-            samples.append(
-                Sample(
-                    index,
-                    list(choice["prompt_token_ids"]),
-                    ids,
-                    choice["text"],
-                    logprobs,
-                    _finish_reason(choice["finish_reason"]),
-                    version,
-                )
-            )
-        return samples
-
-    def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
-        """log p(token_t | tokens_<t) for t >= 1 of each sequence (``prompt_logprobs=0``)."""
-        self.wake()
-        result = []
-        for seq in token_ids:
-            ids = [int(t) for t in seq]
-            body = {"model": self.model_name, "prompt": ids, "max_tokens": 1, "prompt_logprobs": 0}
-            entries = self.http.post("/v1/completions", body)["choices"][0]["prompt_logprobs"]
-            result.append([float(entries[t][str(ids[t])]["logprob"]) for t in range(1, len(ids))])
-        return result
-
-    # ---- weights ------------------------------------------------------------------------------------------
-    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Send new weights (filesystem or NCCL), reset the prefix cache, bump the server's weight version."""
-        start = time.perf_counter()
-        version = self.policy_version + 1
-        self.wake()
-        self.http.post("/pause", mode="wait", clear_cache="true")
-        try:
-            if self.transfer == "filesystem":
-                nbytes = self._sync_filesystem(weights, version)
-            else:
-                nbytes = self._sync_nccl(weights)
-            self.http.post("/reset_prefix_cache")
-            self._version_route("POST", "/update_weight_version", {"new_version": str(version)})
-        finally:
-            self.http.post("/resume")
-        self.policy_version = version
-        self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
-
-    def _version_route(self, method: str, path: str, body: Any = None) -> Any:
-        """Call a weight-version route; None once the server has shown it lacks them (HTTP 404, vLLM 0.26).
-
-        The first 404 sets `server_versions` False (one log line) and later calls skip the request; other
-        errors propagate.
-        """
-        if not self.server_versions:
-            return None
-        try:
-            return self.http.request(method, path, body)
-        except ServerError as err:
-            if err.status != 404:
-                raise
-        self.server_versions = False
-        logger.warning(
-            "rollout server %s has no %s %s (vLLM < 0.32): the policy version is kept by this client only",
-            self.base_url, method, path,
-        )  # fmt: skip
-        return None
-
-    def _sync_filesystem(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        assert self.weights_dir is not None
-        target = self.weights_dir / f"v{version:06d}"
-        nbytes = write_safetensors_shards(weights, target, self.bucket_bytes)
-        self.http.post(
-            "/collective_rpc",
-            {
-                "method": "reload_weights",
-                "kwargs": {"weights_path": str(target.resolve()), "is_checkpoint_format": True},
-            },
-        )
-        for old in self.weights_dir.iterdir():  # only version directories this class writes (``v000123``)
-            if old.is_dir() and _VERSION_DIR.fullmatch(old.name) and old.name != target.name:
-                shutil.rmtree(old, ignore_errors=True)
-        return nbytes
-
-    def init_nccl(self, master_address: str, master_port: int, inference_world_size: int = 1) -> None:
-        """Join an NCCL group with the server's workers (server started with ``--weight-transfer nccl``)."""
-        from rollout.vllm_engine import nccl_trainer_engine
-
-        self._nccl = nccl_trainer_engine(
-            self.base_url,
-            self._nccl_weights,
-            master_address=master_address,
-            master_port=master_port,
-            inference_world_size=inference_world_size,
-            packed_buffer_mb=self.bucket_bytes / MB,
-            timeout_s=self.http.timeout_s,
-        )
-
-    def _sync_nccl(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        if self._nccl is None:
-            raise RuntimeError(
-                "RemoteEngine(transfer='nccl'): call init_nccl(master_address, master_port) first"
-            )
-        self._nccl_weights.weights = weights
-        try:
-            meta = self._nccl_weights.metadata()
-            self._nccl.send_weights()
-        finally:
-            self._nccl_weights.weights = ()
-        return sum(
-            int(torch.Size(m.shape).numel()) * torch.empty((), dtype=m.dtype).element_size() for m in meta
-        )
-
-    # ---- memory -------------------------------------------------------------------------------------------
-    @property
-    def sleep_supported(self) -> bool:
-        return self._sleep
-
-    def sleep(self) -> None:
-        if self._sleep and not self._asleep:
-            self.http.post("/sleep", level=1)
-            self._asleep = True
-
-    def wake(self) -> None:
-        if self._asleep:
-            self.http.post("/wake_up")
-            self._asleep = False
-
-    def close(self) -> None:
-        """Release the NCCL group; the server itself belongs to whoever started it."""
-        if self._nccl is not None:
-            self._nccl.shutdown()
-            self._nccl = None
-
-
-def _finish_reason(reason: str | None) -> FinishReason:
-    if reason in ("stop", "length"):
-        return reason  # type: ignore[return-value]
-    raise RuntimeError(f"rollout server finished a sample with reason {reason!r} (aborted?)")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from trainer.tiny import build_tiny
+    from trainer.tools.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
 

@@ -4,13 +4,13 @@ Run once as a plain process (world 1, the reference) and once under
 ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`` (gloo DDP, world 2). Both build the same seeded
 global batch on the tiny GPT-2 (fp32) and run, through the real code:
 
-- ``slicing``: `trainer.grpo.sample_and_score` on a real `Session` with a stub rollout engine and the real
+- ``slicing``: `trainer.learners.grpo.sample_and_score` on a real `Session` with a stub rollout engine and the real
   reward scorer: which questions each rank generates for, its rewards, advantages and reward metrics;
-- ``grpo/<mode>``: one optimizer step of `trainer.grpo.update_policy` for each length-normalisation mode,
+- ``grpo/<mode>``: one optimizer step of `trainer.learners.grpo.update_policy` for each length-normalisation mode,
   each rank given its whole groups (rows ``[r·B/W, (r+1)·B/W)``, packed per rank as `to_batch` does);
 - ``grpo/token_local_count``: a control with `global_token_count` patched to return the rank's own count
   (the classic DDP token-mean bug), which must *not* match the reference;
-- ``sft``: one SFT optimizer step of `trainer.sft.sft_update` (rows dealt by `rank_micro_batches`);
+- ``sft``: one SFT optimizer step of `trainer.learners.sft.sft_update` (rows dealt by `rank_micro_batches`);
 - ``files``: every file each rank opens for writing (or creates / renames / removes) under the run
   directory while the `Session` logs a metric and saves a checkpoint, recorded with an audit hook;
 - ``slow_rank_checkpoint``: `save_checkpoint` when the last rank is late writing its state.
@@ -84,7 +84,7 @@ def global_token_ids(vocab: int, variant: int = 0) -> tuple[list[list[int]], lis
 
 
 def rank_rows(rank: int, world: int) -> slice:
-    """This rank's whole groups, by the rule of `trainer.grpo._sample_groups` (questions [r·q, (r+1)·q))."""
+    """This rank's whole groups, by the rule of `trainer.learners.grpo._sample_groups` (questions [r·q, (r+1)·q))."""
     q = QUESTIONS // world
     return slice(rank * q * GROUP, (rank + 1) * q * GROUP)
 
@@ -93,8 +93,8 @@ def rollout_batch(learner: Any, rank: int, world: int, variant: int = 0) -> Any:
     """This rank's `RolloutBatch`: seeded rewards, group-normalised advantages, and off-policy old /
     rollout log-probs (current log-probs + seeded noise, so ratios differ from 1 and some are clipped)."""
     from trainer.advantages import group_normalize
-    from trainer.batching import pack_token_ids
-    from trainer.grpo import RolloutBatch
+    from trainer.data.batching import pack_token_ids
+    from trainer.learners.grpo import RolloutBatch
     from trainer.logprobs import get_response_log_probs
 
     pad = learner.tokenizer.pad_token_id
@@ -133,8 +133,8 @@ def capture_grads(learner: Any) -> list[torch.Tensor]:
 
 
 def grpo_case(cfg: Any, s: Any) -> dict[str, Any]:
-    from trainer.grpo import update_policy
     from trainer.learner import Learner
+    from trainer.learners.grpo import update_policy
 
     learner = Learner(cfg.model, cfg.optim, s.accelerator)
     grads = capture_grads(learner)
@@ -145,13 +145,13 @@ def grpo_case(cfg: Any, s: Any) -> dict[str, Any]:
 
 
 def sft_case(cfg: Any, s: Any) -> dict[str, Any]:
-    """One SFT optimizer step (`trainer.sft.sft_update`, token-mean NLL) over the global batch, each rank
+    """One SFT optimizer step (`trainer.learners.sft.sft_update`, token-mean NLL) over the global batch, each rank
     taking its rows as `helpers.rank_micro_batches` deals them (``rows[rank::world]``)."""
     from helpers import rank_micro_batches
 
-    from trainer.batching import pack_token_ids
+    from trainer.data.batching import pack_token_ids
     from trainer.learner import Learner
-    from trainer.sft import sft_update
+    from trainer.learners.sft import sft_update
 
     learner = Learner(cfg.model, cfg.optim, s.accelerator)
     grads = capture_grads(learner)
@@ -198,7 +198,7 @@ class StubEngine:
         self.tokenizer = tokenizer
 
     def generate(self, prompts: Sequence[str], params: Any) -> list[Any]:
-        from rollout.engine import Sample
+        from rollout.engines.protocol import Sample
 
         out = []
         for i, prompt in enumerate(prompts):
@@ -216,9 +216,9 @@ class StubEngine:
 def slicing_case(s: Any) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
-    from rollout.tasks import Example
-    from trainer.grpo import sample_and_score
-    from trainer.sampler import QuestionSampler
+    from trainer.data.sampler import QuestionSampler
+    from trainer.data.tasks import Example
+    from trainer.learners.grpo import sample_and_score
 
     s._engine = StubEngine(s.learner.tokenizer)  # the Session builds real engines lazily; this is a stub
     golds = [str(i % 3 + 1) for i in range(50)]
@@ -343,14 +343,14 @@ def main(model_path: str, out_dir: str, world: int) -> None:
         results["slicing"] = slicing_case(s)
         for mode in MODES:
             results[f"grpo/{mode}"] = grpo_case(run_config(model_path, out, mode), s)
-        import trainer.grpo
+        import trainer.learners.grpo
 
-        real = trainer.grpo.global_token_count
-        trainer.grpo.global_token_count = lambda learner, mask: float(mask.sum())  # the bug, on purpose
+        real = trainer.learners.grpo.global_token_count
+        trainer.learners.grpo.global_token_count = lambda learner, mask: float(mask.sum())  # the bug, on purpose
         try:
             results["grpo/token_local_count"] = grpo_case(run_config(model_path, out, "token"), s)
         finally:
-            trainer.grpo.global_token_count = real
+            trainer.learners.grpo.global_token_count = real
         results["sft"] = sft_case(cfg, s)
         if acc.is_main_process:
             torch.save(results, out / "results.pt")

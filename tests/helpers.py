@@ -106,7 +106,7 @@ def log_tail(out: Path, world: int, lines: int = 40) -> str:
 def rank_micro_batches(
     rows: Sequence[int], grad_accum: int, rank: int = 0, world: int = 1
 ) -> list[list[int]]:
-    """The plain dealing, the reference for `trainer.batching.deal_micro_batches`' real micro-batches: this
+    """The plain dealing, the reference for `trainer.data.batching.deal_micro_batches`' real micro-batches: this
     rank's rows ``rows[rank::world]`` of one optimizer batch in at most `grad_accum` near-equal micro-batches,
     ``[]`` when the batch has fewer rows than ranks. Ranks can get different numbers of micro-batches (5 rows,
     4 steps, 2 ranks: 3 and 2), which is why the trainer pads them with stand-ins.
@@ -146,7 +146,7 @@ def capture_grads_at_step(learner: Any) -> dict[str, torch.Tensor]:
 
 def tiny_vllm_engine(path: str) -> Any:
     """An in-process float32 `VLLMEngine` of the tiny Qwen2 with a small fixed KV cache (quick start-up)."""
-    from rollout.vllm_engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     return VLLMEngine(path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20, max_model_len=512)
 

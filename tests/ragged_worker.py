@@ -2,7 +2,7 @@
 
 Run once as a plain process (world 1, the reference) and once under
 ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`` (gloo DDP, world 2). Each case runs expert
-iteration's SFT phase, the real `trainer.expert_iteration.sft_on_kept`, on a fresh `Learner` (tiny GPT-2,
+iteration's SFT phase, the real `trainer.learners.ei.sft_on_kept`, on a fresh `Learner` (tiny GPT-2,
 fp32, same seed) over a kept set whose size does not split evenly over the ranks:
 
 - ``kept1``: 1 kept sample (fewer rows than ranks: rank 1 has no row at all), batch 4, 4 accumulation steps;
@@ -37,7 +37,7 @@ LR = 2e-4
 
 def kept_samples(n: int, vocab: int) -> list[Any]:
     """`n` seeded (prompt, response) samples of different lengths, the same on every rank."""
-    from rollout.engine import Sample
+    from rollout.engines.protocol import Sample
 
     gen = torch.Generator().manual_seed(7 + n)
     out = []
@@ -52,8 +52,8 @@ def run_case(model_path: str, acc: Any, kept: int, batch_size: int, gas: int, ep
     from accelerate.utils import gather_object
 
     from trainer.config import config_from_dict
-    from trainer.expert_iteration import sft_on_kept
     from trainer.learner import Learner
+    from trainer.learners.ei import sft_on_kept
 
     cfg = config_from_dict({
         "seed": 0, "mode": "ei",

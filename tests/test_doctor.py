@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import trainer.doctor
-from trainer.doctor import Check, _declared, _outside, check_vllm_version, format_table
+import trainer.tools.doctor
+from trainer.tools.doctor import Check, _declared, _outside, check_vllm_version, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 ROW = re.compile(r"^(\S(?:.*?\S)?)\s{2,}(pass|fail|n/a)\s{2,}(.*)$")
@@ -152,4 +152,4 @@ def test_format_table_shows_fix_only_when_not_passing() -> None:
 
 
 def test_doctests() -> None:
-    assert doctest.testmod(trainer.doctor).failed == 0
+    assert doctest.testmod(trainer.tools.doctor).failed == 0

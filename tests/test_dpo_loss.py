@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.prompts import ALPACA
+from trainer.data.prompts import ALPACA
 from trainer.dpo_loss import (
     batched_dpo_loss,
     compute_per_instance_dpo_loss,

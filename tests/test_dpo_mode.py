@@ -22,11 +22,13 @@ import torch
 from helpers import capture_grads_at_step
 from safetensors.torch import load_file
 
-from rollout.prompts import ALPACA
-from rollout.tasks import DatasetFormatError
 from trainer.cli import main as cli_main
 from trainer.config import DPOConfig, ModelConfig, OptimConfig, load_config
-from trainer.dpo import (
+from trainer.data.prompts import ALPACA
+from trainer.data.tasks import DatasetFormatError
+from trainer.dpo_loss import batched_dpo_loss
+from trainer.learner import Learner, load_model
+from trainer.learners.dpo import (
     PairOutput,
     ipo_loss_from_logps,
     preference_loss,
@@ -35,8 +37,6 @@ from trainer.dpo import (
     simpo_loss_from_logps,
     train_dpo,
 )
-from trainer.dpo_loss import batched_dpo_loss
-from trainer.learner import Learner, load_model
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
     """Naive twin: `dpo_update` over micro-batches of 2 pairs (2 + 2 + 1) accumulates the gradient of the
     mean `batched_dpo_loss` of all 5 pairs in one pass. Tolerance 1e-5 absolute: gradients are up to 0.5,
     and the float32 summation order differs with the padding of each micro-batch (measured 1e-6)."""
-    from trainer.dpo import dpo_update
+    from trainer.learners.dpo import dpo_update
 
     cfg = load_config(CONFIG, [f"model.path={tiny_qwen2_path}", "dpo.micro_batch_pairs=2", "dpo.beta=0.3"])
     learner = Learner(ModelConfig(path=tiny_qwen2_path, dtype="float32"), OptimConfig(learning_rate=1e-2))
@@ -145,7 +145,7 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
     rows = [(f"What is {a} + 3?", f"{a} + 3 = {a + 3}", f"{a} + 3 = {a + 13}") for a in range(5)]
-    from trainer.dpo import PreferencePair
+    from trainer.learners.dpo import PreferencePair
 
     pairs = [PreferencePair(*r) for r in rows]
     whole = batched_dpo_loss(
@@ -198,7 +198,7 @@ def test_reference_runs_under_the_policys_bf16_autocast(tiny_qwen2_path: str) ->
     per sequence and the held-out accuracy was 0.375; the control below checks that gap still exists."""
     from accelerate import Accelerator
 
-    from trainer.dpo import PreferencePair, Validator, dpo_update, pair_logps, reference_model
+    from trainer.learners.dpo import PreferencePair, Validator, dpo_update, pair_logps, reference_model
 
     cfg = load_config(CONFIG, [f"model.path={tiny_qwen2_path}", "dpo.micro_batch_pairs=4"])
     learner = Learner(

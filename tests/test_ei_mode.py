@@ -16,10 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rollout.tasks import load_task
 from trainer.cli import main as cli_main
 from trainer.config import load_config
-from trainer.sft import train_sft
+from trainer.data.tasks import load_task
+from trainer.learners.sft import train_sft
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -66,7 +66,7 @@ def _step(learner: Any, cfg: Any, variant: int) -> dict[str, float]:
     sys.path.insert(0, str(REPO / "tests"))
     from dp_worker import rollout_batch
 
-    from trainer.grpo import update_policy
+    from trainer.learners.grpo import update_policy
 
     acc = learner.accelerator
     return update_policy(learner, cfg, rollout_batch(learner, acc.process_index, acc.num_processes, variant))

@@ -1,4 +1,4 @@
-"""`rollout.grading`: box extraction, the fast numeric path, the guard, and the math-verify slow path."""
+"""`rollout.reward.grading`: box extraction, the fast numeric path, the guard, and the math-verify slow path."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import threading
 
 import pytest
 
-from rollout.grading import MAX_SLOW_PATH_CHARS, extract_boxed, grade_answer, is_equivalent, slow_path_risk
+from rollout.reward.grading import (
+    MAX_SLOW_PATH_CHARS,
+    extract_boxed,
+    grade_answer,
+    is_equivalent,
+    slow_path_risk,
+)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from trainer.config import load_config
-from trainer.grpo import train_grpo
+from trainer.learners.grpo import train_grpo
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,10 +12,17 @@ import torch
 from helpers import capture_grads_at_step
 from safetensors.torch import load_file
 
-from trainer.batching import pack_token_ids
 from trainer.config import RunConfig, load_config
-from trainer.grpo import RolloutBatch, k3_kl, micro_step, mismatch_metrics, optimizer_step, train_grpo
+from trainer.data.batching import pack_token_ids
 from trainer.learner import Learner
+from trainer.learners.grpo import (
+    RolloutBatch,
+    k3_kl,
+    micro_step,
+    mismatch_metrics,
+    optimizer_step,
+    train_grpo,
+)
 from trainer.logprobs import get_response_log_probs
 from trainer.packing import length_sorted_order
 from trainer.tracking import read_metrics
@@ -185,7 +192,7 @@ def test_engine_sleeps_after_every_rollout(tiny_qwen2_path: str, tmp_path: Path,
     """With `rollout.sleep_between_rollouts` the engine is put to sleep after each batch of generation
     (training rollouts and evaluation alike), so a colocated vLLM hands its GPU memory to the learner for
     the update; the next sync or generate wakes it. Checked on the HF engine's calls, in order."""
-    from rollout.hf_engine import HFEngine
+    from rollout.engines.hf import HFEngine
 
     calls: list[str] = []
     for name in ("generate", "sleep", "update_weights"):

@@ -1,6 +1,6 @@
 """The extra terms of the GRPO per-token loss, pinned against a hand-written twin.
 
-`trainer.grpo.micro_step` builds, per token (``trainer/grpo.py``, the block after
+`trainer.learners.grpo.micro_step` builds, per token (``trainer/grpo.py``, the block after
 `compute_policy_gradient_loss`)::
 
     ℓ_t = PG_t(loss_type) · min(exp(old_t − rollout_t), tis_cap)      # TIS, weight detached
@@ -15,7 +15,7 @@ learner-vs-engine mismatch at the sampling parameters, while the PPO ratio cover
 Most tests drive the real `micro_step` with a stand-in learner whose "forward" returns hand-made leaf
 tensors (log-probs and token entropies), so the gradient w.r.t. those tensors is read off directly and
 compared with the gradient of `naive_loss` below, which restates the formulas plainly and imports nothing
-from `trainer`. The frozen reference's log-probs come in by replacing `trainer.grpo._ref_log_probs`.
+from `trainer`. The frozen reference's log-probs come in by replacing `trainer.learners.grpo._ref_log_probs`.
 One test runs the whole thing through the tiny Qwen2 model and a perturbed copy of it as the reference.
 
 Tolerances. float64: 1e-12 (the two sides add the same handful of terms in a different order; rounding is
@@ -34,11 +34,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import trainer.grpo as grpo
-from trainer.batching import TokenBatch, pack_token_ids
+import trainer.learners.grpo as grpo
 from trainer.config import RunConfig, load_config
-from trainer.grpo import RolloutBatch, k3_kl, micro_step
+from trainer.data.batching import TokenBatch, pack_token_ids
 from trainer.learner import Learner, load_model
+from trainer.learners.grpo import RolloutBatch, k3_kl, micro_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"

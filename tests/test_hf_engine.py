@@ -12,7 +12,8 @@ from helpers import perturbed, tiny_vllm_engine
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rollout.engine import (
+from rollout.engines.hf import HFEngine, top_p_mask
+from rollout.engines.protocol import (
     RolloutEngine,
     Sample,
     SamplingConfig,
@@ -20,8 +21,7 @@ from rollout.engine import (
     rollout_metrics,
     sample_seed,
 )
-from rollout.hf_engine import HFEngine, top_p_mask
-from rollout.weight_sync import ModelWeights, convert_bucketed, write_safetensors_shards
+from rollout.weights import ModelWeights, convert_bucketed, write_safetensors_shards
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Anthropic-HH → preference JSONL (`trainer.hh_to_jsonl`): what is kept, what is dropped, bad input."""
+"""Anthropic-HH → preference JSONL (`trainer.data.hh`): what is kept, what is dropped, bad input."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rollout.tasks import DatasetFormatError
-from trainer.dpo import read_preference_pairs
-from trainer.hh_to_jsonl import convert, convert_pair, main, parse_single_turn
+from trainer.data.hh import convert, convert_pair, main, parse_single_turn
+from trainer.data.tasks import DatasetFormatError
+from trainer.learners.dpo import read_preference_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -78,7 +78,7 @@ def test_cli_module_runs(tmp_path: Path) -> None:
     src = tmp_path / "helpful-base" / "train.jsonl"
     write_hh(src, HELPFUL)
     out = tmp_path / "out" / "pref.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "trainer.hh_to_jsonl", str(src), str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "trainer.data.hh", str(src), str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "wrote 1 pairs" in proc.stderr

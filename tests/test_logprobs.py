@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trainer.data.tokenization import tokenize_prompt_and_output
 from trainer.logprobs import (
     chunked_label_log_probs,
     compute_entropy,
     get_response_log_probs,
     sequence_log_probs,
 )
-from trainer.tokenization import tokenize_prompt_and_output
 
 
 def naive_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

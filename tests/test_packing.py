@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.batching import TokenBatch, pack_token_ids
+from trainer.data.batching import TokenBatch, pack_token_ids
 from trainer.logprobs import get_response_log_probs
 from trainer.packing import forward_log_probs, length_sorted_order, pack, trim
 

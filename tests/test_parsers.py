@@ -1,10 +1,10 @@
-"""Hand cases for `rollout.parsers` (CS336 assignment 5 adapters: parse_gsm8k_response, parse_mmlu_response)."""
+"""Hand cases for `rollout.reward.parsers` (CS336 assignment 5 adapters: parse_gsm8k_response, parse_mmlu_response)."""
 
 from __future__ import annotations
 
 import pytest
 
-from rollout.parsers import parse_gsm8k_response, parse_mmlu_response
+from rollout.reward.parsers import parse_gsm8k_response, parse_mmlu_response
 
 MMLU_EXAMPLE = {
     "subject": "virology",

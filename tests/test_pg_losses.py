@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from trainer.pg_losses import (
+from trainer.losses import (
     POLICY_LOSS_TYPES,
     compute_grpo_clip_loss,
     compute_grpo_no_clip_loss,

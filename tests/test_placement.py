@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import trainer.engines as engines
-from rollout.engine import normalize_device
+from rollout.engines.protocol import normalize_device
 from trainer.config import ConfigError, RunConfig, config_from_dict, validate_for_cluster
 
 # one rank's batch arithmetic that splits over any world size used here

@@ -11,8 +11,9 @@ import torch
 from helpers import perturbed, tiny_vllm_engine, vllm_at_least
 from transformers import AutoModelForCausalLM
 
-from rollout.engine import iter_state_dict
-from rollout.hf_engine import HFEngine
+from rollout.engines.hf import HFEngine
+from rollout.engines.protocol import iter_state_dict
+from rollout.engines.vllm import VLLMEngine
 from rollout.probe import (
     PROBE_TEXT,
     ProbeResult,
@@ -22,7 +23,6 @@ from rollout.probe import (
     default_thresholds,
     probe_token_ids,
 )
-from rollout.vllm_engine import VLLMEngine
 
 
 def load(path: str) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Every data-parallel rank runs the same micro-batches per optimizer step (`trainer.batching.deal_micro_batches`).
+"""Every data-parallel rank runs the same micro-batches per optimizer step (`trainer.data.batching.deal_micro_batches`).
 
 DDP all-reduces on a rank's last micro-batch, and under DeepSpeed ZeRO-3 every forward all-gathers the
 parameters: a rank with one forward/backward fewer leaves the others waiting in a collective. Before the
@@ -31,13 +31,13 @@ import pytest
 import torch
 from helpers import capture_grads_at_step, launch_worlds, rank_micro_batches
 
-from rollout.prompts import format_prompt
-from rollout.tasks import make_arithmetic
-from trainer.batching import TokenBatch, deal_micro_batches, micro_batches_per_rank, pack_micro_batches
 from trainer.config import ModelConfig, OptimConfig, config_from_dict
+from trainer.data.batching import TokenBatch, deal_micro_batches, micro_batches_per_rank, pack_micro_batches
+from trainer.data.prompts import format_prompt
+from trainer.data.tasks import make_arithmetic
 from trainer.learner import Learner
+from trainer.learners.sft import load_sft_data, pair_batch, sft_update
 from trainer.masking import aggregate_loss
-from trainer.sft import load_sft_data, pair_batch, sft_update
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ragged_worker.py"
@@ -99,7 +99,7 @@ def test_pack_micro_batches_zeroes_only_the_dummies() -> None:
     ids = {3: [5, 6, 7], 4: [8, 9]}
 
     def pack(rows: list[int]) -> TokenBatch:
-        from trainer.batching import pack_token_ids
+        from trainer.data.batching import pack_token_ids
 
         return pack_token_ids([[1] for _ in rows], [ids[r] for r in rows], pad_id=0)
 

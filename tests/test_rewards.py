@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import repo_pythonpath
 
-from rollout.rewards import (
+from rollout.reward.pool import (
     REWARD_FNS,
     RewardScorer,
     get_reward_fn,
@@ -25,7 +25,7 @@ from rollout.rewards import (
     r1_zero_answer,
     r1_zero_reward,
 )
-from rollout.tasks import load_gsm8k
+from trainer.data.tasks import load_gsm8k
 
 
 def R(answer: str, reasoning: str = "Let me compute.") -> str:
@@ -344,7 +344,7 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
             import json, os, sys, threading
             sys.path.insert(0, {str(repo)!r})
             from accelerate import Accelerator
-            from rollout.rewards import RewardScorer
+            from rollout.reward.pool import RewardScorer
             accelerator = Accelerator(cpu=True)
             scorer = RewardScorer("r1_zero", timeout_s=1.0, num_workers=2)
             out = []
@@ -373,12 +373,12 @@ def test_docstring_examples() -> None:
     """The doctest-sized examples in the reward modules' docstrings are true."""
     import doctest
 
-    import rollout.grading
-    import rollout.parsers
-    import rollout.rewards
-    import rollout.tasks
+    import rollout.reward.grading
+    import rollout.reward.parsers
+    import rollout.reward.pool
+    import trainer.data.tasks
 
-    for module in (rollout.parsers, rollout.grading, rollout.rewards, rollout.tasks):
+    for module in (rollout.reward.parsers, rollout.reward.grading, rollout.reward.pool, trainer.data.tasks):
         result = doctest.testmod(module)
         assert (module.__name__, result.failed) == (module.__name__, 0)
         assert result.attempted > 0
@@ -392,7 +392,7 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
         f"""
         import os, sys, threading, time
         sys.path[:0] = [{str(tests_dir.parent)!r}, {str(tests_dir)!r}]
-        from rollout.rewards import RewardScorer
+        from rollout.reward.pool import RewardScorer
         from test_rewards import misbehaving_reward
         s = RewardScorer(misbehaving_reward, timeout_s=100, num_workers=2)
         for _ in range(600):  # until both workers are up (they report in during score)

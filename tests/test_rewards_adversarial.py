@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rollout.rewards import RewardScorer
+from rollout.reward.pool import RewardScorer
 
 MB = 1 << 20
 

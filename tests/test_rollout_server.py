@@ -16,20 +16,12 @@ import pytest
 import torch
 from helpers import perturbed, vllm_at_least
 
-from rollout.engine import RolloutEngine, SamplingConfig, iter_state_dict
-from rollout.hf_engine import HFEngine
+from rollout.engines.hf import HFEngine
+from rollout.engines.protocol import RolloutEngine, SamplingConfig, iter_state_dict
 from rollout.probe import StaleWeightProbe, StaleWeightsError
-from rollout.server import (
-    VLLM_SERVER_MODULES,
-    RemoteEngine,
-    RolloutServer,
-    _Http,
-    free_port,
-    health,
-    main,
-    vllm_server_module,
-)
-from rollout.weight_sync import ModelWeights
+from rollout.engines.remote import RemoteEngine, _Http, health
+from rollout.server import VLLM_SERVER_MODULES, RolloutServer, free_port, main, vllm_server_module
+from rollout.weights import ModelWeights
 
 GREEDY = SamplingConfig(max_tokens=12, temperature=0.0, min_tokens=0, stop=())
 
@@ -252,11 +244,11 @@ def test_server_generate_sync_probe_and_clean_shutdown(
         assert remote.server_versions == keeps
         if keeps:  # the 0.26 fallback on a 0.32 server, shown by a route this one lacks
             legacy = RemoteEngine(server.url, weights_dir=tmp_path / "weights")
-            with caplog.at_level(logging.WARNING, logger="rollout.server"):
+            with caplog.at_level(logging.WARNING, logger="rollout.engines.remote"):
                 assert legacy._version_route("GET", "/no_such_route") is None
                 assert legacy._version_route("POST", "/no_such_route", {}) is None  # not sent again or logged
             assert not legacy.server_versions
-            ours = [r.getMessage() for r in caplog.records if r.name == "rollout.server"]
+            ours = [r.getMessage() for r in caplog.records if r.name == "rollout.engines.remote"]
             assert len(ours) == 1 and "no GET /no_such_route" in ours[0]
             legacy.update_weights(iter_state_dict(learner))  # skips /update_weight_version: server keeps v+2
             assert legacy.policy_version == version + 3

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trainer.batching import micro_batch_slices, pack_token_ids, pad_float_rows
-from trainer.sampler import QuestionSampler
-from trainer.tokenization import tokenize_prompt_and_output
+from trainer.data.batching import micro_batch_slices, pack_token_ids, pad_float_rows
+from trainer.data.sampler import QuestionSampler
+from trainer.data.tokenization import tokenize_prompt_and_output
 
 
 def test_sampler_covers_each_epoch_without_replacement_and_resumes() -> None:

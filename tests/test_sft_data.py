@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from rollout.prompts import ALPACA
-from trainer.sft_data import PackedSFTDataset, iterate_batches, read_sft_jsonl, tokenizer_adds_bos
+from trainer.data.prompts import ALPACA
+from trainer.data.sft import PackedSFTDataset, iterate_batches, read_sft_jsonl, tokenizer_adds_bos
 
 BARE = "{instruction}|{response}"
 

@@ -14,12 +14,12 @@ import torch
 from helpers import capture_grads_at_step, rank_micro_batches
 from safetensors.torch import load_file
 
-from rollout.prompts import format_prompt
-from rollout.tasks import DatasetFormatError, make_arithmetic
 from trainer.cli import main as cli_main
 from trainer.config import load_config
+from trainer.data.prompts import format_prompt
+from trainer.data.tasks import DatasetFormatError, make_arithmetic
 from trainer.learner import Learner
-from trainer.sft import heldout_loss, pair_batch, read_sft_examples, sft_update, train_sft
+from trainer.learners.sft import heldout_loss, pair_batch, read_sft_examples, sft_update, train_sft
 from trainer.tracking import read_metrics
 from trainer.train_steps import sft_microbatch_train_step
 
@@ -104,7 +104,7 @@ def test_filter_correct_and_max_examples(tmp_path: Path, tiny_qwen2_path: str) -
     train_sft(cfg)
     records = read_metrics(tmp_path / "run")
     logged = {k: v for r in records for k, v in r.items() if k.startswith("data/")}
-    from trainer.sft import split_heldout
+    from trainer.learners.sft import split_heldout
 
     train_idx, _ = split_heldout(len(rows), 0.1, cfg.seed)
     n_correct = sum(f"<answer> {rows[i]['answer']} </answer>" in rows[i]["response"] for i in train_idx)
@@ -198,9 +198,9 @@ def test_pair_batch_attention_mask_excludes_padding(tiny_qwen2_path: str) -> Non
     attention mask marks exactly the real input positions (``min(|p| + |r|, T − 1)`` per row, a prefix), so
     the throughput lengths and the packed row (`model.packing`) hold no padding. Before, the mask was all
     ones: every row counted T − 1 tokens."""
+    from trainer.data.tokenization import tokenize_prompt_and_output
     from trainer.learner import load_tokenizer
     from trainer.packing import pack, real_lengths
-    from trainer.tokenization import tokenize_prompt_and_output
 
     tok = load_tokenizer(tiny_qwen2_path)
     prompts = ["What is 2 + 3?", "Add 1 and 1, then explain every step slowly.", "Q"]

@@ -1,4 +1,4 @@
-"""Shaped random checkpoints (`trainer.shaped`): the 1.5B shape's parameter count by hand, and a small
+"""Shaped random checkpoints (`trainer.tools.shaped`): the 1.5B shape's parameter count by hand, and a small
 shape written and loaded back through `from_pretrained` like a user checkpoint."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
-from trainer.shaped import QWEN25_MATH_15B, build_shaped, main, padded_tokenizer, shaped_config
+from trainer.tools.shaped import QWEN25_MATH_15B, build_shaped, main, padded_tokenizer, shaped_config
 
 
 def test_qwen25_math_15b_parameter_count() -> None:

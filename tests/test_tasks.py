@@ -11,9 +11,9 @@ from typing import IO
 
 import pytest
 
-from rollout.jsonl import read_jsonl
-from rollout.rewards import r1_zero_reward
-from rollout.tasks import (
+from rollout.reward.pool import r1_zero_reward
+from trainer.data.jsonl import read_jsonl
+from trainer.data.tasks import (
     ARITHMETIC_LEVELS,
     DatasetFormatError,
     Example,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from trainer.tokenization import tokenize_prompt_and_output
+from trainer.data.tokenization import tokenize_prompt_and_output
 
 
 class CharTokenizer:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.plot import plot_run
+from trainer.tools.plot import plot_run
 from trainer.tracking import NullTracker, Tracker, WandbTracker, make_tracker, read_metrics
 
 

@@ -16,11 +16,11 @@ from helpers import perturbed, tiny_vllm_engine
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
-from rollout.engine import RolloutEngine, SamplingConfig, WeightCheck, iter_state_dict
-from rollout.hf_engine import HFEngine
+from rollout.engines.hf import HFEngine
+from rollout.engines.protocol import RolloutEngine, SamplingConfig, WeightCheck, iter_state_dict
+from rollout.engines.vllm import NCCLSender026, VLLMEngine, checkpoint_shapes, set_weight_version
 from rollout.probe import StaleWeightProbe
-from rollout.vllm_engine import NCCLSender026, VLLMEngine, checkpoint_shapes, set_weight_version
-from rollout.weight_sync import ModelWeights
+from rollout.weights import ModelWeights
 
 pytestmark = pytest.mark.vllm
 

@@ -22,8 +22,8 @@ import pytest
 import torch
 from helpers import launch_worlds
 
-from rollout.engine import SamplingConfig, normalize_device
-from rollout.vllm_engine import engine_gpu, keep_default_group, release_gpu_assignment
+from rollout.engines.protocol import SamplingConfig, normalize_device
+from rollout.engines.vllm import engine_gpu, keep_default_group, release_gpu_assignment
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "vllm_rank_worker.py"
@@ -73,12 +73,12 @@ def test_build_engine_places_vllm_on_the_learners_gpu(
 ) -> None:  # fmt: skip
     """`trainer.engines.build_engine` for learner rank 3 (``cuda:3``): a colocated engine is told the learner's
     device (and sleeps between rollouts); a dedicated one gets its own device only."""
-    import rollout.vllm_engine
+    import rollout.engines.vllm
     from trainer.config import config_from_dict
     from trainer.engines import build_engine
 
     seen: dict[str, Any] = {}
-    monkeypatch.setattr(rollout.vllm_engine, "VLLMEngine", lambda path, **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(rollout.engines.vllm, "VLLMEngine", lambda path, **kwargs: seen.update(kwargs))
     rollout_cfg = {"placement": placement} | ({"device": "cuda:1"} if placement == "dedicated" else {})
     cfg = config_from_dict({"model": {"path": "m"}, "rollout": rollout_cfg})
     build_engine(cfg, SimpleNamespace(device=torch.device("cuda", 3)))  # type: ignore[arg-type]
@@ -187,7 +187,7 @@ def test_gpu_colocated_engine_runs_on_the_learners_gpu(tiny_qwen2_path: str) -> 
     """Rank 1 of a data-parallel run: the learner on cuda:1, its colocated engine there too (not cuda:0)."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
-    from rollout.vllm_engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     torch.cuda.set_device(1)  # what accelerate does on local rank 1
     free_before = torch.cuda.mem_get_info(0)[0]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from trainer.config import ConfigError
-from trainer.warmstart import check_warm_start
+from trainer.learners.warmstart import check_warm_start
 
 
 def test_refused_under_deepspeed() -> None:

@@ -20,11 +20,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rollout.tasks import DatasetFormatError
 from trainer.config import ConfigError, RunConfig, load_config
+from trainer.data.tasks import DatasetFormatError
 
-TRAINERS = {"grpo": "trainer.grpo:train_grpo", "sft": "trainer.sft:train_sft", "dpo": "trainer.dpo:train_dpo",
-            "ei": "trainer.expert_iteration:train_ei"}
+TRAINERS = {"grpo": "trainer.learners.grpo:train_grpo", "sft": "trainer.learners.sft:train_sft", "dpo": "trainer.learners.dpo:train_dpo",
+            "ei": "trainer.learners.ei:train_ei"}
 
 
 def _import(target: str) -> Callable[..., object]:
@@ -83,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from trainer.eval_cli import run_eval
+    from trainer.tools.eval_cli import run_eval
 
     metrics = run_eval(_load(args), args.checkpoint, args.out)
     for k, v in sorted(metrics.items()):
@@ -92,28 +92,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from trainer.plot import plot_run
+    from trainer.tools.plot import plot_run
 
     print(plot_run(args.run_dir, args.out))
     return 0
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
-    from trainer.tiny import main as tiny_main
+    from trainer.tools.tiny import main as tiny_main
 
     tiny_main([args.out_dir, "--seed", str(args.seed)])
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.demo import run_demo
+    from trainer.tools.demo import run_demo
 
     run_demo(args.out, args.overrides)
     return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from trainer.doctor import main as doctor_main
+    from trainer.tools.doctor import main as doctor_main
 
     return doctor_main()
 

@@ -403,7 +403,7 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[s
         world_size: number of learner ranks.
         devices: the learner device of *every* rank on this node (a dedicated engine on any of them would
             share a GPU with a learner), e.g. ``trainer.engines.node_learner_devices(accelerator)``. A bare
-            ``cuda`` means this process's current CUDA device (`rollout.engine.normalize_device`, the rule
+            ``cuda`` means this process's current CUDA device (`rollout.engines.protocol.normalize_device`, the rule
             the vLLM engine places itself by).
         cuda_devices: CUDA devices visible on this node; None = ``torch.cuda.device_count()``.
     """
@@ -444,7 +444,9 @@ def _dedicated_problems(device: str, world_size: int, learner_devices: Sequence[
                         cuda_devices: int | None) -> list[str]:
     import torch
 
-    from rollout.engine import normalize_device  # here, not at the top: importing the config stays torch-free
+    from rollout.engines.protocol import (
+        normalize_device,  # here, not at the top: importing the config stays torch-free
+    )
 
     problems = []
     engine = normalize_device(device)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from rollout.prompts import ALPACA
+from trainer.data.prompts import ALPACA
+from trainer.data.tokenization import pad_token_id_of
 from trainer.logprobs import DEFAULT_CHUNK_TOKENS, chunked_label_log_probs
 from trainer.masking import aggregate_loss
-from trainer.tokenization import pad_token_id_of
 
 
 def format_pair(prompt: str, response: str, template: str = ALPACA) -> str:

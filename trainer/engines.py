@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rollout.engine import RolloutEngine, normalize_device
+from rollout.engines.protocol import RolloutEngine, normalize_device
 from rollout.probe import StaleWeightProbe
 from trainer.config import RunConfig
 from trainer.learner import DTYPES, Learner
@@ -24,17 +24,17 @@ from trainer.learner import DTYPES, Learner
 def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     r = cfg.rollout
     if r.placement == "remote":
-        from rollout.server import RemoteEngine
+        from rollout.engines.remote import RemoteEngine
 
         if not (r.server_url and r.weight_transfer_dir):  # config validation rejects this; not assert: -O
             raise ValueError("rollout.placement=remote needs rollout.server_url and rollout.weight_transfer_dir")
         return RemoteEngine(r.server_url, transfer="filesystem", weights_dir=r.weight_transfer_dir,
                             bucket_mb=r.sync_bucket_mb, sleep_between_rollouts=r.sleep_between_rollouts)
     if r.engine == "hf":
-        from rollout.hf_engine import HFEngine
+        from rollout.engines.hf import HFEngine
 
         return HFEngine(learner.unwrapped, learner.tokenizer)
-    from rollout.vllm_engine import VLLMEngine
+    from rollout.engines.vllm import VLLMEngine
 
     on_cuda = learner.device.type == "cuda"
     dedicated = r.placement == "dedicated"

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from rollout.engine import RolloutEngine, SamplingConfig
-from rollout.prompts import format_prompt
-from rollout.rewards import RewardScorer
-from rollout.tasks import Example
-from trainer.batching import pack_token_ids
+from rollout.engines.protocol import RolloutEngine, SamplingConfig
+from rollout.reward.pool import RewardScorer
+from trainer.data.batching import pack_token_ids
+from trainer.data.prompts import format_prompt
+from trainer.data.tasks import Example
 from trainer.logprobs import get_response_log_probs
 
 

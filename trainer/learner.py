@@ -17,9 +17,9 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.weight_sync import ModelWeights
-from trainer.batching import TokenBatch
+from rollout.weights import ModelWeights
 from trainer.config import ModelConfig, OptimConfig
+from trainer.data.batching import TokenBatch
 from trainer.packing import forward_log_probs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,6 +1,6 @@
 """Micro-batch layouts for the learner's forward pass: trimmed padding, length sorting and packing.
 
-Rollouts are right-padded to the longest sequence of the whole rollout batch (`trainer.batching`), so a
+Rollouts are right-padded to the longest sequence of the whole rollout batch (`trainer.data.batching`), so a
 micro-batch taken as-is spends compute on padding. Three layouts remove it, each exact:
 
 - **trim** (always on): cut a micro-batch's columns to its own longest real sequence.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.batching import TokenBatch
+from trainer.data.batching import TokenBatch
 from trainer.logprobs import chunked_label_log_probs, get_response_log_probs, scale_logits
 
 

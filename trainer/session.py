@@ -17,19 +17,19 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from rollout.engine import RolloutEngine, SamplingConfig
+from rollout.engines.protocol import RolloutEngine, SamplingConfig
 from rollout.probe import StaleWeightProbe
-from rollout.prompts import register_template
-from rollout.rewards import RewardScorer
-from rollout.tasks import Example, load_task
+from rollout.reward.pool import RewardScorer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.config import RunConfig, save_config, validate_for_cluster
+from trainer.data.prompts import register_template
+from trainer.data.sampler import QuestionSampler
+from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices
 from trainer.evaluate import eval_sampling, evaluate
 from trainer.flops import FlopCounter
 from trainer.learner import Learner
 from trainer.rank_metrics import combine_rank_metrics
-from trainer.sampler import QuestionSampler
 from trainer.timing import PhaseTimer
 from trainer.tracking import NullTracker, Tracker, make_tracker
 
@@ -54,7 +54,7 @@ class Session:
         _check_world(self.accelerator.num_processes)
         validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
         if cfg.mode in ("grpo", "ei"):  # the rollout modes start with the warm start (before any loading)
-            from trainer.warmstart import check_warm_start
+            from trainer.learners.warmstart import check_warm_start
 
             check_warm_start(cfg.warmstart.steps, getattr(self.accelerator.state, "deepspeed_plugin", None) is not None)
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
@@ -192,7 +192,7 @@ class Session:
             sampler.load_state_dict(self.trainer_state["sampler"])
         start = int(self.trainer_state["step"])
         if start == 0 and self.cfg.warmstart.steps:
-            from trainer.warmstart import warm_start
+            from trainer.learners.warmstart import warm_start
 
             warm_start(self)
         saved_version = int(self.trainer_state["policy_version"])

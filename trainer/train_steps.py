@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.losses import compute_policy_gradient_loss
 from trainer.masking import aggregate_loss, masked_mean
-from trainer.pg_losses import compute_policy_gradient_loss
 
 
 def grpo_microbatch_train_step(

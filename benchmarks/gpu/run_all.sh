@@ -39,7 +39,7 @@ nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.tx
 case "$stage" in
   bench)
     check doctor 60 python3 -m trainer doctor
-    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.shaped "$model"
+    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
     check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
       --layouts padded,trimmed,sorted,packed
     check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts sorted \
@@ -49,7 +49,7 @@ case "$stage" in
   tests)
     # ZeRO-3 only here (the harder case: bucket-wise gathering); ZeRO-2 doubles the DeepSpeed launches
     check gpu_tests 270 python3 -m pytest -m gpu -q -p no:cacheprovider -x -k "not zero2"
-    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.shaped "$model"
+    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
     check grpo_step 270 python3 -m accelerate.commands.launch --config_file launch/single_gpu.yaml benchmarks/grpo_step.py \
       --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml --steps 3 "model.path=$model" data.task=arithmetic \
       data.train_source=null data.eval_source=null \

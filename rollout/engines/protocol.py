@@ -209,7 +209,7 @@ class WeightCheck:
             if any(n.startswith("lm_head.") for n in missing):
                 parts[-1] += (
                     " (a tied lm_head is a state-dict name of its own, which named_parameters() leaves out: "
-                    "send rollout.engine.iter_state_dict or ModelWeights)"
+                    "send rollout.engines.protocol.iter_state_dict or ModelWeights)"
                 )
         return "; ".join(parts) or None
 
@@ -219,7 +219,7 @@ def normalize_device(device: str | torch.device, current_cuda: int | None = None
     (a single-process GPU learner reports ``cuda``): `current_cuda` where given, else this process's
     (``torch.cuda.current_device()``; ``cuda:0`` where CUDA is unavailable). Other devices are returned as
     parsed. The one rule for both config validation (`trainer.config`) and the vLLM engine's GPU
-    (`rollout.vllm_engine.engine_gpu`), so a dedicated engine runs where validation checked it would.
+    (`rollout.engines.vllm.engine_gpu`), so a dedicated engine runs where validation checked it would.
 
     >>> normalize_device("cuda", 2), normalize_device("cuda:1", 2), normalize_device("cpu", 2)
     (device(type='cuda', index=2), device(type='cuda', index=1), device(type='cpu'))

@@ -32,7 +32,7 @@ Exactly this:
 Length: ``sft.max_steps`` optimizer steps if set (cycling over epochs), else ``sft.num_epochs`` epochs.
 Resume: the data order is a pure function of (seed, epoch), so a resumed run skips the batches it has seen
 and continues with the restored optimizer state. Data parallel: each rank takes rows ``rank::world`` of
-every optimizer batch (`trainer.batching.deal_micro_batches`), and a rank short of rows — the last short
+every optimizer batch (`trainer.data.batching.deal_micro_batches`), and a rank short of rows — the last short
 batch of an epoch may hold fewer rows than ranks — pads with zero-weight micro-batches, so that every rank
 runs the same forward/backward passes and optimizer steps; every batch trains, as on one process.
 """
@@ -52,16 +52,16 @@ import torch
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
-from rollout.jsonl import DatasetFormatError, read_jsonl
-from trainer.batching import TokenBatch, deal_micro_batches, pack_micro_batches, pack_token_ids
 from trainer.config import RunConfig
+from trainer.data.batching import TokenBatch, deal_micro_batches, pack_micro_batches, pack_token_ids
+from trainer.data.jsonl import DatasetFormatError, read_jsonl
+from trainer.data.sft import PackedSFTDataset, iterate_batches
+from trainer.data.tokenization import pad_token_id_of
 from trainer.learner import Learner, global_token_count
 from trainer.logprobs import get_response_log_probs
 from trainer.masking import aggregate_loss
 from trainer.packing import real_lengths
 from trainer.session import Session
-from trainer.sft_data import PackedSFTDataset, iterate_batches
-from trainer.tokenization import pad_token_id_of
 
 T = TypeVar("T")
 
@@ -167,7 +167,7 @@ def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str])
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
     """Optimizer batches in an epoch of `n` rows, a short last batch included (every rank runs it, with
-    zero-weight stand-ins where it has no rows: `trainer.batching.deal_micro_batches`)."""
+    zero-weight stand-ins where it has no rows: `trainer.data.batching.deal_micro_batches`)."""
     return math.ceil(n / batch_size)
 
 

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 from trainer.config import load_config
-from trainer.grpo import train_grpo
-from trainer.plot import plot_run
-from trainer.tiny import build_tiny
+from trainer.learners.grpo import train_grpo
+from trainer.tools.plot import plot_run
+from trainer.tools.tiny import build_tiny
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ Exactly this, for each of ``ei.n_ei_steps`` steps:
 3. grade them with the reward module (``reward.fn``) and keep the responses whose answer reward is 1
    (right answer in the right format); duplicates are kept. The kept count is logged (``ei/kept``);
 4. SFT on the kept (prompt, response) token ids for ``ei.ei_epochs`` epochs with the SFT step of
-   `trainer.sft` (response-only token-mean NLL; optimizer batches of ``ei.batch_size``, each in
+   `trainer.learners.sft` (response-only token-mean NLL; optimizer batches of ``ei.batch_size``, each in
    ``ei.gradient_accumulation_steps`` micro-batches; clip 1.0; the configured optimizer). Training
    continues from the current policy (CS336), not from the base model as in STaR. A step with no
    correct sample makes no update;
@@ -18,25 +18,25 @@ Exactly this, for each of ``ei.n_ei_steps`` steps:
    responses under the policy that sampled them (``ei/response_entropy``), rollout, reward and train
    metrics; held-out evaluation (`Session.evaluate`) before step 1, every ``eval.every`` steps and at the end.
 
-An optional SFT warm start (``warmstart.steps``, `trainer.warmstart`) runs before step 1, so that a random
+An optional SFT warm start (``warmstart.steps``, `trainer.learners.warmstart`) runs before step 1, so that a random
 policy produces some correct samples. Data parallel: every rank draws the same questions and samples its
 share; the kept samples are gathered so that every rank trains on the same set, sharded by rows
-(`trainer.batching.deal_micro_batches`: the kept count is arbitrary, so a rank short of rows — or with
+(`trainer.data.batching.deal_micro_batches`: the kept count is arbitrary, so a rank short of rows — or with
 none — runs zero-weight micro-batches, keeping every rank's forward/backward passes and optimizer steps
 in step; the update equals the 1-process one).
 """
 
 from __future__ import annotations
 
-from rollout.engine import Sample, rollout_metrics
-from rollout.prompts import format_prompt
-from rollout.tasks import Example
-from trainer.batching import deal_micro_batches, pack_micro_batches, pack_token_ids
+from rollout.engines.protocol import Sample, rollout_metrics
 from trainer.config import RunConfig
+from trainer.data.batching import deal_micro_batches, pack_micro_batches, pack_token_ids
+from trainer.data.prompts import format_prompt
+from trainer.data.sampler import QuestionSampler
+from trainer.data.tasks import Example
 from trainer.evaluate import response_entropy
-from trainer.sampler import QuestionSampler
+from trainer.learners.sft import epoch_batches, sft_update
 from trainer.session import Session
-from trainer.sft import epoch_batches, sft_update
 
 
 def sample_and_filter(

@@ -4,7 +4,7 @@
 runs the same number of micro-batches (DDP all-reduces and ZeRO-3 parameter gathers are collective: a rank
 with one forward/backward fewer hangs the others); a rank short of rows runs zero-weight stand-ins.
 
-`pack_token_ids` is the token-id twin of `trainer.tokenization.tokenize_prompt_and_output`: it uses the
+`pack_token_ids` is the token-id twin of `trainer.data.tokenization.tokenize_prompt_and_output`: it uses the
 ids the engine sampled (re-tokenising decoded text can give different tokens), concatenates prompt and
 response, right-pads, and shifts by one. For ids that round-trip through the tokenizer the two agree
 (tested).

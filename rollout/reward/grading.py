@@ -33,7 +33,7 @@
    word.
 2. **Guard.** A prediction that is too long, too deeply nested, or holds an exponent tower / huge
    exponent / huge factorial (``9**9**9``, ``10^{10^{10}}``, ``99999!``) is graded wrong without being
-   parsed: sympy would try to evaluate it. The process-pool timeout in `rollout.rewards` is the real
+   parsed: sympy would try to evaluate it. The process-pool timeout in `rollout.reward.pool` is the real
    backstop; the guard only keeps the common bombs cheap.
 3. **Slow path**: ``math_verify.parse`` / ``math_verify.verify`` (LaTeX, symbolic equality, sets,
    intervals, percentages). Their ``signal.alarm`` timeouts are disabled (``parsing_timeout=None``,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollout.grading import extract_boxed
-from rollout.jsonl import DatasetFormatError, read_jsonl
+from rollout.reward.grading import extract_boxed
+from trainer.data.jsonl import DatasetFormatError, read_jsonl
 
 __all__ = [
     "ARITHMETIC_LEVELS",
@@ -42,7 +42,7 @@ GSM8K_HUB_ID = "openai/gsm8k"
 @dataclass(frozen=True)
 class Example:
     question: str
-    answer: str  # normalised gold answer, compared by `rollout.grading.grade_answer`
+    answer: str  # normalised gold answer, compared by `rollout.reward.grading.grade_answer`
     solution: str = ""  # worked solution when the source has one (used by SFT)
 
 

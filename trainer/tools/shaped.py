@@ -1,9 +1,9 @@
 """Random-weight checkpoints shaped exactly like real ones, for GPU benchmarks where no hub is reachable.
 
-``python -m trainer.shaped OUT_DIR [--shape qwen2.5-math-1.5b] [--dtype bfloat16]`` writes a
+``python -m trainer.tools.shaped OUT_DIR [--shape qwen2.5-math-1.5b] [--dtype bfloat16]`` writes a
 `Qwen2ForCausalLM` with Qwen2.5-Math-1.5B's dimensions (1.54B parameters: 28 layers, hidden 1536, MLP 8960,
 12 query / 2 key-value heads, 151,936-token vocabulary, tied embeddings; from its public ``config.json``)
-and random weights, plus the locally trained tiny BPE tokenizer (`trainer.tiny`) padded with added tokens
+and random weights, plus the locally trained tiny BPE tokenizer (`trainer.tools.tiny`) padded with added tokens
 ``<|rN|>`` up to the model's vocabulary, so every id the random policy samples decodes. Compute per token is
 that of the real model; the text is meaningless, so only speed and memory are measured with it.
 """
@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from trainer.tiny import build_tokenizer
+from trainer.tools.tiny import build_tokenizer
 
 QWEN25_MATH_15B = {
     "vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
@@ -58,7 +58,7 @@ def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m trainer.shaped", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m trainer.tools.shaped", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-math-1.5b")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")

@@ -1,6 +1,6 @@
 """Convert Anthropic HH-RLHF data to the preference JSONL read by ``mode: dpo``.
 
-    python -m trainer.hh_to_jsonl IN OUT [--split train]
+    python -m trainer.data.hh IN OUT [--split train]
 
 IN is one HH file (``.jsonl`` or ``.jsonl.gz``, each line ``{"chosen": CONV, "rejected": CONV}``) or a
 folder searched recursively for ``{split}.jsonl[.gz]`` (the layout of the ``Anthropic/hh-rlhf`` repository:
@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
-from rollout.jsonl import DatasetFormatError, read_jsonl
+from trainer.data.jsonl import DatasetFormatError, read_jsonl
 
 HUMAN, ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 
@@ -131,7 +131,7 @@ def convert(source: str | Path, out: str | Path, split: str = "train") -> Counte
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.hh_to_jsonl", description=__doc__.splitlines()[0]
+        prog="python -m trainer.data.hh", description=__doc__.splitlines()[0]
     )
     parser.add_argument("source", help="an HH .jsonl/.jsonl.gz file, or a folder of them (e.g. hh-rlhf/)")
     parser.add_argument("out", help="preference JSONL to write")

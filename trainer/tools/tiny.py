@@ -11,7 +11,7 @@ user's checkpoint:
 The tokenizer is trained with `tokenizers` on a generated corpus (arithmetic, GSM8K-like sentences and the
 prompt templates), so digits, operators and the `<think>`/`<answer>` tags tokenize compactly.
 
-Usage: ``python -m trainer.tiny OUT_DIR`` (or ``reasonrl tiny OUT_DIR``).
+Usage: ``python -m trainer.tools.tiny OUT_DIR`` (or ``reasonrl tiny OUT_DIR``).
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from rollout.prompts import format_prompt
-from rollout.tasks import Example
 from trainer.config import ConfigError
+from trainer.data.prompts import format_prompt
+from trainer.data.tasks import Example
+from trainer.data.tokenization import tokenize_prompt_and_output
 from trainer.logprobs import get_response_log_probs
 from trainer.session import Session
-from trainer.tokenization import tokenize_prompt_and_output
 from trainer.train_steps import sft_microbatch_train_step
 
 

@@ -30,17 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
-from rollout.engine import Sample, rollout_metrics
-from rollout.prompts import format_prompt
-from rollout.tasks import Example
+from rollout.engines.protocol import Sample, rollout_metrics
 from trainer.advantages import group_normalize, reward_metadata
-from trainer.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.config import GRPOConfig, RunConfig
+from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
+from trainer.data.prompts import format_prompt
+from trainer.data.sampler import QuestionSampler
+from trainer.data.tasks import Example
 from trainer.learner import Learner, global_token_count, load_frozen_reference
+from trainer.losses import compute_policy_gradient_loss
 from trainer.masking import aggregate_loss
 from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
-from trainer.pg_losses import compute_policy_gradient_loss
-from trainer.sampler import QuestionSampler
 from trainer.session import Session
 
 

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import Dataset
 
-from rollout.jsonl import read_jsonl
-from rollout.prompts import ALPACA
+from trainer.data.jsonl import read_jsonl
+from trainer.data.prompts import ALPACA
 
 
 class Tokenizer(Protocol):

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from rollout.engine import (
+from rollout.engines.protocol import (
     FinishReason,
     LogprobsMode,
     Prompt,
@@ -293,7 +293,7 @@ class HFEngine:
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (name, tensor) pairs into the model in place (any iterable; one tensor at a time).
 
-        Each tensor is checked before it is copied (`rollout.engine.WeightCheck`, the vLLM engine's check):
+        Each tensor is checked before it is copied (`rollout.engines.protocol.WeightCheck`, the vLLM engine's check):
         its name must be in the model, once, and its shape must equal the target's exactly (``copy_`` would
         broadcast a compatible shape); the dtype and device may differ (converted by the copy). Every tensor
         of the model must be covered (tied weights count as covered through any alias: the one check of this

@@ -3,7 +3,7 @@
 Exactly this:
 
 1. Data: JSONL ``{"prompt", "chosen", "rejected"}`` at ``data.preference_path`` (Anthropic HH converts with
-   ``python -m trainer.hh_to_jsonl``). A seeded ``dpo.validation_fraction`` of the pairs is held out.
+   ``python -m trainer.data.hh``). A seeded ``dpo.validation_fraction`` of the pairs is held out.
 2. Each (prompt, response) is formatted with the template named by ``dpo.template`` (default ``alpaca``,
    ``instruction=prompt``) and the EOS token is appended. For DPO and IPO the log-probability of the whole
    formatted sequence is summed (`trainer.dpo_loss.sequence_logp`, float64 sums): the prompt's tokens
@@ -51,22 +51,22 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from rollout.prompts import get_template
-from trainer.batching import deal_micro_batches, pack_token_ids
 from trainer.config import DPOConfig, RunConfig
+from trainer.data.batching import deal_micro_batches, pack_token_ids
+from trainer.data.prompts import get_template
+from trainer.data.tokenization import pad_token_id_of
 from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
 from trainer.learner import Learner, global_token_count, load_frozen_reference
-from trainer.logprobs import get_response_log_probs
-from trainer.masking import aggregate_loss
-from trainer.session import Session
-from trainer.sft import (
+from trainer.learners.sft import (
     epoch_batches,
     read_jsonl_records,
     split_heldout,
     step_stream,
     steps_per_epoch,
 )
-from trainer.tokenization import pad_token_id_of
+from trainer.logprobs import get_response_log_probs
+from trainer.masking import aggregate_loss
+from trainer.session import Session
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,7 @@ def dpo_update(
 ) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches: mean per-pair loss over the global batch.
 
-    ``dummies[i]`` marks a zero-weight micro-batch (`trainer.batching.deal_micro_batches`): it runs its
+    ``dummies[i]`` marks a zero-weight micro-batch (`trainer.data.batching.deal_micro_batches`): it runs its
     forward and backward, so every rank makes the same passes, but adds nothing to loss, gradient, pair
     count or metrics."""
     template, world = get_template(cfg.dpo.template), learner.accelerator.num_processes

@@ -7,17 +7,17 @@ Checks:
 
 - versions of torch (and its CUDA build), vLLM, transformers, accelerate, DeepSpeed, flash-attn,
   math-verify and wandb; required ones missing or outside reasonrl's declared range fail, and DeepSpeed
-  must equal its pin in reasonrl's ``gpu`` extra. vLLM must lie in `rollout.vllm_engine.SUPPORTED_VLLM`
+  must equal its pin in reasonrl's ``gpu`` extra. vLLM must lie in `rollout.engines.vllm.SUPPORTED_VLLM`
   (0.26 to 0.32, not just the pinned 0.32: 0.26 is what the lent GPU machine runs); below 0.32 the row
   says which features are reduced (`check_vllm_version`);
 - GPUs: name, compute capability and free / total memory of every visible device (fails if one has less
   than 10 % free: another process holds it);
 - vLLM weight reload: vLLM's worker and model runner define the in-place ``reload_weights(weights_iterator,
-  is_checkpoint_format)`` that `rollout.vllm_engine` calls through ``collective_rpc``; found by reading
+  is_checkpoint_format)`` that `rollout.engines.vllm` calls through ``collective_rpc``; found by reading
   vLLM's source (no engine started, nothing imported);
-- NCCL: an all-reduce over every visible GPU, one process each (``torchrun -m trainer.doctor --nccl-probe``),
+- NCCL: an all-reduce over every visible GPU, one process each (``torchrun -m trainer.tools.doctor --nccl-probe``),
   with a time limit;
-- reward sandbox: `rollout.rewards.RewardScorer` created, used and closed from a non-main thread (as a
+- reward sandbox: `rollout.reward.pool.RewardScorer` created, used and closed from a non-main thread (as a
   rollout thread does): a correct answer scores 1, a wrong one 0, and a sample that sleeps past the
   per-sample limit scores 0 and is counted as a timeout instead of hanging;
 - wandb: the mode the environment selects.
@@ -151,7 +151,7 @@ def check_vllm_version(version: str, label: str) -> Check:
     """
     from packaging.version import InvalidVersion, Version
 
-    from rollout.vllm_engine import SUPPORTED_VLLM
+    from rollout.engines.vllm import SUPPORTED_VLLM
 
     oldest, newest = (Version(v).release[:2] for v in SUPPORTED_VLLM)
     span = f"{SUPPORTED_VLLM[0]}.x to {SUPPORTED_VLLM[1]}.x"
@@ -288,7 +288,7 @@ def check_nccl() -> Check:
         "--nproc_per_node",
         str(n),
         "-m",
-        "trainer.doctor",
+        "trainer.tools.doctor",
         "--nccl-probe",
     ]
     fix = (
@@ -349,7 +349,7 @@ def nccl_probe() -> int:
 # ---- reward sandbox ---------------------------------------------------------------------------------
 def doctor_reward(response: str, ground_truth: str) -> dict[str, float]:
     """`r1_zero_reward`, except that `SLEEP_SAMPLE` sleeps far past any per-sample time limit."""
-    from rollout.rewards import r1_zero_reward
+    from rollout.reward.pool import r1_zero_reward
 
     if response == SLEEP_SAMPLE:
         time.sleep(3600)
@@ -363,8 +363,8 @@ def check_reward_sandbox() -> Check:
 
     def work() -> None:
         try:
-            from rollout.rewards import RewardScorer
-            from trainer.doctor import doctor_reward  # by its importable name even when run as __main__
+            from rollout.reward.pool import RewardScorer
+            from trainer.tools.doctor import doctor_reward  # by its importable name even when run as __main__
 
             with RewardScorer(doctor_reward, timeout_s=1.0, num_workers=1) as scorer:
                 start = time.monotonic()
@@ -449,7 +449,7 @@ def format_table(rows: list[Check]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print the checks; exit code 1 if any failed. ``argv`` only for ``python -m trainer.doctor``."""
+    """Print the checks; exit code 1 if any failed. ``argv`` only for ``python -m trainer.tools.doctor``."""
     parser = argparse.ArgumentParser(prog="reasonrl doctor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--nccl-probe", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv or [])

@@ -22,7 +22,7 @@ worker lands on ``cuda:0`` in every process unless ``device_ids`` maps that loca
 engine on CUDA passes ``device_ids=[learner's index]`` too: the learner's device (``learner_device``,
 ``cuda:LOCAL_RANK`` under accelerate), else this process's current CUDA device. Without it every rank of a
 data-parallel run would put its engine on GPU 0. A bare ``cuda`` (dedicated ``device`` or ``learner_device``)
-is the current CUDA device, as config validation assumes (`rollout.engine.normalize_device`).
+is the current CUDA device, as config validation assumes (`rollout.engines.protocol.normalize_device`).
 
 Several learner ranks (a ``torch.distributed`` default group exists when the engine starts): vLLM's worker
 adopts that group as its world (``init_distributed_environment`` skips its own ``init_process_group``) and
@@ -40,8 +40,8 @@ layer when all its tensors have arrived; splitting a reload into several calls w
 loaded), then resets the prefix cache (a False from vLLM's reset is an error: cached KV of the old weights
 would be reused) and bumps `policy_version` (also set as vLLM's weight version).
 Naive twin: ``reload_weights(weights_iterator=iter(model.state_dict().items()))`` - tested bit-identical.
-Send every state-dict name, tied aliases included (`rollout.engine.iter_state_dict` /
-`rollout.weight_sync.ModelWeights` do): a tied ``lm_head.weight`` that is not sent keeps its old values.
+Send every state-dict name, tied aliases included (`rollout.engines.protocol.iter_state_dict` /
+`rollout.weights.ModelWeights` do): a tied ``lm_head.weight`` that is not sent keeps its old values.
 
 Sync validation: vLLM checks neither names nor shapes, and an exception inside its reload leaves the model's
 layers on the meta device (every later call fails, a full resync included). So the engine knows the
@@ -65,7 +65,7 @@ vLLM sees it:
 Sampling: one request per prompt with ``n`` = group size; request i gets seed ``sample_seed(seed, i, n, 0)``
 and vLLM gives child k that seed ``+ k`` (= ``sample_seed(seed, i, n, k)``), so every sample has its own stream.
 ``Sample.logprobs`` are vLLM's sampled-token log-probs in ``processed_logprobs`` mode by default (the
-distribution actually sampled from; see `rollout.engine.LogprobsMode`).
+distribution actually sampled from; see `rollout.engines.protocol.LogprobsMode`).
 
 vLLM versions (`SUPPORTED_VLLM`): 0.32 is pinned and run by CPU CI; 0.26 is the newest release the lent GPU
 machine's torch 2.11 runs, so it is supported too. Below 0.32 vLLM has no weight version (the engine keeps
@@ -89,7 +89,7 @@ from typing import Any
 
 import torch
 
-from rollout.engine import (
+from rollout.engines.protocol import (
     FinishReason,
     LogprobsMode,
     Prompt,
@@ -102,12 +102,12 @@ from rollout.engine import (
     sample_seed,
     sync_metrics,
 )
-from rollout.weight_sync import MB, ByteCounter, ModelWeights, WeightStream, convert_bucketed
+from rollout.weights import MB, ByteCounter, ModelWeights, WeightStream, convert_bucketed
 
 logger = logging.getLogger(__name__)
 
 # vLLM release series this module works with, (oldest, newest), both included, patch releases too. 0.26: the
-# lent GPU machine (torch 2.11); 0.32: pyproject's pins and CPU CI. `trainer.doctor` checks against it.
+# lent GPU machine (torch 2.11); 0.32: pyproject's pins and CPU CI. `trainer.tools.doctor` checks against it.
 SUPPORTED_VLLM = ("0.26", "0.32")
 
 # vLLM's CPU sampler cannot rewind a seeded generator after a partial (chunked) prefill ("CPU Generator does
@@ -145,7 +145,7 @@ class VLLMEngine:
         sleep_level: 1 (offload weights, drop KV) or 2 (drop both; the next sync must refill the weights).
         enforce_eager: skip torch.compile / CUDA graphs (start-up in seconds instead of tens of seconds).
         sync_bucket_mb: bucket size for device/dtype conversion during sync.
-        logprobs_mode: see `rollout.engine.LogprobsMode`.
+        logprobs_mode: see `rollout.engines.protocol.LogprobsMode`.
         llm_kwargs: passed to ``vllm.LLM`` unchanged.
     """
 

@@ -1,7 +1,7 @@
 """Reward functions and the isolated scoring pool used by the learner, the evaluator and rollout workers.
 
 Reward functions are plain functions ``(response, ground_truth) -> {"reward", "format_reward",
-"answer_reward"}`` (floats). They use `rollout.parsers` to find answers and `rollout.grading` to compare
+"answer_reward"}`` (floats). They use `rollout.reward.parsers` to find answers and `rollout.reward.grading` to compare
 them; see those modules for what counts as equal.
 
 `RewardScorer` runs a reward function over a batch in a small pool of worker processes with a hard
@@ -64,8 +64,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
-from rollout.grading import extract_boxed, grade_answer, warm_up
-from rollout.parsers import parse_gsm8k_response
+from rollout.reward.grading import extract_boxed, grade_answer, warm_up
+from rollout.reward.parsers import parse_gsm8k_response
 
 __all__ = [
     "REWARD_FNS",
@@ -121,7 +121,7 @@ def r1_zero_answer(response: str) -> str | None:
 def r1_zero_reward(response: str, ground_truth: str) -> dict[str, float]:
     """CS336 ``r1_zero_reward_fn``: format 1 iff `r1_zero_answer` finds the ``</think> <answer> …
     </answer>`` structure; answer 1 iff it is formatted and its answer equals `ground_truth`
-    (`rollout.grading.grade_answer`); reward = answer reward. A formatted wrong answer earns nothing
+    (`rollout.reward.grading.grade_answer`); reward = answer reward. A formatted wrong answer earns nothing
     (no partial format credit, which models learn to farm); an unformatted response scores all zeros
     even if its answer is right.
     """
@@ -233,7 +233,7 @@ def _read(n):
     return buf
 sys.path[:] = pickle.loads(_read(struct.unpack("<Q", _read(8))[0]))
 try:
-    from rollout.rewards import _template_main
+    from rollout.reward.pool import _template_main
 except BaseException:
     data = pickle.dumps(("startup_error", traceback.format_exc()))
     sock.sendall(struct.pack("<Q", len(data)) + data)
