@@ -8,7 +8,7 @@ Usage::
 
 The batch is what a GRPO step trains on: ``num_seqs`` sequences of ``prompt_len`` prompt tokens and a
 response length drawn uniformly from ``[min_response, max_response]`` (seeded), right-padded to the longest.
-Each layout runs the same ``micro_batch``-row micro-batches through `trainer.packing.forward_log_probs` (or,
+Each layout runs the same ``micro_batch``-row micro-batches through `trainer.logprobs.forward_log_probs` (or,
 for ``padded``, the naive padded forward), sums the response log-probs and entropies, and backpropagates:
 
 - ``padded``: micro-batches keep the width of the whole rollout batch (the layout before trimming);
@@ -38,8 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids
 from trainer.flops import FlopCounter
-from trainer.logprobs import get_response_log_probs
-from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
+from trainer.logprobs import forward_log_probs, get_response_log_probs, length_sorted_order, real_lengths
 
 LAYOUTS = ("padded", "trimmed", "sorted", "packed")
 

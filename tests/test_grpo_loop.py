@@ -23,8 +23,7 @@ from trainer.learners.grpo import (
     optimizer_step,
     train_grpo,
 )
-from trainer.logprobs import get_response_log_probs
-from trainer.packing import length_sorted_order
+from trainer.logprobs import get_response_log_probs, length_sorted_order
 from trainer.tracking import read_metrics
 from trainer.train_steps import grpo_microbatch_train_step
 

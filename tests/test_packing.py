@@ -1,4 +1,4 @@
-"""Micro-batch layouts (`trainer.packing`) against their naive twin, the padded forward.
+"""Micro-batch layouts (`trainer.logprobs`) against their naive twin, the padded forward.
 
 Trimmed and packed log-probs, entropies and gradients equal the padded `get_response_log_probs` on every
 real position, for the tiny GPT-2 (learned positions) and the tiny Qwen2 (rotary positions), under the
@@ -15,8 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from trainer.data.batching import TokenBatch, pack_token_ids
-from trainer.logprobs import get_response_log_probs
-from trainer.packing import forward_log_probs, length_sorted_order, pack, trim
+from trainer.logprobs import forward_log_probs, get_response_log_probs, length_sorted_order, pack, trim
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 forward of a different tensor shape (other matmul blocking)
 

@@ -200,7 +200,7 @@ def test_pair_batch_attention_mask_excludes_padding(tiny_qwen2_path: str) -> Non
     ones: every row counted T − 1 tokens."""
     from trainer.data.tokenization import tokenize_prompt_and_output
     from trainer.learner import load_tokenizer
-    from trainer.packing import pack, real_lengths
+    from trainer.logprobs import pack, real_lengths
 
     tok = load_tokenizer(tiny_qwen2_path)
     prompts = ["What is 2 + 3?", "Add 1 and 1, then explain every step slowly.", "Q"]

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rollout.weights import ModelWeights
 from trainer.config import ModelConfig, OptimConfig
 from trainer.data.batching import TokenBatch
-from trainer.packing import forward_log_probs
+from trainer.logprobs import forward_log_probs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,24 +1,29 @@
-"""Per-token log-probabilities and entropies of a causal LM, without a second full-vocabulary copy.
+"""The one per-token log-prob path of the learner: padded or packed micro-batches, without a second vocab copy.
 
-The naive computation ``torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])`` allocates a
+Log-probs: the naive ``torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None])`` allocates a
 float32 ``(batch, seq, vocab)`` tensor next to the logits (≈ 4.6 GiB for 8 × 1024 tokens at a 150k
-vocabulary), and autograd keeps it (and, for the entropy, two more) until the backward pass. Here the label
-logit is gathered and the log-normaliser subtracted chunk by chunk, ``log p(y_t) = z_t[y_t] − logsumexp(z_t)``,
-inside an autograd function (`_ChunkLogProbs`) that saves only the logits (and each row's max and
-logsumexp) and recomputes the chunk's softmax in backward with the closed-form gradients
+vocabulary), and autograd keeps it until backward. Here ``log p(y_t) = z_t[y_t] − logsumexp(z_t)`` is taken
+chunk by chunk inside an autograd function (`_ChunkLogProbs`) that saves only the logits and recomputes the
+chunk's softmax in backward with ``∂ log p(y)/∂z = onehot(y) − p`` and ``∂H/∂z = −p ⊙ (log p + H)``.
 
-    ∂ log p(y)/∂z = onehot(y) − p,        ∂H/∂z = −p ⊙ (log p + H),
+Layouts (`forward_log_probs`): a micro-batch is trimmed to its longest real row, or packed into one row with
+position ids restarting per sequence and no attention mask (HF then attends within each sequence: a block
+mask under ``sdpa``/``eager``, variable-length kernels under ``flash_attention_2/3``, where packing pays).
+`length_sorted_order` groups rows of similar length; every aggregation of `trainer.losses` sums over rows,
+so the gradient does not depend on which rows share a micro-batch.
 
-so the extra full-vocabulary memory is one chunk, in the forward and in the backward pass alike. Measured on
-CPU (4 × 1024 tokens, 32k vocabulary, bf16 logits, forward + backward): saved tensors 4× (12× with the
-entropy) smaller than autograd through the plain chunked ops, and 1.2–1.6× faster.
+Naive twins: the one-line log-softmax above (`tests/test_logprobs.py`) and the padded forward
+``model(input_ids, attention_mask=...)`` for every layout (`tests/test_packing.py`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from trainer.data.batching import TokenBatch
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -224,6 +229,88 @@ def sequence_log_probs(
         model, input_ids, labels, attention_mask=attention_mask, chunk_tokens=chunk_tokens
     )["log_probs"]  # (batch, seq)
     return (log_probs * response_mask.to(log_probs.dtype)).sum(dim=-1)
+
+
+def real_lengths(tokens: TokenBatch) -> torch.Tensor:
+    """Real (non-pad) input positions of each row; (batch,) long."""
+    return tokens.attention_mask.sum(dim=-1)
+
+
+def trim(tokens: TokenBatch) -> TokenBatch:
+    """The same rows with the columns after the longest real sequence removed (right padding only)."""
+    width = int(real_lengths(tokens).max()) if len(tokens) else 0
+    return tokens.select_columns(slice(0, max(width, 1)))
+
+
+def length_sorted_order(tokens: TokenBatch, rows: torch.Tensor) -> torch.Tensor:
+    """`rows` (indices into `tokens`) ordered by real length, longest first (stable, so deterministic)."""
+    lengths = real_lengths(tokens)[rows]  # (n,)
+    return rows[torch.sort(lengths, descending=True, stable=True).indices]
+
+
+@dataclass
+class PackedRow:
+    """The real tokens of a right-padded micro-batch laid end to end; tensors are (1, total_tokens)."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    source_rows: torch.Tensor  # (total_tokens,) row of the padded batch each packed token came from
+    source_cols: torch.Tensor  # (total_tokens,) its column there
+    padded_shape: tuple[int, int]
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """(1, total_tokens) per-token values back to the padded (batch, seq) layout, 0 on padding."""
+        out = values.new_zeros(self.padded_shape)
+        out[self.source_rows, self.source_cols] = values[0]
+        return out
+
+
+def pack(tokens: TokenBatch) -> PackedRow:
+    """Lay the real positions of each (right-padded) row end to end; positions restart at 0 per row."""
+    real = tokens.attention_mask.bool()  # (batch, seq)
+    rows, cols = real.nonzero(as_tuple=True)  # row-major: each row's tokens in order
+    return PackedRow(
+        input_ids=tokens.input_ids[rows, cols].unsqueeze(0),
+        position_ids=cols.unsqueeze(0),  # right padding: the column is the position within the sequence
+        labels=tokens.labels[rows, cols].unsqueeze(0),
+        source_rows=rows,
+        source_cols=cols,
+        padded_shape=(int(real.shape[0]), int(real.shape[1])),
+    )
+
+
+def forward_log_probs(
+    model: torch.nn.Module, tokens: TokenBatch, *, return_token_entropy: bool = False, packed: bool = False,
+    temperature: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """`get_response_log_probs` of a micro-batch in the trimmed (or packed) layout, returned padded.
+
+    Returns ``{"log_probs": (batch, seq)}`` (+ ``"token_entropy"``) in `tokens`' own width, equal to the
+    padded twin on real positions and exactly 0 on padding in every layout (so log-prob ratios between
+    layouts are 1 there, never ``exp`` of a padding value). `temperature`: as in `get_response_log_probs`.
+    """
+    width = tokens.input_ids.shape[1]
+    if packed:
+        row = pack(tokens)
+        # use_cache=False: HF detects packing from position_ids only when there is no KV cache
+        logits = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False).logits
+        logits = scale_logits(logits, temperature)
+        log_probs, entropy = chunked_label_log_probs(logits, row.labels, return_token_entropy=return_token_entropy)
+        out = {"log_probs": row.unpack(log_probs)}
+        if entropy is not None:
+            out["token_entropy"] = row.unpack(entropy)
+        return out
+    short = trim(tokens)
+    out = get_response_log_probs(model, short.input_ids, short.labels, return_token_entropy,
+                                 attention_mask=short.attention_mask, temperature=temperature)
+    real = short.attention_mask.bool()  # (batch, w)
+    return {k: _pad_columns(torch.where(real, v, 0.0), width) for k, v in out.items()}
+
+
+def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
+    """(batch, w) -> (batch, width) with zeros on the right."""
+    return torch.nn.functional.pad(values, (0, width - values.shape[1]))
 
 
 _chunk_log_probs: Any = _ChunkLogProbs.apply  # (logit_chunk, labels, dtype, with_entropy) -> (log_prob, entropy)

@@ -38,9 +38,9 @@ from trainer.data.prompts import format_prompt
 from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.learner import Learner, global_token_count, load_frozen_reference
+from trainer.logprobs import forward_log_probs, length_sorted_order, real_lengths
 from trainer.losses import compute_policy_gradient_loss
 from trainer.masking import aggregate_loss
-from trainer.packing import forward_log_probs, length_sorted_order, real_lengths
 from trainer.session import Session
 
 

@@ -58,9 +58,8 @@ from trainer.data.jsonl import DatasetFormatError, read_jsonl
 from trainer.data.sft import PackedSFTDataset, iterate_batches
 from trainer.data.tokenization import pad_token_id_of
 from trainer.learner import Learner, global_token_count
-from trainer.logprobs import get_response_log_probs
+from trainer.logprobs import get_response_log_probs, real_lengths
 from trainer.masking import aggregate_loss
-from trainer.packing import real_lengths
 from trainer.session import Session
 
 T = TypeVar("T")
