@@ -16,7 +16,7 @@ from trainer.tools.plot import plot_run
 from trainer.tools.tiny import build_tiny
 from trainer.tracking import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"
 
 
