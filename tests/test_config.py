@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import ConfigError, config_from_dict, load_config, save_config, validate_for_cluster
+from trainer.cluster import validate_for_cluster
+from trainer.config import ConfigError, config_from_dict, load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,9 +27,9 @@ def test_low_precision_engines_get_a_probe_threshold_above_their_noise() -> None
     dtype default, `default_thresholds`: 1.0 for bf16)."""
     import torch
 
-    from rollout.probe import default_thresholds
     from trainer.engines import engine_dtype
     from trainer.learner import DTYPES
+    from trainer.sync import default_thresholds
 
     checked = []
     for f in sorted((REPO / "configs").rglob("*.yaml")):

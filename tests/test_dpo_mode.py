@@ -19,24 +19,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from cs336_adapters import batched_dpo_loss
 from helpers import capture_grads_at_step
 from safetensors.torch import load_file
 
 from trainer.cli import main as cli_main
 from trainer.config import DPOConfig, ModelConfig, OptimConfig, load_config
+from trainer.data.preference import read_preference_pairs
 from trainer.data.prompts import ALPACA
 from trainer.data.tasks import DatasetFormatError
-from trainer.dpo_loss import batched_dpo_loss
 from trainer.learner import Learner, load_model
-from trainer.learners.dpo import (
-    PairOutput,
-    ipo_loss_from_logps,
-    preference_loss,
-    read_preference_pairs,
-    reward_metrics,
-    simpo_loss_from_logps,
-    train_dpo,
-)
+from trainer.learners.dpo import PairOutput, preference_loss, reward_metrics, train_dpo
+from trainer.losses import ipo_loss_from_logps, simpo_loss_from_logps
 from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +139,7 @@ def test_dpo_update_equals_whole_batch_loss(tiny_qwen2_path: str) -> None:
         for p in ref.parameters():
             p.add_(0.01 * torch.randn_like(p))
     rows = [(f"What is {a} + 3?", f"{a} + 3 = {a + 3}", f"{a} + 3 = {a + 13}") for a in range(5)]
-    from trainer.learners.dpo import PreferencePair
+    from trainer.data.preference import PreferencePair
 
     pairs = [PreferencePair(*r) for r in rows]
     whole = batched_dpo_loss(
@@ -198,7 +192,8 @@ def test_reference_runs_under_the_policys_bf16_autocast(tiny_qwen2_path: str) ->
     per sequence and the held-out accuracy was 0.375; the control below checks that gap still exists."""
     from accelerate import Accelerator
 
-    from trainer.learners.dpo import PreferencePair, Validator, dpo_update, pair_logps, reference_model
+    from trainer.data.preference import PreferencePair
+    from trainer.learners.dpo import Validator, dpo_update, pair_logps, reference_model
 
     cfg = load_config(CONFIG, [f"model.path={tiny_qwen2_path}", "dpo.micro_batch_pairs=4"])
     learner = Learner(

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from trainer.data.hh import convert, convert_pair, main, parse_single_turn
+from trainer.data.preference import read_preference_pairs
 from trainer.data.tasks import DatasetFormatError
-from trainer.learners.dpo import read_preference_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 

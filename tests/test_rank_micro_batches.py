@@ -35,9 +35,10 @@ from trainer.config import ModelConfig, OptimConfig, config_from_dict
 from trainer.data.batching import TokenBatch, deal_micro_batches, micro_batches_per_rank, pack_micro_batches
 from trainer.data.prompts import format_prompt
 from trainer.data.tasks import make_arithmetic
+from trainer.data.tokenization import pair_batch
 from trainer.learner import Learner
-from trainer.learners.sft import load_sft_data, pair_batch, sft_update
-from trainer.masking import aggregate_loss
+from trainer.learners.sft import load_sft_data, sft_update
+from trainer.losses import aggregate_loss
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "ragged_worker.py"

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from cs336_adapters import sft_microbatch_train_step
 from helpers import capture_grads_at_step, rank_micro_batches
 from safetensors.torch import load_file
 
 from trainer.cli import main as cli_main
 from trainer.config import load_config
 from trainer.data.prompts import format_prompt
+from trainer.data.sft import read_sft_examples
 from trainer.data.tasks import DatasetFormatError, make_arithmetic
+from trainer.data.tokenization import pair_batch
 from trainer.learner import Learner
-from trainer.learners.sft import heldout_loss, pair_batch, read_sft_examples, sft_update, train_sft
+from trainer.learners.sft import heldout_loss, sft_update, train_sft
 from trainer.tracking import read_metrics
-from trainer.train_steps import sft_microbatch_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny" / "sft_tiny_cpu.yaml"
@@ -104,7 +106,7 @@ def test_filter_correct_and_max_examples(tmp_path: Path, tiny_qwen2_path: str) -
     train_sft(cfg)
     records = read_metrics(tmp_path / "run")
     logged = {k: v for r in records for k, v in r.items() if k.startswith("data/")}
-    from trainer.learners.sft import split_heldout
+    from trainer.data.sampler import split_heldout
 
     train_idx, _ = split_heldout(len(rows), 0.1, cfg.seed)
     n_correct = sum(f"<answer> {rows[i]['answer']} </answer>" in rows[i]["response"] for i in train_idx)

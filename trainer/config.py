@@ -1,39 +1,27 @@
 """Typed run configuration: one YAML file per run, validated at load with every problem reported at once.
 
-`load_config(path, overrides)` reads YAML, applies ``dotted.key=value`` overrides (values parsed as YAML),
-and validates with pydantic (`extra="forbid"`: unknown keys are errors). Field errors (unknown keys, wrong
-types, out-of-range values) and batch-arithmetic problems (the CS336 checks) are collected into a single
-`ConfigError` naming each field, the value, and the fix; so are the rollout-placement rules that need no
-cluster (`placement_problems`). Cluster-dependent checks (world size, learner devices) live in
-`validate_for_cluster`, run once the process group exists.
+`load_config(path, overrides)` reads YAML, applies ``dotted.key=value`` overrides (parsed as YAML) and
+validates (`extra="forbid"`): field errors, the CS336 batch arithmetic and the placement rules that need no
+cluster (`placement_problems`) are collected into one `ConfigError` naming field, value and fix. Checks that
+need the launched cluster (world size, learner devices) are `trainer.cluster.validate_for_cluster`.
 
-Rollout placement (``rollout.placement``; `trainer.engines` builds the engine):
-
-- ``colocated``: one engine per learner rank, in its process and on its device (vLLM sleeps between
-  rollouts on CUDA), or the HF engine (``rollout.engine: hf``) sharing the learner's live module. The only
-  placement the HF engine has.
-- ``dedicated``: vLLM on its own GPU, ``rollout.device`` (required, ``cuda`` or ``cuda:N``), which must not
-  be any learner rank's device on the node. One device string names one engine, so ``dedicated`` needs world
-  size 1; several ranks use ``colocated`` (an engine each) or ``remote`` (one server for all).
-- ``remote``: a rollout server at ``rollout.server_url`` (required), weights through
-  ``rollout.weight_transfer_dir`` (required: filesystem transfer; the trainer side of NCCL transfer,
-  `RemoteEngine.init_nccl`, is not wired into training). With several ranks only rank 0 sends weights
-  (`trainer.engines.sync_and_probe`) and ``rollout.sleep_between_rollouts`` must be off: one rank would put
-  the shared server to sleep while another still generates.
+Rollout placement (``rollout.placement``; `trainer.engines` builds the engine): ``colocated``, an engine per
+learner rank in its process and on its device (vLLM sleeps between rollouts on CUDA; the HF engine shares the
+learner's live module and has no other placement); ``dedicated``, vLLM on its own GPU ``rollout.device``
+(required; no learner's device), so world size 1; ``remote``, a rollout server at ``rollout.server_url`` with
+weights through ``rollout.weight_transfer_dir`` (both required; NCCL transfer is not wired into training).
+With several ranks on one server only rank 0 sends weights, and ``sleep_between_rollouts`` must be off.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-if TYPE_CHECKING:
-    import torch
 
 
 class ConfigError(ValueError):
@@ -67,6 +55,8 @@ class DataConfig(_Section):
     prompt_template: str = "r1_zero"
     templates: dict[str, str] = Field(default_factory=dict, description="extra user prompt templates")
     arithmetic_level: int = Field(2, ge=1, le=5)
+    arithmetic_heldout: bool = Field(
+        False, description="arithmetic: a fixed quarter of the problems is evaluation-only (never trained on)")
     train_limit: int | None = Field(None, ge=1)
     eval_limit: int | None = Field(None, ge=1)
     sft_path: str | None = Field(None, description='JSONL of {"prompt","response"} (SFT mode)')
@@ -288,7 +278,7 @@ def batch_arithmetic_problems(grpo: dict[str, Any]) -> list[str]:
     return problems
 
 
-_CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
+CUDA_DEVICE = re.compile(r"cuda(:\d+)?")
 
 
 def placement_problems(rollout: Mapping[str, Any]) -> list[str]:
@@ -310,7 +300,7 @@ def placement_problems(rollout: Mapping[str, Any]) -> list[str]:
                 "rollout.placement=dedicated needs rollout.device, the engine's own GPU (e.g. cuda:1, not a "
                 "learner's): set it, or use rollout.placement=colocated to share the learner's GPU (sleep/wake)"
             )
-        elif isinstance(device, str) and not _CUDA_DEVICE.fullmatch(device):
+        elif isinstance(device, str) and not CUDA_DEVICE.fullmatch(device):
             problems.append(
                 f"rollout.device={device!r}: a dedicated engine is vLLM on its own GPU: use a CUDA device like "
                 "cuda:1, or rollout.placement=colocated"
@@ -393,84 +383,3 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
 
 def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-
-
-def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[str | torch.device], *,
-                         cuda_devices: int | None = None) -> None:
-    """Checks that need the launched cluster: batch sharding and engine placement.
-
-    Args:
-        world_size: number of learner ranks.
-        devices: the learner device of *every* rank on this node (a dedicated engine on any of them would
-            share a GPU with a learner), e.g. ``trainer.engines.node_learner_devices(accelerator)``. A bare
-            ``cuda`` means this process's current CUDA device (`rollout.engines.protocol.normalize_device`, the rule
-            the vLLM engine places itself by).
-        cuda_devices: CUDA devices visible on this node; None = ``torch.cuda.device_count()``.
-    """
-    problems = []
-    if config.mode == "grpo":
-        grpo = config.grpo
-        micro = grpo.train_batch_size // grpo.gradient_accumulation_steps
-        if micro % world_size:
-            problems.append(
-                f"micro-batch size train_batch_size/gradient_accumulation_steps={micro} is not divisible "
-                f"by world size {world_size}: lower grpo.gradient_accumulation_steps"
-            )
-        if (grpo.rollout_batch_size // grpo.group_size) % world_size:
-            problems.append(
-                f"rollout_batch_size/group_size={grpo.rollout_batch_size // grpo.group_size} questions "
-                f"cannot be split whole-group across {world_size} ranks"
-            )
-        if grpo.dynamic_sampling and world_size > 100:
-            problems.append(
-                f"grpo.dynamic_sampling with world size {world_size}: generation seeds are seed + 1000·step + "
-                "100·round + rank, so ranks beyond 100 would reuse another round's seeds; turn dynamic "
-                "sampling off or use at most 100 ranks"
-            )
-    rollout = config.rollout
-    if rollout.placement == "dedicated" and rollout.device is not None and _CUDA_DEVICE.fullmatch(rollout.device):
-        problems += _dedicated_problems(rollout.device, world_size, devices, cuda_devices)
-    if rollout.placement == "remote" and world_size > 1 and rollout.sleep_between_rollouts:
-        problems.append(
-            f"rollout.sleep_between_rollouts=true with rollout.placement=remote and world size {world_size}: "
-            "the ranks share one rollout server, and the first rank done with its rollouts would put it to "
-            "sleep while the others still generate. Set rollout.sleep_between_rollouts=false"
-        )
-    if problems:
-        raise ConfigError(problems, "config (cluster checks)")
-
-
-def _dedicated_problems(device: str, world_size: int, learner_devices: Sequence[str | torch.device],
-                        cuda_devices: int | None) -> list[str]:
-    import torch
-
-    from rollout.engines.protocol import (
-        normalize_device,  # here, not at the top: importing the config stays torch-free
-    )
-
-    problems = []
-    engine = normalize_device(device)
-    if world_size > 1:
-        problems.append(
-            f"rollout.placement=dedicated with world size {world_size}: rollout.device={device} names one "
-            f"GPU, and each of the {world_size} learner ranks would start its own engine there. Use "
-            "rollout.placement=colocated (an engine per rank on the rank's GPU) or rollout.placement=remote "
-            "(one `reasonrl rollout-server` for all ranks), or launch a single learner process"
-        )
-    learners = sorted({str(normalize_device(d)) for d in learner_devices})
-    if str(engine) in learners:
-        problems.append(
-            f"rollout.device={device}{'' if str(engine) == device else f' (= {engine})'} is also a learner "
-            f"device (learners on {', '.join(learners)}): "
-            "give the engine a GPU of its own, or use rollout.placement=colocated (sleep/wake)"
-        )
-    count = torch.cuda.device_count() if cuda_devices is None else cuda_devices
-    assert engine.index is not None
-    if engine.index >= count:
-        problems.append(
-            f"rollout.device={device}: this node has {count} CUDA device(s) (cuda:0..cuda:{count - 1})"
-            if count else
-            f"rollout.device={device}: this node has no CUDA device, and a dedicated engine needs a GPU of its "
-            "own: use rollout.placement=colocated"
-        )
-    return problems

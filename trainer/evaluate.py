@@ -18,16 +18,17 @@ import torch
 
 from rollout.engines.protocol import RolloutEngine, SamplingConfig
 from rollout.reward.pool import RewardScorer
+from trainer.config import SamplingSection
 from trainer.data.batching import pack_token_ids
 from trainer.data.prompts import format_prompt
 from trainer.data.tasks import Example
 from trainer.logprobs import get_response_log_probs
 
 
-def eval_sampling(cfg: Any, seed: int) -> SamplingConfig:
-    """SamplingConfig from an `EvalConfig` / `RolloutConfig` section (n=1)."""
+def sampling_config(cfg: SamplingSection, seed: int, n: int = 1) -> SamplingConfig:
+    """The sampling parameters of an ``eval`` or ``rollout`` config section, `n` samples per prompt."""
     return SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
-                          min_tokens=cfg.min_tokens, stop=tuple(cfg.stop), n=1, seed=seed)
+                          min_tokens=cfg.min_tokens, stop=tuple(cfg.stop), n=n, seed=seed)
 
 
 @torch.inference_mode()

@@ -1,6 +1,8 @@
-"""What every learner mode shares: run directory, learner, tracker, reward scorer, rollout engine,
+"""The resources of one training run: run directory, learner, tracker, reward scorer, rollout engine,
 evaluation, checkpoint/resume, and cleanup in `close` (engines closed, trackers finished, process group
-destroyed) even when training fails.
+destroyed) even when training fails. The reward sandbox (a worker pool) and the rollout engine start on
+first use, so the modes that never score or generate (DPO; SFT without filtering or generation metrics)
+never start them. The step loop is `trainer.learners.loop`.
 """
 
 from __future__ import annotations
@@ -15,21 +17,20 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 
-from rollout.engines.protocol import RolloutEngine, SamplingConfig
-from rollout.probe import StaleWeightProbe
+from rollout.engines.protocol import RolloutEngine
 from rollout.reward.pool import RewardScorer
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from trainer.config import RunConfig, save_config, validate_for_cluster
-from trainer.data.prompts import register_template
-from trainer.data.sampler import QuestionSampler
+from trainer.cluster import validate_for_cluster
+from trainer.config import RunConfig, save_config
+from trainer.data.prompts import is_chat_template, register_chat_template, register_template
 from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices
-from trainer.evaluate import eval_sampling, evaluate
+from trainer.evaluate import evaluate, sampling_config
 from trainer.flops import FlopCounter
 from trainer.learner import Learner
 from trainer.rank_metrics import combine_rank_metrics
+from trainer.sync import StaleWeightProbe
 from trainer.timing import PhaseTimer
 from trainer.tracking import NullTracker, Tracker, make_tracker
 
@@ -37,9 +38,13 @@ logger = logging.getLogger("reasonrl")
 
 
 class Session:
-    """One training run. Use as a context manager: ``with Session(cfg) as s: ...``."""
+    """One training run. Use as a context manager: ``with Session(cfg) as s: ...``.
 
-    def __init__(self, cfg: RunConfig, resume: bool = False) -> None:
+    `before_load` runs a mode's own checks that need the launched accelerator (e.g. DeepSpeed or not)
+    after the cluster checks and before anything is loaded."""
+
+    def __init__(self, cfg: RunConfig, resume: bool = False,
+                 before_load: Callable[[Accelerator], None] | None = None) -> None:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         set_seed(cfg.seed)
@@ -53,11 +58,12 @@ class Session:
         self.accelerator = Accelerator()
         _check_world(self.accelerator.num_processes)
         validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
-        if cfg.mode in ("grpo", "ei"):  # the rollout modes start with the warm start (before any loading)
-            from trainer.learners.warmstart import check_warm_start
-
-            check_warm_start(cfg.warmstart.steps, getattr(self.accelerator.state, "deepspeed_plugin", None) is not None)
+        if before_load is not None:
+            before_load(self.accelerator)
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
+        for name in {cfg.data.prompt_template, cfg.dpo.template}:  # `chat*`: the model's own chat template
+            if is_chat_template(name):
+                register_chat_template(name, self.learner.tokenizer)
         self.flops = FlopCounter(self.learner.unwrapped, self.learner.device, cfg.logging.peak_tflops)
         self.timer = PhaseTimer()
         self.trainer_state: dict[str, Any] = {"step": 0, "policy_version": 0}
@@ -68,8 +74,7 @@ class Session:
             self.trainer_state = load_checkpoint(self.accelerator, checkpoint)
             logger.info("resumed from %s (step %d)", checkpoint, self.trainer_state["step"])
         self.tracker = self._make_tracker()
-        self.scorer = RewardScorer(cfg.reward.fn, timeout_s=cfg.reward.timeout_s,
-                                   num_workers=cfg.reward.num_workers)
+        self._scorer: RewardScorer | None = None
         self._engine: RolloutEngine | None = None
         self._eval_examples: list[Example] | None = None
         self._probe: StaleWeightProbe | None = None
@@ -101,6 +106,14 @@ class Session:
             self._engine = build_engine(self.cfg, self.learner)
         return self._engine
 
+    @property
+    def scorer(self) -> RewardScorer:
+        """The reward module's isolated worker pool, started on first use."""
+        if self._scorer is None:
+            r = self.cfg.reward
+            self._scorer = RewardScorer(r.fn, timeout_s=r.timeout_s, num_workers=r.num_workers)
+        return self._scorer
+
     def train_examples(self) -> list[Example]:
         d = self.cfg.data
         return load_task(_task_name(self.cfg), d.train_source, "train", d.train_limit, self.cfg.seed)
@@ -113,14 +126,15 @@ class Session:
         return self._eval_examples
 
     # ---- shared phases ----------------------------------------------------------------------------
-    def sync_weights(self) -> dict[str, float]:
-        """Push the learner's weights into the rollout engine and check them with the probe."""
-        from trainer.engines import make_probe, sync_and_probe
+    def sync_weights(self, version: int | None = None) -> dict[str, float]:
+        """Push the learner's weights into the rollout engine and check them with the probe. `version`: the
+        policy version the engine takes for them (a resumed run's); None = the engine's next."""
+        from trainer.sync import make_probe, sync_weights
 
         if self._probe is None:
             self._probe = make_probe(self.cfg, self.learner)
         with self.timer("sync"):
-            metrics = sync_and_probe(self.engine, self.learner, self.cfg, self._probe)
+            metrics = sync_weights(self.engine, self.learner, self.cfg, self._probe, version)
         self.trainer_state["policy_version"] = self.engine.policy_version
         return metrics
 
@@ -142,7 +156,7 @@ class Session:
                 name = f"step_{step:06d}{tag}.jsonl"
                 metrics, records = evaluate(
                     self.engine, self.eval_examples(), self.cfg.data.prompt_template,
-                    eval_sampling(self.cfg.eval, self.cfg.seed + step), self.scorer,
+                    sampling_config(self.cfg.eval, self.cfg.seed + step), self.scorer,
                     self.run_dir / "eval" / name, policy, self.learner.tokenizer.pad_token_id,
                 )
             self.rollouts_done()
@@ -167,11 +181,6 @@ class Session:
         tokens_per_s = sum(sequence_lengths) * passes / seconds
         return {"train/learner_tokens_per_s": tokens_per_s} | self.flops.metrics(sequence_lengths, seconds, passes)
 
-    def rollout_sampling(self, n: int, seed: int) -> SamplingConfig:
-        r = self.cfg.rollout
-        return SamplingConfig(temperature=r.temperature, top_p=r.top_p, max_tokens=r.max_tokens,
-                              min_tokens=r.min_tokens, stop=tuple(r.stop), n=n, seed=seed)
-
     def save(self, step: int, **state: Any) -> None:
         self.trainer_state.update(state, step=step, wandb_run_id=self.tracker.run_id)
         with self.timer("save"):
@@ -183,59 +192,9 @@ class Session:
         if last or (every and step % every == 0):
             self.save(step, **state)
 
-    # ---- the step loop shared by the rollout-based modes (GRPO, expert iteration) ------------------
-    def begin_rollout_training(self) -> tuple[QuestionSampler[Example], int]:
-        """The question sampler (restored on resume) and the last finished step; on a fresh run also the
-        warm start and the step-0 evaluation. The engine gets the learner's weights either way."""
-        sampler = QuestionSampler(self.train_examples(), self.cfg.seed)
-        if "sampler" in self.trainer_state:
-            sampler.load_state_dict(self.trainer_state["sampler"])
-        start = int(self.trainer_state["step"])
-        if start == 0 and self.cfg.warmstart.steps:
-            from trainer.learners.warmstart import warm_start
-
-            warm_start(self)
-        saved_version = int(self.trainer_state["policy_version"])
-        self.sync_weights()
-        if start:  # the engine now holds the checkpoint's weights: their version, not a fresh count
-            self.engine.policy_version = self.trainer_state["policy_version"] = saved_version
-        else:
-            self.evaluate(0)
-        self.tracker.log(self.reduce_metrics(self.timer.pop()), start)  # warm start, first sync, evaluation
-        return sampler, start
-
-    def run_steps(self, desc: str, n_steps: int, start: int, sampler: QuestionSampler[Example],
-                  step_fn: Callable[[int], tuple[dict[str, float], Collection[str]]],
-                  postfix: Callable[[dict[str, float]], dict[str, str]]) -> dict[str, float]:
-        """Steps start+1..n_steps: step, evaluate every `eval.every` and at the end, checkpoint, log.
-
-        `step_fn` returns this rank's metrics and the keys among them that are global already; they are
-        combined over ranks once per step, with the step's phase times (evaluation and checkpoint too)."""
-        bar = tqdm(range(start + 1, n_steps + 1), desc=desc, disable=not self.progress_enabled, initial=start,
-                   total=n_steps)
-        final: dict[str, float] = {}
-        for step in bar:
-            metrics, already_global = step_fn(step)
-            last = step == n_steps
-            if last or (self.cfg.eval.every and step % self.cfg.eval.every == 0):
-                final = self.evaluate(step)
-            self.maybe_save(step, last, sampler=sampler.state_dict())
-            metrics = self.reduce_metrics(metrics | self.timer.pop(), already_global)
-            with self.timer("log"):  # reported with the next step
-                if step % self.cfg.logging.every == 0:
-                    self.tracker.log(metrics, step)
-            self.show_progress(bar, desc, step, n_steps, postfix(metrics))
-        return final
-
-    def show_progress(self, bar: Any, desc: str, step: int, total: int, fields: dict[str, str]) -> None:
-        """The bar's postfix on a terminal; elsewhere (CI, a log file) one log line per logged step."""
-        bar.set_postfix(fields)
-        if not self.progress_enabled and self.is_main and step % self.cfg.logging.every == 0:
-            logger.info("%s step %d/%d %s", desc, step, total, " ".join(f"{k}={v}" for k, v in fields.items()))
-
     # ---- cleanup ----------------------------------------------------------------------------------
     def close(self) -> None:
-        for closer in (self._close_engine, self.scorer.close, self.tracker.finish, self._end_distributed):
+        for closer in (self._close_engine, self._close_scorer, self.tracker.finish, self._end_distributed):
             try:
                 closer()
             except Exception as err:  # keep closing the rest
@@ -245,6 +204,11 @@ class Session:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
+
+    def _close_scorer(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
 
     def _end_distributed(self) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -259,7 +223,8 @@ class Session:
 
 
 def _task_name(cfg: RunConfig) -> str:
-    return f"arithmetic:{cfg.data.arithmetic_level}" if cfg.data.task == "arithmetic" else cfg.data.task
+    d = cfg.data
+    return f"arithmetic:{d.arithmetic_level}{':heldout' * d.arithmetic_heldout}" if d.task == "arithmetic" else d.task
 
 
 def _check_world(num_processes: int) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["DatasetFormatError", "read_jsonl"]
+__all__ = ["DatasetFormatError", "read_jsonl", "read_jsonl_records"]
 
 
 class DatasetFormatError(ValueError):
@@ -105,3 +105,21 @@ def read_jsonl(
             yield lineno, record
             if limit is not None and count >= limit:  # stop before reading (or decoding) another line
                 return
+
+
+def read_jsonl_records(
+    path: str | Path, required: Sequence[str], optional: Sequence[str] = (), field: str = "data file"
+) -> list[tuple[int, dict[str, str]]]:
+    """(line number, record) of every non-blank line; each record has the `required` string keys.
+
+    Raises FileNotFoundError naming `field` (the config key that named the file) for a missing file, and
+    `DatasetFormatError` naming the file and 1-based line for invalid JSON, a non-object, a missing or
+    non-string key, or a file with no records.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}={str(path)!r}: no such file")
+    out: list[tuple[int, dict[str, str]]] = list(read_jsonl(path, required, optional=optional))
+    if not out:
+        raise DatasetFormatError(f"{path}: no records (empty file); expected JSONL lines with {list(required)}")
+    return out

@@ -1,9 +1,14 @@
-"""A resumable question sampler: seeded epoch-wise shuffles with a cursor that checkpoints save."""
+"""Data order: a resumable question sampler (seeded epoch-wise shuffles with a cursor that checkpoints
+save) for the rollout modes, and the seeded held-out split and epoch batches of the dataset modes (SFT,
+DPO, expert iteration's SFT phase). Every order is a pure function of (seed, epoch), so every rank
+computes the same one and a resumed run needs only the step (or the sampler's cursor)."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -46,3 +51,32 @@ class QuestionSampler(Generic[T]):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._shuffle()
+
+
+def split_heldout(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices: a seeded ``round(fraction·n)`` held out (at least 1 if fraction > 0)."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    k = 0 if fraction == 0 else min(n - 1, max(1, round(fraction * n)))
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def epoch_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices of each optimizer batch of one epoch: a seeded permutation cut in `batch_size` chunks."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Optimizer batches in an epoch of `n` rows, a short last batch included (every rank runs it, with
+    zero-weight stand-ins where it has no rows: `trainer.data.batching.deal_micro_batches`)."""
+    return math.ceil(n / batch_size)
+
+
+def step_stream(epoch: Callable[[int], Iterator[T]], steps_per_epoch: int, start_step: int) -> Iterator[T]:
+    """The items of epochs 0, 1, 2, … (``epoch(e)`` yields one item per optimizer step), after skipping the
+    first `start_step` (resume: the order is a pure function of the epoch, so nothing else is saved)."""
+    first, skip = divmod(start_step, steps_per_epoch)
+    for e in itertools.count(first):
+        yield from itertools.islice(epoch(e), skip if e == first else 0, None)

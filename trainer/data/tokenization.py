@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from trainer.data.batching import TokenBatch, pack_token_ids
 
 
 def pad_token_id_of(tokenizer: Any) -> int:
@@ -52,3 +55,18 @@ def tokenize_prompt_and_output(
         "labels": full[:, 1:],  # (batch, T-1)
         "response_mask": is_output[:, 1:],  # (batch, T-1) bool
     }
+
+
+def pair_batch(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> TokenBatch:
+    """`tokenize_prompt_and_output` as a `TokenBatch`: the same ids, labels and response mask (built by its
+    token-id twin `pack_token_ids`), plus the attention mask of the real tokens, 0 on the right padding, so
+    that `real_lengths` (throughput, MFU) and `model.packing` leave the padding out."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"got {len(prompts)} prompts but {len(responses)} outputs")
+    if not prompts:
+        raise ValueError("pair_batch needs at least one (prompt, output) pair")
+    prompt_ids: list[list[int]] = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    response_ids: list[list[int]] = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    if max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids, strict=True)) < 2:
+        raise ValueError("every (prompt, output) pair tokenises to fewer than 2 tokens; nothing to predict")
+    return pack_token_ids(prompt_ids, response_ids, pad_token_id_of(tokenizer))

@@ -1,40 +1,18 @@
 """Preference-optimisation learner (``mode: dpo``): DPO (Rafailov et al. 2023), optionally IPO or SimPO.
 
-Exactly this:
-
-1. Data: JSONL ``{"prompt", "chosen", "rejected"}`` at ``data.preference_path`` (Anthropic HH converts with
-   ``python -m trainer.data.hh``). A seeded ``dpo.validation_fraction`` of the pairs is held out.
-2. Each (prompt, response) is formatted with the template named by ``dpo.template`` (default ``alpaca``,
-   ``instruction=prompt``) and the EOS token is appended. For DPO and IPO the log-probability of the whole
-   formatted sequence is summed (`trainer.dpo_loss.sequence_logp`, float64 sums): the prompt's tokens
-   appear in the chosen and the rejected sequence and cancel in the difference of log-ratios.
-3. Policy = the learner; reference = a frozen copy of ``model.path`` on ``dpo.reference_device`` (default:
-   the policy's device), never updated, run under the policy's mixed-precision autocast (`reference_autocast`:
-   ``--mixed_precision bf16`` casts only the prepared policy's forward). SimPO needs no reference.
-4. Each optimizer step takes ``dpo.pairs_per_step`` pairs (a fresh seeded shuffle each epoch) and runs
-   them in micro-batches of at most ``dpo.micro_batch_pairs`` pairs (chosen and rejected in one forward
-   pass per model). Per-pair loss, with ``h = (log π_w − log ref_w) − (log π_l − log ref_l)``:
-
-   - ``dpo`` (Rafailov et al. eq. 7): ``−log σ(β h)`` (`trainer.dpo_loss.dpo_loss_from_logps`);
-   - ``ipo`` (Azar et al. 2023, eq. 17): ``(h − 1/(2β))²`` with summed log-probs as in the paper (TRL
-     averages them per token instead);
-   - ``simpo`` (Meng et al. 2024, eq. 6): ``−log σ(β/|y_w| log π(y_w|x) − β/|y_l| log π(y_l|x) − γ)``
-     over the response tokens (+ EOS) only, ``γ = dpo.simpo_gamma``; the template must end in
-     ``{response}``.
-
-   The optimizer-batch loss is the mean over its pairs, through `trainer.masking.aggregate_loss`
-   (``"token"`` mode with one "token" per pair), so micro-batches may be of unequal size.
-5. Gradient-norm clip (``optim.max_grad_norm``, 1.0), then RMSprop (the DPO paper: lr 1e-6, β 0.1;
-   ``optim.optimizer: rmsprop``) or AdamW, with the configured linear warm-up.
-6. Validation before training, every ``eval.every`` steps and at the end, on the held-out pairs: mean loss,
-   implicit-reward accuracy (fraction of pairs whose chosen reward exceeds the rejected one, ties counting
-   one half, so the untrained policy (all rewards 0) scores 0.5, not 0; reward ``β (log π − log ref)``,
-   for SimPO ``β/|y| log π``) and reward margin. The best model by validation
-   accuracy (the first of equals; step 0 included) is written as an HF directory to ``RUN_DIR/best/`` with
-   ``best.json`` (step, accuracy, loss).
-
-Length: ``dpo.max_steps`` optimizer steps if set (cycling over epochs), else ``dpo.num_epochs`` epochs.
-Resume restores the optimizer and the best-so-far accuracy; the data order is a pure function of the epoch.
+1. Data: ``data.preference_path`` pairs (`trainer.data.preference`); a seeded ``dpo.validation_fraction``
+   is held out. Each (prompt, response) is formatted with ``dpo.template`` and EOS is appended; DPO and
+   IPO sum the whole sequence's log-probs (the prompt cancels in the log-ratio difference).
+2. Reference: a frozen copy of ``model.path`` on ``dpo.reference_device``, under the policy's autocast
+   (`reference_autocast`); SimPO needs none.
+3. Optimizer steps of ``dpo.pairs_per_step`` pairs (seeded shuffle per epoch) in micro-batches of at most
+   ``dpo.micro_batch_pairs``. Per-pair loss, ``h = (log π_w − log ref_w) − (log π_l − log ref_l)``: dpo
+   ``−log σ(β h)`` (eq. 7); ipo ``(h − 1/(2β))²`` (Azar et al. 2023, eq. 17); simpo ``−log σ(β/|y_w| log
+   π(y_w|x) − β/|y_l| log π(y_l|x) − γ)`` (Meng et al. 2024, eq. 6). Mean over the optimizer batch's pairs
+   (`aggregate_loss`, one "token" per pair); clip, then RMSprop (the paper) or AdamW.
+4. Validation before training, every ``eval.every`` steps and at the end: loss, implicit-reward accuracy
+   (ties count one half, so the untrained policy scores 0.5) and margin; the best model by accuracy (the
+   first of equals) goes to ``RUN_DIR/best/`` with ``best.json``. Resume restores the best-so-far too.
 """
 
 from __future__ import annotations
@@ -42,71 +20,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from trainer.config import DPOConfig, RunConfig
 from trainer.data.batching import deal_micro_batches, pack_token_ids
+from trainer.data.preference import PreferencePair, read_preference_pairs
 from trainer.data.prompts import get_template
+from trainer.data.sampler import epoch_batches, split_heldout, step_stream, steps_per_epoch
 from trainer.data.tokenization import pad_token_id_of
-from trainer.dpo_loss import dpo_loss_from_logps, format_pair, sequence_logp
 from trainer.learner import Learner, global_token_count, load_frozen_reference
-from trainer.learners.sft import (
-    epoch_batches,
-    read_jsonl_records,
-    split_heldout,
-    step_stream,
-    steps_per_epoch,
-)
-from trainer.logprobs import get_response_log_probs
-from trainer.masking import aggregate_loss
+from trainer.learners.loop import Mode, StepResult, run
+from trainer.logprobs import format_pair, get_response_log_probs, sequence_logp
+from trainer.losses import aggregate_loss, dpo_loss_from_logps, ipo_loss_from_logps, simpo_loss_from_logps
 from trainer.session import Session
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    prompt: str
-    chosen: str
-    rejected: str
-
-
-def read_preference_pairs(path: str | Path) -> list[PreferencePair]:
-    """``{"prompt", "chosen", "rejected"}`` lines of `path`; errors name the file and line."""
-    records = read_jsonl_records(path, ("prompt", "chosen", "rejected"), field="data.preference_path")
-    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for _, r in records]
-
-
-# ---- losses (pure functions of sequence log-probs) ----------------------------------------------
-def ipo_loss_from_logps(
-    policy_chosen: torch.Tensor,
-    policy_rejected: torch.Tensor,
-    ref_chosen: torch.Tensor,
-    ref_rejected: torch.Tensor,
-    beta: float,
-) -> torch.Tensor:
-    """Per-pair IPO loss ``(h − 1/(2β))²``, ``h = (π_w − ref_w) − (π_l − ref_l)`` (Azar et al. 2023, eq. 17).
-
-    All inputs (batch,) summed sequence log-probs; references are constants. E.g. h = 0, β = 0.5 → 1.0.
-    """
-    h = (policy_chosen - ref_chosen.detach()) - (policy_rejected - ref_rejected.detach())  # (batch,)
-    return (h - 1.0 / (2.0 * beta)) ** 2
-
-
-def simpo_loss_from_logps(
-    mean_chosen: torch.Tensor, mean_rejected: torch.Tensor, beta: float, gamma: float
-) -> torch.Tensor:
-    """Per-pair SimPO loss ``−log σ(β·mean_w − β·mean_l − γ)`` (Meng et al. 2024, eq. 6).
-
-    Inputs (batch,) length-normalised response log-probs ``log π(y|x) / |y|``. E.g. equal means, γ = 0 →
-    log 2 ≈ 0.693.
-    """
-    return -F.logsigmoid(beta * (mean_chosen - mean_rejected) - gamma)
 
 
 # ---- log-probs of pairs ---------------------------------------------------------------------------
@@ -263,19 +193,38 @@ class Validator:
         return reward_metrics(_cat(outs), "eval")
 
 
-def save_best(s: Session, step: int, metrics: dict[str, float]) -> None:
-    """Write the current model to ``RUN_DIR/best/`` (atomically: ``best.tmp`` then rename) + ``best.json``."""
-    state_dict = s.accelerator.get_state_dict(s.learner.model)
-    if s.is_main:
-        final, tmp = s.run_dir / "best", s.run_dir / "best.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model: Any = s.learner.unwrapped  # a PreTrainedModel
-        model.save_pretrained(tmp, state_dict=state_dict)
-        s.learner.tokenizer.save_pretrained(tmp)
-        (tmp / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    s.accelerator.wait_for_everyone()
+class BestModel:
+    """The best validation accuracy so far (restored on resume); its model is in ``RUN_DIR/best/``."""
+
+    def __init__(self, s: Session) -> None:
+        self.s = s
+        self.accuracy = float(s.trainer_state.get("best_accuracy", -math.inf))
+        self.step = float(s.trainer_state.get("best_step", -1))
+
+    def update(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Save the model if `metrics` beat the best so far (the first of equals stays); ``eval/best_*``."""
+        if metrics["eval/accuracy"] > self.accuracy:
+            self.accuracy, self.step = metrics["eval/accuracy"], float(step)
+            self.save(step, metrics)
+        return {"eval/best_accuracy": self.accuracy, "eval/best_step": self.step}
+
+    def state(self) -> dict[str, float]:
+        return {"best_accuracy": self.accuracy, "best_step": self.step}
+
+    def save(self, step: int, metrics: dict[str, float]) -> None:
+        """Write the model to ``RUN_DIR/best/`` (atomically: ``best.tmp`` then rename) + ``best.json``."""
+        s = self.s
+        state_dict = s.accelerator.get_state_dict(s.learner.model)
+        if s.is_main:
+            final, tmp = s.run_dir / "best", s.run_dir / "best.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model: Any = s.learner.unwrapped  # a PreTrainedModel
+            model.save_pretrained(tmp, state_dict=state_dict)
+            s.learner.tokenizer.save_pretrained(tmp)
+            (tmp / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+        s.accelerator.wait_for_everyone()
 
 
 def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:
@@ -285,66 +234,50 @@ def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:
     return load_frozen_reference(cfg.model, cfg.dpo.reference_device or learner.device, learner.accelerator)
 
 
-# ---- the loop -------------------------------------------------------------------------------------
+# ---- the mode ------------------------------------------------------------------------------------
+Step = tuple[list[list[PreferencePair]], list[bool]]  # this rank's micro-batches, which are stand-ins
+
+
+def preference_epochs(s: Session, train: Sequence[PreferencePair]) -> Callable[[int], Iterator[Step]]:
+    """Epoch e's optimizer batches, each dealt to the ranks in equal numbers of micro-batches."""
+    d, rank, world = s.cfg.dpo, s.accelerator.process_index, s.accelerator.num_processes
+    grad_accum = math.ceil(d.pairs_per_step / world / d.micro_batch_pairs)
+
+    def epoch(e: int) -> Iterator[Step]:
+        for rows in epoch_batches(len(train), d.pairs_per_step, s.cfg.seed * 100_003 + e):
+            micro = deal_micro_batches(rows, grad_accum, rank, world)  # equal passes on every rank
+            yield [[train[i] for i in m.rows] for m in micro], [m.dummy for m in micro]
+
+    return epoch
+
+
 def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Run DPO / IPO / SimPO as configured; returns the final validation metrics (+ ``eval/best_accuracy``)."""
     if not cfg.data.preference_path:
-        raise FileNotFoundError(
-            'mode "dpo" needs data.preference_path (JSONL of {"prompt","chosen","rejected"})'
-        )
+        raise FileNotFoundError('mode "dpo" needs data.preference_path (JSONL of {"prompt","chosen","rejected"})')
     d = cfg.dpo
     with Session(cfg, resume) as s:
         pairs = read_preference_pairs(cfg.data.preference_path)
         train_idx, held_idx = split_heldout(len(pairs), d.validation_fraction, cfg.seed)
         train = [pairs[i] for i in train_idx]
-        validate = Validator([pairs[i] for i in held_idx], d.micro_batch_pairs)
+        validate, best = Validator([pairs[i] for i in held_idx], d.micro_batch_pairs), BestModel(s)
         ref_model = reference_model(cfg, s.learner)
-        rank, world = s.accelerator.process_index, s.accelerator.num_processes
-        grad_accum = math.ceil(d.pairs_per_step / world / d.micro_batch_pairs)
+        per_epoch, start = steps_per_epoch(len(train), d.pairs_per_step), int(s.trainer_state["step"])
+        s.tracker.log({"data/train_pairs": float(len(train)), "data/heldout_pairs": float(len(held_idx))}, start)
+        batches = step_stream(preference_epochs(s, train), per_epoch, start)
 
-        def epoch(e: int) -> Iterator[tuple[list[list[PreferencePair]], list[bool]]]:
-            for rows in epoch_batches(len(train), d.pairs_per_step, cfg.seed * 100_003 + e):
-                micro = deal_micro_batches(rows, grad_accum, rank, world)  # equal passes on every rank
-                yield [[train[i] for i in m.rows] for m in micro], [m.dummy for m in micro]
+        def step(_: int) -> StepResult:
+            micro_batches, dummies = next(batches)
+            with s.timer("train"):
+                return dpo_update(s.learner, ref_model, cfg, micro_batches, dummies), ()
 
-        per_epoch = steps_per_epoch(len(train), d.pairs_per_step)
-        total = d.max_steps or d.num_epochs * per_epoch
-        start = int(s.trainer_state["step"])
-        best = {
-            "accuracy": float(s.trainer_state.get("best_accuracy", -math.inf)),
-            "step": float(s.trainer_state.get("best_step", -1)),
-        }
-
-        def validation(step: int) -> dict[str, float]:
+        def evaluate(step: int) -> dict[str, float]:
             with s.timer("eval"):
                 metrics = validate(s.learner, ref_model, d)
-            if metrics["eval/accuracy"] > best["accuracy"]:
-                best.update(accuracy=metrics["eval/accuracy"], step=float(step))
-                save_best(s, step, metrics)
-            metrics |= {"eval/best_accuracy": best["accuracy"], "eval/best_step": best["step"]}
+            metrics |= best.update(step, metrics)
             s.tracker.log(metrics, step)
             return metrics
 
-        s.tracker.log(
-            {"data/train_pairs": float(len(train)), "data/heldout_pairs": float(len(held_idx))}, start
-        )
-        final = validation(0) if start == 0 else {}
-        bar = tqdm(
-            range(start + 1, total + 1),
-            desc=f"{d.loss}",
-            disable=not s.progress_enabled,
-            initial=start,
-            total=total,
-        )
-        for step, (micro_batches, dummies) in zip(bar, step_stream(epoch, per_epoch, start), strict=False):
-            with s.timer("train"):
-                metrics = dpo_update(s.learner, ref_model, cfg, micro_batches, dummies)
-            if step % cfg.logging.every == 0:
-                s.tracker.log(s.reduce_metrics(metrics | s.timer.pop()), step)
-            s.show_progress(bar, d.loss, step, total, {"loss": f"{metrics.get('train/loss', math.nan):.3f}",
-                                               "acc": f"{metrics.get('train/accuracy', math.nan):.2f}"})
-            last = step == total
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                final = validation(step)
-            s.maybe_save(step, last, best_accuracy=best["accuracy"], best_step=best["step"])
-        return final
+        return run(s, Mode(d.loss, d.max_steps or d.num_epochs * per_epoch, step, evaluate,
+                           lambda m: {"loss": f"{m.get('train/loss', math.nan):.3f}",
+                                      "acc": f"{m.get('train/accuracy', math.nan):.2f}"}, best.state))

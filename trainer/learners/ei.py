@@ -1,41 +1,34 @@
 """Expert iteration (``mode: ei``): STaR-style rejection-sampling fine-tuning (Zelikman et al. 2022;
-CS336 assignment 5 §5, "expert iteration").
+CS336 assignment 5 §5). For each of ``ei.n_ei_steps`` steps:
 
-Exactly this, for each of ``ei.n_ei_steps`` steps:
+1. draw ``ei.questions_per_step`` training questions (`QuestionSampler`), formatted with
+   ``data.prompt_template``; 2. sample ``ei.group_size`` responses each (``rollout.*`` sampling);
+3. keep the responses whose answer reward is 1 (duplicates kept; ``ei/kept``);
+4. ``ei.ei_epochs`` epochs of the SFT step (`trainer.learners.sft.sft_update`: response-only token-mean
+   NLL, optimizer batches of ``ei.batch_size`` in ``ei.gradient_accumulation_steps`` micro-batches) on the
+   kept samples, from the current policy (CS336), not the base model as in STaR; no correct sample, no
+   update; 5. weight sync; 6. log ``ei/kept``, ``ei/kept_fraction``, ``ei/questions_solved`` and the mean
+   token entropy of all sampled responses (``ei/response_entropy``).
 
-1. draw ``ei.questions_per_step`` training questions (`QuestionSampler`: without replacement, reshuffled
-   each epoch, resumable), formatted with ``data.prompt_template``;
-2. sample ``ei.group_size`` responses per question from the rollout engine (``rollout.*`` sampling);
-3. grade them with the reward module (``reward.fn``) and keep the responses whose answer reward is 1
-   (right answer in the right format); duplicates are kept. The kept count is logged (``ei/kept``);
-4. SFT on the kept (prompt, response) token ids for ``ei.ei_epochs`` epochs with the SFT step of
-   `trainer.learners.sft` (response-only token-mean NLL; optimizer batches of ``ei.batch_size``, each in
-   ``ei.gradient_accumulation_steps`` micro-batches; clip 1.0; the configured optimizer). Training
-   continues from the current policy (CS336), not from the base model as in STaR. A step with no
-   correct sample makes no update;
-5. sync the weights into the rollout engine (`Session.sync_weights`);
-6. log ``ei/kept``, ``ei/kept_fraction``, ``ei/questions_solved``, the mean token entropy of *all* sampled
-   responses under the policy that sampled them (``ei/response_entropy``), rollout, reward and train
-   metrics; held-out evaluation (`Session.evaluate`) before step 1, every ``eval.every`` steps and at the end.
-
-An optional SFT warm start (``warmstart.steps``, `trainer.learners.warmstart`) runs before step 1, so that a random
-policy produces some correct samples. Data parallel: every rank draws the same questions and samples its
-share; the kept samples are gathered so that every rank trains on the same set, sharded by rows
-(`trainer.data.batching.deal_micro_batches`: the kept count is arbitrary, so a rank short of rows — or with
-none — runs zero-weight micro-batches, keeping every rank's forward/backward passes and optimizer steps
-in step; the update equals the 1-process one).
+An optional warm start (`trainer.learners.warmstart`) runs before step 1. Data parallel: every rank draws
+the same questions and samples its share; the kept samples are gathered, and every rank trains on its rows
+of them (`deal_micro_batches`: zero-weight stand-ins keep the ranks' passes equal).
 """
 
 from __future__ import annotations
+
+import functools
 
 from rollout.engines.protocol import Sample, rollout_metrics
 from trainer.config import RunConfig
 from trainer.data.batching import deal_micro_batches, pack_micro_batches, pack_token_ids
 from trainer.data.prompts import format_prompt
-from trainer.data.sampler import QuestionSampler
+from trainer.data.sampler import QuestionSampler, epoch_batches
 from trainer.data.tasks import Example
-from trainer.evaluate import response_entropy
-from trainer.learners.sft import epoch_batches, sft_update
+from trainer.evaluate import response_entropy, sampling_config
+from trainer.learners.loop import Mode, StepResult, run
+from trainer.learners.sft import sft_update
+from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
 from trainer.session import Session
 
 
@@ -51,7 +44,7 @@ def sample_and_filter(
     prompts = [format_prompt(s.cfg.data.prompt_template, question=q.question) for q in questions]
     with s.timer("generate"):
         samples = s.engine.generate(
-            prompts, s.rollout_sampling(ei.group_size, s.cfg.seed + 1_000 * step + acc.process_index)
+            prompts, sampling_config(s.cfg.rollout, s.cfg.seed + 1_000 * step + acc.process_index, ei.group_size)
         )
     with s.timer("score"):
         scores = s.scorer.score(
@@ -98,7 +91,7 @@ def sft_on_kept(s: Session, kept: list[Sample], step: int) -> dict[str, float]:
     return metrics
 
 
-def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> tuple[dict[str, float], tuple[str, ...]]:
+def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> StepResult:
     """One expert-iteration step: sample → filter → SFT → sync; this rank's metrics, the global keys."""
     kept, metrics = sample_and_filter(s, sampler, step)
     s.rollouts_done()
@@ -111,9 +104,10 @@ def ei_step(s: Session, sampler: QuestionSampler[Example], step: int) -> tuple[d
 
 def train_ei(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Run expert iteration as configured; returns the final evaluation metrics."""
-    with Session(cfg, resume) as s:
-        sampler, start = s.begin_rollout_training()
-        return s.run_steps(
-            "ei", cfg.ei.n_ei_steps, start, sampler, lambda step: ei_step(s, sampler, step),
+    with Session(cfg, resume, before_load=functools.partial(refuse_under_deepspeed, cfg.warmstart.steps)) as s:
+        sampler = start_rollouts(s)
+        return run(s, Mode(
+            "ei", cfg.ei.n_ei_steps, lambda step: ei_step(s, sampler, step), s.evaluate,
             lambda m: {"kept": str(int(m["ei/kept"])), "entropy": f"{m['ei/response_entropy']:.2f}"},
-        )
+            lambda: {"sampler": sampler.state_dict()},
+        ))

@@ -1,31 +1,24 @@
-"""GRPO learner (Shao et al. 2024, "DeepSeekMath", §4.1) as specified by CS336 assignment 5.
+"""GRPO learner (Shao et al. 2024, "DeepSeekMath", §4.1) as specified by CS336 assignment 5. Per step:
 
-Exactly this variant, per step:
-
-1. sample ``rollout_batch_size / group_size`` questions, ``group_size`` samples each (the rollout engine);
-2. rewards from the reward module; group-normalised advantages ``A = (r − mean_g) / (std_g + eps)``
-   (unbiased std), or ``r − mean_g`` with ``use_std_normalization: false`` (Dr. GRPO); optional DAPO
-   dynamic sampling drops zero-std groups and refills from new questions;
-3. old log-probs computed once under `torch.inference_mode()`, only when off-policy
-   (``epochs_per_rollout_batch > 1`` or ``train_batch_size < rollout_batch_size``); on-policy they equal
-   the detached current log-probs (ratio 1);
-4. ``epochs_per_rollout_batch`` epochs of optimizer batches of ``train_batch_size``, each split into
+1. sample ``rollout_batch_size / group_size`` questions, ``group_size`` samples each; 2. rewards, and
+   group-normalised advantages ``A = (r − mean_g) / (std_g + eps)`` (unbiased std), or ``r − mean_g`` with
+   ``use_std_normalization: false`` (Dr. GRPO); optional DAPO dynamic sampling drops zero-std groups and
+   refills from new questions; 3. old log-probs, once, only when off-policy (``epochs_per_rollout_batch >
+   1`` or ``train_batch_size < rollout_batch_size``); on-policy the ratio is 1;
+4. ``epochs_per_rollout_batch`` epochs of optimizer batches of ``train_batch_size`` in
    ``gradient_accumulation_steps`` micro-batches; per-token loss = policy-gradient loss (`loss_type`)
-   [× truncated importance weight min(π_learner/π_rollout, cap) when ``tis_cap`` is set]
-   [+ ``kl_coef`` · k3 KL to the frozen initial policy] [− ``entropy_coef`` · token entropy],
-   aggregated by `trainer.masking.aggregate_loss` (sequence mean, constant, or token level);
-5. gradient-norm clip (1.0), AdamW (β = 0.9, 0.95, weight decay 0);
-6. weight sync to the rollout engine, checked by the stale-weight probe; 7. logging.
+   [× truncated importance weight min(π_learner/π_rollout, ``tis_cap``)] [+ ``kl_coef`` · k3 KL to the
+   frozen initial policy] [− ``entropy_coef`` · entropy], aggregated by `aggregate_loss`; 5. clip (1.0),
+   AdamW; 6. weight sync, checked by the stale-weight probe; 7. logging.
 
-Every learner-side log-prob (current, old, reference) and the entropy are taken under
-softmax(logits / ``rollout.temperature``), the distribution the rollouts were sampled from, so the
-policy gradient, the ratios and the mismatch metrics refer to the sampling policy (1.0 in CS336).
-No KL term by default (as in CS336 and Dr. GRPO). Data parallel: every rank draws the same questions and
-takes its own whole groups, so a group is never split across ranks.
+Learner-side log-probs and entropies use softmax(logits / ``rollout.temperature``), the sampling
+distribution. No KL term by default (CS336, Dr. GRPO). Data parallel: every rank draws the same questions
+and takes its own whole groups.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +30,12 @@ from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids
 from trainer.data.prompts import format_prompt
 from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
+from trainer.evaluate import sampling_config
 from trainer.learner import Learner, global_token_count, load_frozen_reference
+from trainer.learners.loop import Mode, StepResult, run
+from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
 from trainer.logprobs import forward_log_probs, length_sorted_order, real_lengths
-from trainer.losses import compute_policy_gradient_loss
-from trainer.masking import aggregate_loss
+from trainer.losses import aggregate_loss, compute_policy_gradient_loss, k3_kl, masked_mean
 from trainer.session import Session
 
 
@@ -119,7 +114,7 @@ def _sample_groups(s: Session, sampler: QuestionSampler[Example], per_rank: int,
     prompts = [format_prompt(s.cfg.data.prompt_template, question=q.question) for q in questions]
     seed = s.cfg.seed + 1_000 * step + 100 * round_ + rank
     with s.timer("generate"):
-        samples = s.engine.generate(prompts, s.rollout_sampling(g.group_size, seed))
+        samples = s.engine.generate(prompts, sampling_config(s.cfg.rollout, seed, g.group_size))
     golds = [q.answer for q in questions for _ in range(g.group_size)]
     with s.timer("score"):
         scores = s.scorer.score([x.text for x in samples], golds)
@@ -226,7 +221,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     if ref_model is not None and g.kl_coef > 0:
         kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb, cfg.model.packing, cfg.rollout.temperature))
         per_token = per_token + g.kl_coef * kl
-        metrics["train/kl"] = _masked_mean(kl.detach(), mask)
+        metrics["train/kl"] = float(masked_mean(kl.detach(), mask, empty_is_zero=True))
     if g.entropy_coef > 0:
         per_token = per_token - g.entropy_coef * entropy
     loss = aggregate_loss(per_token, mask, g.length_normalization,
@@ -235,32 +230,22 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
                           world_size=learner.accelerator.num_processes)
     learner.backward(loss)
     metrics["train/loss"] = float(loss.detach()) * g.gradient_accumulation_steps
-    metrics["train/entropy"] = _masked_mean(entropy.detach(), mask)
+    metrics["train/entropy"] = float(masked_mean(entropy.detach(), mask, empty_is_zero=True))
     if "clipped" in meta:
-        metrics["train/clip_fraction"] = _masked_mean(meta["clipped"].float(), mask)
+        metrics["train/clip_fraction"] = float(masked_mean(meta["clipped"].float(), mask, empty_is_zero=True))
     return metrics
-
-
-def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(π_θ‖π_ref) per token: exp(r) − r − 1 with r = log π_ref − log π_θ."""
-    r = ref_log_probs - log_probs
-    return torch.exp(r) - r - 1
 
 
 def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
     """Rollout-vs-learner log-prob mismatch: k1 and k3 KL(π_rollout‖π_learner) estimates on sampled tokens."""
     r = learner_lp - rollout_lp
-    return {"train/mismatch_kl_k1": _masked_mean(-r, mask), "train/mismatch_kl_k3": _masked_mean(torch.exp(r) - r - 1, mask)}
+    return {"train/mismatch_kl_k1": float(masked_mean(-r, mask, empty_is_zero=True)),
+            "train/mismatch_kl_k3": float(masked_mean(torch.exp(r) - r - 1, mask, empty_is_zero=True))}
 
 
 @torch.no_grad()
 def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch, packed: bool, temperature: float = 1.0) -> torch.Tensor:
     return forward_log_probs(ref_model, mb, packed=packed, temperature=temperature)["log_probs"]
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
-    m = mask.to(x.dtype)
-    return float((x * m).sum() / m.sum().clamp(min=1))
 
 
 # ---- the loop -----------------------------------------------------------------------------------
@@ -276,15 +261,15 @@ def grading_health(s: Session) -> dict[str, float]:
 
 
 def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
-              ref_model: torch.nn.Module | None) -> tuple[dict[str, float], list[str]]:
-    """One GRPO step; reads like the algorithm. Returns this rank's metrics and the keys among them that
-    are global already (the reward statistics)."""
+              ref_model: torch.nn.Module | None) -> StepResult:
+    """One GRPO step: sample → score → old log-probs → update → sync → log. Returns this rank's metrics
+    and the keys among them that are global already (the reward statistics of every rank's rollouts)."""
+    g = s.cfg.grpo
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
     s.rollouts_done()
-    already_global = [k for k in metrics if k.startswith("reward/")]  # statistics of every rank's rollouts
+    already_global = [k for k in metrics if k.startswith("reward/")]
     metrics |= policy_lag(s, samples) | grading_health(s)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
-    g = s.cfg.grpo
     if is_off_policy(g):
         with s.timer("old_log_probs"):
             micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
@@ -298,13 +283,14 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     """Run GRPO as configured; returns the final evaluation metrics."""
-    with Session(cfg, resume) as s:
-        sampler, start = s.begin_rollout_training()
+    with Session(cfg, resume, before_load=functools.partial(refuse_under_deepspeed, cfg.warmstart.steps)) as s:
+        sampler = start_rollouts(s)
         ref_model = _reference_model(s) if cfg.grpo.kl_coef > 0 else None
-        return s.run_steps(
-            "grpo", cfg.grpo.n_grpo_steps, start, sampler, lambda step: grpo_step(s, sampler, step, ref_model),
+        return run(s, Mode(
+            "grpo", cfg.grpo.n_grpo_steps, lambda step: grpo_step(s, sampler, step, ref_model), s.evaluate,
             lambda m: {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"},
-        )
+            lambda: {"sampler": sampler.state_dict()},
+        ))
 
 
 def _reference_model(s: Session) -> torch.nn.Module:

@@ -1,9 +1,11 @@
-"""Warm start: a short SFT on the training questions' worked solutions before RL, so that a random tiny
-policy already produces the answer format (the CPU demo). With ``warmstart.sloppy_fraction`` that fraction of
-the demonstrations leave out the ``<answer>`` tags (a sloppy demonstrator), so the warm-started policy
-often answers in a form the reward does not accept: a gap RL can close within minutes on a CPU. Response-only loss (CS336
-`sft_microbatch_train_step`), its own AdamW at ``warmstart.learning_rate``; the result is saved to
-``RUN_DIR/warmstart`` (the KL reference when ``grpo.kl_coef > 0``).
+"""The start of a rollout mode (GRPO, expert iteration): the optional warm start, then the first weight sync.
+
+Warm start: a short SFT on the training questions' worked solutions before RL, so that a random tiny
+policy already produces the answer format (the CPU demo). With ``warmstart.sloppy_fraction`` that fraction
+of the demonstrations leave out the ``<answer>`` tags (a sloppy demonstrator), so the warm-started policy
+often answers in a form the reward does not accept: a gap RL can close within minutes on a CPU.
+Response-only loss (`sft_loss`, CS336 §4.3), its own AdamW at ``warmstart.learning_rate``; the
+result is saved to ``RUN_DIR/warmstart`` (the KL reference when ``grpo.kl_coef > 0``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from tqdm.auto import tqdm
 
 from trainer.config import ConfigError
 from trainer.data.prompts import format_prompt
+from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.data.tokenization import tokenize_prompt_and_output
 from trainer.logprobs import get_response_log_probs
+from trainer.losses import sft_loss
 from trainer.session import Session
-from trainer.train_steps import sft_microbatch_train_step
 
 
 def r1_zero_target(example: Example, sloppy: bool = False) -> str:
@@ -41,7 +44,26 @@ def check_warm_start(steps: int, deepspeed: bool) -> None:
             "set warmstart.steps=0 and start GRPO from an SFT checkpoint (mode: sft) instead"], "config")
 
 
+def refuse_under_deepspeed(steps: int, accelerator: Any) -> None:
+    """`check_warm_start` for the launched accelerator (a `Session`'s ``before_load`` check)."""
+    check_warm_start(steps, getattr(accelerator.state, "deepspeed_plugin", None) is not None)
+
+
+def start_rollouts(s: Session) -> QuestionSampler[Example]:
+    """The question sampler (restored on resume); on a fresh run the warm start first. The engine gets the
+    learner's weights either way; a resumed engine holds the checkpoint's policy version, not a fresh count."""
+    sampler = QuestionSampler(s.train_examples(), s.cfg.seed)
+    if "sampler" in s.trainer_state:
+        sampler.load_state_dict(s.trainer_state["sampler"])
+    start = int(s.trainer_state["step"])
+    if start == 0 and s.cfg.warmstart.steps:
+        warm_start(s)
+    s.sync_weights(int(s.trainer_state["policy_version"]) if start else None)  # resumed: the checkpoint's version
+    return sampler
+
+
 def warm_start(s: Session) -> dict[str, float]:
+    """``warmstart.steps`` SFT steps on r1_zero demonstrations (module docstring); logs the final loss."""
     cfg = s.cfg.warmstart
     examples = s.train_examples()
     rng = random.Random(s.cfg.seed)
@@ -58,7 +80,8 @@ def warm_start(s: Session) -> dict[str, float]:
             tokens = {k: v.to(s.learner.device) for k, v in tokens.items()}
             log_probs = get_response_log_probs(s.learner.model, tokens["input_ids"], tokens["labels"])["log_probs"]
             mask = tokens["response_mask"]
-            loss, _ = sft_microbatch_train_step(log_probs, mask, 1, normalize_constant=float(mask.sum(-1).max()))
+            loss = sft_loss(log_probs, mask, "constant", normalize_constant=float(mask.sum(-1).max()))
+            torch.autograd.backward(loss)
             s.accelerator.clip_grad_norm_(s.learner.model.parameters(), s.cfg.optim.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,26 +1,14 @@
 """``reasonrl doctor``: check the installation and the machine before a run, one line per check.
 
-Each check reports ``pass``, ``fail`` or ``n/a`` (cannot apply here, e.g. NCCL without GPUs) with a detail
-and, when it did not pass, how to fix it. `main` prints the table and returns 1 if any check failed, else 0.
-
-Checks:
-
-- versions of torch (and its CUDA build), vLLM, transformers, accelerate, DeepSpeed, flash-attn,
-  math-verify and wandb; required ones missing or outside reasonrl's declared range fail, and DeepSpeed
-  must equal its pin in reasonrl's ``gpu`` extra. vLLM must lie in `rollout.engines.vllm.SUPPORTED_VLLM`
-  (0.26 to 0.32, not just the pinned 0.32: 0.26 is what the lent GPU machine runs); below 0.32 the row
-  says which features are reduced (`check_vllm_version`);
-- GPUs: name, compute capability and free / total memory of every visible device (fails if one has less
-  than 10 % free: another process holds it);
-- vLLM weight reload: vLLM's worker and model runner define the in-place ``reload_weights(weights_iterator,
-  is_checkpoint_format)`` that `rollout.engines.vllm` calls through ``collective_rpc``; found by reading
-  vLLM's source (no engine started, nothing imported);
-- NCCL: an all-reduce over every visible GPU, one process each (``torchrun -m trainer.tools.doctor --nccl-probe``),
-  with a time limit;
-- reward sandbox: `rollout.reward.pool.RewardScorer` created, used and closed from a non-main thread (as a
-  rollout thread does): a correct answer scores 1, a wrong one 0, and a sample that sleeps past the
-  per-sample limit scores 0 and is counted as a timeout instead of hanging;
-- wandb: the mode the environment selects.
+Each check reports ``pass``, ``fail`` or ``n/a`` (cannot apply here) with a detail and, when it did not pass,
+how to fix it; `main` returns 1 if any check failed. The checks: versions of torch (and its CUDA build),
+vLLM (within `rollout.engines.vllm.SUPPORTED_VLLM`; below 0.32 the row names the reduced features),
+transformers, accelerate, DeepSpeed (its ``gpu`` extra pin), flash-attn, math-verify and wandb against
+reasonrl's declared ranges; every visible GPU (fails under 10 % free memory); vLLM's in-place
+``reload_weights`` that the weight sync calls, found by reading vLLM's source (nothing imported); an NCCL
+all-reduce over every GPU (``torchrun -m trainer.tools.doctor --nccl-probe``, time-limited); the reward
+sandbox used from a non-main thread (right 1, wrong 0, a stuck sample times out and scores 0); the wandb
+mode the environment selects.
 """
 
 from __future__ import annotations
@@ -188,12 +176,8 @@ def check_gpus() -> Check:
     import torch
 
     if not torch.cuda.is_available():
-        return Check(
-            "GPUs",
-            "n/a",
-            "no GPUs visible",
-            "on a GPU machine: check nvidia-smi, CUDA_VISIBLE_DEVICES, `docker run --gpus all`",
-        )
+        return Check("GPUs", "n/a", "no GPUs visible",
+                     "on a GPU machine: check nvidia-smi, CUDA_VISIBLE_DEVICES, `docker run --gpus all`")
     parts, low = [], []
     for i in range(torch.cuda.device_count()):
         free, total = torch.cuda.mem_get_info(i)
@@ -205,12 +189,8 @@ def check_gpus() -> Check:
         if free < 0.1 * total:
             low.append(i)
     if low:
-        return Check(
-            "GPUs",
-            "fail",
-            "; ".join(parts),
-            f"GPU(s) {low} are almost full: another process holds them (nvidia-smi)",
-        )
+        return Check("GPUs", "fail", "; ".join(parts),
+                     f"GPU(s) {low} are almost full: another process holds them (nvidia-smi)")
     return Check("GPUs", "pass", "; ".join(parts))
 
 
@@ -280,17 +260,8 @@ def check_nccl() -> Check:
     if not torch.cuda.is_available():
         return Check("NCCL", "n/a", "no GPUs")
     n = torch.cuda.device_count()
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(n),
-        "-m",
-        "trainer.tools.doctor",
-        "--nccl-probe",
-    ]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           "-m", "trainer.tools.doctor", "--nccl-probe"]
     fix = (
         "rerun with NCCL_DEBUG=INFO; in containers use --ipc=host (or a large --shm-size); "
         "try NCCL_P2P_DISABLE=1 to rule out peer-to-peer, NCCL_IB_DISABLE=1 for InfiniBand"
@@ -301,11 +272,8 @@ def check_nccl() -> Check:
     if code != 0 or out.count("nccl-probe ok") != n:
         tail = " | ".join(out.strip().splitlines()[-3:])
         return Check("NCCL", "fail", f"all-reduce over {n} GPU(s) failed (exit {code}): {tail}", fix)
-    return Check(
-        "NCCL",
-        "pass",
-        f"all-reduce and broadcast over {n} GPU(s)" + (" (one GPU: no peer to test)" if n == 1 else ""),
-    )
+    peer = " (one GPU: no peer to test)" if n == 1 else ""
+    return Check("NCCL", "pass", f"all-reduce and broadcast over {n} GPU(s){peer}")
 
 
 def _run_bounded(cmd: list[str], timeout_s: float) -> tuple[int | None, str]:
@@ -358,7 +326,7 @@ def doctor_reward(response: str, ground_truth: str) -> dict[str, float]:
 
 def check_reward_sandbox() -> Check:
     name = "reward sandbox (thread)"
-    fix = "see rollout/rewards.py (RewardScorer); run `pytest tests/test_rewards.py` for details"
+    fix = "see rollout/reward/pool.py (RewardScorer); run `pytest tests/test_rewards.py` for details"
     box: dict[str, Any] = {}
 
     def work() -> None:

@@ -1,0 +1,22 @@
+"""Preference pairs for DPO / IPO / SimPO: JSONL ``{"prompt", "chosen", "rejected"}`` (Anthropic HH converts
+with ``python -m trainer.data.hh``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from trainer.data.jsonl import read_jsonl_records
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def read_preference_pairs(path: str | Path) -> list[PreferencePair]:
+    """``{"prompt", "chosen", "rejected"}`` lines of `path`; errors name the file and line."""
+    records = read_jsonl_records(path, ("prompt", "chosen", "rejected"), field="data.preference_path")
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for _, r in records]
