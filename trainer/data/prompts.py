@@ -4,11 +4,21 @@
   ``<think>``; the reward expects ``... </think> <answer> ... </answer>``).
 - ``question_only``: the bare question.
 - ``alpaca``: the Alpaca instruction template used for SFT and DPO (fields ``instruction``, ``response``).
+- ``chat`` / ``chat:<name>``: the model's own chat template (``tokenizer.apply_chat_template`` with
+  ``add_generation_prompt=True``) around a user message; `register_chat_template` renders it once per
+  run into a format string like the others. ``chat`` and ``chat:question_only`` send the bare question
+  (reward ``question_only``: the last number or ``\\boxed{}`` is graded, so an instruct model scores
+  zero-shot); ``chat:r1_zero`` puts the R1-Zero instructions in the system message and starts the
+  assistant turn with ``<think>`` (reward ``r1_zero``); ``chat:pair`` is the DPO/SFT form (user
+  ``{instruction}``, assistant ``{response}``, e.g. ``dpo.template: chat:pair``); ``chat:<other>`` sends
+  template ``<other>`` as the user message, with the model's default system message.
 
 Users add their own through the config (`register_template`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 R1_ZERO = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. "
@@ -24,6 +34,17 @@ ALPACA = (
 )
 
 TEMPLATES: dict[str, str] = {"r1_zero": R1_ZERO, "question_only": QUESTION_ONLY, "alpaca": ALPACA}
+
+CHAT_PREFIX = "chat"
+R1_ZERO_SYSTEM = R1_ZERO.split("\nUser:")[0]
+# chat template name -> (system message or None for the model's default, user message, assistant prefix)
+CHAT_PARTS: dict[str, tuple[str | None, str, str]] = {
+    "chat": (None, QUESTION_ONLY, ""),
+    "chat:question_only": (None, QUESTION_ONLY, ""),
+    "chat:r1_zero": (R1_ZERO_SYSTEM, QUESTION_ONLY, "<think>"),
+    "chat:pair": (None, "{instruction}", "{response}"),  # SFT/DPO pairs (fields of `ALPACA`)
+}
+_SLOT = "\u241fUSER\u241f"  # stands for the user message while the chat template renders
 
 
 def register_template(name: str, template: str) -> None:
@@ -48,6 +69,36 @@ def format_prompt(name: str, **fields: str) -> str:
         return template.format(**fields)
     except KeyError as err:
         raise KeyError(f"prompt template {name!r} needs field {err.args[0]!r}; got {sorted(fields)}") from None
+
+
+def is_chat_template(name: str) -> bool:
+    return name == CHAT_PREFIX or name.startswith(CHAT_PREFIX + ":")
+
+
+def register_chat_template(name: str, tokenizer: Any) -> str:
+    """Render `tokenizer`'s chat template for template `name` (``chat`` or ``chat:<name>``) into a format
+    string, register it under `name` and return it. Other names are left alone (returned unchanged).
+
+    The user message is a placeholder while the template renders, so whatever the chat template adds
+    (special tokens, a default system message) is kept verbatim and only the message stays a field.
+    """
+    if not is_chat_template(name):
+        return get_template(name)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"prompt template {name!r} uses the model's chat template, but its tokenizer has "
+                         "none: choose a plain template (e.g. r1_zero or question_only)")
+    inner = name.partition(":")[2] or "question_only"
+    system, user, prefix = CHAT_PARTS[name] if name in CHAT_PARTS else (None, get_template(inner), "")
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": _SLOT})
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(rendered, str) or rendered.count(_SLOT) != 1:
+        raise ValueError(f"prompt template {name!r}: the tokenizer's chat template did not render the user "
+                         "message exactly once")
+    before, after = (part.replace("{", "{{").replace("}", "}}") for part in rendered.split(_SLOT))
+    template = before + user + after + prefix
+    register_template(name, template)
+    return template
 
 
 class _AnyFields(dict[str, str]):

@@ -6,7 +6,8 @@
 - ``math``: MATH-style JSONL ``{"problem", "answer"}`` or ``{"problem", "solution"}`` (gold = the last
   ``\\boxed{}`` of the solution, nested braces handled); same file/folder rules as GSM8K.
 - ``arithmetic`` / ``arithmetic:<level>``: small exact-answer arithmetic built in code (`make_arithmetic`)
-  for the CPU demo and learning tests.
+  for the CPU demo and learning tests. ``arithmetic:<level>:heldout`` splits the problems themselves: about
+  a quarter (a fixed hash of the expression) are test/validation-only and training never draws them.
 
 File order is kept; ``limit`` takes the first examples. ``seed`` only affects generated tasks.
 
@@ -17,6 +18,7 @@ File order is kept; ``limit`` takes the first examples. ``seed`` only affects ge
 from __future__ import annotations
 
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,9 +217,19 @@ ARITHMETIC_LEVELS: dict[int, tuple[str, Callable[[random.Random], tuple[str, int
 }
 
 
-def make_arithmetic(n: int, seed: int = 0, level: int = 2) -> list[Example]:
+def is_heldout_problem(expr: str) -> bool:
+    """Whether `expr` belongs to the held-out quarter of the problems (``arithmetic:<level>:heldout``).
+
+    >>> [is_heldout_problem(e) for e in ("2 + 1", "2 + 2")]
+    [True, False]
+    """
+    return zlib.crc32(expr.encode()) % 4 == 0
+
+
+def make_arithmetic(n: int, seed: int = 0, level: int = 2, part: str | None = None) -> list[Example]:
     """`n` questions "What is <expr>?" with exact integer answers; the same (n, seed, level) gives the
-    same list, and a longer list starts with the shorter one. Levels: see `ARITHMETIC_LEVELS`.
+    same list, and a longer list starts with the shorter one. Levels: see `ARITHMETIC_LEVELS`. `part`
+    ``"heldout"`` / ``"train"`` draws only problems that are / are not `is_heldout_problem`.
 
     >>> [(e.question, e.answer, e.solution) for e in make_arithmetic(1, seed=3, level=3)]
     [('What is 12 * 81?', '972', '12 * 81 = 972')]
@@ -228,9 +240,11 @@ def make_arithmetic(n: int, seed: int = 0, level: int = 2) -> list[Example]:
         raise ValueError(f"make_arithmetic n must be >= 0, got {n}")
     rng = random.Random(f"arithmetic-{level}-{seed}")
     make = ARITHMETIC_LEVELS[level][1]
-    out = []
-    for _ in range(n):
+    out: list[Example] = []
+    while len(out) < n:
         expr, value = make(rng)
+        if part is not None and is_heldout_problem(expr) != (part == "heldout"):
+            continue
         out.append(Example(question=f"What is {expr}?", answer=str(value), solution=f"{expr} = {value}"))
     return out
 
@@ -250,8 +264,8 @@ def load_task(
     (generated; default level 2; `limit` examples, default 2000 for train and 200 for test/validation;
     each (split, seed) pair has its own random stream). Generated splits are independent draws, not
     disjoint sets: level 1 has only 100 distinct questions, so its test questions all occur in a 2000-
-    example train split (level 2: 28 of 200, level 3: 38 of 200). Measure generalisation to unseen
-    questions on GSM8K or MATH.
+    example train split (level 2: 28 of 200, level 3: 38 of 200); ``arithmetic:<level>:heldout`` makes
+    them disjoint (`is_heldout_problem`), so evaluation is on questions training never saw.
 
     >>> [e.question for e in load_task("arithmetic:1", split="test", limit=2)]
     ['What is 2 + 1?', 'What is 3 + 9?']
@@ -270,14 +284,19 @@ def load_task(
     if base == "arithmetic":
         if source is not None:
             raise ValueError(f"task 'arithmetic' is generated in code and takes no source (got {source!r})")
+        level_text, _, variant = arg.partition(":")
         try:
-            level = int(arg) if arg else 2
+            level = int(level_text) if level_text else 2
         except ValueError:
             raise ValueError(
                 f"task {name!r}: level after ':' must be an integer, e.g. 'arithmetic:3'"
             ) from None
+        if variant not in ("", "heldout"):
+            raise ValueError(f"task {name!r}: the only variant is ':heldout', e.g. 'arithmetic:1:heldout'")
         if split not in _SPLITS:
             raise ValueError(f"task 'arithmetic' has splits {_SPLITS}, got {split!r}")
         n = limit if limit is not None else ARITHMETIC_SIZES[split]
-        return make_arithmetic(n, seed=seed * len(_SPLITS) + _SPLITS.index(split), level=level)
-    raise ValueError(f"unknown task {name!r}; known: 'gsm8k', 'math', 'arithmetic', 'arithmetic:<level 1-5>'")
+        part = ("train" if split == "train" else "heldout") if variant else None
+        return make_arithmetic(n, seed=seed * len(_SPLITS) + _SPLITS.index(split), level=level, part=part)
+    raise ValueError(f"unknown task {name!r}; known: 'gsm8k', 'math', 'arithmetic', 'arithmetic:<level 1-5>', "
+                     "'arithmetic:<level>:heldout'")
