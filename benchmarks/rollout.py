@@ -11,7 +11,7 @@ tokens/s compare like for like. Raw vLLM runs on the same ``LLM`` instance with 
 ``SamplingParams`` (``logprobs=0`` included, since the engine must return them; a row without log-probs is
 shown too); the prefix cache is reset before every timed run. Goal: our engine ≥ 90% of raw.
 
-Weight sync: ``VLLMEngine.update_weights(ModelWeights(model))`` (streamed, bucketed, + prefix-cache reset)
+Weight sync: ``VLLMEngine.update_weights(WeightStream(model))`` (streamed, bucketed, + prefix-cache reset)
 against a plain ``reload_weights`` of the full state dict in one call. Numbers are the best of the repeats, as
 wall time and as this process's CPU time (vLLM runs in-process; on a shared CPU machine CPU time is the
 steadier measure).
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     from rollout.engines.hf import HFEngine
     from rollout.engines.protocol import SamplingConfig, sample_seed
     from rollout.engines.vllm import VLLMEngine, import_vllm
-    from rollout.weights import ModelWeights
+    from rollout.weights import WeightStream
 
     on_gpu = torch.cuda.is_available()
     model_path = args.model
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
 
     plain_reload()
     t_plain = timed(plain_reload, args.repeats)
-    t_sync = timed(lambda: engine.update_weights(ModelWeights(learner, args.sync_bucket_mb)), args.repeats)
+    t_sync = timed(lambda: engine.update_weights(WeightStream(learner, args.sync_bucket_mb)), args.repeats)
     engine.close()
 
     raw_t = rows[0][1]

@@ -13,15 +13,14 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from rollout.engines.hf import HFEngine, top_p_mask
-from rollout.engines.protocol import (
-    RolloutEngine,
-    Sample,
-    SamplingConfig,
+from rollout.engines.protocol import RolloutEngine, Sample, SamplingConfig, rollout_metrics, sample_seed
+from rollout.weights import (
+    WeightStream,
+    convert_bucketed,
     iter_state_dict,
-    rollout_metrics,
-    sample_seed,
+    next_version,
+    write_safetensors_shards,
 )
-from rollout.weights import ModelWeights, convert_bucketed, write_safetensors_shards
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +211,21 @@ def test_update_weights_in_place(engine: HFEngine, tiny_qwen2_path: str) -> None
         fresh.update_weights(list(iter_state_dict(learner))[:3])
 
 
+def test_a_stream_with_a_version_sets_it(tiny_qwen2_path: str) -> None:
+    """A `WeightStream` that carries a version (a resumed run's) gives the engine that policy version; a
+    stream without one, or a plain iterable, advances it by one (`next_version`)."""
+    learner, fresh = perturbed(tiny_qwen2_path), HFEngine(tiny_qwen2_path)
+    fresh.update_weights(WeightStream(learner, version=7))
+    (sample,) = fresh.generate([[5, 6]], SamplingConfig(max_tokens=2, min_tokens=0))
+    assert fresh.policy_version == 7 and sample.policy_version == 7
+    fresh.update_weights(WeightStream(learner))
+    fresh.update_weights(iter_state_dict(learner))
+    assert fresh.policy_version == 9
+    assert (next_version(WeightStream(learner, version=3), 5), next_version([], 5)) == (3, 6)
+    with pytest.raises(ValueError, match="version=-1"):
+        WeightStream(learner, version=-1)
+
+
 def test_update_weights_checks_each_tensor_before_copying(tiny_qwen2_path: str) -> None:
     """A bad name or shape is caught before that tensor is copied, nothing after it is copied, and the error
     names every culprit; a broadcastable shape is an error, not a broadcast copy."""
@@ -265,7 +279,7 @@ def test_iter_state_dict_equals_state_dict_with_tied_alias(tiny_qwen2_path: str)
 
 def test_model_weights_plain_module_streams_views(tiny_qwen2_path: str) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path)
-    weights = ModelWeights(model, bucket_mb=0.01)
+    weights = WeightStream(model, bucket_mb=0.01)
     assert not weights.is_zero3
     naive = model.state_dict()
     assert [(n, t.data_ptr()) for n, t in weights] == [(n, t.data_ptr()) for n, t in naive.items()]
@@ -302,7 +316,7 @@ def test_safetensors_shards_equal_naive(tiny_qwen2_path: str, tmp_path: Path) ->
 
 @pytest.mark.gpu
 def test_model_weights_zero3_gathers_bucket_by_bucket(tiny_qwen2_path: str) -> None:
-    """Under ZeRO-3 `ModelWeights` yields full tensors equal to the unpartitioned model's state dict."""
+    """Under ZeRO-3 `WeightStream` yields full tensors equal to the unpartitioned model's state dict."""
     deepspeed = pytest.importorskip("deepspeed")
     import os
 
@@ -319,7 +333,7 @@ def test_model_weights_zero3_gathers_bucket_by_bucket(tiny_qwen2_path: str) -> N
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}},
     }
     ds_engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
-    weights = ModelWeights(ds_engine.module, bucket_mb=0.05)
+    weights = WeightStream(ds_engine.module, bucket_mb=0.05)
     assert weights.is_zero3
     streamed = dict(weights)
     assert list(streamed) == list(reference)

@@ -1,5 +1,5 @@
-"""Rollout-engine placement rules (`trainer.config.placement_problems`, `validate_for_cluster`) and the
-shared-engine weight sync (`trainer.engines.sync_and_probe`): pure config and fakes, no GPU (fake
+"""Rollout-engine placement rules (`trainer.config.placement_problems`, `trainer.cluster.validate_for_cluster`)
+and the shared-engine weight sync (`trainer.sync.sync_weights`): pure config and fakes, no GPU (fake
 ``cuda:N`` strings)."""
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ import pytest
 import torch
 
 import trainer.engines as engines
+import trainer.sync as sync
 from rollout.engines.protocol import normalize_device
-from trainer.config import ConfigError, RunConfig, config_from_dict, validate_for_cluster
+from rollout.weights import WeightStream, next_version
+from trainer.cluster import validate_for_cluster
+from trainer.config import ConfigError, RunConfig, config_from_dict
 
 # one rank's batch arithmetic that splits over any world size used here
 GRPO = {"rollout_batch_size": 32, "group_size": 4, "train_batch_size": 32, "gradient_accumulation_steps": 4}
@@ -91,9 +94,9 @@ def test_probe_mean_threshold_reaches_the_probe() -> None:
     assert any("probe_mean_threshold" in p for p in problems(probe_mean_threshold=0))
     tokenizer = lambda text, add_special_tokens: {"input_ids": [1, 2, 3]}  # noqa: E731
     learner: Any = SimpleNamespace(tokenizer=tokenizer)
-    probe = engines.make_probe(config(probe_threshold=0.7, probe_mean_threshold=0.2), learner)
+    probe = sync.make_probe(config(probe_threshold=0.7, probe_mean_threshold=0.2), learner)
     assert (probe.max_threshold, probe.mean_threshold) == (0.7, 0.2)
-    default = engines.make_probe(config(), learner)  # bf16 engine: the dtype defaults
+    default = sync.make_probe(config(), learner)  # bf16 engine: the dtype defaults
     assert (default.max_threshold, default.mean_threshold) == (1.0, 0.05)
 
 
@@ -157,43 +160,41 @@ def test_node_learner_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gathered == [[(2, "cuda:1")]]
 
 
-class _Weights:
-    def __init__(self) -> None:
-        self.drained = 0
-
-    def __iter__(self) -> Any:
-        yield "w", torch.zeros(1)
-
-    def drain(self) -> None:
-        self.drained += 1
-
-
 class _Engine:
+    """Records the streams it is sent; advances its version as every engine does (`next_version`)."""
+
     def __init__(self, version: int) -> None:
-        self.policy_version = version
-        self.sent = 0
+        self._version = version
+        self.streams: list[WeightStream] = []
         self.metrics = {"rollout/sync_s": 1.0, "rollout/output_tokens_per_s": 2.0}
+
+    @property
+    def policy_version(self) -> int:
+        return self._version
 
     def update_weights(self, weights: Any) -> None:
         list(weights)
-        self.sent += 1
-        self.policy_version += 1
+        self.streams.append(weights)
+        self._version = next_version(weights, self._version)
 
 
-def _sync(cfg: RunConfig, rank: int, world: int, engine: _Engine) -> tuple[_Weights, dict[str, float]]:
-    weights = _Weights()
-    accelerator = SimpleNamespace(num_processes=world, is_main_process=rank == 0)
-    learner: Any = SimpleNamespace(accelerator=accelerator, weights=lambda bucket_mb: weights, unwrapped=None)
+def _sync(cfg: RunConfig, rank: int, world: int, engine: _Engine, version: int | None = None) -> dict[str, float]:
+    barriers.clear()
+    accelerator = SimpleNamespace(num_processes=world, is_main_process=rank == 0,
+                                  wait_for_everyone=lambda: barriers.append(rank))
+    learner: Any = SimpleNamespace(accelerator=accelerator, unwrapped=torch.nn.Linear(2, 2))
     probe: Any = lambda engine, model: SimpleNamespace(metrics=lambda: {"rollout/probe_ok": 1.0})  # noqa: E731
-    return weights, engines.sync_and_probe(engine, learner, cfg, probe)  # type: ignore[arg-type]
+    return sync.sync_weights(engine, learner, cfg, probe, version)  # type: ignore[arg-type]
 
 
+barriers: list[int] = []
 REMOTE = {"placement": "remote", "server_url": "http://h:8000", "weight_transfer_dir": "/w"}
 
 
-def test_shared_remote_engine_only_rank_0_sends(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two ranks, one server: rank 0 sends, rank 1 only iterates the stream (ZeRO-3 gathers) and both end at
-    rank 0's policy version (the broadcast is also the barrier)."""
+def test_shared_remote_engine_every_rank_takes_rank_0s_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks, one server: every rank's engine gets the learner's stream (only rank 0's client sends it,
+    `test_shared_remote_engine_only_rank_0_sends`), stamped with rank 0's next version (broadcast first),
+    and the barrier holds rank 1 until the server has the weights."""
     broadcasts: list[int] = []
     rank0_version = 6
 
@@ -201,16 +202,28 @@ def test_shared_remote_engine_only_rank_0_sends(monkeypatch: pytest.MonkeyPatch)
         broadcasts.append(value)
         return rank0_version
 
-    monkeypatch.setattr(engines, "broadcast_from_main", broadcast)
+    monkeypatch.setattr(sync, "broadcast_from_main", broadcast)
     cfg = config(**REMOTE, sleep_between_rollouts=False)
     rank0 = _Engine(5)
-    weights, metrics = _sync(cfg, 0, 2, rank0)
-    assert (rank0.sent, weights.drained, rank0.policy_version) == (1, 0, 6)
+    metrics = _sync(cfg, 0, 2, rank0)
+    assert (len(rank0.streams), rank0.streams[0].version, rank0.policy_version, barriers) == (1, 6, 6, [0])
     assert metrics == {"rollout/sync_s": 1.0, "rollout/probe_ok": 1.0}
     rank1 = _Engine(2)  # a stale local count: it takes rank 0's
-    weights, _ = _sync(cfg, 1, 2, rank1)
-    assert (rank1.sent, weights.drained, rank1.policy_version) == (0, 1, 6)
-    assert broadcasts == [6, 2]
+    _sync(cfg, 1, 2, rank1)
+    assert (len(rank1.streams), rank1.policy_version, barriers) == (1, 6, [1])
+    assert broadcasts == [6, 3]
+
+
+def test_shared_remote_engine_only_rank_0_sends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`build_engine` gives rank 0 the sending client of the shared server, the other ranks clients that only
+    read the stream; a remote engine of its own (world size 1) sends."""
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr("rollout.engines.remote.RemoteEngine", lambda url, **kwargs: built.append(kwargs))
+    cfg = config(**REMOTE, sleep_between_rollouts=False)
+    for rank, world in ((0, 2), (1, 2), (0, 1)):
+        learner: Any = SimpleNamespace(accelerator=SimpleNamespace(num_processes=world, is_main_process=rank == 0))
+        engines.build_engine(cfg, learner)
+    assert [kwargs["sends_weights"] for kwargs in built] == [True, False, True]
 
 
 @pytest.mark.parametrize(("rollout", "world"), [({}, 2), (REMOTE, 1)])
@@ -219,15 +232,22 @@ def test_own_engines_are_synced_on_every_rank(monkeypatch: pytest.MonkeyPatch, r
     def no_broadcast(value: int) -> int:
         raise AssertionError("no shared engine: no broadcast")
 
-    monkeypatch.setattr(engines, "broadcast_from_main", no_broadcast)
+    monkeypatch.setattr(sync, "broadcast_from_main", no_broadcast)
     for rank in range(world):
         engine = _Engine(0)
-        weights, _ = _sync(config(**rollout), rank, world, engine)
-        assert (engine.sent, weights.drained, engine.policy_version) == (1, 0, 1)
+        _sync(config(**rollout), rank, world, engine)
+        assert (len(engine.streams), engine.policy_version, barriers) == (1, 1, [])
+
+
+def test_a_resumed_sync_takes_the_checkpoints_version() -> None:
+    """The engine takes the version the learner asks for (a resumed run's checkpoint), not its next one."""
+    engine = _Engine(0)
+    _sync(config(), 0, 1, engine, version=9)
+    assert engine.policy_version == 9
 
 
 def test_broadcast_from_main_in_one_process() -> None:
-    assert engines.broadcast_from_main(4) == 4
+    assert sync.broadcast_from_main(4) == 4
 
 
 def test_build_engine_refuses_remote_without_weight_transfer_dir() -> None:

@@ -11,16 +11,17 @@ import torch
 from helpers import perturbed, tiny_vllm_engine, vllm_at_least
 from transformers import AutoModelForCausalLM
 
-from rollout.engines.hf import HFEngine
-from rollout.engines.protocol import iter_state_dict
+from rollout.engines.hf import HFEngine, score_sequences
 from rollout.engines.vllm import VLLMEngine
-from rollout.probe import (
+from rollout.weights import iter_state_dict
+from trainer.sync import (
     PROBE_TEXT,
     ProbeResult,
     StaleWeightProbe,
     StaleWeightsError,
     compare_logprobs,
     default_thresholds,
+    learner_logprobs,
     probe_token_ids,
 )
 
@@ -55,7 +56,7 @@ def test_thresholds_and_modes() -> None:
 
 def test_warn_mode_logs_and_returns(caplog: pytest.LogCaptureFixture) -> None:
     probe = StaleWeightProbe([[1, 2, 3]], on_mismatch="warn")
-    with caplog.at_level(logging.WARNING, logger="rollout.probe"):
+    with caplog.at_level(logging.WARNING, logger="trainer.sync"):
         result = probe.check([[-1.0, -2.0]], [[-3.0, -2.0]])
     assert isinstance(result, ProbeResult) and not result.ok and result.max_abs_diff == 2.0
     assert "stale weights" in caplog.text
@@ -73,9 +74,28 @@ def test_default_probe_sequence(tiny_qwen2_path: str) -> None:
     assert "rollout/probe_generation_abs_diff" not in prompt_only.metrics()
 
 
+def test_learner_logprobs_equal_the_plain_forward(tiny_qwen2_path: str) -> None:
+    """The learner's side of the probe (`trainer.logprobs.forward_log_probs`, ragged sequences padded together)
+    equals the naive one-liner ``log_softmax(model(ids).logits)`` of each sequence alone; the HF engine's
+    `score_sequences` equals it to the last bit (same log-softmax), so a shared module probes exactly 0."""
+    model = load(tiny_qwen2_path)
+    model.train()
+    seqs = [[5, 6, 7, 8, 9], [3, 4], list(range(10, 40))]
+    ours = learner_logprobs(model, seqs)
+    assert [len(x) for x in ours] == [4, 1, 29] and model.training
+    with torch.no_grad():
+        for seq, got in zip(seqs, ours, strict=True):
+            ids = torch.tensor([seq])
+            naive = torch.log_softmax(model(input_ids=ids).logits.float(), -1)[0, :-1].gather(-1, ids[0, 1:, None])
+            assert torch.allclose(torch.tensor(got), naive[:, 0], atol=1e-5)
+    assert learner_logprobs(model, seqs[:1]) == score_sequences(model, seqs[:1])
+
+
 class _Engine:
-    def __init__(self, **attrs: int) -> None:
-        vars(self).update(attrs)
+    """The engine members `generation_prefix` reads (`RolloutEngine`: None where an engine has none)."""
+
+    def __init__(self, cache_block_size: int | None = None, max_model_len: int | None = None) -> None:
+        self.cache_block_size, self.max_model_len = cache_block_size, max_model_len
 
 
 def test_generation_prefix_fills_two_cache_blocks() -> None:

@@ -17,10 +17,10 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
 from rollout.engines.hf import HFEngine
-from rollout.engines.protocol import RolloutEngine, SamplingConfig, WeightCheck, iter_state_dict
-from rollout.engines.vllm import NCCLSender026, VLLMEngine, checkpoint_shapes, set_weight_version
-from rollout.probe import StaleWeightProbe
-from rollout.weights import ModelWeights
+from rollout.engines.protocol import RolloutEngine, SamplingConfig
+from rollout.engines.vllm import VLLMEngine, set_weight_version
+from rollout.weights import WeightCheck, WeightStream, checkpoint_shapes, iter_state_dict
+from trainer.sync import StaleWeightProbe
 
 pytestmark = pytest.mark.vllm
 
@@ -165,7 +165,7 @@ def test_weight_update_matches_hf_and_resets_prefix_cache(
     engine.generate([prompt], GREEDY)  # caches the prompt's blocks under the old weights
     with monkeypatch.context() as patch:
         patch.setattr(engine.llm, "reset_prefix_cache", lambda *args, **kwargs: True)
-        engine.update_weights(ModelWeights(learner, bucket_mb=0.1))
+        engine.update_weights(WeightStream(learner, bucket_mb=0.1))
     (stale,) = engine.generate([prompt], GREEDY)
     stale_diff = max_diff(stale.logprobs, hf.score(prompt, stale.response_ids, GREEDY))
     assert stale_diff > 1e-2, stale_diff  # the learner's log-probs of the engine's own tokens
@@ -173,7 +173,7 @@ def test_weight_update_matches_hf_and_resets_prefix_cache(
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
     (before,) = engine.generate([prompt], GREEDY)  # cached under the old weights again
     version = engine.policy_version
-    engine.update_weights(ModelWeights(learner, bucket_mb=0.1))  # with the reset
+    engine.update_weights(WeightStream(learner, bucket_mb=0.1))  # with the reset
     assert engine.policy_version == version + 1
     assert engine.metrics["rollout/sync_gb"] > 0 and engine.metrics["rollout/sync_gb_per_s"] > 0
     (after,) = engine.generate([prompt], GREEDY)
@@ -247,7 +247,7 @@ def test_wrong_shape_is_named_before_vllm_sees_it(engine: VLLMEngine, tiny_qwen2
 
 
 def test_metadata_is_checked_before_anything_is_sent(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
-    """`ModelWeights` lists its names and shapes up front: a wrong shape there is found before the first
+    """`WeightStream` lists its names and shapes up front: a wrong shape there is found before the first
     tensor moves, and the engine keeps its weights, its version and its ability to generate."""
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
     (before,) = engine.generate([[5, 6, 7]], GREEDY)
@@ -367,7 +367,7 @@ def test_bucketed_sync_equals_naive_full_state_dict(engine: VLLMEngine, tiny_qwe
     naive = engine.weight_checksums()
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
     assert engine.weight_checksums() == base
-    engine.update_weights(ModelWeights(learner, bucket_mb=0.05))
+    engine.update_weights(WeightStream(learner, bucket_mb=0.05))
     assert engine.weight_checksums() == naive != base
 
 
@@ -380,7 +380,7 @@ def test_checksums_flag_exactly_the_changed_parameter(engine: VLLMEngine, tiny_q
     engine.update_weights(iter_state_dict(learner))
     base = engine.weight_checksums()
     assert "model.layers.0.self_attn.qkv_proj.bias" in base  # bare vLLM names, no rank prefix
-    engine.update_weights(ModelWeights(learner, bucket_mb=0.05))
+    engine.update_weights(WeightStream(learner, bucket_mb=0.05))
     assert engine.weight_checksums() == base
     for hf_name, vllm_name in [
         ("model.layers.1.post_attention_layernorm.weight", "model.layers.1.post_attention_layernorm.weight"),
@@ -417,8 +417,19 @@ def test_weight_version_is_stamped_where_vllm_has_it(engine: VLLMEngine, tiny_qw
     assert set_weight_version(object(), 7) is False
 
 
-class RecordingWeights(ModelWeights):
-    """`ModelWeights` that records the names its iteration yields."""
+def test_a_stream_with_a_version_sets_it(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """A `WeightStream` that carries a version (a resumed run's) gives the engine that policy version (and
+    vLLM's weight version where it has one); the next sync continues from it."""
+    engine.update_weights(WeightStream(load(tiny_qwen2_path), version=41))
+    assert engine.policy_version == 41 and engine.generate([[5, 6, 7]], GREEDY)[0].policy_version == 41
+    if Version(engine.vllm_version).release[:2] >= (0, 32):
+        assert engine.llm.get_weight_version() == "41"
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    assert engine.policy_version == 42
+
+
+class RecordingWeights(WeightStream):
+    """`WeightStream` that records the names its iteration yields."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
@@ -428,22 +439,6 @@ class RecordingWeights(ModelWeights):
         for name, tensor in super().__iter__():
             self.yielded.append(name)
             yield name, tensor
-
-
-def test_nccl_sender_026_non_sender_rank_only_iterates(tiny_qwen2_path: str) -> None:
-    """The one CPU-runnable part of the vLLM 0.26 NCCL sender: a rank other than 0 opens no NCCL group and
-    contacts no server (its client points at a closed port) but iterates every weight (the ZeRO-3 gather)."""
-    from vllm.distributed.weight_transfer import HTTPVLLMWeightSyncClient
-
-    from rollout.server import free_port
-
-    weights = RecordingWeights(load(tiny_qwen2_path))
-    client = HTTPVLLMWeightSyncClient(f"http://127.0.0.1:{free_port()}", timeout=2)
-    sender = NCCLSender026(client, weights, "127.0.0.1", free_port(), 2, rank=1, packed_bytes=1 << 20)
-    assert sender.comm is None
-    sender.send_weights()
-    assert weights.yielded == [m.name for m in weights.metadata()]
-    sender.shutdown()
 
 
 def test_sleep_and_wake_are_noops_on_cpu(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
@@ -504,7 +499,7 @@ def qwen_math_15b_shaped(out: Path, tokenizer_path: str) -> str:
 
 @pytest.mark.gpu
 def test_gpu_bf16_colocated_generate_sleep_sync_probe(tmp_path: Path, tiny_qwen2_path: str) -> None:
-    from rollout.probe import StaleWeightsError
+    from trainer.sync import StaleWeightsError
 
     path = qwen_math_15b_shaped(tmp_path / "math15b", tiny_qwen2_path)
     learner = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).cuda()
@@ -523,7 +518,7 @@ def test_gpu_bf16_colocated_generate_sleep_sync_probe(tmp_path: Path, tiny_qwen2
         with torch.no_grad():  # a pretend optimizer step while vLLM sleeps
             for p in learner.parameters():
                 p.add_(torch.randn_like(p) * 1e-2)
-        engine.update_weights(ModelWeights(learner, bucket_mb=128))  # wakes the weights only
+        engine.update_weights(WeightStream(learner, bucket_mb=128))  # wakes the weights only
         probe = StaleWeightProbe(tokenizer=engine.tokenizer, dtype=torch.bfloat16)
         result = probe(engine, learner)
         assert result.ok, result
@@ -549,7 +544,7 @@ def test_gpu_dedicated_device(tiny_qwen2_path: str) -> None:
         assert torch.cuda.current_device() == 0  # the learner's device is left alone
         assert engine.dedicated and engine.device == torch.device("cuda", 1)
         assert not engine.sleep_supported
-        engine.update_weights(ModelWeights(learner))
+        engine.update_weights(WeightStream(learner))
         assert StaleWeightProbe(tokenizer=engine.tokenizer)(engine, learner).ok
         hf = HFEngine(learner, tiny_qwen2_path)
         assert (

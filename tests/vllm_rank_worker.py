@@ -43,7 +43,8 @@ def main(model: str, out: Path) -> None:
     from accelerate.utils import InitProcessGroupKwargs
     from helpers import perturbed, tiny_vllm_engine
 
-    from rollout.engines.protocol import SamplingConfig, iter_state_dict
+    from rollout.engines.protocol import SamplingConfig
+    from rollout.weights import iter_state_dict
 
     state = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=WAIT_S))])
     rank, world = state.process_index, state.num_processes

@@ -1,14 +1,14 @@
-"""Build the configured rollout engine for a learner, and sync weights into it with the stale-weight probe.
+"""Build the configured rollout engine for a learner (the weight sync into it is `trainer.sync`).
 
 Placement (``rollout.placement``; the rules are checked by `trainer.config`, see its module docstring):
 
 - ``colocated``: vLLM in the learner's process and device (sleeps between rollouts on CUDA), or the HF
   engine sharing the learner's live module (``rollout.engine: hf``, colocated only; no copy, so a sync only
-  bumps the policy version and the probe checks the shared module against itself). One engine per rank.
+  advances the policy version and the probe checks the shared module against itself). One engine per rank.
 - ``dedicated``: vLLM on its own device (``rollout.device``, e.g. ``cuda:1``; required); world size 1.
 - ``remote``: a rollout server (`reasonrl rollout-server`) at ``rollout.server_url``; weights go through
-  ``rollout.weight_transfer_dir`` (filesystem mode, shared storage; required: the trainer side of NCCL
-  transfer is not wired). All ranks share the one server: only rank 0 sends weights (`sync_and_probe`).
+  ``rollout.weight_transfer_dir`` (shared storage; required). All ranks share the one server
+  (`shares_engine`): only rank 0's client sends weights.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import Any
 
 from rollout.engines.protocol import RolloutEngine, normalize_device
-from rollout.probe import StaleWeightProbe
 from trainer.config import RunConfig
-from trainer.learner import DTYPES, Learner
+from trainer.learner import Learner
 
 
 def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
@@ -28,8 +27,10 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
 
         if not (r.server_url and r.weight_transfer_dir):  # config validation rejects this; not assert: -O
             raise ValueError("rollout.placement=remote needs rollout.server_url and rollout.weight_transfer_dir")
-        return RemoteEngine(r.server_url, transfer="filesystem", weights_dir=r.weight_transfer_dir,
-                            bucket_mb=r.sync_bucket_mb, sleep_between_rollouts=r.sleep_between_rollouts)
+        accelerator = learner.accelerator
+        sends = accelerator.is_main_process or not shares_engine(cfg, accelerator.num_processes)
+        return RemoteEngine(r.server_url, weights_dir=r.weight_transfer_dir, bucket_mb=r.sync_bucket_mb,
+                            sleep_between_rollouts=r.sleep_between_rollouts, sends_weights=sends)
     if r.engine == "hf":
         from rollout.engines.hf import HFEngine
 
@@ -51,11 +52,9 @@ def engine_dtype(cfg: RunConfig) -> str:
     return cfg.rollout.dtype or cfg.model.dtype
 
 
-def make_probe(cfg: RunConfig, learner: Learner) -> StaleWeightProbe:
-    """The probe's default thresholds follow the engine's dtype (bf16 kernels differ from the learner's)."""
-    return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=cfg.rollout.probe_threshold,
-                            mean_threshold=cfg.rollout.probe_mean_threshold,
-                            dtype=DTYPES[engine_dtype(cfg)], on_mismatch=cfg.rollout.probe_action)
+def shares_engine(cfg: RunConfig, world_size: int) -> bool:
+    """All learner ranks use one engine (a remote server): only rank 0 may send it weights."""
+    return cfg.rollout.placement == "remote" and world_size > 1
 
 
 def node_learner_devices(accelerator: Any) -> list[str]:
@@ -72,43 +71,3 @@ def node_learner_devices(accelerator: Any) -> list[str]:
     node = accelerator.process_index - accelerator.local_process_index
     pairs = gather_object([(node, own)])
     return sorted({device for n, device in pairs if n == node})
-
-
-def shares_engine(cfg: RunConfig, world_size: int) -> bool:
-    """All learner ranks use one engine (a remote server): only rank 0 may send it weights."""
-    return cfg.rollout.placement == "remote" and world_size > 1
-
-
-def sync_and_probe(engine: RolloutEngine, learner: Learner, cfg: RunConfig,
-                   probe: StaleWeightProbe | None = None) -> dict[str, float]:
-    """Stream the learner's weights into `engine`, then compare log-probs on the probe sequence. Call on every
-    rank.
-
-    Each rank syncs its own engine, except where the ranks share one (`shares_engine`: a remote server with
-    several ranks). There rank 0 alone sends; the others iterate the same weight stream without sending
-    (`ModelWeights.drain`: under ZeRO-3 every bucket's gather is a collective) and then take rank 0's policy
-    version from a broadcast, which also holds them until the server has the new weights. Every rank then
-    probes (the learner's forward is collective under ZeRO-3, and a stale engine must stop every rank alike).
-    If rank 0's send fails, the other ranks wait in the gather or broadcast until the process group's
-    timeout.
-    """
-    weights = learner.weights(cfg.rollout.sync_bucket_mb)
-    accelerator = learner.accelerator
-    shared = shares_engine(cfg, accelerator.num_processes)
-    if shared and not accelerator.is_main_process:
-        weights.drain()
-    else:
-        engine.update_weights(weights)
-    if shared:
-        engine.policy_version = broadcast_from_main(engine.policy_version)
-    probe = probe or make_probe(cfg, learner)
-    result = probe(engine, learner.unwrapped)
-    metrics: dict[str, Any] = dict(getattr(engine, "metrics", {}))
-    return {k: float(v) for k, v in metrics.items() if k.startswith("rollout/sync")} | result.metrics()
-
-
-def broadcast_from_main(value: int) -> int:
-    """Rank 0's `value` on every rank (a collective)."""
-    from accelerate.utils import broadcast_object_list
-
-    return int(broadcast_object_list([value], from_process=0)[0])

@@ -17,7 +17,6 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rollout.weights import ModelWeights
 from trainer.config import ModelConfig, OptimConfig
 from trainer.data.batching import TokenBatch
 from trainer.logprobs import forward_log_probs
@@ -141,10 +140,6 @@ class Learner:
         self.model = self.unwrapped
         self.accelerator.free_memory()
         gc.collect()
-
-    def weights(self, bucket_mb: float = 256) -> ModelWeights:
-        """The unwrapped model's state dict as a (name, tensor) stream, gathered bucket-wise under ZeRO-3."""
-        return ModelWeights(self.unwrapped, bucket_mb)
 
 
 def _configure_deepspeed(accelerator: Accelerator, max_grad_norm: float) -> None:

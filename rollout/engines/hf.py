@@ -36,12 +36,10 @@ from rollout.engines.protocol import (
     Prompt,
     Sample,
     SamplingConfig,
-    WeightCheck,
-    iter_state_dict,
     rollout_metrics,
     sample_seed,
-    sync_metrics,
 )
+from rollout.weights import WeightCheck, iter_state_dict, next_version, sync_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +84,8 @@ def process_logits(
 def score_sequences(
     model: torch.nn.Module, token_ids: Sequence[Sequence[int]], batch_size: int = 8
 ) -> list[list[float]]:
-    """log p(token_t | tokens_<t) for t >= 1 of each sequence, in float32, under `model` (eval mode).
+    """log p(token_t | tokens_<t) for t >= 1 of each sequence, in float32, under `model` (eval mode), with the
+    learner's max-shifted log-softmax (`trainer.logprobs`), so a module shared with the learner scores the same.
 
     Sequences are right-padded per batch; the model is put in eval mode for the call and restored.
     Under DeepSpeed ZeRO-3 every rank must call this (the forward gathers parameters collectively).
@@ -105,8 +104,9 @@ def score_sequences(
                 ids[row, : len(seq)] = torch.tensor(seq)
                 mask[row, : len(seq)] = 1
             ids, mask = ids.to(device), mask.to(device)
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()  # (b, s, vocab)
-            logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]  # (b, s-1)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (b, s-1, vocab)
+            shifted = logits - logits.amax(dim=-1, keepdim=True)  # the learner's log-softmax, to the last bit
+            logp = (shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)).gather(-1, ids[:, 1:, None])[..., 0]
             out.extend(logp[row, : len(seq) - 1].tolist() for row, seq in enumerate(chunk))
         return out
     finally:
@@ -156,13 +156,28 @@ class HFEngine:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.logprobs_mode = logprobs_mode
-        self.policy_version = 0
+        self._policy_version = 0
         self.metrics: dict[str, float] = {}
         self._sleeping = False
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self.pad_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         )
+
+    @property
+    def policy_version(self) -> int:
+        """The version of the weights samples come from; advanced by `update_weights` only."""
+        return self._policy_version
+
+    @property
+    def max_model_len(self) -> int | None:
+        """No limit of its own (the model's position embeddings are the limit)."""
+        return None
+
+    @property
+    def cache_block_size(self) -> int | None:
+        """No prefix cache."""
+        return None
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
@@ -291,21 +306,14 @@ class HFEngine:
     # ---- weights ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (name, tensor) pairs into the model in place (any iterable; one tensor at a time).
+        """Copy (name, tensor) pairs into the model in place, one tensor at a time, checked first.
 
-        Each tensor is checked before it is copied (`rollout.engines.protocol.WeightCheck`, the vLLM engine's check):
-        its name must be in the model, once, and its shape must equal the target's exactly (``copy_`` would
-        broadcast a compatible shape); the dtype and device may differ (converted by the copy). Every tensor
-        of the model must be covered (tied weights count as covered through any alias: the one check of this
-        engine's own). A name not in the model raises `KeyError`, any other problem `ValueError`; the message
-        names the culprits.
-
-        Streamed, not staged: a bad tensor is found only when it arrives, and the tensors before it are then
-        already copied. From the first bad tensor on nothing more is copied, but the rest of the stream is
-        still consumed (names and shapes checked, so the error lists every problem; a ZeRO-3 `ModelWeights`
-        stream gathers collectively, so every rank keeps iterating in step). On any error the model is left
-        partly updated and `policy_version` is not bumped: send a complete, valid set of weights again.
-        Bumps `policy_version` on success.
+        `rollout.weights.WeightCheck` (the vLLM engine's check): every name of the model once (tied weights are
+        covered through any alias), each with the target's exact shape (``copy_`` would broadcast); dtype and
+        device may differ. A name not in the model raises `KeyError`, any other problem `ValueError`.
+        Streamed, not staged: the tensors before the first bad one are already copied, nothing after it is,
+        and the rest of the stream is still read (a ZeRO-3 `WeightStream` gathers collectively). On an error
+        `policy_version` stays; on success it advances (`rollout.weights.next_version`).
         """
         start, moved = time.perf_counter(), 0
         targets = dict(iter_state_dict(self.model))
@@ -322,7 +330,7 @@ class HFEngine:
         if problem is not None:
             message = f"HFEngine.update_weights: {problem}{_PARTIAL}"
             raise KeyError(message) if check.unknown else ValueError(message)
-        self.policy_version += 1
+        self._policy_version = next_version(weights, self._policy_version)
         self.metrics.update(sync_metrics(time.perf_counter() - start, moved))
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:

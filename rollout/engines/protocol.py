@@ -1,14 +1,14 @@
-"""The rollout-engine interface shared by the vLLM and HF engines.
+"""The rollout-engine contract shared by the vLLM, HF and remote engines.
 
-An engine turns prompts into `Sample`s, accepts new weights as an iterator of (name, tensor), can
-release and restore its accelerator memory (`sleep` / `wake`) when colocated with the learner, and is
-closed once. Every sample is stamped with the policy version that produced it (bumped by each
-`update_weights`), so the learner can tell how stale a rollout is.
+An engine turns prompts into `Sample`s, accepts new weights as an iterator of (name, tensor) (the typed
+stream and its check are `rollout.weights`), can release and restore its accelerator memory (`sleep` /
+`wake`) when colocated with the learner, and is closed once. Every sample is stamped with the policy
+version that produced it, so the learner can tell how stale a rollout is.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -78,16 +78,37 @@ Prompt = str | Sequence[int]
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """What the learners need from a generation engine."""
+    """What learners, evaluation and the weight sync use of a generation engine; every engine has all of it.
 
-    policy_version: int
+    `policy_version` belongs to the engine: it starts at the version the engine holds and only a complete
+    `update_weights` advances it (to the stream's `rollout.weights.WeightStream.version`, else by one).
+    `max_model_len` (prompt + response tokens) and `cache_block_size` (tokens per prefix-cache block) are
+    None where the engine has no such limit or cache.
+    """
+
+    metrics: dict[str, float]  # the latest `rollout_metrics` and `rollout.weights.sync_metrics`
+
+    @property
+    def policy_version(self) -> int: ...
+
+    @property
+    def max_model_len(self) -> int | None: ...
+
+    @property
+    def cache_block_size(self) -> int | None: ...
+
+    @property
+    def sleep_supported(self) -> bool:
+        """Whether `sleep` frees accelerator memory (False: sleep and wake are no-ops)."""
+        ...
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
         """`params.n` samples per prompt, grouped: samples of prompt i are at [i*n, (i+1)*n)."""
         ...
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new weights (every state-dict name, tied aliases included: `iter_state_dict`), bump `policy_version`."""
+        """Load new weights (every state-dict name, tied aliases included: `rollout.weights.iter_state_dict`,
+        checked by `rollout.weights.WeightCheck`), then advance `policy_version` (`rollout.weights.next_version`)."""
         ...
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -99,119 +120,6 @@ class RolloutEngine(Protocol):
     def wake(self) -> None: ...
 
     def close(self) -> None: ...
-
-
-def iter_state_dict(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """Stream ``model.state_dict()`` as (name, tensor) pairs without building the dict or copying tensors.
-
-    Yields exactly the keys of ``state_dict()`` in the same order: parameters and persistent buffers,
-    with tied weights under every name (``lm_head.weight`` as well as ``model.embed_tokens.weight``).
-    vLLM's in-place reload needs the alias: a tied ``lm_head`` it is not sent keeps its old values.
-    Naive twin: ``iter(model.state_dict().items())`` (tested equal).
-    """
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        prefix = f"{module_name}." if module_name else ""
-        for name, param in module._parameters.items():
-            if param is not None:
-                yield prefix + name, param.detach()
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                yield prefix + name, buffer.detach()
-
-
-class WeightCheck:
-    """Checks (name, shape) pairs against the `expected` names and shapes of a weight sync's receiver.
-
-    The one check of both engines' ``update_weights``: a name not in `expected`, a shape other than the
-    expected one exactly, or a name sent twice is wrong, and so is a name of `expected` never sent.
-
-    `listing` checks a whole (name, shape) listing (a stream's metadata). `stream` passes (name, tensor) pairs
-    through unbuffered and cuts the stream at the first bad pair; `drain` then checks the rest without
-    loading it (a ZeRO-3 `ModelWeights` gathers collectively, so every rank keeps iterating in step).
-    `problem` sums up the bad pairs and the names never sent; `unknown` lists the names not in `expected`.
-    With `expected` None only repeated names are errors, and `shapes` records what passed.
-
-    Args:
-        expected: name -> shape of the receiver (`VLLMEngine`: the checkpoint's; `HFEngine`: its model's).
-        what: the receiver in messages (``... is not a weight of this checkpoint``).
-        aliases: name -> the name whose tensor it shares (tied weights): sending any name of such a group
-            covers all of them. None: every name must be sent itself.
-    """
-
-    def __init__(
-        self,
-        expected: dict[str, tuple[int, ...]] | None,
-        *,
-        what: str = "checkpoint",
-        aliases: Mapping[str, str] | None = None,
-    ) -> None:
-        self.expected = expected
-        self.what = what
-        self.aliases = aliases or {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self.errors: list[str] = []
-        self.unknown: list[str] = []  # names sent that `expected` lacks
-        self.num_passed = 0  # pairs `stream` let through before the cut
-        self._rest: Iterator[tuple[str, torch.Tensor]] | None = None
-
-    def add(self, name: str, shape: tuple[int, ...]) -> bool:
-        """Record one pair; False (and an entry in `errors`) if it is wrong."""
-        error = None
-        want = self.expected.get(name) if self.expected is not None else shape
-        if name in self.shapes:
-            error = f"{name} was sent twice"
-        elif want is None:
-            error = f"{name} (shape {shape}) is not a weight of this {self.what}"
-            self.unknown.append(name)
-        elif shape != want:
-            error = f"{name} has shape {shape}, the {self.what}'s is {want}"
-        self.shapes.setdefault(name, shape)
-        if error is not None:
-            self.errors.append(error)
-        return error is None
-
-    def listing(self, pairs: Iterable[tuple[str, tuple[int, ...]]]) -> str | None:
-        """Check a whole (name, shape) listing; `problem`."""
-        for name, shape in pairs:
-            self.add(name, shape)
-        return self.problem()
-
-    def stream(self, pairs: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
-        """`pairs` while they are right; the first wrong one is not yielded and ends the stream."""
-        source = iter(pairs)
-        for name, tensor in source:
-            if not self.add(name, tuple(tensor.shape)):
-                self._rest = source
-                return
-            self.num_passed += 1
-            yield name, tensor
-
-    def drain(self) -> None:
-        """Check what is left of a stream `stream` cut, loading nothing."""
-        rest, self._rest = self._rest, None
-        for name, tensor in rest or ():
-            self.add(name, tuple(tensor.shape))
-
-    def missing(self) -> list[str]:
-        """The names of `expected` not sent, neither themselves nor through an alias."""
-        sent = {self.aliases.get(n, n) for n in self.shapes}
-        return [n for n in self.expected or () if self.aliases.get(n, n) not in sent]
-
-    def problem(self) -> str | None:
-        """The bad pairs and the names never sent, in words; None if all is well."""
-        parts = self.errors[:10] + ([f"{len(self.errors) - 10} more"] if len(self.errors) > 10 else [])
-        missing = self.missing()
-        if missing:
-            shown = ", ".join(missing[:10]) + (", ..." if len(missing) > 10 else "")
-            parts.append(
-                f"no tensor sent for {len(missing)} of the {self.what}'s {len(self.expected or ())} names: {shown}"
-            )
-            if any(n.startswith("lm_head.") for n in missing):
-                parts[-1] += (
-                    " (a tied lm_head is a state-dict name of its own, which named_parameters() leaves out: "
-                    "send rollout.engines.protocol.iter_state_dict or ModelWeights)"
-                )
-        return "; ".join(parts) or None
 
 
 def normalize_device(device: str | torch.device, current_cuda: int | None = None) -> torch.device:
@@ -271,14 +179,4 @@ def rollout_metrics(samples: Sequence[Sample], seconds: float) -> dict[str, floa
         "rollout/response_len_max": float(max(lengths, default=0)),
         "rollout/finish_stop": float(sum(s.finish_reason == "stop" for s in samples)),
         "rollout/finish_length": float(sum(s.finish_reason == "length" for s in samples)),
-    }
-
-
-def sync_metrics(seconds: float, num_bytes: int) -> dict[str, float]:
-    """Weight-sync metrics: seconds, GB moved and GB/s (1 GB = 1e9 bytes)."""
-    gb = num_bytes / 1e9
-    return {
-        "rollout/sync_s": seconds,
-        "rollout/sync_gb": gb,
-        "rollout/sync_gb_per_s": gb / seconds if seconds > 0 else 0.0,
     }

@@ -1,44 +1,18 @@
-"""Stale-weight probe: after every weight sync, check that the engine really samples from the learner.
+"""The learner side of a weight sync: stream the learner's weights into the rollout engine, then probe it.
 
-Two checks, both against the learner's own log-probs (HF forward, `score_sequences`):
+`sync_weights` builds the `rollout.weights.WeightStream` of the learner's module and hands it to the engine
+(which checks and loads it, `rollout.weights`), then `StaleWeightProbe` compares the engine's log-probs of a
+fixed sequence with the learner's own (`learner_logprobs`, the learner's one forward path
+`trainer.logprobs.forward_log_probs`). Two checks: (1) prompt scoring (`RolloutEngine.prompt_logprobs`), and
+(2) one greedy token generated after a prefix that fills ``PREFIX_BLOCKS`` prefix-cache blocks
+(`RolloutEngine.cache_block_size`; the probe sequence alone where there is none), cut to ``max_model_len - 1``.
+(2) exists because vLLM never reads its prefix cache for prompt log-probs, so only a generation sees KV cached
+under the old weights (a prefix cache not reset after the sync); it is blind once the probe's blocks were
+evicted, and where the prefix fills no whole block.
 
-1. Prompt scoring: a fixed probe sequence is scored by the engine (`RolloutEngine.prompt_logprobs`, in vLLM
-   ``SamplingParams(prompt_logprobs=0, max_tokens=1)``) token by token.
-2. Cached-prefix generation (``generation_check=True``, the default): one greedy token is generated
-   (`RolloutEngine.generate`, ``max_tokens=1``) after a prefix made of the probe sequence repeated to fill
-   two prefix-cache blocks and a few tokens more (the engine's ``cache_block_size``, where it has one: 128
-   tokens on vLLM's CPU backend, usually 16 on CUDA; else the probe sequence itself), and its log-prob is
-   compared with the learner's log-prob of that token after the same prefix.
-
-The differences are summarised as mean and max absolute difference over all these tokens; above the
-threshold the probe raises `StaleWeightsError` (or only warns, ``on_mismatch="warn"``).
-
-What it catches: a sync that did not happen or went to the wrong place, missing or misnamed tensors (a tied
-``lm_head`` left behind), garbage after a level-2 sleep, a wrong dtype cast, a reload from an old directory
-(check 1 and 2); a prefix cache not reset after the sync (check 2 only).
-
-Why check 2: vLLM never reads its prefix cache for a request with prompt log-probs (vLLM sets
-``skip_reading_prefix_cache=True`` for those, in 0.26 and 0.32 alike), so check 1 always sees freshly
-computed KV and passes even when rollouts reuse KV cached under the old weights. A normal generation does
-read the cache: the previous probe left the prefix's blocks there, computed under the previous weights, so
-after a sync without a prefix-cache reset the engine attends to stale KV and its log-prob of the token
-differs from the learner's (tested: stub out the reset and the probe raises).
-
-What it cannot see: a stale prefix cache whose probe blocks were evicted since the previous probe (vLLM
-evicts cached blocks only under KV-cache pressure, least recently used first, so a rollout that fills the
-whole KV cache can evict them; check 2 then computes fresh KV and passes), and any stale cache where the
-prefix fills no whole block (on engines without ``cache_block_size``, e.g. a remote server, the prefix is
-the probe sequence alone: enough blocks at CUDA's usual 16 tokens, none at the CPU backend's 128). The
-prefix is cut to the engine's ``max_model_len`` - 1. Check 2 is one token among the probe's, so in bfloat16
-(loose thresholds, below) it sees a stale cache only after weight changes that move that token's log-prob
-by more than the max threshold, as check 1 sees stale weights.
-
-Thresholds (`default_thresholds`): float32 engines agree with HF to ~1e-6 on the tiny model, so the
-default is max 1e-3 there, tight enough to see a single small optimizer step. In bfloat16 the two sides run
-different kernels (fused RMSNorm, flash attention, different reduction orders) and differ by ~1e-2 per
-token on average, with single tokens off by a few tenths on 1B-scale models; the defaults are
-max 1.0 / mean 0.05 there (float16: 0.5 / 0.02). Those still catch wrong or stale weights (mean differences
-of whole nats) but not one small step; use a float32 probe run to check a bf16 pipeline finely.
+Catches: a sync that did not happen or went elsewhere, missing or misnamed tensors (a tied ``lm_head`` left
+behind), a wrong dtype cast, garbage after a level-2 sleep, a stale prefix cache. Thresholds:
+`default_thresholds`.
 """
 
 from __future__ import annotations
@@ -51,10 +25,71 @@ from typing import Any, Literal
 
 import torch
 
-from rollout.engines.hf import score_sequences
 from rollout.engines.protocol import RolloutEngine, SamplingConfig
+from rollout.weights import WeightStream
+from trainer.config import RunConfig
+from trainer.data.batching import pack_token_ids
+from trainer.engines import engine_dtype, shares_engine
+from trainer.learner import DTYPES, Learner
+from trainer.logprobs import forward_log_probs
 
 logger = logging.getLogger(__name__)
+
+
+def sync_weights(engine: RolloutEngine, learner: Learner, cfg: RunConfig, probe: StaleWeightProbe | None = None,
+                 version: int | None = None) -> dict[str, float]:
+    """Stream the learner's weights into `engine`, then probe it; its ``rollout/sync*`` and probe metrics.
+    Call on every rank.
+
+    `version`: the policy version the engine takes for these weights (a resumed run's checkpoint); None = the
+    engine's next. Where the ranks share one engine (`shares_engine`: a remote server) rank 0's engine alone
+    sends (`trainer.engines.build_engine`): rank 0's version is broadcast first so that every rank's engine
+    takes the same one, the other ranks only read the stream (under ZeRO-3 each bucket's gather is
+    collective), and a barrier holds them until the server has the weights. Every rank then probes (the
+    learner's forward is collective under ZeRO-3, and a stale engine must stop every rank alike). If rank 0's
+    send fails, the others wait in a gather or the barrier until the process group's timeout.
+    """
+    accelerator = learner.accelerator
+    shared = shares_engine(cfg, accelerator.num_processes)
+    if shared:
+        version = broadcast_from_main(engine.policy_version + 1 if version is None else version)
+    engine.update_weights(WeightStream(learner.unwrapped, cfg.rollout.sync_bucket_mb, version))
+    if shared:
+        accelerator.wait_for_everyone()
+    result = (probe or make_probe(cfg, learner))(engine, learner.unwrapped)
+    sync = {k: float(v) for k, v in engine.metrics.items() if k.startswith("rollout/sync")}
+    return sync | result.metrics()
+
+
+def broadcast_from_main(value: int) -> int:
+    """Rank 0's `value` on every rank (a collective)."""
+    from accelerate.utils import broadcast_object_list
+
+    return int(broadcast_object_list([value], from_process=0)[0])
+
+
+def make_probe(cfg: RunConfig, learner: Learner) -> StaleWeightProbe:
+    """The probe's default thresholds follow the engine's dtype (bf16 kernels differ from the learner's)."""
+    return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=cfg.rollout.probe_threshold,
+                            mean_threshold=cfg.rollout.probe_mean_threshold,
+                            dtype=DTYPES[engine_dtype(cfg)], on_mismatch=cfg.rollout.probe_action)
+
+
+@torch.no_grad()
+def learner_logprobs(model: torch.nn.Module, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    """log p(token_t | tokens_<t) for t >= 1 of each sequence under `model` in eval mode, float32, through the
+    learner's forward path (`forward_log_probs`, padded). Under ZeRO-3 every rank must call it (the forward
+    gathers parameters collectively)."""
+    seqs = [[int(t) for t in s] for s in token_ids]
+    tokens = pack_token_ids([[] for _ in seqs], seqs, pad_id=0)  # (b, s-1): inputs and next-token labels
+    was_training = model.training
+    model.eval()
+    try:
+        log_probs = forward_log_probs(model, tokens.to(next(model.parameters()).device))["log_probs"]
+    finally:
+        model.train(was_training)
+    return [log_probs[row, : len(seq) - 1].tolist() for row, seq in enumerate(seqs)]
+
 
 PROBE_TEXT = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it.\n"
@@ -103,7 +138,13 @@ class ProbeResult:
 
 
 def default_thresholds(dtype: torch.dtype) -> tuple[float, float]:
-    """(max, mean) abs log-prob difference allowed for an engine running in `dtype`; see the module doc."""
+    """(max, mean) abs log-prob difference allowed for an engine running in `dtype`.
+
+    float32 engines agree with the learner to ~1e-6 on the tiny model: max 1e-3 sees one small optimizer
+    step. In bfloat16 the two sides run different kernels (fused RMSNorm, flash attention, reduction orders),
+    ~1e-2 per token on average and a few tenths on single tokens at 1B scale: max 1.0 / mean 0.05 (float16
+    0.5 / 0.02) still catch wrong or stale weights (whole nats), not one small step.
+    """
     if dtype == torch.bfloat16:
         return 1.0, 0.05
     if dtype == torch.float16:
@@ -176,7 +217,7 @@ class StaleWeightProbe:
 
     def __call__(self, engine: RolloutEngine, model: torch.nn.Module) -> ProbeResult:
         """Compare `engine` with the learner `model` (under ZeRO-3, call on every rank: the forward gathers)."""
-        learner = score_sequences(model, self.token_ids)
+        learner = learner_logprobs(model, self.token_ids)
         if not self.generation_check:
             return self.check(learner, engine.prompt_logprobs(self.token_ids), engine.policy_version)
         # generation first: it must read the cache the previous probe left, before this probe's prompt
@@ -184,26 +225,23 @@ class StaleWeightProbe:
         prefix = self.generation_prefix(engine)
         (sample,) = engine.generate([prefix], GENERATION)
         scored = engine.prompt_logprobs(self.token_ids)
-        (generated,) = score_sequences(model, [[*prefix, sample.response_ids[0]]])
+        (generated,) = learner_logprobs(model, [[*prefix, sample.response_ids[0]]])
         return self.check(
             [*learner, generated[-1:]], [*scored, sample.logprobs[:1]], engine.policy_version, generation=True
         )
 
-    def generation_prefix(self, engine: Any) -> list[int]:
+    def generation_prefix(self, engine: RolloutEngine) -> list[int]:
         """The generation check's prompt: the first probe sequence repeated to `prefix_len` tokens, by default
-        ``PREFIX_BLOCKS`` blocks of the engine's ``cache_block_size`` plus ``PREFIX_EXTRA_TOKENS`` (at least
-        the probe sequence less its last token; the sequence alone where the engine has no block size), cut
-        to the engine's ``max_model_len`` - 1 where it has one."""
+        ``PREFIX_BLOCKS`` blocks of the engine's `cache_block_size` plus ``PREFIX_EXTRA_TOKENS`` (at least the
+        probe sequence less its last token; that alone without a block size), cut to `max_model_len` - 1."""
         base = self.token_ids[0]
         length = self.prefix_len
         if length is None:
             length = len(base) - 1
-            block = getattr(engine, "cache_block_size", None)
-            if block:
-                length = max(length, PREFIX_BLOCKS * int(block) + PREFIX_EXTRA_TOKENS)
-        limit = getattr(engine, "max_model_len", None)
-        if limit:
-            length = min(length, int(limit) - 1)
+            if engine.cache_block_size:
+                length = max(length, PREFIX_BLOCKS * engine.cache_block_size + PREFIX_EXTRA_TOKENS)
+        if engine.max_model_len:
+            length = min(length, engine.max_model_len - 1)
         return [base[i % len(base)] for i in range(max(length, 1))]
 
     def check(
