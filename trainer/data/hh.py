@@ -2,22 +2,14 @@
 
     python -m trainer.data.hh IN OUT [--split train]
 
-IN is one HH file (``.jsonl`` or ``.jsonl.gz``, each line ``{"chosen": CONV, "rejected": CONV}``) or a
-folder searched recursively for ``{split}.jsonl[.gz]`` (the layout of the ``Anthropic/hh-rlhf`` repository:
-``harmless-base/``, ``helpful-base/``, ``helpful-online/``, ``helpful-rejection-sampled/``). OUT gets one
-line per kept pair::
-
-    {"prompt": HUMAN_TURN, "chosen": ASSISTANT_REPLY, "rejected": ASSISTANT_REPLY, "source": "harmless-base"}
-
-As in the CS336 assignment 5 supplement, only single-turn conversations are kept (one ``Human:`` turn, one
-``Assistant:`` turn): the prompt is the human message and the responses are the two assistant replies,
-stripped of surrounding whitespace. A pair is dropped, and counted, when either conversation is
-multi-turn or malformed, when the two human messages differ, when a reply is empty, or when the replies
-are identical (no preference). The prompt is stored raw; ``mode: dpo`` applies the template
-(``dpo.template``, Alpaca by default) and the EOS token. ``source`` is the name of the file's folder.
-
-A line that is not JSON, not an object, or lacks a string ``chosen``/``rejected`` is an error naming the
-file and the line; an input with no kept pair is an error too.
+IN is one HH file (``.jsonl[.gz]``, lines ``{"chosen": CONV, "rejected": CONV}``) or a folder searched
+recursively for ``{split}.jsonl[.gz]`` (the ``Anthropic/hh-rlhf`` layout). OUT gets one line per kept pair,
+``{"prompt", "chosen", "rejected", "source"}`` (``source``: the file's folder). As in the CS336 assignment 5
+supplement, only single-turn conversations are kept: the prompt is the human message (raw; ``mode: dpo``
+applies the template and EOS), the responses the two stripped assistant replies. A pair is dropped, and
+counted, when a conversation is multi-turn or malformed, the human messages differ, a reply is empty, or
+the replies are identical. A line that is not a JSON object with string ``chosen``/``rejected`` is an
+error naming file and line; so is an input with no kept pair.
 """
 
 from __future__ import annotations

@@ -11,9 +11,8 @@
    frozen initial policy] [− ``entropy_coef`` · entropy], aggregated by `aggregate_loss`; 5. clip (1.0),
    AdamW; 6. weight sync, checked by the stale-weight probe; 7. logging.
 
-Learner-side log-probs and entropies use softmax(logits / ``rollout.temperature``), the sampling
-distribution. No KL term by default (CS336, Dr. GRPO). Data parallel: every rank draws the same questions
-and takes its own whole groups.
+Log-probs and entropies use softmax(logits / ``rollout.temperature``), the sampling distribution. No KL by
+default (CS336, Dr. GRPO). Data parallel: every rank draws the same questions, takes its own whole groups.
 """
 
 from __future__ import annotations

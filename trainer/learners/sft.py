@@ -1,20 +1,17 @@
 """Supervised fine-tuning learner (``mode: sft``): reasoning SFT (CS336 assignment 5 §4) and packed
 instruction tuning (assignment 5 supplement); its step `sft_update` is expert iteration's too.
 
-1. Data (`trainer.data.sft`): reasoning pairs at ``data.sft_path`` (prompt already formatted; the loss
-   covers response tokens only), of which a seeded ``sft.validation_fraction`` is held out first; then,
-   on the training part, ``sft.filter_correct`` keeps the responses the reward function grades correct
-   against their gold and ``sft.max_examples`` keeps a seeded subset. Or, with ``sft.packed``, Alpaca
-   blocks of ``sft.seq_length`` tokens, every token a target.
-2. Optimizer batches of ``sft.batch_size`` (a fresh seeded shuffle each epoch; the last may be short) in
+1. Data (`trainer.data.sft`): reasoning pairs at ``data.sft_path`` (prompt already formatted; loss on the
+   response tokens), a seeded ``sft.validation_fraction`` held out first; on the training part
+   ``sft.filter_correct`` keeps the responses the reward grades correct and ``sft.max_examples`` a seeded
+   subset. Or, with ``sft.packed``, Alpaca blocks of ``sft.seq_length`` tokens, every token a target.
+2. Optimizer batches of ``sft.batch_size`` (seeded shuffle per epoch; the last may be short) in
    ``sft.gradient_accumulation_steps`` micro-batches; loss: token-mean NLL over the whole optimizer batch
    (all micro-batches and ranks: `aggregate_loss` ``"token"``), so the split does not change the gradient.
 3. Clip (``optim.max_grad_norm``), the configured optimizer and schedule (`Learner.step`).
 4. Before training, every ``eval.every`` steps and at the end: held-out loss (``eval/loss``) and, with
-   ``sft.eval_generation``, held-out generation accuracy (`Session.evaluate`, after a weight sync).
-
-Length: ``sft.max_steps`` if set (cycling over epochs), else ``sft.num_epochs`` epochs. Resume: the data
-order is a pure function of (seed, epoch), so a resumed run skips the batches it has seen.
+   ``sft.eval_generation``, generation accuracy (`Session.evaluate`, after a weight sync). Length:
+   ``sft.max_steps`` or ``sft.num_epochs`` epochs; resume skips the batches seen (order = f(seed, epoch)).
 """
 
 from __future__ import annotations
