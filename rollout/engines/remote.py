@@ -1,6 +1,7 @@
 """`RemoteEngine`: the `RolloutEngine` client of a rollout server (`rollout.server`), over HTTP.
 
-The protocol (endpoints, weight-transfer modes) is in `rollout.server`'s docstring.
+The protocol (endpoints) is in `rollout.server`'s docstring. Weights go through the filesystem: safetensors
+shards in a directory both sides see, then the server's in-place ``reload_weights`` from that path.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -29,13 +30,11 @@ from rollout.engines.protocol import (
     SamplingConfig,
     rollout_metrics,
     sample_seed,
-    sync_metrics,
 )
-from rollout.weights import MB, ModelWeights, TensorMeta, write_safetensors_shards
+from rollout.weights import MB, next_version, sync_metrics, write_safetensors_shards
 
 logger = logging.getLogger(__name__)
 
-TransferMode = Literal["filesystem", "nccl"]
 _VERSION_DIR = re.compile(r"v\d{6,}")  # filesystem-sync directories: f"v{version:06d}"
 
 def health(url: str, timeout_s: float = 5, token: str | None = None) -> bool:
@@ -110,33 +109,18 @@ class _Http:
         return self.request("POST", path, body, query or None)
 
 
-class _CurrentWeights:
-    """The weights of the sync in progress, as vLLM's NCCL engine wants them: ``metadata()`` + iteration."""
-
-    def __init__(self) -> None:
-        self.weights: Iterable[tuple[str, torch.Tensor]] = ()
-
-    def metadata(self) -> list[TensorMeta]:
-        if isinstance(self.weights, ModelWeights):
-            return self.weights.metadata()
-        self.weights = list(self.weights)  # references to the learner's tensors, not copies
-        return [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in self.weights]
-
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        yield from self.weights
-
-
 class RemoteEngine:
     """`RolloutEngine` over HTTP to a rollout server (see the module docstring for the protocol).
 
     Args:
         base_url: e.g. ``http://10.0.0.5:8000``.
-        transfer: ``"filesystem"`` (needs `weights_dir`) or ``"nccl"`` (call `init_nccl` once first).
-        weights_dir: directory shared by learner and server for filesystem syncs.
-        bucket_mb: shard size of filesystem syncs (MiB).
+        weights_dir: directory shared by learner and server for weight syncs.
+        bucket_mb: shard size of weight syncs (MiB).
         timeout_s: per-request timeout (a generation request included).
         max_concurrency: prompts in flight at once (one request per prompt, so each gets its own seed).
         sleep_between_rollouts: call the server's ``/sleep`` / ``/wake_up`` (GPU servers in sleep mode).
+        sends_weights: False for a client of a server that another learner rank syncs: its `update_weights`
+            only reads the stream (a ZeRO-3 `WeightStream` gathers collectively) and takes its version.
         token: the server's secret; default: from the environment, as the server reads it (`rollout.auth`).
 
     The policy version is stored on the server (``/weight_info``, ``/update_weight_version``), so a new client
@@ -148,24 +132,20 @@ class RemoteEngine:
         self,
         base_url: str,
         *,
-        transfer: TransferMode = "filesystem",
         weights_dir: str | Path | None = None,
         bucket_mb: float = 256,
         timeout_s: float = 600,
         max_concurrency: int = 64,
         sleep_between_rollouts: bool = False,
+        sends_weights: bool = True,
         token: str | None = None,
     ) -> None:
-        if transfer == "filesystem" and weights_dir is None:
-            raise ValueError(
-                "RemoteEngine: transfer='filesystem' needs weights_dir (a directory the server can read)"
-            )
-        if transfer not in ("filesystem", "nccl"):
-            raise ValueError(f"RemoteEngine: transfer={transfer!r} must be 'filesystem' or 'nccl'")
+        if weights_dir is None:
+            raise ValueError("RemoteEngine: pass weights_dir (a directory the server can read)")
         self.http = _Http(base_url, timeout_s, token)
         self.base_url = self.http.base_url
-        self.transfer = transfer
-        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self.weights_dir = Path(weights_dir)
+        self.sends_weights = sends_weights
         self.bucket_bytes = int(bucket_mb * MB)
         self.max_concurrency = max_concurrency
         self._sleep = sleep_between_rollouts
@@ -176,9 +156,22 @@ class RemoteEngine:
         self.server_versions = True
         info = self._version_route("GET", "/weight_info") or {}
         version = str(info.get("weight_version") or "0")
-        self.policy_version = int(version) if version.isdigit() else 0
-        self._nccl: Any = None
-        self._nccl_weights = _CurrentWeights()
+        self._policy_version = int(version) if version.isdigit() else 0
+
+    @property
+    def policy_version(self) -> int:
+        """The version of the server's weights as this client knows it; advanced by `update_weights` only."""
+        return self._policy_version
+
+    @property
+    def max_model_len(self) -> int | None:
+        """Not known to the client (the server rejects over-long requests itself)."""
+        return None
+
+    @property
+    def cache_block_size(self) -> int | None:
+        """Not known to the client."""
+        return None
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
@@ -207,7 +200,7 @@ class RemoteEngine:
             "return_token_ids": True,
             "skip_special_tokens": True,
         }
-        version = self.policy_version
+        version = self._policy_version
         out = self.http.post("/v1/completions", body)
         samples = []
         for choice in sorted(out["choices"], key=lambda c: c["index"]):
@@ -241,21 +234,25 @@ class RemoteEngine:
 
     # ---- weights ------------------------------------------------------------------------------------------
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Send new weights (filesystem or NCCL), reset the prefix cache, bump the server's weight version."""
+        """Write the weights for the server, have it reload them and reset its prefix cache, and advance the
+        policy version (`rollout.weights.next_version`; the server's too, where it keeps one). Without
+        `sends_weights` only read the stream and advance the version."""
+        version = next_version(weights, self._policy_version)
+        if not self.sends_weights:
+            for _ in weights:  # under ZeRO-3 the gathers are collective: iterate in step with the sender
+                pass
+            self._policy_version = version
+            return
         start = time.perf_counter()
-        version = self.policy_version + 1
         self.wake()
         self.http.post("/pause", mode="wait", clear_cache="true")
         try:
-            if self.transfer == "filesystem":
-                nbytes = self._sync_filesystem(weights, version)
-            else:
-                nbytes = self._sync_nccl(weights)
+            nbytes = self._sync_filesystem(weights, version)
             self.http.post("/reset_prefix_cache")
             self._version_route("POST", "/update_weight_version", {"new_version": str(version)})
         finally:
             self.http.post("/resume")
-        self.policy_version = version
+        self._policy_version = version
         self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
 
     def _version_route(self, method: str, path: str, body: Any = None) -> Any:
@@ -279,7 +276,6 @@ class RemoteEngine:
         return None
 
     def _sync_filesystem(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
-        assert self.weights_dir is not None
         target = self.weights_dir / f"v{version:06d}"
         nbytes = write_safetensors_shards(weights, target, self.bucket_bytes)
         self.http.post(
@@ -293,35 +289,6 @@ class RemoteEngine:
             if old.is_dir() and _VERSION_DIR.fullmatch(old.name) and old.name != target.name:
                 shutil.rmtree(old, ignore_errors=True)
         return nbytes
-
-    def init_nccl(self, master_address: str, master_port: int, inference_world_size: int = 1) -> None:
-        """Join an NCCL group with the server's workers (server started with ``--weight-transfer nccl``)."""
-        from rollout.engines.vllm import nccl_trainer_engine
-
-        self._nccl = nccl_trainer_engine(
-            self.base_url,
-            self._nccl_weights,
-            master_address=master_address,
-            master_port=master_port,
-            inference_world_size=inference_world_size,
-            packed_buffer_mb=self.bucket_bytes / MB,
-            timeout_s=self.http.timeout_s,
-        )
-
-    def _sync_nccl(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        if self._nccl is None:
-            raise RuntimeError(
-                "RemoteEngine(transfer='nccl'): call init_nccl(master_address, master_port) first"
-            )
-        self._nccl_weights.weights = weights
-        try:
-            meta = self._nccl_weights.metadata()
-            self._nccl.send_weights()
-        finally:
-            self._nccl_weights.weights = ()
-        return sum(
-            int(torch.Size(m.shape).numel()) * torch.empty((), dtype=m.dtype).element_size() for m in meta
-        )
 
     # ---- memory -------------------------------------------------------------------------------------------
     @property
@@ -339,10 +306,7 @@ class RemoteEngine:
             self._asleep = False
 
     def close(self) -> None:
-        """Release the NCCL group; the server itself belongs to whoever started it."""
-        if self._nccl is not None:
-            self._nccl.shutdown()
-            self._nccl = None
+        """Nothing to release: the server belongs to whoever started it."""
 
 
 def _finish_reason(reason: str | None) -> FinishReason:
