@@ -1,24 +1,17 @@
-"""A plain-transformers rollout engine: the fallback where vLLM is missing, and the reference it is tested
-against.
+"""A plain-transformers `RolloutEngine`: the fallback where vLLM is missing, and the reference it is tested
+against, with vLLM's sampling semantics:
 
-It implements `RolloutEngine` with the same sampling semantics as the vLLM engine:
-
-- ``n`` samples per prompt, grouped; sample k of prompt i is drawn with its own ``torch.Generator`` seeded
-  ``sample_seed(seed, i, n, k)``, the seed vLLM's sample gets (reproducible; samples of a group differ). The random streams are not
-  vLLM's, so with temperature > 0 the two engines draw different (equally distributed) tokens; greedy
-  (temperature < 1e-5) matches token for token.
-- ``min_tokens``: EOS is masked (logit -inf) for the first ``min_tokens`` tokens, and a stop string counts
-  only if it *ends* after the text of the first ``min_tokens`` tokens; it may begin inside that text
-  (vLLM's rule: ``BaseIncrementalDetokenizer.update`` searches from ``len(stop) - 1`` characters before the
-  text of token ``min_tokens + 1``). EOS ends a sample and is kept in ``response_ids`` (it is what the policy
-  must learn to emit); ``text`` skips special tokens.
-- Stop strings end a sample with ``finish_reason="stop"``; the text is cut right after the stop string
-  (vLLM's ``include_stop_str_in_output=True``); the token ids are all tokens generated, so the last token
-  may run past the stop string.
+- sample k of prompt i draws from its own ``torch.Generator`` seeded ``sample_seed(seed, i, n, k)`` (vLLM's
+  seed for it; the streams differ from vLLM's, so only greedy decoding matches token for token);
+- ``min_tokens``: EOS is masked for the first ``min_tokens`` tokens, and a stop string counts only if it
+  *ends* after their text (vLLM's ``BaseIncrementalDetokenizer.update`` rule); EOS ends a sample and stays
+  in ``response_ids``; ``text`` skips special tokens;
+- a stop string ends a sample with ``finish_reason="stop"`` and the text is cut right after it
+  (``include_stop_str_in_output=True``); the token ids are all tokens generated;
 - ``Sample.logprobs`` follow `LogprobsMode` (``processed`` by default: the distribution sampled from).
 
-Batches of ``batch_size`` rows (prompt × sample) are left-padded and decoded with a KV cache. It is
-O(length²) in detokenisation per row and meant for tiny models, tests and debugging, not throughput.
+Rows (prompt × sample) are left-padded in batches of ``batch_size`` and decoded with a KV cache; meant for
+tiny models, tests and debugging, not throughput.
 """
 
 from __future__ import annotations
@@ -216,15 +209,7 @@ class HFEngine:
             mask[r, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, s)
-        generators = []
-        for i, k in rows:
-            g = torch.Generator(device=self.device)
-            seed = sample_seed(params.seed, i, params.n, k)
-            if seed is None:
-                g.seed()
-            else:
-                g.manual_seed(seed)
-            generators.append(g)
+        generators = [self._generator(sample_seed(params.seed, i, params.n, k)) for i, k in rows]
         greedy = params.temperature < _GREEDY_EPS  # vLLM samples greedily below this
         responses: list[list[int]] = [[] for _ in range(b)]
         logprobs: list[list[float]] = [[] for _ in range(b)]
@@ -243,9 +228,7 @@ class HFEngine:
                 tokens = torch.stack(
                     [torch.multinomial(probs[r], 1, generator=generators[r])[0] for r in range(b)]
                 )
-            chosen = (processed if self.logprobs_mode == "processed" else raw).gather(-1, tokens[:, None])[
-                :, 0
-            ]
+            chosen = (processed if self.logprobs_mode == "processed" else raw).gather(-1, tokens[:, None])[:, 0]
             for r in range(b):
                 if finish[r] is not None:
                     continue
@@ -257,13 +240,8 @@ class HFEngine:
                 break
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=-1)
             positions = positions[:, -1:] + 1
-            out = self.model(
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
+            out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True)
             cache = out.past_key_values
             logits = out.logits[:, -1].float()
         samples = []
@@ -274,6 +252,15 @@ class HFEngine:
                 Sample(i, list(prompts[r]), responses[r], text, logprobs[r], reason, self.policy_version)
             )
         return samples
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        """A generator on the engine's device seeded `seed` (None: a random seed)."""
+        g = torch.Generator(device=self.device)
+        if seed is None:
+            g.seed()
+        else:
+            g.manual_seed(seed)
+        return g
 
     def _check_stop(
         self, response: list[int], token: int, params: SamplingConfig
