@@ -7,8 +7,9 @@ import statistics
 
 import pytest
 import torch
+from cs336_adapters import compute_group_normalized_rewards
 
-from trainer.advantages import compute_group_normalized_rewards, group_normalize, reward_metadata
+from trainer.advantages import group_normalize, reward_metadata
 
 
 def fake_reward_fn(response: str, ground_truth: str) -> dict[str, float]:

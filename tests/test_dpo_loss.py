@@ -6,16 +6,12 @@ import math
 
 import pytest
 import torch
+from cs336_adapters import batched_dpo_loss, compute_per_instance_dpo_loss, dpo_batch_loss
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.data.prompts import ALPACA
-from trainer.dpo_loss import (
-    batched_dpo_loss,
-    compute_per_instance_dpo_loss,
-    dpo_batch_loss,
-    dpo_loss_from_logps,
-    sequence_logp,
-)
+from trainer.logprobs import sequence_logp
+from trainer.losses import dpo_loss_from_logps
 
 PROMPT = "Tom has 5 apples. He buys 7 more apples. How many apples does Tom have now?"
 CHOSEN = "Tom has 5 + 7 = 12 apples. The answer is 12."

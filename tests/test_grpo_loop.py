@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cs336_adapters import grpo_microbatch_train_step
 from helpers import capture_grads_at_step
 from safetensors.torch import load_file
 
@@ -17,15 +18,14 @@ from trainer.data.batching import pack_token_ids
 from trainer.learner import Learner
 from trainer.learners.grpo import (
     RolloutBatch,
-    k3_kl,
     micro_step,
     mismatch_metrics,
     optimizer_step,
     train_grpo,
 )
 from trainer.logprobs import get_response_log_probs, length_sorted_order
+from trainer.losses import k3_kl
 from trainer.tracking import read_metrics
-from trainer.train_steps import grpo_microbatch_train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"

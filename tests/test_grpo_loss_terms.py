@@ -38,7 +38,8 @@ import trainer.learners.grpo as grpo
 from trainer.config import RunConfig, load_config
 from trainer.data.batching import TokenBatch, pack_token_ids
 from trainer.learner import Learner, load_model
-from trainer.learners.grpo import RolloutBatch, k3_kl, micro_step
+from trainer.learners.grpo import RolloutBatch, micro_step
+from trainer.losses import k3_kl
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"

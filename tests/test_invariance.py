@@ -16,11 +16,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from cs336_adapters import grpo_microbatch_train_step, sft_microbatch_train_step
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.data.tokenization import tokenize_prompt_and_output
 from trainer.logprobs import get_response_log_probs
-from trainer.train_steps import grpo_microbatch_train_step, sft_microbatch_train_step
 
 PROMPTS = ["What is 2 + 3?", "Janet has 16 eggs and gives away 3. How many are left?", "Q: 7 * 8", "Tom"]
 OUTPUTS = [

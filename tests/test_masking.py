@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from trainer.masking import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_normalize
+from trainer.losses import LOSS_AGG_MODES, aggregate_loss, masked_mean, masked_normalize
 
 X = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
 M = torch.tensor([[1, 0], [1, 1]])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cs336_adapters import grpo_microbatch_train_step, sft_microbatch_train_step
 
 from trainer.losses import compute_grpo_clip_loss
-from trainer.train_steps import grpo_microbatch_train_step, sft_microbatch_train_step
 
 LOGP = [[-1.0, -2.0], [-3.0, -4.0]]
 MASK = torch.tensor([[1, 1], [1, 0]])

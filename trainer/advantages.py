@@ -11,11 +11,9 @@ group-contiguously: rows ``[k·G, (k+1)·G)`` belong to question ``k``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
-
-RewardFn = Callable[[str, str], Mapping[str, float]]
 
 
 def group_normalize(
@@ -92,33 +90,3 @@ def reward_metadata(
         "frac_zero_std_groups": float(zero_std.mean()),
     }
 
-
-def compute_group_normalized_rewards(
-    reward_fn: RewardFn,
-    rollout_responses: Sequence[str],
-    repeated_ground_truths: Sequence[str],
-    group_size: int,
-    advantage_eps: float,
-    normalize_by_std: bool,
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Score every rollout with `reward_fn` and return group-normalised advantages (module docstring).
-
-    Args:
-        reward_fn: ``reward_fn(response, ground_truth) -> {"reward", "format_reward", "answer_reward"}``.
-        rollout_responses: N responses, group-contiguous (``group_size`` per question).
-        repeated_ground_truths: N ground truths (each repeated ``group_size`` times).
-    Returns:
-        ``(advantages (N,), raw_rewards (N,), metadata)`` — see `group_normalize` and `reward_metadata`.
-    """
-    if len(rollout_responses) != len(repeated_ground_truths):
-        raise ValueError(
-            f"got {len(rollout_responses)} responses but {len(repeated_ground_truths)} ground truths"
-        )
-    if len(rollout_responses) % group_size != 0:
-        raise ValueError(
-            f"number of responses {len(rollout_responses)} is not divisible by group_size {group_size}"
-        )
-    scores = [reward_fn(resp, gt) for resp, gt in zip(rollout_responses, repeated_ground_truths, strict=True)]
-    raw_rewards = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # (N,)
-    advantages = group_normalize(raw_rewards, group_size, advantage_eps, normalize_by_std)  # (N,)
-    return advantages, raw_rewards, reward_metadata(scores, raw_rewards, group_size)

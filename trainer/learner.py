@@ -1,7 +1,7 @@
 """The learner shared by every mode: model, tokenizer, optimizer and scheduler under one Accelerator.
 
 Gradient accumulation is explicit (losses are divided by the number of accumulation steps in
-`trainer.masking.aggregate_loss`), so DDP gradient all-reduce is skipped (`no_sync`) on all but the last
+`trainer.losses.aggregate_loss`), so DDP gradient all-reduce is skipped (`no_sync`) on all but the last
 micro-batch of an optimizer batch. Optimizer: AdamW (β = 0.9, 0.95, weight decay 0 by default) or
 RMSprop (DPO paper), gradient-norm clipping (1.0), constant learning rate after an optional linear warm-up.
 """

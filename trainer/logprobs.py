@@ -10,7 +10,8 @@ Layouts (`forward_log_probs`): a micro-batch is trimmed to its longest real row,
 position ids restarting per sequence and no attention mask (HF then attends within each sequence: a block
 mask under ``sdpa``/``eager``, variable-length kernels under ``flash_attention_2/3``, where packing pays).
 `length_sorted_order` groups rows of similar length; every aggregation of `trainer.losses` sums over rows,
-so the gradient does not depend on which rows share a micro-batch.
+so the gradient does not depend on which rows share a micro-batch. Sequence log-probs (DPO, IPO:
+`sequence_log_probs`, `sequence_logp` of whole texts, float64 sums) are masked sums of the same path.
 
 Naive twins: the one-line log-softmax above (`tests/test_logprobs.py`) and the padded forward
 ``model(input_ids, attention_mask=...)`` for every layout (`tests/test_packing.py`).
@@ -18,12 +19,15 @@ Naive twins: the one-line log-softmax above (`tests/test_logprobs.py`) and the p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from trainer.data.batching import TokenBatch
+from trainer.data.prompts import ALPACA
+from trainer.data.tokenization import pad_token_id_of
 
 DEFAULT_CHUNK_TOKENS = 1024
 
@@ -169,6 +173,7 @@ def get_response_log_probs(
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     temperature: float = 1.0,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor]:
     """``log p_θ(labels_t | input_ids_{≤t})`` for every position of a causal LM.
 
@@ -186,8 +191,9 @@ def get_response_log_probs(
         attention_mask: optional (batch, seq) mask passed to the model (1 = real token).
         temperature: score under softmax(logits / temperature), the distribution a sampler at that
             temperature draws from (entropies too); 1 = the model's own.
+        compute_dtype: as in `chunked_label_log_probs` (default float32).
     Returns:
-        ``{"log_probs": (batch, seq) float32}`` plus ``"token_entropy": (batch, seq)`` when asked.
+        ``{"log_probs": (batch, seq)}`` plus ``"token_entropy": (batch, seq)`` when asked, in `compute_dtype`.
     """
     if attention_mask is None:
         logits = model(input_ids=input_ids).logits  # (batch, seq, vocab)
@@ -195,7 +201,8 @@ def get_response_log_probs(
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     logits = scale_logits(logits, temperature)
     log_probs, entropy = chunked_label_log_probs(
-        logits, labels, return_token_entropy=return_token_entropy, chunk_tokens=chunk_tokens
+        logits, labels, return_token_entropy=return_token_entropy, chunk_tokens=chunk_tokens,
+        compute_dtype=compute_dtype,
     )
     result = {"log_probs": log_probs}
     if entropy is not None:
@@ -219,18 +226,69 @@ def sequence_log_probs(
     *,
     attention_mask: torch.Tensor | None = None,
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Summed log-probability of the masked labels of each sequence: ``Σ_t m_t log p_θ(y_t | x_{≤t})``.
 
     Args: as `get_response_log_probs`, plus ``response_mask`` (batch, seq) bool or 0/1.
-    Returns: (batch,) float32.
+    Returns: (batch,) in `compute_dtype` (default float32).
     """
     log_probs = get_response_log_probs(
-        model, input_ids, labels, attention_mask=attention_mask, chunk_tokens=chunk_tokens
+        model, input_ids, labels, attention_mask=attention_mask, chunk_tokens=chunk_tokens,
+        compute_dtype=compute_dtype,
     )["log_probs"]  # (batch, seq)
-    return (log_probs * response_mask.to(log_probs.dtype)).sum(dim=-1)
+    return (log_probs * response_mask.to(log_probs.dtype)).sum(dim=-1)  # (batch,)
 
 
+def format_pair(prompt: str, response: str, template: str = ALPACA) -> str:
+    """``template`` filled with ``instruction=prompt, response=response`` (no EOS; see `sequence_logp`)."""
+    return template.format(instruction=prompt, response=response)
+
+
+def sequence_logp(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    append_eos: bool = True,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Summed log-probability of each text under `model`: ``Σ_{t≥1} log p(x_t | x_<t)`` (DPO, IPO).
+
+    Each text is tokenised without special tokens, the EOS id is appended (`append_eos`), the batch is
+    right-padded and scored by `sequence_log_probs` in one forward pass on the model's device; padding is
+    masked out. The first token has no context and is not scored (the same prompt prefix starts every
+    DPO sequence). The sums run in `compute_dtype`, float64 by default: DPO differences four sums of
+    hundreds of log-probs (each ~−500), and float32 rounding of those sums (~1e-5 absolute) would show up
+    as a ~1e-5 relative error in the loss. Extra memory: one ``chunk_tokens × vocab`` float64 chunk.
+
+    Returns: (len(texts),) in `compute_dtype` on the model's device, differentiable w.r.t. the model.
+    """
+    if not texts:
+        raise ValueError("sequence_logp needs at least one text")
+    if append_eos and tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no EOS token to append")
+    ids: list[list[int]] = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    if append_eos:
+        ids = [[*seq, int(tokenizer.eos_token_id)] for seq in ids]
+    if min(len(seq) for seq in ids) < 2:
+        raise ValueError("every text must tokenise to at least 2 tokens (with EOS) to be scored")
+    width = max(len(seq) for seq in ids)
+    full = torch.full((len(ids), width), pad_token_id_of(tokenizer), dtype=torch.long)  # (batch, T)
+    attention = torch.zeros((len(ids), width), dtype=torch.long)  # (batch, T)
+    for i, seq in enumerate(ids):
+        full[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        attention[i, : len(seq)] = 1
+    device: torch.device = next(model.parameters()).device
+    full, attention = full.to(device), attention.to(device)
+    return sequence_log_probs(
+        model, full[:, :-1], full[:, 1:], attention[:, 1:], attention_mask=attention[:, :-1],
+        chunk_tokens=chunk_tokens, compute_dtype=compute_dtype,
+    )  # (batch,)
+
+
+# ---- micro-batch layouts -----------------------------------------------------------------------------
 def real_lengths(tokens: TokenBatch) -> torch.Tensor:
     """Real (non-pad) input positions of each row; (batch,) long."""
     return tokens.attention_mask.sum(dim=-1)

@@ -45,7 +45,7 @@ class TokenBatch:
 
     def zero_weight(self) -> TokenBatch:
         """The same rows with an all-False response mask: a forward/backward whose loss and gradient are
-        exactly 0 under every `trainer.masking.aggregate_loss` mode (and that adds no response token)."""
+        exactly 0 under every `trainer.losses.aggregate_loss` mode (and that adds no response token)."""
         return TokenBatch(self.input_ids, self.labels, torch.zeros_like(self.response_mask), self.attention_mask)
 
 

@@ -1,22 +1,18 @@
-"""Masked reductions and the single loss-aggregation rule shared by GRPO, SFT and DPO.
+"""Masked reductions and the one rule that turns a per-token loss into the scalar GRPO, SFT and DPO backpropagate.
 
-Every learner turns a per-token loss ``(batch, seq)`` into the scalar it backpropagates through
-`aggregate_loss` and nothing else (verl's ``agg_loss``), so the normalisation rule lives in one place and
-its micro-batch / gradient-accumulation / world-size invariance is tested once
-(``tests/test_invariance.py``).
-
-Modes (``L`` = per-token loss, ``m`` = response mask, ``B`` = micro-batch size, ``G`` = gradient
-accumulation steps, ``W`` = world size):
+Every learner reduces its ``(batch, seq)`` per-token loss through `aggregate_loss` and nothing else (verl's
+``agg_loss``), so the normalisation lives in one place and its micro-batch / gradient-accumulation /
+world-size invariance is tested once (``tests/test_invariance.py``). ``L`` = per-token loss, ``m`` =
+response mask, ``B`` = micro-batch size, ``G`` = gradient accumulation steps, ``W`` = world size:
 
 - ``"sequence_mean"`` (CS336 / original GRPO): ``(1/B) Σ_i [Σ_t m_it L_it / Σ_t m_it] / G``.
-- ``"constant"`` (Dr. GRPO; SFT with a constant): ``(1/B) Σ_i [Σ_t m_it L_it / C] / G`` with ``C`` the
-  ``normalize_constant`` (e.g. the maximum generation length).
-- ``"token"`` (DAPO token-level): ``W · Σ_{i,t} m_it L_it / N`` where ``N`` is the number of response
-  tokens in the whole optimizer batch (all micro-batches, all ranks). The factor ``W`` undoes the mean
-  that DDP takes over ranks; there is no ``/ G`` because ``N`` already spans every micro-batch.
+- ``"constant"`` (Dr. GRPO; CS336 SFT): ``(1/B) Σ_i [Σ_t m_it L_it / C] / G``, ``C`` = ``normalize_constant``.
+- ``"token"`` (DAPO token-level): ``W · Σ_{i,t} m_it L_it / N``, ``N`` = response tokens of the whole
+  optimizer batch (all micro-batches, all ranks); ``W`` undoes DDP's mean over ranks, and there is no
+  ``/ G`` because ``N`` already spans every micro-batch.
 
-With equal-sized micro-batches, summing the ``G`` micro-batch losses of any mode gives exactly the loss of
-the whole optimizer batch processed at once (and averaging over ``W`` ranks, the whole global batch).
+With equal-sized micro-batches the ``G`` micro-batch losses of any mode sum to the loss of the whole
+optimizer batch at once (and, averaged over ``W`` ranks, of the whole global batch).
 """
 
 from __future__ import annotations
@@ -29,20 +25,23 @@ LossAggMode = Literal["sequence_mean", "constant", "token"]
 LOSS_AGG_MODES: tuple[str, ...] = get_args(LossAggMode)
 
 
-def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+def masked_mean(
+    tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None, *, empty_is_zero: bool = False
+) -> torch.Tensor:
     """Mean of `tensor` over the elements where `mask` is 1: ``Σ m·x / Σ m`` (along `dim`, or all).
 
     `mask` may be bool or numeric (0/1) and must broadcast to `tensor`. Where the mask is empty along the
-    reduced dimension the result is NaN (0/0), as a plain mean of nothing would be; `aggregate_loss`
-    guards against that case itself.
+    reduced dimension the result is NaN (0/0), as a plain mean of nothing would be, or 0 with
+    `empty_is_zero` (the count is clamped to at least 1: what a per-sequence loss or a logged metric
+    wants for a row without response tokens).
 
     Example: ``masked_mean([[1., 2.], [3., 4.]], [[1, 0], [1, 1]]) == (1 + 3 + 4) / 3``.
     """
-    # tensor: (...), mask: broadcastable to tensor
+    # tensor: (...), mask: broadcastable to tensor -> () or tensor's shape without `dim`
     mask_f = mask.to(tensor.dtype)
-    if dim is None:
-        return (tensor * mask_f).sum() / mask_f.expand_as(tensor).sum()
-    return (tensor * mask_f).sum(dim=dim) / mask_f.expand_as(tensor).sum(dim=dim)
+    total = (tensor * mask_f).sum() if dim is None else (tensor * mask_f).sum(dim=dim)
+    count = mask_f.expand_as(tensor).sum() if dim is None else mask_f.expand_as(tensor).sum(dim=dim)
+    return total / (count.clamp(min=1.0) if empty_is_zero else count)
 
 
 def masked_normalize(
@@ -96,8 +95,7 @@ def aggregate_loss(
     mask_f = mask.to(per_token_loss.dtype).expand_as(per_token_loss)  # (batch, seq)
 
     if mode == "sequence_mean":
-        token_counts = mask_f.sum(dim=-1).clamp(min=1.0)  # (batch,)
-        per_seq = (per_token_loss * mask_f).sum(dim=-1) / token_counts  # (batch,)
+        per_seq = masked_mean(per_token_loss, mask_f, dim=-1, empty_is_zero=True)  # (batch,)
         return per_seq.mean() / gradient_accumulation_steps
     if mode == "constant":
         if normalize_constant is None:

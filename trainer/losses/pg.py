@@ -1,6 +1,6 @@
-"""Per-token policy-gradient losses (CS336 §7). Pure functions: tensors in, ``(per-token loss, metrics)`` out.
+"""Per-token losses of a policy's log-probs (CS336 §4, §7). Pure functions: tensors in, ``(batch, seq)`` out.
 
-None of these reduce over tokens; `trainer.masking.aggregate_loss` alone turns the ``(batch, seq)`` loss
+None of these reduce over tokens; `trainer.losses.aggregate.aggregate_loss` alone turns the per-token loss
 into a scalar. Advantages / rewards are per sequence, shape ``(batch, 1)`` (a ``(batch,)`` tensor is
 accepted and reshaped, never silently broadcast along the sequence axis).
 
@@ -8,6 +8,8 @@ accepted and reshaped, never silently broadcast along the sequence axis).
 - GRPO-Clip (PPO):     ``ℓ_t = −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A)``, ``ρ_t = π_θ(o_t)/π_old(o_t)``
   (ε_low = ε_high = ε in the paper; DAPO "clip-higher" raises ε_high)
 - GRPO-No-Clip:        ``ℓ_t = −ρ_t A``
+- k3 KL penalty:       ``ℓ_t = exp(r_t) − r_t − 1``, ``r_t = log π_ref(o_t) − log π_θ(o_t)`` (Schulman 2020)
+- SFT NLL:             ``ℓ_t = −log π_θ(y_t)``, REINFORCE with ``A = 1`` on demonstrations (`sft_loss`)
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 import torch
+
+from trainer.losses.aggregate import aggregate_loss
 
 PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
 POLICY_LOSS_TYPES: tuple[str, ...] = get_args(PolicyLossType)
@@ -68,7 +72,7 @@ def compute_grpo_clip_loss(
         ``(loss (batch, seq), metadata)`` with ``"clipped"`` (batch, seq) bool — true where the clipped
         term is strictly smaller than the unclipped one (the clip is active and the token gets no
         gradient) — and ``"clip_fraction"`` (0-dim), the mean of ``clipped`` over *all* positions
-        (use `grpo_microbatch_train_step`'s masked value for logging).
+        (log the mean over response tokens instead).
     """
     eps_low = cliprange if cliprange_low is None else cliprange_low
     eps_high = cliprange if cliprange_high is None else cliprange_high
@@ -161,4 +165,44 @@ def compute_policy_gradient_loss(
         cliprange if cliprange is not None else 0.0,
         cliprange_low=cliprange_low,
         cliprange_high=cliprange_high,
+    )
+
+
+def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(π_θ‖π_ref) per token: ``exp(r) − r − 1`` with ``r = log π_ref − log π_θ``.
+
+    Unbiased for the KL when the tokens are sampled from π_θ, and ≥ 0 token by token (unlike k1 = −r).
+    E.g. ``log π_θ = 0, log π_ref = log 2`` → ``2 − log 2 − 1 ≈ 0.307``. The gradient flows through both
+    arguments; pass a detached (or no-grad) reference.
+    """
+    # log_probs, ref_log_probs: (batch, seq) -> (batch, seq)
+    r = ref_log_probs - log_probs
+    return torch.exp(r) - r - 1
+
+
+def sft_loss(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    mode: str,
+    *,
+    gradient_accumulation_steps: int = 1,
+    normalize_constant: float | None = None,
+    global_token_count: int | float | torch.Tensor | None = None,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """Negative log-likelihood of the response tokens of one micro-batch, as the scalar to backpropagate.
+
+    ``aggregate_loss(−log π_θ(y), m, mode, ...)``: with ``"constant"`` (CS336 §4.3)
+    ``−(1/B) Σ_i [Σ_t m_it log π_θ(y_it) / C] / G``; with ``"token"`` (SFT and EI learners) the micro-batch
+    losses sum to the token-mean NLL of the optimizer batch over all ranks. Arguments as `aggregate_loss`.
+    """
+    # policy_log_probs: (batch, seq); response_mask: (batch, seq) bool or 0/1 -> ()
+    return aggregate_loss(
+        -policy_log_probs,
+        response_mask,
+        mode,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        normalize_constant=normalize_constant,
+        global_token_count=global_token_count,
+        world_size=world_size,
     )
