@@ -13,8 +13,8 @@ mask under ``sdpa``/``eager``, variable-length kernels under ``flash_attention_2
 so the gradient does not depend on which rows share a micro-batch. Sequence log-probs (DPO, IPO:
 `sequence_log_probs`, `sequence_logp` of whole texts, float64 sums) are masked sums of the same path.
 
-Naive twins: the one-line log-softmax above (`tests/test_logprobs.py`) and the padded forward
-``model(input_ids, attention_mask=...)`` for every layout (`tests/test_packing.py`).
+Naive twins: the one-line log-softmax above and the padded forward for every layout (tests: test_logprobs,
+test_packing).
 """
 
 from __future__ import annotations
@@ -177,11 +177,9 @@ def get_response_log_probs(
 ) -> dict[str, torch.Tensor]:
     """``log p_θ(labels_t | input_ids_{≤t})`` for every position of a causal LM.
 
-    Equals the naive one-liner
-    ``torch.log_softmax(model(input_ids).logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)``
-    (a test checks this within 1e-5) but gathers the label logit and subtracts ``logsumexp`` over
-    ``chunk_tokens``-sized chunks (`chunked_label_log_probs`) instead of materialising a float32
-    log-softmax of the full ``(batch, seq, vocab)`` logits.
+    Equals the naive ``torch.log_softmax(model(input_ids).logits.float(), -1).gather(-1, labels[..., None])``
+    (tested within 1e-5), computed chunk by chunk (`chunked_label_log_probs`) without a float32 copy of
+    the full ``(batch, seq, vocab)`` logits.
 
     Args:
         model: a HF causal LM (anything whose call returns ``.logits`` (batch, seq, vocab)).

@@ -107,6 +107,13 @@ def aggregate_loss(
         per_seq = masked_normalize(per_token_loss, mask_f, normalize_constant, dim=-1)  # (batch,)
         return per_seq.mean() / gradient_accumulation_steps
     # mode == "token"
+    return (per_token_loss * mask_f).sum() * world_size / _token_count(global_token_count, per_token_loss)
+
+
+def _token_count(
+    global_token_count: int | float | torch.Tensor | None, like: torch.Tensor
+) -> torch.Tensor | float:
+    """``N`` of the ``"token"`` mode: a positive number, or a tensor moved to `like`'s device and dtype."""
     if global_token_count is None:
         raise ValueError(
             "aggregate_loss mode 'token' needs global_token_count (response tokens in the whole optimizer "
@@ -114,11 +121,8 @@ def aggregate_loss(
         )
     if isinstance(global_token_count, torch.Tensor):
         # not validated: reading a CUDA tensor's value would sync the device every micro-batch
-        count: torch.Tensor | float = global_token_count.to(
-            device=per_token_loss.device, dtype=per_token_loss.dtype
-        )
-    else:
-        count = float(global_token_count)
-        if count <= 0:
-            raise ValueError(f"global_token_count must be > 0; got {count}")
-    return (per_token_loss * mask_f).sum() * world_size / count
+        return global_token_count.to(device=like.device, dtype=like.dtype)
+    count = float(global_token_count)
+    if count <= 0:
+        raise ValueError(f"global_token_count must be > 0; got {count}")
+    return count

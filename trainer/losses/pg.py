@@ -1,7 +1,7 @@
 """Per-token losses of a policy's log-probs (CS336 §4, §7). Pure functions: tensors in, ``(batch, seq)`` out.
 
 None of these reduce over tokens; `trainer.losses.aggregate.aggregate_loss` alone turns the per-token loss
-into a scalar. Advantages / rewards are per sequence, shape ``(batch, 1)`` (a ``(batch,)`` tensor is
+into a scalar (`sft_loss` is the NLL passed through it, what SFT, EI and the warm start call). Advantages / rewards are per sequence, shape ``(batch, 1)`` (a ``(batch,)`` tensor is
 accepted and reshaped, never silently broadcast along the sequence axis).
 
 - naive / REINFORCE:   ``ℓ_t = −A · log π_θ(o_t)``
