@@ -85,7 +85,7 @@ class RolloutGuard:
                            scope.get("path"), client)  # fmt: skip
             await _refuse(scope, send, 401, "missing or wrong rollout server secret (Authorization: Bearer)")
             return
-        path = scope.get("path", "")
+        path = route_path(scope)
         if path == "/collective_rpc" and scope["type"] == "http":
             await self._rpc(scope, receive, send)
         elif self.broken is not None and path not in WHILE_BROKEN:
@@ -157,6 +157,12 @@ class RolloutGuard:
         scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
         await self.app(scope, replay, watch)
         return status
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: without the ``root_path`` prefix (vLLM's ``--root-path``), if any."""
+    path, root = str(scope.get("path", "")), str(scope.get("root_path", "")).rstrip("/")
+    return path[len(root) :] if root and path.startswith(root + "/") else path
 
 
 def parse_rpc(body: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:

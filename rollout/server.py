@@ -180,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if token is None:
         print(f"rollout server: no secret set ({TOKEN_ENV}): serving loopback clients only", file=sys.stderr)
+    if args.weights_dir is None:
+        print("rollout server: no --weights-dir: weight reloads will be refused", file=sys.stderr)
     weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else None
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
     env[GUARD_ENV] = guard_settings(args.model, weights_dir, trust_remote_code="--trust-remote-code" in extra)

@@ -247,11 +247,12 @@ class FakeVLLM:
 
 
 def call(guard: RolloutGuard, path: str, body: Any = None, token: str | None = TOKEN,
-         client: str = "10.1.2.3", kind: str = "http") -> tuple[int, dict[str, Any]]:  # fmt: skip
+         client: str = "10.1.2.3", kind: str = "http", root_path: str = "") -> tuple[int, dict[str, Any]]:  # fmt: skip
     """(status, JSON body or {}) of one request through `guard`; a refused websocket gives (1008, {})."""
     raw = b"" if body is None else json.dumps(body).encode()
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
-    scope = {"type": kind, "path": path, "method": "POST", "headers": headers, "client": (client, 5000)}
+    scope = {"type": kind, "path": path, "root_path": root_path, "method": "POST", "headers": headers,
+             "client": (client, 5000)}  # fmt: skip
     inbox = [{"type": "http.request", "body": raw, "more_body": False}]
     sent: list[dict[str, Any]] = []
 
@@ -317,6 +318,7 @@ def test_guard_allows_only_checked_reloads(guarded: Any, state: dict[str, torch.
     ]:  # fmt: skip
         got, answer = call(guard, "/collective_rpc", body)
         assert (got, match in answer["error"]) == (status, True), (body, answer)
+    assert call(guard, "/api/collective_rpc", {"method": "execute_model"}, root_path="/api")[0] == 403
     assert app.seen == []
     body = {"method": "reload_weights", "kwargs": {"weights_path": "v000001", "is_checkpoint_format": True}}
     assert call(guard, "/collective_rpc", body)[0] == 200
