@@ -77,11 +77,11 @@ def is_loopback(host: str) -> bool:
 
 
 def check_bind(host: str, token: str | None) -> None:
-    """Refuse to bind a non-loopback `host` without a secret: anyone reaching the port could swap the weights."""
+    """Refuse a non-loopback `host` without a secret: anyone reaching the port could swap the weights."""
     if token is None and not is_loopback(host):
         raise TokenError(
             f"rollout server: --host {host} is reachable from other machines and no secret is set, so anyone "
-            f"who can reach the port could generate, pause the server or replace its weights. Set {TOKEN_ENV} "
-            f"(or {TOKEN_FILE_ENV}, a file holding it) for the server and the learner, e.g. "
+            "who can reach the port could generate, pause the server or replace its weights. Set "
+            f"{TOKEN_ENV} (or {TOKEN_FILE_ENV}, a file holding it) for the server and the learner, e.g. "
             f"`export {TOKEN_ENV}=$({MAKE_TOKEN})`, or bind 127.0.0.1"
         )

@@ -83,7 +83,10 @@ class RolloutGuard:
             client = (scope.get("client") or ("?",))[0]
             logger.warning("rollout server: refused %s %s from %s (no valid secret)", scope["type"],
                            scope.get("path"), client)  # fmt: skip
-            await _refuse(scope, send, 401, "missing or wrong rollout server secret (Authorization: Bearer)")
+            reason = "missing or wrong rollout server secret (Authorization: Bearer)" if self.token else (
+                "this rollout server has no secret and serves loopback clients only"
+            )  # fmt: skip
+            await _refuse(scope, send, 401, reason)
             return
         path = route_path(scope)
         if path == "/collective_rpc" and scope["type"] == "http":
@@ -106,7 +109,8 @@ class RolloutGuard:
         async with self._reload_lock:
             try:
                 request, kwargs = parse_rpc(body)
-                target, root = resolve_reload_dir(kwargs["weights_path"], self.weights_dir)
+                path, weights_dir = kwargs["weights_path"], self.weights_dir
+                target, root = await asyncio.to_thread(resolve_reload_dir, path, weights_dir)
                 layout = await self._served_layout()
                 await asyncio.to_thread(check_reload_dir, target, root, layout)
             except ReloadRefused as err:
@@ -119,14 +123,16 @@ class RolloutGuard:
                 status = await self._forward(scope, json.dumps(request).encode(), receive, send)
             finally:
                 self.broken = None if status < 400 else (
-                    f"the weight reload from {target} failed (HTTP {status}) after it had started, so the served "
-                    "weights are incomplete: reload a valid directory or restart the server"
+                    f"the weight reload from {target} failed (HTTP {status}) after it had started, so the "
+                    "served weights are incomplete: reload a valid directory or restart the server"
                 )  # fmt: skip
 
     async def _served_layout(self) -> ModelLayout:
         if self._layout is None:
             try:
-                self._layout = await asyncio.to_thread(served_model_layout, self.model, self.trust_remote_code)
+                self._layout = await asyncio.to_thread(
+                    served_model_layout, self.model, self.trust_remote_code
+                )
             except Exception as err:
                 raise ReloadRefused(
                     f"cannot build the served model's parameter list from {self.model} to check the reload: "
@@ -178,7 +184,8 @@ def parse_rpc(body: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:
     method = request.get("method")
     if method not in RPC_METHODS:
         raise ReloadRefused(
-            f"collective_rpc method {method!r} is not allowed: this server runs only {sorted(RPC_METHODS)}", 403
+            f"collective_rpc method {method!r} is not allowed: this server runs only {sorted(RPC_METHODS)}",
+            403,
         )
     kwargs = request.get("kwargs") or {}
     if request.get("args") or not isinstance(kwargs, dict) or set(kwargs) - RPC_METHODS[method]:

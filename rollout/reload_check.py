@@ -76,7 +76,9 @@ def resolve_reload_dir(weights_path: str, weights_dir: str | None) -> tuple[Path
     """(`weights_path` resolved, the weights directory resolved); relative paths are taken inside the
     weights directory. Raises `ReloadRefused` (403 outside it or no ``--weights-dir``; 404 no directory)."""
     if weights_dir is None:
-        raise ReloadRefused("this rollout server was started without --weights-dir: weight reloads are off", 403)
+        raise ReloadRefused(
+            "this rollout server was started without --weights-dir: weight reloads are off", 403
+        )
     root = Path(weights_dir).resolve()
     target = (root / weights_path).resolve()  # an absolute weights_path replaces root
     if not target.is_relative_to(root):
@@ -132,7 +134,9 @@ def check_reload_dir(target: Path, root: Path, layout: ModelLayout) -> None:
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for shard in shards:
         if not shard.resolve().is_relative_to(root):
-            raise ReloadRefused(f"{shard} links to {shard.resolve()}, outside the weights directory {root}", 403)
+            raise ReloadRefused(
+                f"{shard} links to {shard.resolve()}, outside the weights directory {root}", 403
+            )
         for name, entry in read_header(shard).items():
             if name in found:
                 raise ReloadRefused(f"{target}: tensor {name!r} is in more than one shard", 422)

@@ -51,7 +51,7 @@ TOKEN = "s3cret-" + "x" * 25
 WRONG = "s3cret-" + "y" * 25
 
 
-# ---- the secret ---------------------------------------------------------------------------------------------
+# ---- the secret --------------------------------------------------------------------------------------------
 def test_load_token_from_the_environment_or_a_file(tmp_path: Path) -> None:
     assert load_token({}) is None
     assert load_token({TOKEN_ENV: TOKEN}) == TOKEN
@@ -133,7 +133,7 @@ def test_launcher_process_refuses_0000_without_a_secret(tmp_path: Path) -> None:
     assert "is reachable from other machines and no secret is set" in proc.stderr
 
 
-# ---- reload checks ------------------------------------------------------------------------------------------
+# ---- reload checks -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def state(tiny_qwen2_path: str) -> dict[str, torch.Tensor]:
     model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_path, dtype=torch.float32)
@@ -185,9 +185,13 @@ def test_reload_dir_must_hold_the_served_models_tensors(
     check_reload_dir(shards(tmp_path / "untied", untied), root, layout)
     refused(shards(tmp_path / "empty", {}, parts=0), "holds no \\*.safetensors")
     missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
-    refused(shards(tmp_path / "missing", missing), "1 of the served model's parameters missing: model.norm.weight")
+    refused(
+        shards(tmp_path / "missing", missing), "1 of the served model's parameters missing: model.norm.weight"
+    )
     wrong = dict(state, **{"model.norm.weight": torch.ones(7)})
-    refused(shards(tmp_path / "shape", wrong), r"model.norm.weight has shape \[7\], the served model's is \[128\]")
+    refused(
+        shards(tmp_path / "shape", wrong), r"model.norm.weight has shape \[7\], the served model's is \[128\]"
+    )
     refused(shards(tmp_path / "unknown", dict(state, extra=torch.ones(2))), "unknown tensors: extra")
     as_int = dict(state, **{"model.norm.weight": torch.ones(128, dtype=torch.int32)})
     refused(shards(tmp_path / "int", as_int), "model.norm.weight has dtype I32")
@@ -214,7 +218,10 @@ def raw_safetensors(path: Path, header: dict[str, Any], data: bytes) -> Path:
 def test_read_header_rejects_data_that_does_not_tile_the_file(tmp_path: Path) -> None:
     ok = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
           "b": {"dtype": "F16", "shape": [2], "data_offsets": [8, 12]}}  # fmt: skip
-    assert read_header(raw_safetensors(tmp_path / "ok", ok, bytes(12))) == {"a": ("F32", (2,)), "b": ("F16", (2,))}
+    assert read_header(raw_safetensors(tmp_path / "ok", ok, bytes(12))) == {
+        "a": ("F32", (2,)),
+        "b": ("F16", (2,)),
+    }
     overlap = dict(ok, b={"dtype": "F16", "shape": [2], "data_offsets": [4, 8]})
     size = {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
     cases = [
@@ -231,7 +238,7 @@ def test_read_header_rejects_data_that_does_not_tile_the_file(tmp_path: Path) ->
         read_header(tmp_path / "junk")
 
 
-# ---- the guard in front of a fake vLLM app ------------------------------------------------------------------
+# ---- the guard in front of a fake vLLM app -----------------------------------------------------------------
 class FakeVLLM:
     """Records what reaches it and answers `status`."""
 
@@ -247,7 +254,8 @@ class FakeVLLM:
 
 
 def call(guard: RolloutGuard, path: str, body: Any = None, token: str | None = TOKEN,
-         client: str = "10.1.2.3", kind: str = "http", root_path: str = "") -> tuple[int, dict[str, Any]]:  # fmt: skip
+         client: str = "10.1.2.3", kind: str = "http",
+         root_path: str = "") -> tuple[int, dict[str, Any]]:  # fmt: skip
     """(status, JSON body or {}) of one request through `guard`; a refused websocket gives (1008, {})."""
     raw = b"" if body is None else json.dumps(body).encode()
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
@@ -289,11 +297,14 @@ def test_guard_needs_the_secret_on_every_route(guarded: Any) -> None:
     assert call(guard, "/health")[0] == 200 and app.seen[0][0] == "/health"
 
 
-def test_guard_without_a_secret_serves_loopback_clients_only(guarded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_guard_without_a_secret_serves_loopback_clients_only(
+    guarded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv(TOKEN_ENV)
     guard = RolloutGuard(guarded.app)
     assert call(guard, "/health", token=None, client="127.0.0.1")[0] == 200
-    assert call(guard, "/health", token=None, client="10.1.2.3")[0] == 401
+    status, body = call(guard, "/health", token=None, client="10.1.2.3")
+    assert status == 401 and "serves loopback clients only" in body["error"]
 
 
 def test_guard_refuses_the_guard_unconfigured(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,7 +319,8 @@ def test_guard_allows_only_checked_reloads(guarded: Any, state: dict[str, torch.
     for body, status, match in [
         ({"method": "execute_model"}, 403, "method 'execute_model' is not allowed"),
         ({"method": "reload_weights", "args": ["x"], "kwargs": {"weights_path": "v000001"}}, 400, "keyword"),
-        ({"method": "reload_weights", "kwargs": {"weights_path": "v000001", "load_format": "x"}}, 400, "keyword"),
+        ({"method": "reload_weights", "kwargs": {"weights_path": "v000001", "load_format": "x"}}, 400,
+         "keyword"),
         ({"method": "reload_weights"}, 400, "needs weights_path"),
         ({"method": "reload_weights", "kwargs": {"weights_path": "v000001", "is_checkpoint_format": False}},
          400, "checkpoint-format"),
@@ -338,7 +350,9 @@ def test_a_reload_that_fails_after_the_checks_marks_the_server_unhealthy(
     app.status = 500
     assert call(guard, "/collective_rpc", body)[0] == 500
     status, answer = call(guard, "/health")
-    assert status == 503 and "weight reload from" in answer["error"] and "failed (HTTP 500)" in answer["error"]
+    assert (
+        status == 503 and "weight reload from" in answer["error"] and "failed (HTTP 500)" in answer["error"]
+    )
     assert call(guard, "/v1/completions", {"prompt": [1]})[0] == 503
     assert call(guard, "/v1/chat/completions", {})[0] == 503
     app.status = 200
@@ -347,7 +361,7 @@ def test_a_reload_that_fails_after_the_checks_marks_the_server_unhealthy(
     assert call(guard, "/health")[0] == 200 and call(guard, "/v1/completions", {"prompt": [1]})[0] == 200
 
 
-# ---- a real server ------------------------------------------------------------------------------------------
+# ---- a real server -----------------------------------------------------------------------------------------
 def request(url: str, method: str, path: str, body: Any = None, token: str | None = TOKEN,
             scheme: str = "Bearer") -> tuple[int, bytes]:  # fmt: skip
     headers = {"Content-Type": "application/json"}
@@ -367,8 +381,11 @@ def server(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> It
     weights = tmp_path_factory.mktemp("weights")
     logs = tmp_path_factory.mktemp("logs")
     argv = ["--model", tiny_qwen2_path, "--port", str(free_port()), "--dtype", "float32", "--enforce-eager",
-            "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", "--weights-dir", str(weights)]  # fmt: skip
-    with RolloutServer(argv, env={TOKEN_ENV: TOKEN}, startup_timeout_s=400, log_path=logs / "server.log") as srv:
+            "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512",
+            "--weights-dir", str(weights)]  # fmt: skip
+    with RolloutServer(
+        argv, env={TOKEN_ENV: TOKEN}, startup_timeout_s=400, log_path=logs / "server.log"
+    ) as srv:
         yield SimpleNamespace(url=srv.url, weights=weights, model=tiny_qwen2_path, process=srv.process)
 
 
@@ -381,7 +398,8 @@ def greedy(server: Any, token: str = TOKEN) -> list[int]:
 
 
 ENDPOINTS = [
-    ("GET", "/health", None), ("GET", "/v1/models", None), ("GET", "/metrics", None), ("GET", "/version", None),
+    ("GET", "/health", None), ("GET", "/v1/models", None), ("GET", "/metrics", None),
+    ("GET", "/version", None),
     ("GET", "/weight_info", None), ("GET", "/is_paused", None), ("GET", "/is_sleeping", None),
     ("POST", "/reset_prefix_cache", None), ("POST", "/update_weight_version", {"new_version": "0"}),
     ("POST", "/pause", None), ("POST", "/resume", None), ("POST", "/sleep", None), ("POST", "/wake_up", None),
@@ -418,7 +436,9 @@ def test_refused_reloads_leave_the_old_weights_serving(
     (server.weights / "escape").symlink_to(outside)
     shards(server.weights / "empty", {}, parts=0)
     shards(server.weights / "shape", dict(state, **{"model.norm.weight": torch.ones(3)}))
-    shards(server.weights / "missing", {k: v for k, v in state.items() if not k.startswith("model.layers.1.")})
+    shards(
+        server.weights / "missing", {k: v for k, v in state.items() if not k.startswith("model.layers.1.")}
+    )
     cut = shards(server.weights / "cut", state)
     (cut / "model-00000.safetensors").write_bytes((cut / "model-00000.safetensors").read_bytes()[:-4])
     for weights_path, status, match in [
@@ -427,7 +447,10 @@ def test_refused_reloads_leave_the_old_weights_serving(
         ("empty", 422, b"no *.safetensors"), ("shape", 422, b"has shape [3]"),
         ("missing", 422, b"parameters missing"), ("cut", 422, b"not a valid safetensors"),
     ]:  # fmt: skip
-        body = {"method": "reload_weights", "kwargs": {"weights_path": weights_path, "is_checkpoint_format": True}}
+        body = {
+            "method": "reload_weights",
+            "kwargs": {"weights_path": weights_path, "is_checkpoint_format": True},
+        }
         got, raw = request(server.url, "POST", "/collective_rpc", body)
         assert got == status and match in raw, (weights_path, got, raw[:300])
     for method in ("execute_model", "save_sharded_state", "init_device", "shutdown"):
@@ -449,7 +472,9 @@ def test_remote_engine_syncs_with_the_secret(
     with pytest.raises(ServerError, match="HTTP 401"):
         RemoteEngine(server.url, weights_dir=server.weights, timeout_s=60, token=WRONG)
     before = greedy(server)
-    monkeypatch.setenv(TOKEN_ENV, TOKEN)  # the default: the secret from the environment, as the server reads it
+    monkeypatch.setenv(
+        TOKEN_ENV, TOKEN
+    )  # the default: the secret from the environment, as the server reads it
     remote = RemoteEngine(server.url, weights_dir=server.weights, timeout_s=60)
     remote.update_weights(iter(perturbed(tiny_qwen2_path, scale=0.5).state_dict().items()))
     assert greedy(server) != before
