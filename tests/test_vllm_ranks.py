@@ -53,7 +53,7 @@ def test_engine_gpu(device: str | None, learner_device: Any, current: int | None
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:2"])
 def test_a_dedicated_engine_runs_where_config_validation_checked_it(device: str) -> None:
-    """`trainer.config.validate_for_cluster` checks a dedicated engine's GPU as `normalize_device` resolves it."""
+    """`trainer.cluster.validate_for_cluster` checks a dedicated engine's GPU as `normalize_device` resolves it."""
     for current in (0, 1, 3):
         assert engine_gpu(device, None, current) == normalize_device(device, current)
 
