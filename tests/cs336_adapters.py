@@ -9,7 +9,9 @@ learner's own code:
   returns the given log-probs (KL, entropy bonus and TIS off, as in CS336);
 - `sft_microbatch_train_step` → `trainer.losses.sft_loss` (the SFT, EI and warm-start loss), then backward;
 - `batched_dpo_loss` / `compute_per_instance_dpo_loss` → the DPO learner's `pair_logps` and `preference_loss`;
-- `compute_group_normalized_rewards` → `trainer.advantages.group_normalize` and `reward_metadata`.
+- `compute_group_normalized_rewards` → `trainer.advantages.group_normalize` and `reward_metadata`;
+- `compute_entropy` is the plain (max-shifted) entropy, the naive twin of the chunked entropy that
+  `trainer.logprobs` computes inside its autograd function.
 
 Only the argument checks of the CS336 signatures (arguments that are optional there but always present in
 a training config) are the adapters' own.
@@ -204,3 +206,17 @@ def compute_group_normalized_rewards(
     raw_rewards = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)  # (N,)
     advantages = group_normalize(raw_rewards, group_size, advantage_eps, normalize_by_std)  # (N,)
     return advantages, raw_rewards, reward_metadata(scores, raw_rewards, group_size)
+
+
+def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """CS336 ``compute_entropy``: entropy of the next-token distribution at each position, ``−Σ_v p_v log p_v``.
+
+    Computed on max-shifted logits ``z' = z − max_v z_v``: ``log p = z' − logsumexp(z')``. The shift keeps
+    ``log p`` accurate for logits of magnitude 1e4 (``logsumexp(z)`` would round to float32 spacing there,
+    ~1e-3), and ``−inf`` logits contribute 0 instead of ``0 · (−inf)``. logits: (..., vocab) → (...) in
+    float32 (float64 for float64 input).
+    """
+    z = logits if logits.dtype == torch.float64 else logits.float()  # (..., vocab)
+    shifted = z - z.amax(dim=-1, keepdim=True).detach()  # the max cancels in the value: no gradient
+    log_p = (shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)).clamp(min=torch.finfo(z.dtype).min)
+    return -(log_p.exp() * log_p).sum(dim=-1)  # (...)

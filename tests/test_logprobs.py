@@ -6,15 +6,11 @@ import math
 
 import pytest
 import torch
+from cs336_adapters import compute_entropy
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from trainer.data.tokenization import tokenize_prompt_and_output
-from trainer.logprobs import (
-    chunked_label_log_probs,
-    compute_entropy,
-    get_response_log_probs,
-    sequence_log_probs,
-)
+from trainer.logprobs import chunked_label_log_probs, get_response_log_probs, sequence_log_probs
 
 
 def naive_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -32,33 +32,6 @@ from trainer.data.tokenization import pad_token_id_of
 DEFAULT_CHUNK_TOKENS = 1024
 
 
-def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the next-token distribution at each position: ``H = −Σ_v p_v log p_v``.
-
-    Computed on max-shifted logits ``z' = z − max_v z_v``: ``log p = z' − logsumexp(z')`` and
-    ``H = −Σ_v exp(log p_v) · log p_v``. The shift keeps ``log p`` accurate for logits of magnitude 1e4
-    (``logsumexp(z)`` itself would round to the float32 spacing at 1e4, ~1e-3), nothing overflows, and
-    ``−inf`` logits contribute 0 instead of ``0 · (−inf)``.
-
-    Args:
-        logits: (..., vocab).
-    Returns:
-        (...) entropy in nats, float32 (or float64 for float64 input).
-    """
-    # logits: (batch, seq, vocab) -> (batch, seq)
-    z = logits if logits.dtype == torch.float64 else logits.float()
-    return _entropy_from_log_p(_shifted_log_softmax(z))[2]  # (...)
-
-
-def _shifted_log_softmax(z: torch.Tensor) -> torch.Tensor:
-    """``z' − logsumexp(z')`` with ``z' = z − max(z)``: log-softmax without re-adding the max.
-
-    The max is detached: it cancels exactly in the value, so its gradient is zero anyway.
-    """
-    shifted = z - z.amax(dim=-1, keepdim=True).detach()  # (..., vocab)
-    return shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
-
-
 def chunked_label_log_probs(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -70,7 +43,7 @@ def chunked_label_log_probs(
     """``log softmax(logits)[label]`` per position, computed ``chunk_tokens`` flattened tokens at a time.
 
     Equals the naive ``torch.log_softmax(logits.float(), -1).gather(-1, labels[..., None]).squeeze(-1)``
-    (tested to 1e-6), and the entropy equals ``compute_entropy(logits)``, values and gradients; but only one
+    (tested to 1e-6), and the entropy equals the max-shifted ``−Σ_v p_v log p_v``, values and gradients; but only one
     chunk of ``(chunk_tokens, vocab)`` float32 is ever alive besides the logits themselves, and autograd
     saves nothing but the logits (tested with saved-tensor hooks).
 
@@ -185,7 +158,7 @@ def get_response_log_probs(
         model: a HF causal LM (anything whose call returns ``.logits`` (batch, seq, vocab)).
         input_ids: (batch, seq) long.
         labels: (batch, seq) long (``input_ids`` shifted left by one).
-        return_token_entropy: also return the per-position entropy (`compute_entropy`).
+        return_token_entropy: also return the per-position entropy ``H = −Σ_v p_v log p_v``.
         attention_mask: optional (batch, seq) mask passed to the model (1 = real token).
         temperature: score under softmax(logits / temperature), the distribution a sampler at that
             temperature draws from (entropies too); 1 = the model's own.
