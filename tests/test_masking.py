@@ -22,6 +22,19 @@ def test_masked_mean_hand_values() -> None:
     torch.testing.assert_close(masked_mean(X, M.bool(), dim=-1), torch.tensor([1.0, 3.5]))
 
 
+def test_masked_mean_of_an_empty_row() -> None:
+    """m = [[0, 0], [1, 1]]: row 0 has nothing to average: NaN (0/0) by default, 0 with empty_is_zero
+    (what sequence_mean and the GRPO metrics use); non-empty rows and the whole-tensor mean are unchanged:
+    dim=-1 → [0, 3.5]; all → (3 + 4) / 2 = 3.5; an all-zero mask → NaN or 0."""
+    m = torch.tensor([[0, 0], [1, 1]])
+    plain = masked_mean(X, m, dim=-1)
+    assert torch.isnan(plain[0]) and float(plain[1]) == 3.5
+    torch.testing.assert_close(masked_mean(X, m, dim=-1, empty_is_zero=True), torch.tensor([0.0, 3.5]))
+    torch.testing.assert_close(masked_mean(X, m, empty_is_zero=True), torch.tensor(3.5))
+    assert torch.isnan(masked_mean(X, torch.zeros_like(m)))
+    assert float(masked_mean(X, torch.zeros_like(m), empty_is_zero=True)) == 0.0
+
+
 def test_masked_normalize_hand_values() -> None:
     """Same x, m, constant 2: all: 8/2 = 4; dim=-1: [1/2, 7/2]; dim=0: [4/2, 4/2]."""
     torch.testing.assert_close(masked_normalize(X, M, 2.0), torch.tensor(4.0))
