@@ -239,7 +239,7 @@ def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: t
     """Rollout-vs-learner log-prob mismatch: k1 and k3 KL(π_rollout‖π_learner) estimates on sampled tokens."""
     r = learner_lp - rollout_lp
     return {"train/mismatch_kl_k1": float(masked_mean(-r, mask, empty_is_zero=True)),
-            "train/mismatch_kl_k3": float(masked_mean(torch.exp(r) - r - 1, mask, empty_is_zero=True))}
+            "train/mismatch_kl_k3": float(masked_mean(k3_kl(rollout_lp, learner_lp), mask, empty_is_zero=True))}
 
 
 @torch.no_grad()
