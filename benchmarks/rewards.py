@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from rollout.reward import RewardScorer, r1_zero_answer, r1_zero_reward  # noqa: E402
 from rollout.reward.grading import grade_answer, warm_up  # noqa: E402
-from rollout.reward.pool import RewardScorer, r1_zero_answer, r1_zero_reward  # noqa: E402
 from trainer.data.tasks import load_gsm8k  # noqa: E402
 
 
@@ -133,8 +133,8 @@ def main() -> None:
             rate = args.n / (time.perf_counter() - start)
             rows.append(("  same, fast-path-only input", rate, scorer.metrics()))
 
-    mean = sum(r["reward"] for r in expected) / args.n
-    fmt = sum(r["format_reward"] for r in expected) / args.n
+    mean = sum(r.reward for r in expected) / args.n
+    fmt = sum(r.format_reward for r in expected) / args.n
     print(f"reward mean {mean:.3f}, format rate {fmt:.3f}\n")
     print(f"{'mode':28} {'samples/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'timeouts':>9} {'errors':>7}")
     for name, rate, m in rows:

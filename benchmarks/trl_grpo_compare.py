@@ -9,7 +9,7 @@ Setup (that of ``configs/grpo_smollm2_cpu.yaml``, the real-model demo):
   ``apply_chat_template(..., add_generation_prompt=True)``; reasonrl: ``prompt_template: chat``);
 - rollouts: 32 per step = 4 prompts x group 8, at most 48 new tokens, temperature 0.7 (top_p 1, no top_k),
   ending at the chat template's ``<|im_end|>``;
-- reward: ``rollout.reward.pool.question_only_reward(completion, gold)["reward"]``;
+- reward: ``rollout.reward.question_only_reward(completion, gold).reward``;
 - optimisation: AdamW lr 2e-5, one optimizer step per rollout batch of 4 gradient-accumulation
   micro-batches of 8 (TRL: ``per_device_train_batch_size=8``, ``gradient_accumulation_steps=4``,
   ``steps_per_generation=4``, ``num_iterations=1``), advantages scaled by the group std, no KL (beta 0).
@@ -76,7 +76,7 @@ def run_trl(steps: int, model_dir: str, workdir: Path) -> tuple[list[float], str
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from rollout.reward.pool import question_only_reward
+    from rollout.reward import question_only_reward
     from trainer.data.tasks import load_task
 
     torch.manual_seed(0)
@@ -87,7 +87,7 @@ def run_trl(steps: int, model_dir: str, workdir: Path) -> tuple[list[float], str
                                  for e in examples])
 
     def question_only(completions: list[object], answer: list[str], **_: object) -> list[float]:
-        return [float(question_only_reward(_text(c), gold)["reward"]) for c, gold in zip(completions, answer, strict=True)]
+        return [question_only_reward(_text(c), gold).reward for c, gold in zip(completions, answer, strict=True)]
 
     config = GRPOConfig(
         output_dir=str(workdir / "trl_out"), max_steps=steps, learning_rate=2e-5, lr_scheduler_type="constant",

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 from helpers import repo_pythonpath
+from reward_fns import misbehaving_reward
 
-from rollout.reward.pool import (
+from rollout.reward import (
     REWARD_FNS,
+    RewardResult,
     RewardScorer,
     get_reward_fn,
     question_only_reward,
@@ -123,11 +125,9 @@ def test_table_is_big_enough() -> None:
 
 @pytest.mark.parametrize(("response", "gold", "fmt", "ans"), R1_ZERO_TABLE)
 def test_r1_zero_reward(response: str, gold: str, fmt: int, ans: int) -> None:
-    assert r1_zero_reward(response, gold) == {
-        "reward": float(ans),
-        "format_reward": float(fmt),
-        "answer_reward": float(ans),
-    }
+    assert r1_zero_reward(response, gold) == RewardResult(
+        format_reward=float(fmt), answer_reward=float(ans), reward=float(ans)
+    )
 
 
 def test_r1_zero_answer() -> None:
@@ -144,18 +144,16 @@ def test_r1_zero_answer() -> None:
         ("In total 1,000 people.", "1000", 1, 1),
         ("\\boxed{\\frac{1}{2}}", "0.5", 1, 1),
         ("\\boxed{17}, though the final value is 18", "18", 1, 0),  # a box wins over later numbers
-        ("\\boxed{5", "5", 1, 1),  # unbalanced box: fall back to the last number
+        ("\\boxed{5", "5", 0, 0),  # the box was the answer and it is not closed: no answer
         ("It is 180.", "18", 1, 0),
         ("no number here", "72", 0, 0),
         ("", "72", 0, 0),
     ],
 )
 def test_question_only_reward(response: str, gold: str, fmt: int, ans: int) -> None:
-    assert question_only_reward(response, gold) == {
-        "reward": float(ans),
-        "format_reward": float(fmt),
-        "answer_reward": float(ans),
-    }
+    assert question_only_reward(response, gold) == RewardResult(
+        format_reward=float(fmt), answer_reward=float(ans), reward=float(ans)
+    )
 
 
 def test_every_gsm8k_test_gold_scores_one(gsm8k_dir: Path) -> None:
@@ -165,8 +163,8 @@ def test_every_gsm8k_test_gold_scores_one(gsm8k_dir: Path) -> None:
     assert len(examples) == 1319
     for ex in examples:
         raw = ex.solution.rsplit("####", 1)[1].strip()
-        assert r1_zero_reward(R(raw), ex.answer)["reward"] == 1.0, (raw, ex.answer)
-        assert r1_zero_reward(R(str(int(ex.answer) + 1)), ex.answer)["reward"] == 0.0
+        assert r1_zero_reward(R(raw), ex.answer).reward == 1.0, (raw, ex.answer)
+        assert r1_zero_reward(R(str(int(ex.answer) + 1)), ex.answer).reward == 0.0
 
 
 def test_get_reward_fn() -> None:
@@ -177,24 +175,8 @@ def test_get_reward_fn() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# The pool. Custom reward functions live at module level so worker processes can import them.
-
-
-def misbehaving_reward(response: str, gold: str) -> dict[str, float]:
-    """Hangs, raises, kills its process or returns garbage depending on `response`."""
-    if response == "hang":
-        time.sleep(120)
-    if response == "raise":
-        raise RuntimeError("boom")
-    if response == "die":
-        os._exit(3)
-    if response == "garbage":
-        return {"reward": 1.0}
-    if response == "nan":
-        return {"reward": float("nan"), "format_reward": 1.0, "answer_reward": 1.0}
-    if response == "print":
-        print("stray output on stdout must not corrupt the protocol")
-    return {"reward": 1.0, "format_reward": 1.0, "answer_reward": float(response == gold)}
+# The pool. Custom reward functions live in `reward_fns` (a light module) so worker processes import them
+# quickly.
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +206,7 @@ def test_pool_matches_in_process_on_the_table(scorer: RewardScorer) -> None:
 def test_pool_from_a_worker_thread_and_concurrent_calls(scorer: RewardScorer) -> None:
     """No signals in the parent: score() works off the main thread, and concurrent calls are serialised."""
     golds = [str(i) for i in range(200)]
-    outputs: dict[int, list[dict[str, float]]] = {}
+    outputs: dict[int, list[RewardResult]] = {}
 
     def run(k: int) -> None:
         outputs[k] = scorer.score([R(str(i + k)) for i in range(200)], golds)
@@ -234,7 +216,7 @@ def test_pool_from_a_worker_thread_and_concurrent_calls(scorer: RewardScorer) ->
         t.start()
     for t in threads:
         t.join(timeout=60)
-    assert [sum(r["reward"] for r in outputs[k]) for k in range(3)] == [200.0, 0.0, 0.0]
+    assert [sum(r.reward for r in outputs[k]) for k in range(3)] == [200.0, 0.0, 0.0]
 
 
 def test_timeouts_errors_and_crashes_score_zero_and_are_counted() -> None:
@@ -245,8 +227,8 @@ def test_timeouts_errors_and_crashes_score_zero_and_are_counted() -> None:
         elapsed = time.monotonic() - start
         m = s.metrics()
         # The pool still works after its workers were killed and replaced.
-        assert [r["answer_reward"] for r in s.score(["ok", "no"] * 20, ["ok"] * 40)] == [1.0, 0.0] * 20
-    assert [r["reward"] for r in out] == [1.0, 0, 1.0, 0, 0, 0, 0, 1.0, 1.0, 0, 1.0]
+        assert [r.answer_reward for r in s.score(["ok", "no"] * 20, ["ok"] * 40)] == [1.0, 0.0] * 20
+    assert [r.reward for r in out] == [1.0, 0, 1.0, 0, 0, 0, 0, 1.0, 1.0, 0, 1.0]
     assert m["reward/timeouts"] == 2
     assert m["reward/errors"] == 4  # raise, die, garbage, nan
     assert m["reward/worker_restarts"] == 3  # two hangs killed, one process died
@@ -258,7 +240,7 @@ def test_in_process_mode_counts_errors_without_isolation() -> None:
     with RewardScorer(misbehaving_reward, num_workers=0) as s:
         out = s.score(["ok", "raise", "garbage"], ["ok"] * 3)
         m = s.metrics()
-    assert [r["reward"] for r in out] == [1.0, 0.0, 0.0]
+    assert [r.reward for r in out] == [1.0, 0.0, 0.0]
     assert m["reward/errors"] == 2 and m["reward/timeouts"] == 0
 
 
@@ -266,8 +248,8 @@ def test_bad_reward_functions_are_refused_up_front() -> None:
     with pytest.raises(ValueError, match="cannot be sent to worker processes"):
         RewardScorer(lambda r, g: {"reward": 0.0}, num_workers=1)
 
-    def main_fn(r: str, g: str) -> dict[str, float]:
-        return {}
+    def main_fn(r: str, g: str) -> RewardResult:
+        return RewardResult.graded(False, False)
 
     main_fn.__module__ = "__main__"
     with pytest.raises(ValueError, match="defined in __main__"):
@@ -282,8 +264,8 @@ def test_worker_startup_failure_is_a_clear_error(monkeypatch: pytest.MonkeyPatch
     """A function the parent can pickle but a worker cannot import fails loudly, not with zeros."""
     module = types.ModuleType("only_in_parent")
 
-    def fn(r: str, g: str) -> dict[str, float]:
-        return {"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}
+    def fn(r: str, g: str) -> RewardResult:
+        return RewardResult.graded(True, True)
 
     fn.__module__ = module.__name__
     fn.__qualname__ = "fn"
@@ -307,7 +289,7 @@ def _alive(pid: int) -> bool:
 
 def test_close_is_idempotent_and_stops_workers() -> None:
     s = RewardScorer("r1_zero", num_workers=2)
-    assert s.score([R("1")], ["1"])[0]["reward"] == 1.0
+    assert s.score([R("1")], ["1"])[0].reward == 1.0
     for _ in range(600):  # until both are up (workers report in during score)
         if all(w.pid for w in s._procs.workers):
             break
@@ -354,7 +336,7 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
             scorer.close()
             accelerator.wait_for_everyone()
             with open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.json"), "w") as f:
-                json.dump([r["reward"] for r in out], f)
+                json.dump([r.reward for r in out], f)
             """
         )
     )
@@ -373,12 +355,14 @@ def test_docstring_examples() -> None:
     """The doctest-sized examples in the reward modules' docstrings are true."""
     import doctest
 
+    import rollout.reward.functions
     import rollout.reward.grading
     import rollout.reward.parsers
     import rollout.reward.pool
     import trainer.data.tasks
 
-    for module in (rollout.reward.parsers, rollout.reward.grading, rollout.reward.pool, trainer.data.tasks):
+    modules = (rollout.reward.parsers, rollout.reward.grading, rollout.reward.functions, rollout.reward.pool)
+    for module in (*modules, trainer.data.tasks):
         result = doctest.testmod(module)
         assert (module.__name__, result.failed) == (module.__name__, 0)
         assert result.attempted > 0
@@ -393,7 +377,7 @@ def test_workers_die_with_a_killed_parent(tmp_path: Path) -> None:
         import os, sys, threading, time
         sys.path[:0] = [{str(tests_dir.parent)!r}, {str(tests_dir)!r}]
         from rollout.reward.pool import RewardScorer
-        from test_rewards import misbehaving_reward
+        from reward_fns import misbehaving_reward
         s = RewardScorer(misbehaving_reward, timeout_s=100, num_workers=2)
         for _ in range(600):  # until both workers are up (they report in during score)
             if all(w.pid for w in s._procs.workers):

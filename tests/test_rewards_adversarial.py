@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from rollout.reward.pool import RewardScorer
+from rollout.reward import RewardScorer
 
 MB = 1 << 20
 
@@ -101,7 +101,7 @@ def _score_each(scorer: RewardScorer) -> list[tuple[str, float, float]]:
     for name, response, gold, _ in CORPUS:
         start = time.monotonic()
         (scores,) = scorer.score([response], [gold])
-        out.append((name, scores["reward"], time.monotonic() - start))
+        out.append((name, scores.reward, time.monotonic() - start))
     return out
 
 
@@ -139,7 +139,7 @@ def test_adversarial_corpus_as_one_batch(scorer: RewardScorer) -> None:
     out = scorer.score([r for _, r, _, _ in CORPUS], [g for _, _, g, _ in CORPUS])
     elapsed = time.monotonic() - start
     metrics = scorer.metrics()
-    got = [(name, s["reward"]) for (name, _, _, _), s in zip(CORPUS, out, strict=True)]
+    got = [(name, s.reward) for (name, _, _, _), s in zip(CORPUS, out, strict=True)]
     assert got == [(name, exp) for name, _, _, exp in CORPUS], metrics
     assert metrics["reward/timeouts"] == len(TIMEOUTS), metrics
     assert elapsed < len(TIMEOUTS) * 1.0 + 6.0, (elapsed, metrics)

@@ -11,7 +11,7 @@ from typing import IO
 
 import pytest
 
-from rollout.reward.pool import r1_zero_reward
+from rollout.reward import r1_zero_reward
 from trainer.data.jsonl import read_jsonl
 from trainer.data.tasks import (
     ARITHMETIC_LEVELS,
@@ -155,7 +155,7 @@ def test_make_arithmetic_is_correct_and_deterministic(level: int) -> None:
         assert value == int(value) and str(int(value)) == ex.answer
         assert ex.solution == f"{expr.group(1)} = {ex.answer}"
         assert (
-            r1_zero_reward(f"{ex.solution} </think> <answer> {ex.answer} </answer>", ex.answer)["reward"] == 1
+            r1_zero_reward(f"{ex.solution} </think> <answer> {ex.answer} </answer>", ex.answer).reward == 1
         )
 
 

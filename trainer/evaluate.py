@@ -55,7 +55,7 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
     scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples])
     entropies = response_entropy(policy, samples, pad_id) if policy is not None else [float("nan")] * len(samples)
     records = [
-        {"prompt": p, "response": s.text, "gold": ex.answer, **sc, "length": len(s.response_ids),
+        {"prompt": p, "response": s.text, "gold": ex.answer, **sc.as_dict(), "length": len(s.response_ids),
          "entropy": h, "finish_reason": s.finish_reason}
         for p, s, ex, sc, h in zip(prompts, samples, examples, scores, entropies, strict=True)
     ]

@@ -50,7 +50,7 @@ def sample_and_filter(
         scores = s.scorer.score(
             [x.text for x in samples], [q.answer for q in questions for _ in range(ei.group_size)]
         )
-    correct = [sc["answer_reward"] > 0 for sc in scores]
+    correct = [sc.answer_reward > 0 for sc in scores]
     kept = [x for x, ok in zip(samples, correct, strict=True) if ok]
     with s.timer("entropy"):
         entropy = response_entropy(s.learner.model, samples, s.learner.tokenizer.pad_token_id)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from rollout.engines.protocol import Sample, rollout_metrics
+from rollout.reward import RewardResult
 from trainer.advantages import group_normalize, reward_metadata
 from trainer.config import GRPOConfig, RunConfig
 from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
@@ -50,7 +51,7 @@ class RolloutBatch:
 
 
 # ---- phase 1-2: sample and score -----------------------------------------------------------------
-Groups = tuple[list[Sample], torch.Tensor, list[dict[str, float]]]  # samples, rewards (N,), score dicts
+Groups = tuple[list[Sample], torch.Tensor, list[RewardResult]]  # samples, rewards (N,), scores
 
 
 def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -> tuple[list[Sample], torch.Tensor,
@@ -88,11 +89,11 @@ def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -
     return samples, rewards, advantages, metrics
 
 
-def global_reward_metrics(s: Session, scores: list[dict[str, float]], group_size: int) -> dict[str, float]:
+def global_reward_metrics(s: Session, scores: list[RewardResult], group_size: int) -> dict[str, float]:
     """`reward_metadata` over every rank's rollouts (gathered; ranks may hold different numbers of whole
     groups under dynamic sampling), so every rank computes the global statistics."""
     keys = ("reward", "format_reward", "answer_reward")
-    rows = [tuple(float(sc[k]) for k in keys) for sc in scores]  # (N_rank, 3)
+    rows = [(sc.reward, sc.format_reward, sc.answer_reward) for sc in scores]  # (N_rank, 3), in `keys` order
     if s.accelerator.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -117,7 +118,7 @@ def _sample_groups(s: Session, sampler: QuestionSampler[Example], per_rank: int,
     golds = [q.answer for q in questions for _ in range(g.group_size)]
     with s.timer("score"):
         scores = s.scorer.score([x.text for x in samples], golds)
-    return samples, torch.tensor([sc["reward"] for sc in scores], dtype=torch.float32), scores
+    return samples, torch.tensor([sc.reward for sc in scores], dtype=torch.float32), scores
 
 
 def _nonzero_std_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

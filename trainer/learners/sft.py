@@ -45,7 +45,7 @@ def filter_correct(s: Session, examples: list[SFTExample]) -> list[SFTExample]:
             f"({len(missing)} line(s) lack one)"
         )
     scores = s.scorer.score([ex.response for ex in examples], [str(ex.gold) for ex in examples])
-    return [ex for ex, sc in zip(examples, scores, strict=True) if sc["answer_reward"] > 0]
+    return [ex for ex, sc in zip(examples, scores, strict=True) if sc.answer_reward > 0]
 
 
 def load_sft_data(s: Session) -> SFTData:

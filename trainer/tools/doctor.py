@@ -28,7 +28,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from rollout.reward.functions import RewardResult
 
 Status = Literal["pass", "fail", "n/a"]
 NCCL_TIMEOUT_S = 120.0
@@ -315,9 +318,9 @@ def nccl_probe() -> int:
 
 
 # ---- reward sandbox ---------------------------------------------------------------------------------
-def doctor_reward(response: str, ground_truth: str) -> dict[str, float]:
+def doctor_reward(response: str, ground_truth: str) -> RewardResult:
     """`r1_zero_reward`, except that `SLEEP_SAMPLE` sleeps far past any per-sample time limit."""
-    from rollout.reward.pool import r1_zero_reward
+    from rollout.reward.functions import r1_zero_reward
 
     if response == SLEEP_SAMPLE:
         time.sleep(3600)
@@ -354,7 +357,7 @@ def check_reward_sandbox() -> Check:
         )
     if "error" in box:
         return Check(name, "fail", box["error"][:300], fix)
-    rewards = [s["reward"] for s in box["scores"]]
+    rewards = [s.reward for s in box["scores"]]
     timeouts = box["metrics"]["reward/timeouts"]
     if rewards != [1.0, 0.0, 0.0] or timeouts != 1:
         return Check(
