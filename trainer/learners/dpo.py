@@ -278,6 +278,9 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
             s.tracker.log(metrics, step)
             return metrics
 
-        return run(s, Mode(d.loss, d.max_steps or d.num_epochs * per_epoch, step, evaluate,
-                           lambda m: {"loss": f"{m.get('train/loss', math.nan):.3f}",
-                                      "acc": f"{m.get('train/accuracy', math.nan):.2f}"}, best.state))
+        return run(s, Mode(
+            name=d.loss, total_steps=d.max_steps or d.num_epochs * per_epoch, step=step, evaluate=evaluate,
+            postfix=lambda m: {"loss": f"{m.get('train/loss', math.nan):.3f}",
+                               "acc": f"{m.get('train/accuracy', math.nan):.2f}"},
+            checkpoint_state=best.state,
+        ))

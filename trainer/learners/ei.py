@@ -107,7 +107,8 @@ def train_ei(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     with Session(cfg, resume, before_load=functools.partial(refuse_under_deepspeed, cfg.warmstart.steps)) as s:
         sampler = start_rollouts(s)
         return run(s, Mode(
-            "ei", cfg.ei.n_ei_steps, lambda step: ei_step(s, sampler, step), s.evaluate,
-            lambda m: {"kept": str(int(m["ei/kept"])), "entropy": f"{m['ei/response_entropy']:.2f}"},
-            lambda: {"sampler": sampler.state_dict()},
+            name="ei", total_steps=cfg.ei.n_ei_steps, step=lambda step: ei_step(s, sampler, step),
+            evaluate=s.evaluate,
+            postfix=lambda m: {"kept": str(int(m["ei/kept"])), "entropy": f"{m['ei/response_entropy']:.2f}"},
+            checkpoint_state=lambda: {"sampler": sampler.state_dict()},
         ))

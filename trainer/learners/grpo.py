@@ -287,9 +287,10 @@ def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         sampler = start_rollouts(s)
         ref_model = _reference_model(s) if cfg.grpo.kl_coef > 0 else None
         return run(s, Mode(
-            "grpo", cfg.grpo.n_grpo_steps, lambda step: grpo_step(s, sampler, step, ref_model), s.evaluate,
-            lambda m: {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"},
-            lambda: {"sampler": sampler.state_dict()},
+            name="grpo", total_steps=cfg.grpo.n_grpo_steps, step=lambda step: grpo_step(s, sampler, step, ref_model),
+            evaluate=s.evaluate,
+            postfix=lambda m: {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"},
+            checkpoint_state=lambda: {"sampler": sampler.state_dict()},
         ))
 
 

@@ -148,7 +148,7 @@ def train_sft(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         s.tracker.log({"data/sft_train_examples": float(data.n_train)}, start)
         batches = data.stream(start)
         return run(s, Mode(
-            "sft", cfg.sft.max_steps or cfg.sft.num_epochs * data.steps_per_epoch,
-            lambda step: sft_step(s, next(batches), step, data.steps_per_epoch),
-            functools.partial(evaluate_sft, s, data), lambda m: {"loss": f"{m['train/loss']:.3f}"},
+            name="sft", total_steps=cfg.sft.max_steps or cfg.sft.num_epochs * data.steps_per_epoch,
+            step=lambda step: sft_step(s, next(batches), step, data.steps_per_epoch),
+            evaluate=functools.partial(evaluate_sft, s, data), postfix=lambda m: {"loss": f"{m['train/loss']:.3f}"},
         ))
