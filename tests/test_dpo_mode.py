@@ -106,6 +106,18 @@ def test_ipo_and_simpo_raise_heldout_accuracy(
     assert math.isfinite(final["eval/loss"])
 
 
+def test_dpo_never_starts_the_reward_pool(tmp_path: Path, tiny_qwen2_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DPO scores no rollouts: the session starts the reward sandbox (a worker pool) only on first use."""
+
+    def no_pool(*args: object, **kwargs: object) -> None:
+        raise AssertionError("mode dpo started the reward pool")
+
+    monkeypatch.setattr("trainer.session.RewardScorer", no_pool)
+    data = write_preferences(tmp_path / "pref.jsonl")
+    cfg = load_config(CONFIG, run_overrides(tiny_qwen2_path, data, tmp_path / "run", "dpo.max_steps=1"))
+    assert math.isfinite(train_dpo(cfg)["eval/loss"])
+
+
 def test_ipo_and_simpo_losses_by_hand() -> None:
     """IPO: h = (−1 − −2) − (−3 − −3) = 1, β = 0.5 → (1 − 1)² = 0; h = 0 → (0 − 1)² = 1.
     SimPO: β = 2, means −1 vs −2, γ = 1 → −log σ(2·1 − 1) = −log σ(1) = 0.3133."""
