@@ -2,24 +2,25 @@
 
 The protocol (endpoints) is in `rollout.server`'s docstring. Weights go through the filesystem: safetensors
 shards in a directory both sides see, then the server's in-place ``reload_weights`` from that path.
+HTTP goes through one pooled ``httpx.Client`` per engine (shared by the generation threads: httpx clients
+may be), with the same guarantees as before: a timeout on every connect/read/write, errors that name the
+request, the bearer secret on every request.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import re
 import shutil
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import torch
 
 from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV, bearer, load_token
@@ -40,10 +41,13 @@ _VERSION_DIR = re.compile(r"v\d{6,}")  # filesystem-sync directories: f"v{versio
 def health(url: str, timeout_s: float = 5, token: str | None = None) -> bool:
     """True when the server at `url` answers ``GET /health`` with 200 (sending `token`, by default the secret
     from the environment, see `rollout.auth`)."""
+    http = _Http(url, timeout_s, token)
     try:
-        _Http(url, timeout_s, token).get("/health")
+        http.get("/health")
     except (ServerError, ConnectionError, TimeoutError):
         return False
+    finally:
+        http.close()
     return True
 
 
@@ -56,38 +60,43 @@ class ServerError(RuntimeError):
 
 
 class _Http:
-    """Tiny JSON-over-HTTP helper on the standard library (the learner needs no HTTP package).
+    """JSON over HTTP on a pooled ``httpx.Client``; every failure is a `ServerError` (an HTTP error status),
+    a `TimeoutError` (no answer within `timeout_s`: connect, read or write) or a `ConnectionError` (refused,
+    reset, dead server), each naming the request.
 
     Every request carries ``Authorization: Bearer <token>``; `token` defaults to the secret in
     ``REASONRL_ROLLOUT_TOKEN`` / ``REASONRL_ROLLOUT_TOKEN_FILE`` (`rollout.auth.load_token`), none if unset.
+    Redirects are not followed (the secret goes to the configured server only).
     """
 
     def __init__(self, base_url: str, timeout_s: float, token: str | None = None) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.headers = {"Content-Type": "application/json", **bearer(token or load_token())}
+        # No cap on connections (`RemoteEngine.max_concurrency` bounds them; a pool wait would be a timeout).
+        # Idle connections are dropped after 2 s, before the server's own keep-alive timeout (uvicorn: 5 s)
+        # can close one just as a request reuses it.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
+        self._client = httpx.Client(headers=self.headers, follow_redirects=False, limits=limits)
 
     def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
         url = self.base_url + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(url, data=data, method=method, headers=self.headers)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout_s) as response:
-                raw = response.read()
-        except urllib.error.HTTPError as err:
-            detail = err.read().decode(errors="replace")[:2000]
-            message = f"rollout server {method} {url} failed: HTTP {err.code}: {detail}"
-            if err.code == 401:
+            response = self._client.request(method, url, content=data, timeout=self.timeout_s)
+        except httpx.TimeoutException as err:
+            raise TimeoutError(f"{_failed(method, url, err)} (timeout_s={self.timeout_s})") from err
+        except (httpx.TransportError, OSError) as err:  # no answer: refused, reset, dead server
+            raise ConnectionError(_failed(method, url, err)) from err
+        if not response.is_success:
+            message = f"rollout server {method} {url} failed: HTTP {response.status_code}: {response.text[:2000]}"
+            if response.status_code == 401:
                 message += f" (set {TOKEN_ENV} or {TOKEN_FILE_ENV} to the server's secret)"
-            raise ServerError(message, err.code) from err
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
-            # no answer: refused, reset, dead server, timeout; say which request it was
-            reason = err.reason if isinstance(err, urllib.error.URLError) else err
-            message = f"rollout server {method} {url} failed: {type(reason).__name__}: {reason}"
-            if isinstance(reason, TimeoutError):
-                raise TimeoutError(f"{message} (timeout_s={self.timeout_s})") from err
-            raise ConnectionError(message) from err
-        return json.loads(raw) if raw else None
+            raise ServerError(message, response.status_code)
+        return json.loads(response.content) if response.content else None
+
+    def close(self) -> None:
+        self._client.close()
 
     def get(self, path: str) -> Any:
         return self.request("GET", path)
@@ -306,7 +315,12 @@ class RemoteEngine:
             self._asleep = False
 
     def close(self) -> None:
-        """Nothing to release: the server belongs to whoever started it."""
+        """Close the client's connections; the server belongs to whoever started it."""
+        self.http.close()
+
+
+def _failed(method: str, url: str, err: Exception) -> str:
+    return f"rollout server {method} {url} failed: {type(err).__name__}: {err}"
 
 
 def _finish_reason(reason: str | None) -> FinishReason:
