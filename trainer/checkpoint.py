@@ -9,21 +9,41 @@ Layout of ``RUN_DIR/checkpoints/step_000010/``:
 - ``config.yaml``: the resolved config.
 
 A checkpoint is written into ``step_N.tmp`` and renamed when complete, so a crash mid-save never leaves
-a directory that looks finished. Only the newest `keep_last` checkpoints are kept.
+a directory that looks finished. Only the newest `keep_last` checkpoints are kept, deleted only after the
+new one is complete. A write that fails (no space, a file-size limit, a read-only or unwritable directory)
+removes ``step_N.tmp`` and raises one `StorageError` on every rank, naming the path and the cause (for no
+space: about how much the checkpoint needs and how much is free); the previous checkpoint stays resumable.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import resource
 import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from safetensors import SafetensorError
 
 from trainer.config import RunConfig, save_config
 
+if TYPE_CHECKING:  # torch is imported where a checkpoint is written, not by the command line's error handling
+    import torch
+
 _PREFIX = "step_"
+_MB = 1024 * 1024
+# What the writers raise for a failed write: OSError (Python's own files), RuntimeError (torch.save's C++ zip
+# writer: "unexpected pos", "iostream error", "cannot be opened"), SafetensorError ("... (os error 28)").
+_WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
+
+
+class StorageError(OSError):
+    """A write under the run directory failed; the message names the path and the cause."""
 
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
@@ -45,29 +65,160 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def check_writable(run_dir: str | Path) -> None:
+    """Create `run_dir` if needed and write (then remove) a probe file in it and in its ``checkpoints/``, so
+    that a read-only or unwritable run directory is one `StorageError` before anything is loaded or trained,
+    not a failure at the first log line or checkpoint. A directory this call created is removed on failure."""
+    run_dir = Path(run_dir)
+    created = not run_dir.exists()
+    for directory in (run_dir, run_dir / "checkpoints"):
+        if directory != run_dir and not directory.exists():
+            continue
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
+                pass
+        except OSError as err:
+            if created:
+                shutil.rmtree(run_dir, ignore_errors=True)
+            where = err.filename or directory
+            raise StorageError(f"output_dir={run_dir}: cannot write to {where}: {_cause(err, directory)}; "
+                               "choose a writable output_dir") from None
+
+
 def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, run_dir: str | Path,
                     step: int, trainer_state: dict[str, Any], config: RunConfig, keep_last: int) -> Path:
-    """Write a checkpoint atomically; every process calls this (DeepSpeed gathers collectively)."""
+    """Write a checkpoint atomically; every process calls this (DeepSpeed gathers collectively). Each phase
+    ends with every rank learning whether any rank's write failed (`_phase`), so all raise together."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
+    main = accelerator.is_main_process
+    previous = latest_checkpoint(run_dir) if main else None
+
+    def needed() -> int:
+        return _tree_bytes(previous) if previous is not None else estimate_checkpoint_bytes(accelerator, model)
+
+    def prepare() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    accelerator.wait_for_everyone()  # every rank's RNG/optimizer shard is on disk before the rename
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
+
+    def write_main() -> None:
         accelerator.unwrap_model(model).save_pretrained(tmp / "hf", state_dict=state_dict)
         tokenizer.save_pretrained(tmp / "hf")
         save_config(config, tmp / "config.yaml")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+
+    _phase(accelerator, prepare if main else None, tmp, run_dir, previous, needed)
+    _phase(accelerator, lambda: accelerator.save_state(str(tmp / "state")), tmp, run_dir, previous, needed)
+    state_dict = accelerator.get_state_dict(model)  # collective under DeepSpeed ZeRO-3: every rank
+    _phase(accelerator, write_main if main else None, tmp, run_dir, previous, needed)
+    if main:
         for old in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def _phase(accelerator: Any, write: Callable[[], None] | None, tmp: Path, run_dir: str | Path,
+           previous: Path | None, needed: Callable[[], int]) -> None:
+    """Run this rank's `write` (None: nothing to write here); then every rank learns of any rank's failure
+    (one `gather_object`, which is also the barrier between phases). On a failure the main process removes
+    the partial `tmp`, and every rank raises the same `StorageError`."""
+    message = None
+    if write is not None:
+        try:
+            write()
+        except _WRITE_ERRORS as err:
+            message = _failure_message(err, tmp, needed)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        messages = [m for m in gather_object([message]) if m]
+    else:
+        messages = [message] if message else []
+    if not messages:
+        return
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    kept = (f"the last complete checkpoint, {previous.name}, is untouched: `reasonrl train --resume {run_dir}` "
+            "continues from it" if previous is not None else "no earlier checkpoint exists")
+    raise StorageError(f"{messages[0]}; the partial {tmp.name} was removed; {kept}")
+
+
+def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int]) -> str:
+    """'cannot write checkpoint PATH: CAUSE' for a failed write, the cause read from the error where it has one
+    (errno, or "os error N" in a writer's message) and otherwise from the file system (free space, the
+    file-size limit, a write probe)."""
+    code = getattr(err, "errno", None) if isinstance(err, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)", str(err))
+        code = int(found.group(1)) if found else None
+    if code is None:
+        code = _diagnose(tmp)
+    path = getattr(err, "filename", None) or tmp
+    if code == errno.ENOSPC:
+        free = _free_bytes(tmp)
+        return (f"cannot write checkpoint {path}: no space left on device (the checkpoint needs about "
+                f"{needed() / _MB:.1f} MB; {free / _MB:.1f} MB free)")
+    if code is not None:
+        return f"cannot write checkpoint {path}: {_cause(OSError(code, os.strerror(code)), tmp)}"
+    return f"cannot write checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def _diagnose(tmp: Path) -> int | None:
+    """The errno behind a write error that carries none (torch.save's C++ writer): a full file system, a file
+    at the process's file-size limit, or a directory that refuses a new file."""
+    if _free_bytes(tmp) < _MB:
+        return errno.ENOSPC
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and any(p.stat().st_size >= limit for p in tmp.rglob("*") if p.is_file()):
+        return errno.EFBIG
+    for directory in [tmp, *tmp.rglob("*")]:
+        if directory.is_dir():
+            try:
+                with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
+                    pass
+            except OSError as probe:
+                return probe.errno
+    return None
+
+
+def _cause(err: OSError, where: Path) -> str:
+    """The cause of a failed write in words, with what to do where that is clear."""
+    reason = (err.strerror or str(err)).lower()
+    if err.errno == errno.EFBIG:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        cap = f" of {limit} bytes" if limit != resource.RLIM_INFINITY else ""
+        return f"{reason} (a file reached the process's file-size limit{cap}, `ulimit -f`)"
+    if err.errno == errno.ENOSPC:
+        return f"{reason} ({_free_bytes(where) / _MB:.1f} MB free)"
+    if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{reason} (the directory is not writable)"
+    return reason
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding `path` (its nearest existing ancestor)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def estimate_checkpoint_bytes(accelerator: Any, model: torch.nn.Module) -> int:
+    """About the size of a checkpoint: the parameters twice (``hf/`` and ``state/``) and the optimizer state."""
+    import torch
+
+    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    optimizer = sum(v.numel() * v.element_size() for opt in getattr(accelerator, "_optimizers", [])
+                    for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
+    return int(2 * params + optimizer)
 
 
 def load_checkpoint(accelerator: Any, path: str | Path) -> dict[str, Any]:

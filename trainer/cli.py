@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from trainer.checkpoint import StorageError
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.data.tasks import DatasetFormatError
 
@@ -190,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError) as err:
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:  # a write under the run directory failed (no space, read-only): no traceback
+        print(f"reasonrl: error: {err}", file=sys.stderr)
+        return 1
     return code
 
 

@@ -33,7 +33,10 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every config section: unknown keys are errors, and so is a non-finite float (``.inf``, ``.nan``) in any
+    float field, which would otherwise pass validation and fail far into a run."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -61,6 +64,10 @@ class DataConfig(_Section):
     eval_limit: int | None = Field(None, ge=1)
     sft_path: str | None = Field(None, description='JSONL of {"prompt","response"} (SFT mode)')
     preference_path: str | None = Field(None, description='JSONL of {"prompt","chosen","rejected"} (DPO)')
+    max_skipped_fraction: float = Field(
+        0.01, ge=0.0, le=1.0,
+        description="items skipped as unusable (prompts longer than the engine's context, DPO pairs with chosen "
+        "== rejected) are counted and logged; more than this fraction of a dataset is an error")
 
 
 class SamplingSection(_Section):
@@ -332,6 +339,8 @@ def _format_validation_error(err: ValidationError) -> list[str]:
             problems.append(f"{where}: unknown key (check spelling; see configs/ for valid keys)")
         elif e["type"] == "value_error" and not e["loc"]:
             problems.extend(str(e["ctx"]["error"]).split("; "))
+        elif e["type"] == "finite_number":
+            problems.append(f"{where}={e.get('input')!r}: must be a finite number (not .inf or .nan)")
         else:
             problems.append(f"{where}={e.get('input')!r}: {e['msg']}")
     return problems
@@ -370,15 +379,34 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config, apply overrides, validate; raises `ConfigError` listing all problems."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"file not found: {path}"], str(path))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(_read_text(path)) or {}
     except yaml.YAMLError as err:
         raise ConfigError([f"not valid YAML: {err}"], str(path)) from None
     if not isinstance(raw, dict):
         raise ConfigError(["top level must be a mapping of sections"], str(path))
     return config_from_dict(apply_overrides(raw, overrides or []), str(path))
+
+
+def _read_text(path: Path) -> str:
+    """The config file's text; a missing file, a directory, an unreadable file or bytes that are not UTF-8
+    (named by line and column) are a `ConfigError` naming the file."""
+    if path.is_dir():
+        raise ConfigError([f"{path} is a directory, not a config file: give a YAML file (e.g. configs/*.yaml)"],
+                          str(path))
+    if not path.is_file():
+        raise ConfigError([f"file not found: {path}"], str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError([f"cannot read {path}: {err.strerror}"], str(path)) from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError([f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+                           "re-save the file as UTF-8"], str(path)) from None
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:

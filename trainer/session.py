@@ -20,9 +20,10 @@ from accelerate.utils import set_seed
 
 from rollout.engines.protocol import RolloutEngine
 from rollout.reward.pool import RewardScorer
-from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.cluster import validate_for_cluster
 from trainer.config import RunConfig, save_config
+from trainer.data.checks import check_data, context_limit, drop_long_prompts, task_name
 from trainer.data.prompts import is_chat_template, register_chat_template, register_template
 from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices
@@ -53,6 +54,7 @@ class Session:
                 f"output_dir={self.run_dir} already holds a run: pass --resume {self.run_dir} to continue it, "
                 "or choose another output_dir"
             )
+        check_data(cfg)  # data first: a bad file is an error before anything is loaded or written
         for name, template in cfg.data.templates.items():
             register_template(name, template)
         self.accelerator = Accelerator()
@@ -60,6 +62,7 @@ class Session:
         validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
         if before_load is not None:
             before_load(self.accelerator)
+        check_writable(self.run_dir)
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         for name in {cfg.data.prompt_template, cfg.dpo.template}:  # `chat*`: the model's own chat template
             if is_chat_template(name):
@@ -76,6 +79,7 @@ class Session:
         self.tracker = self._make_tracker()
         self._scorer: RewardScorer | None = None
         self._engine: RolloutEngine | None = None
+        self._train_examples: list[Example] | None = None
         self._eval_examples: list[Example] | None = None
         self._probe: StaleWeightProbe | None = None
 
@@ -115,15 +119,30 @@ class Session:
         return self._scorer
 
     def train_examples(self) -> list[Example]:
-        d = self.cfg.data
-        return load_task(_task_name(self.cfg), d.train_source, "train", d.train_limit, self.cfg.seed)
+        """The training questions, less those too long for the engine's context (`usable_prompts`)."""
+        if self._train_examples is None:
+            d = self.cfg.data
+            examples = load_task(task_name(self.cfg), d.train_source, "train", d.train_limit, self.cfg.seed)
+            self._train_examples = self.usable_prompts(examples, d.train_source, "data/skipped_long_prompts")
+        return self._train_examples
 
     def eval_examples(self) -> list[Example]:
         if self._eval_examples is None:
             d = self.cfg.data
             limit = self.cfg.eval.limit or d.eval_limit
-            self._eval_examples = load_task(_task_name(self.cfg), d.eval_source, "test", limit, self.cfg.seed)
+            examples = load_task(task_name(self.cfg), d.eval_source, "test", limit, self.cfg.seed)
+            self._eval_examples = self.usable_prompts(examples, d.eval_source, "data/skipped_long_eval_prompts")
         return self._eval_examples
+
+    def usable_prompts(self, examples: list[Example], source: str | None, metric: str) -> list[Example]:
+        """`examples` whose prompt leaves the rollout engine room for a response, checked before the engine sees
+        them (`trainer.data.checks.drop_long_prompts`); the skipped are counted in `metric`."""
+        engine_limit = self._engine.max_model_len if self._engine is not None else None
+        limit = context_limit(self.cfg, self.learner.unwrapped.config, engine_limit)
+        kept, skipped = drop_long_prompts(examples, self.cfg.data.prompt_template, self.learner.tokenizer, limit,
+                                          self.cfg.data.max_skipped_fraction, source or task_name(self.cfg))
+        self.tracker.log({metric: float(skipped)}, int(self.trainer_state["step"]))
+        return kept
 
     # ---- shared phases ----------------------------------------------------------------------------
     def sync_weights(self, version: int | None = None) -> dict[str, float]:
@@ -220,11 +239,6 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _task_name(cfg: RunConfig) -> str:
-    d = cfg.data
-    return f"arithmetic:{d.arithmetic_level}{':heldout' * d.arithmetic_heldout}" if d.task == "arithmetic" else d.task
 
 
 def _check_world(num_processes: int) -> None:

@@ -73,6 +73,15 @@ def _field(record: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+def _not_empty(examples: list[Example], path: Path, limit: int | None, fields: str) -> list[Example]:
+    """`examples`, or a `DatasetFormatError` naming the file when it held no record at all (an empty or
+    blank-only file), which would otherwise surface far from the file (an empty question sampler)."""
+    if not examples and limit != 0:
+        raise DatasetFormatError(f"{path}: no records (the file is empty or holds only blank lines); "
+                                 f"expected one JSON object {fields} per line")
+    return examples
+
+
 # --------------------------------------------------------------------------------------------------
 # GSM8K
 
@@ -108,12 +117,13 @@ def load_gsm8k(
     source = GSM8K_HUB_ID if source is None else source
     if Path(source).exists() or str(source).endswith(".jsonl"):
         path = _resolve_file(source, split, "GSM8K")
-        return [
+        examples = [
             _gsm8k_example(
                 _field(r, "question", f"{path}:{n}"), _field(r, "answer", f"{path}:{n}"), f"{path}:{n}"
             )
             for n, r in read_jsonl(path, limit=limit)
         ]
+        return _not_empty(examples, path, limit, '{"question", "answer"}')
     try:
         import datasets
     except ImportError:
@@ -162,7 +172,7 @@ def load_math(source: str | Path, split: str = "train", limit: int | None = None
                 f"{where}: needs an 'answer' or a 'solution' field; keys: {sorted(record)}"
             )
         out.append(Example(question=problem.strip(), answer=gold, solution=solution.strip()))
-    return out
+    return _not_empty(out, path, limit, '{"problem", "answer" or "solution"}')
 
 
 # --------------------------------------------------------------------------------------------------

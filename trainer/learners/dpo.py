@@ -28,6 +28,7 @@ import torch
 
 from trainer.config import DPOConfig, RunConfig
 from trainer.data.batching import deal_micro_batches, pack_token_ids
+from trainer.data.checks import drop_identical_pairs
 from trainer.data.preference import PreferencePair, read_preference_pairs
 from trainer.data.prompts import get_template
 from trainer.data.sampler import epoch_batches, split_heldout, step_stream, steps_per_epoch
@@ -257,13 +258,15 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         raise FileNotFoundError('mode "dpo" needs data.preference_path (JSONL of {"prompt","chosen","rejected"})')
     d = cfg.dpo
     with Session(cfg, resume) as s:
-        pairs = read_preference_pairs(cfg.data.preference_path)
+        pairs, identical = drop_identical_pairs(read_preference_pairs(cfg.data.preference_path),
+                                                cfg.data.max_skipped_fraction, cfg.data.preference_path)
         train_idx, held_idx = split_heldout(len(pairs), d.validation_fraction, cfg.seed)
         train = [pairs[i] for i in train_idx]
         validate, best = Validator([pairs[i] for i in held_idx], d.micro_batch_pairs), BestModel(s)
         ref_model = reference_model(cfg, s.learner)
         per_epoch, start = steps_per_epoch(len(train), d.pairs_per_step), int(s.trainer_state["step"])
-        s.tracker.log({"data/train_pairs": float(len(train)), "data/heldout_pairs": float(len(held_idx))}, start)
+        s.tracker.log({"data/train_pairs": float(len(train)), "data/heldout_pairs": float(len(held_idx)),
+                       "data/skipped_identical_pairs": float(identical)}, start)
         batches = step_stream(preference_epochs(s, train), per_epoch, start)
 
         def step(_: int) -> StepResult:
