@@ -1,18 +1,25 @@
-"""`rollout.reward.grading`: box extraction, the fast numeric path, the guard, and the math-verify slow path."""
+"""`rollout.reward.grading`: box extraction, the fast numeric path, the guards (`rollout.reward.guard`), the
+math-verify slow path and its own time limit (`rollout.reward.deadline`)."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
+import time
 
 import pytest
 
+from rollout.reward.deadline import DeadlineExceeded, call_with_deadline
 from rollout.reward.grading import (
     MAX_SLOW_PATH_CHARS,
+    TIME_LIMIT_S,
     extract_boxed,
     grade_answer,
     is_equivalent,
     slow_path_risk,
 )
+from rollout.reward.guard import expression_risk
 
 
 @pytest.mark.parametrize(
@@ -126,6 +133,18 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
         ("\\{1, 2\\}", "\\{2, 1\\}", True),
         ("A", "A", True),
         ("B", "A", False),
+        # malformed around a right answer: math-verify alone reads each of these as 5
+        ("5}}}}}", "5", False),
+        ("}{\\left( 5 \\right", "5", False),
+        ("\\left( 5 \\right", "5", False),
+        ("5\x00\x00", "5", False),
+        ("\\left\\{ 5 \\right\\}", "\\{5\\}", True),  # escaped braces and paired \left/\right are fine
+        # bombs (seconds of sympy work when called directly) are wrong at once
+        ("(x+1)^{999}", "\\frac{1}{2}", False),
+        ("(1+x)^{99}(1-x)^{99}", "18", False),
+        ("(x+1)^{10}", "x^{10}+10x^9+45x^8+120x^7+210x^6+252x^5+210x^4+120x^3+45x^2+10x+1", True),
+        ("x^{2023}", "x^{2023}", True),
+        ("1234567^2", "1524155677489", True),  # a big base to a small power is not a huge number
     ],
 )
 def test_grade_answer(pred: str, gold: str, correct: bool) -> None:
@@ -149,6 +168,11 @@ def test_grade_answer(pred: str, gold: str, correct: bool) -> None:
         ("2 big pi", "2", "fast"),  # a maths word among them: wrong without math-verify
         ("18 thousand", "18", "math_verify"),  # a magnitude word: not a plain number
         ("2xy", "2yz", "math_verify"),  # a non-unit word written onto the number
+        ("5}}}}}", "5", "guard"),
+        ("(10^6)!", "18", "guard"),  # parsed (unevaluated), then refused by the expression guard
+        ("\\Gamma(10^{6})", "18", "guard"),
+        ("(x+1)^{999}", "\\frac{1}{2}", "guard"),
+        ("2^{5000}", "18", "guard"),  # a 1506-digit number
     ],
 )
 def test_grade_answer_method(pred: str, gold: str, method: str) -> None:
@@ -175,6 +199,20 @@ def test_grade_answer_method(pred: str, gold: str, method: str) -> None:
         ("\\frac{2^{10}}{3}", None),
         ("100!", None),
         ("2**10 + 3**4", None),
+        ("(10000)!", "huge factorial"),
+        ("\\binom{100000}{50000}", "huge binomial or gamma"),  # sympy evaluates it while parsing
+        ("\\dbinom{1000000000}{100000000}", "huge binomial or gamma"),
+        ("\\Gamma(1000000)", "huge binomial or gamma"),
+        ("\\binom{10}{5}", None),
+        ("5}}}}}", "unbalanced braces"),
+        ("}{5", "unbalanced braces"),
+        ("\\left( 5 \\right", "unpaired \\left/\\right"),
+        ("\\left( 5", "unpaired \\left/\\right"),
+        ("5\x00", "control character"),
+        ("\ud800 18", "control character"),  # a lone surrogate
+        ("\\{1, 2\\}", None),
+        ("\\left\\{ x \\right.", None),
+        ("\\left( 1, 2 \\right]", None),
     ],
 )
 def test_slow_path_risk(pred: str, risk: str | None) -> None:
@@ -196,3 +234,78 @@ def test_math_verify_off_the_main_thread() -> None:
     thread.start()
     thread.join(timeout=30)
     assert results == [True, True]
+
+
+@pytest.mark.parametrize(
+    ("latex", "risk"),
+    [
+        ("(10^6)!", "huge factorial"),
+        ("\\Gamma(10^{6})", "huge factorial"),
+        ("2^{5000}", "huge number"),
+        ("(2x)^{100000}", "huge power"),
+        ("(x+1)^{999}", "expansion degree 999"),
+        ("(1+x)^{99}(1-x)^{99}", "expansion degree 198"),
+        ("(x+1)^{100}", None),
+        ("x^{2023}", None),  # a power of a symbol is not expanded
+        ("2^{10} + 100!", None),
+        ("\\frac{\\sqrt{2}}{2}", None),
+        ("\\{1, 2\\}", None),
+    ],
+)
+def test_expression_risk(latex: str, risk: str | None) -> None:
+    """The guard on math-verify's parse of `latex` (which leaves factorials and gamma unevaluated)."""
+    from math_verify import parse
+
+    parsed = parse(f"${latex}$", parsing_timeout=None)
+    assert parsed
+    assert expression_risk(parsed[0]) == risk
+
+
+def test_slow_answer_stops_at_the_time_limit_on_a_thread() -> None:
+    """A right answer that sympy needs seconds to verify (an integral) is graded wrong ("timeout") after
+    `TIME_LIMIT_S`, off the main thread, where signal-based timeouts cannot work."""
+    grades: list[tuple[object, float]] = []
+
+    def run() -> None:
+        start = time.perf_counter()
+        grade = grade_answer("\\int_0^\\infty e^{-x^2} dx", "\\frac{\\sqrt{\\pi}}{2}")
+        grades.append((grade, time.perf_counter() - start))
+
+    grade_answer("1", "1")  # nothing else to warm up than what the first slow-path call does itself
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    ((grade, seconds),) = grades
+    assert grade == (False, "timeout")
+    assert TIME_LIMIT_S <= seconds < 2.0
+
+
+def test_deadline_interrupts_a_python_loop_and_never_fires_late() -> None:
+    """`call_with_deadline` stops a busy pure-Python loop on a worker thread, and a call that returns in
+    time leaves no exception pending to surface later in unrelated code."""
+    outcome: list[object] = []
+
+    def spin() -> int:
+        n = 0
+        while True:
+            n += 1
+
+    def run() -> None:
+        start = time.perf_counter()
+        try:
+            call_with_deadline(spin, 0.2)
+        except DeadlineExceeded:
+            outcome.append(time.perf_counter() - start)
+        for i in range(300):  # limits of 1 ms around calls that finish about then: a late fire would escape
+            with contextlib.suppress(DeadlineExceeded):
+                call_with_deadline(functools.partial(sum, range(2_000 * (i % 5))), 0.001)
+        end = time.perf_counter() + 0.1
+        while time.perf_counter() < end:
+            sum(range(100))
+        outcome.append("clean")
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(timeout=30)
+    assert len(outcome) == 2 and outcome[1] == "clean", outcome
+    assert 0.2 <= outcome[0] < 1.0  # type: ignore[operator]

@@ -355,13 +355,16 @@ def test_docstring_examples() -> None:
     """The doctest-sized examples in the reward modules' docstrings are true."""
     import doctest
 
+    import rollout.reward.deadline
     import rollout.reward.functions
     import rollout.reward.grading
+    import rollout.reward.guard
     import rollout.reward.parsers
     import rollout.reward.pool
     import trainer.data.tasks
 
-    modules = (rollout.reward.parsers, rollout.reward.grading, rollout.reward.functions, rollout.reward.pool)
+    modules = (rollout.reward.parsers, rollout.reward.grading, rollout.reward.guard, rollout.reward.deadline,
+               rollout.reward.functions, rollout.reward.pool)  # fmt: skip
     for module in (*modules, trainer.data.tasks):
         result = doctest.testmod(module)
         assert (module.__name__, result.failed) == (module.__name__, 0)

@@ -1,6 +1,7 @@
-"""Adversarial model outputs through the real `RewardScorer` pool: every one is scored in under 2 s, with no
-hang and no crash, from the main thread and from a worker thread. Most are nonsense and must score 0;
-a few are valid answers buried in junk and must still score 1."""
+"""Adversarial model outputs, graded directly (the reward function called on a worker thread, no pool) and
+through the real `RewardScorer` pool: every one is scored in under 2 s, with no hang and no crash. Most
+are nonsense and must score 0; a few are valid answers buried in junk and must still score 1. Run with
+``-s`` to see the direct per-answer timings."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from rollout.reward import RewardScorer
+from rollout.reward import RewardScorer, r1_zero_reward
+from rollout.reward.grading import warm_up
 
 MB = 1 << 20
 
@@ -32,8 +34,13 @@ CORPUS: list[tuple[str, str, str, float]] = [
     ("boxed tower", A("\\boxed{2^{2^{2^{2^{2^{2}}}}}}"), "18", 0.0),
     ("sum to a tower", A("\\sum_{n=1}^{10^{10}} n"), "18", 0.0),
     ("division by zero", A("\\frac{1}{0}"), "18", 0.0),
-    # not caught by the guard: sympy really hangs, the pool's 1 s timeout kills the worker (see TIMEOUTS)
     ("huge binomial", A("\\binom{1000000000}{100000000}"), "18", 0.0),
+    # seconds of sympy work when called directly, before the parsed-expression guard
+    ("huge power of a sum", A("(x+1)^{999}"), "\\frac{1}{2}", 0.0),
+    ("huge factorial of a power", A("(10^6)!"), "18", 0.0),
+    ("gamma of a power", A("\\Gamma(10^{6})"), "18", 0.0),
+    ("central binomial", A("\\binom{100000}{50000}"), "18", 0.0),
+    ("product of powers of sums", A("(1+x)^{99}(1-x)^{99}"), "18", 0.0),
     # size
     ("1 MB of digits as the answer", A("9" * MB), "18", 0.0),
     ("1 MB of prose then a good answer", "blah " * (MB // 5) + A("18"), "18", 1.0),
@@ -54,6 +61,10 @@ CORPUS: list[tuple[str, str, str, float]] = [
     ("huge gamma", A("\\Gamma(1000000)"), "18", 0.0),
     ("unbalanced box", A("\\boxed{\\frac{1}{2}"), "0.5", 0.0),
     ("unbalanced braces", A("}}}}{{{{"), "18", 0.0),
+    # malformed around a right answer: math-verify alone would skip the junk and read 5
+    ("trailing closing braces", A("5}}}}}"), "5", 0.0),
+    ("stray braces and an open \\left", A("}{\\left( 5 \\right"), "5", 0.0),
+    ("trailing NUL bytes", A("5\x00\x00"), "5", 0.0),
     ("10k open boxes", A("\\boxed{" * 10_000), "18", 0.0),
     ("matrix bomb", A("\\begin{pmatrix}" + "1&" * 5000 + "1\\end{pmatrix}"), "18", 0.0),
     ("fraction chain", A("1/" * 10_000 + "1"), "18", 0.0),
@@ -64,13 +75,13 @@ CORPUS: list[tuple[str, str, str, float]] = [
     ("fullwidth digits", A("１８"), "18", 0.0),
     ("zero-width space in a number", A("1\u200b8"), "18", 0.0),
     ("NUL bytes", A("\x00" * 1000), "18", 0.0),
-    ("lone surrogate", A("\ud800 18"), "18", 1.0),  # math-verify skips the junk character
+    ("lone surrogate", A("\ud800 18"), "18", 0.0),  # junk around a number, like the NUL bytes
     ("NaN", A("NaN"), "18", 0.0),
     ("factorial chain", A("10!!!!!!"), "18", 0.0),
     ("inf", A("inf"), "18", 0.0),
     ("-inf", A("-\\infty"), "18", 0.0),
     ("float overflow", A("1e309"), "18", 0.0),
-    # right, but sympy needs ~3 s to integrate it: a timeout, scored 0
+    # right, but sympy needs ~3 s to integrate it: past the time limit (the grader's or the pool's), scored 0
     ("gaussian integral", A("\\int_0^\\infty e^{-x^2} dx"), "\\frac{\\sqrt{\\pi}}{2}", 0.0),
     # tag floods
     ("5000 <answer> tags", "x </think> " + "<answer>" * 5000, "18", 0.0),
@@ -80,12 +91,33 @@ CORPUS: list[tuple[str, str, str, float]] = [
 ]
 
 
-TIMEOUTS = {"huge binomial", "huge gamma", "factorial chain", "gaussian integral"}
+TIMEOUTS = {"gaussian integral"}  # in the pool: its 1 s limit kills before the grader's own 1.5 s
 
 
 def test_corpus_is_big_enough() -> None:
     assert len(CORPUS) >= 30
     assert TIMEOUTS.issubset(name for name, _, _, _ in CORPUS)
+
+
+def test_graded_directly_on_a_thread_within_two_seconds() -> None:
+    """Each answer graded by calling `r1_zero_reward` itself on a worker thread (no pool to kill it, and no
+    signals off the main thread): the graders bound their own work, so each takes at most 2 s."""
+    warm_up()  # first-use costs (imports) are paid once per process, not by one answer
+    results: list[tuple[str, float, float]] = []
+
+    def grade_all() -> None:
+        for name, response, gold, _ in CORPUS:
+            start = time.perf_counter()
+            reward = r1_zero_reward(response, gold).reward
+            results.append((name, reward, time.perf_counter() - start))
+
+    thread = threading.Thread(target=grade_all)
+    thread.start()
+    thread.join(timeout=len(CORPUS) * 2.0)
+    assert not thread.is_alive()
+    for name, reward, seconds in results:
+        print(f"{seconds:7.3f} s  reward {reward}  {name}")
+    _check(results)
 
 
 @pytest.fixture(scope="module")

@@ -1,51 +1,20 @@
-"""Answer extraction and mathematical equivalence.
-
-`grade_answer(pred, gold)` decides whether an extracted answer equals the gold answer:
+"""Answer grading: `grade_answer(pred, gold)` decides whether an extracted answer equals the gold one.
 
 1. **Fast path** (pure Python, microseconds). Both sides are unwrapped (``\\boxed{}``, ``$…$``, ``\\$``,
-   ``\\text{units}``, a trailing period) and, where they are plain numbers (``1,000``, ``1000.0``, ``$18``,
-   ``18 dollars``, ``-3``, ``50%``) or simple fractions (``3/4``, ``\\frac{3}{4}``), compared exactly as
-   rationals. When both sides are numbers the fast path is final: ``180`` and ``1.8`` are not ``18``.
-   Otherwise, identical strings (after removing spaces and ``\\left``/``\\right``) are equal.
+   ``\\text{units}``, a trailing period); plain numbers (``1,000``, ``$18``, ``18 dollars``, ``50%``) and
+   simple fractions are compared exactly as rationals, and then the fast path is final (``180`` and
+   ``1.8`` are not ``18``). Words after a number are dropped unless they name mathematics (``2 pi`` is
+   wrong) or a magnitude (``18 thousand``: left to the later steps); see `_word_kind`. Otherwise equal
+   strings (without spaces and ``\\left``/``\\right``) are equal.
+2. **Guards** (`rollout.reward.guard`): malformed text (unbalanced braces, control characters) and inputs
+   whose symbolic evaluation would take seconds (``9**9**9``, ``(10^6)!``, ``(x+1)^{999}``) are wrong.
+3. **Slow path**: ``math_verify.parse`` / ``verify`` (LaTeX, symbolic equality, sets, intervals), within
+   `TIME_LIMIT_S` of wall time on any thread (`rollout.reward.deadline`: math-verify's own
+   ``signal.alarm`` timeouts work only on the main thread, so they are off). Past it the answer is wrong
+   (method "timeout"). The reward pool's per-sample kill stays the backstop for custom reward functions.
 
-   Words after a number (one to four words of two or more letters each, nothing else) are read as follows,
-   looking at every word, not just the first:
-
-   a. **Maths word** anywhere among them (``pi``, ``sqrt``, ``root``, ``squared``, ``cubed``,
-      ``factorial``, fraction words ``half``/``halves``/``third(s)``/``…th(s)`` such as ``hundredths``,
-      Greek letter names such as ``theta``, and ``sin``/``cos``/``log``/``ln``/``exp``): the text is not
-      that number and is graded **wrong** on the fast path (``2 pi``, ``3 squared``, ``5 factorial``,
-      ``5 hundredths``, ``2 sqrt``, and also ``2 big pi``: a maths word is never dropped, whatever comes
-      before it). One exception: ``squared``/``cubed`` directly after a listed unit is a unit power
-      (``5 feet squared``, ``3 cm cubed``) and is dropped with the unit.
-   b. **Magnitude or number word** (``hundred``, ``thousand``, ``million``, ``dozen``, ``twenty``,
-      ``one``, …): not a plain number; left to the later steps (``18 thousand`` is neither ``18`` nor,
-      here, ``18000``; ``18 or twenty`` is a hedge, not ``18``).
-   c. **Listed unit** (money, length, area, volume, mass, time, rates, degrees, ``percent``; see
-      `_UNIT_WORDS`): dropped (``18 dollars``, ``5 square feet``, ``60 miles per hour``); ``percent``
-      marks a percentage.
-   d. **Any other plain words** (``cookies``, ``red marbles``, ``years old``): dropped too, so GSM8K's
-      ``18 cookies`` equals ``18`` (and ``17 cookies`` does not). Such words must be separated from the
-      number by a space: written onto it they are not a plain number (``2xy`` is not ``2``, ``18th`` is
-      left to the later steps), while listed units may be (``5kg``, ``60mph``).
-
-   ``\\text{…}`` after a number (``18 \\text{ apples}``) is dropped unless it holds a maths or magnitude
-   word.
-2. **Guard.** A prediction that is too long, too deeply nested, or holds an exponent tower / huge
-   exponent / huge factorial (``9**9**9``, ``10^{10^{10}}``, ``99999!``) is graded wrong without being
-   parsed: sympy would try to evaluate it. The process-pool timeout in `rollout.reward.pool` is the real
-   backstop; the guard only keeps the common bombs cheap.
-3. **Slow path**: ``math_verify.parse`` / ``math_verify.verify`` (LaTeX, symbolic equality, sets,
-   intervals, percentages). Their ``signal.alarm`` timeouts are disabled (``parsing_timeout=None``,
-   ``timeout_seconds=None``) because alarms only work on the main thread; isolation and time limits are
-   the job of the reward pool.
-
->>> grade_answer("1,000", "1000")
-Grade(correct=True, method='fast')
->>> grade_answer("180", "18")
-Grade(correct=False, method='fast')
->>> grade_answer("9**9**9", "18")
-Grade(correct=False, method='guard')
+>>> grade_answer("1,000", "1000"), grade_answer("180", "18"), grade_answer("9**9**9", "18").method
+(Grade(correct=True, method='fast'), Grade(correct=False, method='fast'), 'guard')
 >>> is_equivalent("\\\\frac{1}{2}", "0.5")
 True
 """
@@ -58,8 +27,12 @@ import re
 from fractions import Fraction
 from typing import Any, Literal, NamedTuple
 
+from rollout.reward.deadline import DeadlineExceeded, call_with_deadline
+from rollout.reward.guard import MAX_SLOW_PATH_CHARS, expression_risk, slow_path_risk
+
 __all__ = [
     "MAX_SLOW_PATH_CHARS",
+    "TIME_LIMIT_S",
     "Grade",
     "extract_boxed",
     "grade_answer",
@@ -68,16 +41,15 @@ __all__ = [
     "warm_up",
 ]
 
-MAX_SLOW_PATH_CHARS = 1000  # predictions longer than this are never handed to sympy
-_MAX_NESTING = 24  # brace/paren depth above which sympy is not asked to parse
+TIME_LIMIT_S = 1.5  # wall-clock limit of one answer's symbolic work (parse + compare)
 _MAX_NUMBER_DIGITS = 400  # longer digit strings are not turned into Fractions on the fast path
 
-Method = Literal["empty", "fast", "guard", "math_verify"]
+Method = Literal["empty", "fast", "guard", "math_verify", "timeout"]
 
 
 class Grade(NamedTuple):
     correct: bool
-    method: Method  # which path decided: "empty", "fast", "guard" or "math_verify"
+    method: Method  # which path decided: "empty", "fast", "guard", "math_verify" or "timeout"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -176,6 +148,29 @@ _NUMBER_WORDS = re.compile(
 )
 
 
+# Words after a number (one to four words of two or more letters each, nothing else) are read as follows,
+# looking at every word, not just the first:
+#
+# a. **Maths word** anywhere among them (``pi``, ``sqrt``, ``root``, ``squared``, ``cubed``,
+#    ``factorial``, fraction words ``half``/``halves``/``third(s)``/``…th(s)`` such as ``hundredths``,
+#    Greek letter names such as ``theta``, and ``sin``/``cos``/``log``/``ln``/``exp``): the text is not
+#    that number and is graded **wrong** on the fast path (``2 pi``, ``3 squared``, ``5 factorial``,
+#    ``5 hundredths``, ``2 sqrt``, and also ``2 big pi``: a maths word is never dropped, whatever comes
+#    before it). One exception: ``squared``/``cubed`` directly after a listed unit is a unit power
+#    (``5 feet squared``, ``3 cm cubed``) and is dropped with the unit.
+# b. **Magnitude or number word** (``hundred``, ``thousand``, ``million``, ``dozen``, ``twenty``,
+#    ``one``, …): not a plain number; left to the later steps (``18 thousand`` is neither ``18`` nor,
+#    here, ``18000``; ``18 or twenty`` is a hedge, not ``18``).
+# c. **Listed unit** (money, length, area, volume, mass, time, rates, degrees, ``percent``; see
+#    `_UNIT_WORDS`): dropped (``18 dollars``, ``5 square feet``, ``60 miles per hour``); ``percent``
+#    marks a percentage.
+# d. **Any other plain words** (``cookies``, ``red marbles``, ``years old``): dropped too, so GSM8K's
+#    ``18 cookies`` equals ``18`` (and ``17 cookies`` does not). Such words must be separated from the
+#    number by a space: written onto it they are not a plain number (``2xy`` is not ``2``, ``18th`` is
+#    left to the later steps), while listed units may be (``5kg``, ``60mph``).
+#
+# ``\text{…}`` after a number (``18 \text{ apples}``) is dropped unless it holds a maths or magnitude
+# word.
 def _word_kind(words: str, attached: bool) -> Literal["math", "other", "drop"]:
     """How the bare `words` after a number are read: "math" if any names mathematics (graded wrong);
     "other" (not a plain number) if any is a magnitude or number word, or if the first is written onto the
@@ -282,72 +277,6 @@ def _squash(s: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Guard
-
-
-def _group_end(s: str, i: int) -> int:
-    """Index just past the balanced group opening at s[i] ('{' or '('), or len(s) if unbalanced."""
-    opening, closing = s[i], "}" if s[i] == "{" else ")"
-    depth = 0
-    for j in range(i, len(s)):
-        if s[j] == opening:
-            depth += 1
-        elif s[j] == closing:
-            depth -= 1
-            if depth == 0:
-                return j + 1
-    return len(s)
-
-
-_POWER = re.compile(r"\^|\*\*")
-_TOKEN = re.compile(r"\s*[-+]?[\w.]+")
-_NUMERIC_POWER = re.compile(r"[0-9][)}\s]*(?:\^|\*\*)")  # a number raised to something
-_BIG_DIGITS = re.compile(r"[0-9]{5,}")
-_DIGIT = re.compile(r"[0-9]")
-_BIG_FACTORIAL = re.compile(r"[0-9]{4,}\s*!")
-
-
-def slow_path_risk(pred: str) -> str | None:
-    """Why `pred` should not be handed to sympy (a short reason), or None if it looks safe.
-
-    >>> slow_path_risk("10^{10^{10}}")
-    'exponent tower'
-    >>> slow_path_risk("2^{10} + x^2") is None
-    True
-    """
-    if len(pred) > MAX_SLOW_PATH_CHARS:
-        return "too long"
-    depth = worst = 0
-    for ch in pred:
-        if ch in "{([":
-            depth += 1
-            worst = max(worst, depth)
-        elif ch in "})]":
-            depth -= 1
-    if worst > _MAX_NESTING:
-        return "too deeply nested"
-    if _BIG_FACTORIAL.search(pred):
-        return "huge factorial"
-    for m in _POWER.finditer(pred):
-        i = m.end()
-        while i < len(pred) and pred[i] == " ":
-            i += 1
-        if i < len(pred) and pred[i] in "{(":
-            end = _group_end(pred, i)
-        else:
-            tok = _TOKEN.match(pred, i)
-            end = tok.end() if tok else i
-        exponent = pred[i:end]
-        # numeric towers are evaluated exactly by sympy; symbolic ones (e^{-x^2}, x^y^z) are harmless
-        chained = _POWER.match(pred[end:].lstrip()) is not None  # a^b^c
-        if _NUMERIC_POWER.search(exponent) or (chained and _DIGIT.search(exponent)):
-            return "exponent tower"
-        if _BIG_DIGITS.search(exponent) or "!" in exponent:
-            return "huge exponent"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
 # Slow path
 
 
@@ -379,25 +308,40 @@ def _parse_gold(gold: str) -> list[Any]:
     return list(parse(_delimited(gold), parsing_timeout=None))
 
 
-def _math_verify_equal(pred: str, gold: str) -> bool:
+def _math_verify_grade(pred: str, gold: str) -> Grade:
     parse, verify = _math_verify()
     gold_parsed = _parse_gold(gold)
     if not gold_parsed:
-        return False
+        return Grade(False, "math_verify")
     pred_parsed = parse(_delimited(pred), parsing_timeout=None)
     if not pred_parsed and _delimited(pred) != pred:
         pred_parsed = parse(pred, parsing_timeout=None)
-    if not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+    if any(expression_risk(expr) is not None for expr in pred_parsed):
+        return Grade(False, "guard")
+    return Grade(
+        bool(pred_parsed) and bool(verify(gold_parsed, pred_parsed, timeout_seconds=None)), "math_verify"
+    )
+
+
+def _slow_path(pred: str, gold: str, time_limit_s: float | None) -> Grade:
+    """`_math_verify_grade` within `time_limit_s` of wall time (None: no limit), on any thread."""
+    if time_limit_s is None:
+        return _math_verify_grade(pred, gold)
+    warm_up()  # once per process, outside the limit: first-use costs are not the answer's
+    try:
+        return call_with_deadline(lambda: _math_verify_grade(pred, gold), time_limit_s)
+    except DeadlineExceeded:
+        return Grade(False, "timeout")
 
 
 # --------------------------------------------------------------------------------------------------
 # Public API
 
 
-def grade_answer(pred: str, gold: str) -> Grade:
+def grade_answer(pred: str, gold: str, *, time_limit_s: float | None = TIME_LIMIT_S) -> Grade:
     """Whether the extracted answer `pred` is mathematically equal to `gold`, and which path decided.
+
+    The symbolic work is bounded by `time_limit_s` seconds of wall time (module docstring), on any thread.
 
     >>> grade_answer("$18.", "18"), grade_answer("1.8", "18").correct, grade_answer("", "18").method
     (Grade(correct=True, method='fast'), False, 'empty')
@@ -414,15 +358,17 @@ def grade_answer(pred: str, gold: str) -> Grade:
         return Grade(False, "fast")
     if slow_path_risk(pred) is not None:
         return Grade(False, "guard")
-    return Grade(_math_verify_equal(pred.strip(), gold.strip()), "math_verify")
+    return _slow_path(pred.strip(), gold.strip(), time_limit_s)
 
 
+@functools.cache
 def warm_up() -> None:
     """Pay math-verify's and sympy's first-use costs (imports, LaTeX parser and simplifier set-up, about
-    0.4 s) now; reward workers call this before taking samples, so no sample's time limit includes it."""
+    0.4 s) once per process, with no time limit; reward workers call it before taking samples, and the
+    first time-limited comparison calls it before its clock starts."""
     for pred, gold in [("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2"), ("(x+1)^2", "x^2+2x+1"), ("x = 1", "1")]:
-        grade_answer(pred, gold)
-    grade_answer("\\{1,2\\}", "(1, 2]")
+        grade_answer(pred, gold, time_limit_s=None)
+    grade_answer("\\{1,2\\}", "(1, 2]", time_limit_s=None)
 
 
 def is_equivalent(pred: str, gold: str) -> bool:
