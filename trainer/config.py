@@ -124,6 +124,9 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.0, ge=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(0, ge=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warmup_steps of linear warm-up: constant, or linear/cosine decay to 0 at "
+        "the run's end (transformers.get_scheduler; trainer.learner.LRSchedule); mode=ei: constant only")
     optimizer: Literal["adamw", "rmsprop"] = "adamw"
 
 
@@ -243,6 +246,12 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _check_consistency(self) -> RunConfig:
         problems = batch_arithmetic_problems(self.grpo.model_dump()) + placement_problems(self.rollout.model_dump())
+        if self.mode == "ei" and self.optim.lr_scheduler != "constant":
+            problems.append(
+                f"optim.lr_scheduler={self.optim.lr_scheduler} with mode=ei: the schedule needs the run's number "
+                "of optimizer steps, and expert iteration's depends on how many samples pass its filter. Use "
+                "optim.lr_scheduler=constant (with optim.warmup_steps)"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -3,21 +3,23 @@
 Gradient accumulation is explicit (losses are divided by the number of accumulation steps in
 `trainer.losses.aggregate_loss`), so DDP gradient all-reduce is skipped (`no_sync`) on all but the last
 micro-batch of an optimizer batch. Optimizer: AdamW (β = 0.9, 0.95, weight decay 0 by default) or
-RMSprop (DPO paper), gradient-norm clipping (1.0), constant learning rate after an optional linear warm-up.
+RMSprop (DPO paper), gradient-norm clipping (1.0); the learning rate follows `LRSchedule` (constant by
+default, or linear / cosine decay, each after an optional linear warm-up).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from trainer.config import ModelConfig, OptimConfig
+from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from trainer.data.batching import TokenBatch
 from trainer.logprobs import forward_log_probs
 
@@ -58,10 +60,84 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float | None =
     return torch.optim.AdamW(params, lr=lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-    )
+class LRSchedule:
+    """The learning rate of update k = 1..T: ``optim.learning_rate`` times the factor that
+    ``transformers.get_scheduler`` gives step k of ``optim.lr_scheduler`` (constant, linear or cosine) after
+    ``optim.warmup_steps`` = W steps of linear warm-up, given T + 1 steps in all.
+
+    Read one step ahead of transformers (its schedule is stepped once when built), so no update is taken at
+    rate 0: warm-up gives min(1, k/W), full from update W on; linear gives (T + 1 - k)/(T + 1 - W) and
+    cosine ½(1 + cos(π (k - W)/(T + 1 - W))) after it, both reaching 0 one step after the last update.
+    Stepped once per optimizer step by `Learner.step` (accelerate's prepared scheduler would step once per
+    rank: warm-up `world_size` times too fast) and saved with every checkpoint.
+
+    Linear and cosine need T, which a mode knows only once its data is loaded (`plan`, from the run loop),
+    while a resumed run restores the schedule's state earlier: that state waits here until `plan`.
+    """
+
+    def __init__(self, optimizer: Any, cfg: OptimConfig) -> None:
+        self.optimizer, self.name, self.warmup_steps = optimizer, cfg.lr_scheduler, cfg.warmup_steps
+        self.total_steps: int | None = None
+        self._scheduler: Any = None
+        self._pending: dict[str, Any] | None = None
+        if self.name == "constant":  # needs no total: ready before (and without) `plan`
+            self._build(None)
+
+    def plan(self, total_steps: int | None) -> None:
+        """Fix T, the run's number of optimizer steps (None: unknown in advance, as in expert iteration)."""
+        if self._scheduler is not None and (self.name == "constant" or total_steps == self.total_steps):
+            return
+        if self._scheduler is not None:
+            raise RuntimeError(f"LRSchedule planned for {self.total_steps} steps, then for {total_steps}")
+        if total_steps is None:
+            raise ConfigError([f"optim.lr_scheduler={self.name} needs the run's number of optimizer steps, "
+                               "which this mode does not know in advance: use optim.lr_scheduler=constant"])
+        self._build(total_steps)
+
+    def _build(self, total_steps: int | None) -> None:
+        name = "constant_with_warmup" if self.name == "constant" and self.warmup_steps else self.name
+        self.total_steps = total_steps
+        self._scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.warmup_steps,
+                                        num_training_steps=None if total_steps is None else total_steps + 1)
+        with warnings.catch_warnings():  # the step ahead comes before any optimizer step, on purpose
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self._scheduler.step()
+        if self._pending is not None:  # a resumed run: continue where the checkpoint was
+            self._scheduler.load_state_dict(self._pending)
+            for group, lr in zip(self.optimizer.param_groups, self._scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+            self._pending = None
+
+    def _ready(self) -> Any:
+        if self._scheduler is None:
+            raise RuntimeError(f"optim.lr_scheduler={self.name} is used before `plan` gave its number of steps")
+        return self._scheduler
+
+    def step(self) -> None:
+        self._ready().step()
+
+    def get_last_lr(self) -> list[float]:
+        lrs: list[float] = self._ready().get_last_lr()
+        return lrs
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = self._ready().state_dict() if self._pending is None else self._pending
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._scheduler is None:
+            self._pending = state
+        else:
+            self._scheduler.load_state_dict(state)
+
+
+def optimizer_steps(cfg: RunConfig, loop_steps: int) -> int | None:
+    """The optimizer steps of `loop_steps` steps of `cfg.mode`; None where the data decides (expert
+    iteration trains on however many samples pass its filter)."""
+    if cfg.mode == "grpo":
+        g = cfg.grpo
+        return loop_steps * g.epochs_per_rollout_batch * (g.rollout_batch_size // g.train_batch_size)
+    return None if cfg.mode == "ei" else loop_steps  # SFT, DPO: one optimizer step per step
 
 
 class Learner:
@@ -75,9 +151,7 @@ class Learner:
         self.packing = model_cfg.packing
         _configure_deepspeed(self.accelerator, optim_cfg.max_grad_norm)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, optim_cfg))
-        # A plain scheduler, stepped once per optimizer step: accelerate's prepared scheduler steps once per
-        # rank, which makes warm-up run `world_size` times too fast.
-        self.scheduler = build_scheduler(self.optimizer, optim_cfg.warmup_steps)
+        self.scheduler = LRSchedule(self.optimizer, optim_cfg)  # not prepared: see its docstring
         self.accelerator.register_for_checkpointing(self.scheduler)
 
     @property

@@ -16,6 +16,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from trainer.learner import optimizer_steps
 from trainer.session import Session
 
 logger = logging.getLogger("reasonrl")
@@ -43,6 +44,7 @@ class Mode:
 def run(s: Session, mode: Mode) -> dict[str, float]:
     """Steps ``trainer_state["step"] + 1 .. total_steps`` of `mode`; returns the last evaluation's metrics."""
     start = int(s.trainer_state["step"])
+    s.learner.scheduler.plan(optimizer_steps(s.cfg, mode.total_steps))  # the LR schedule spans the whole run
     final = mode.evaluate(0) if start == 0 else {}
     s.tracker.log(s.reduce_metrics(s.timer.pop()), start)  # the set-up's phase times (warm start, sync, eval)
     bar = tqdm(range(start + 1, mode.total_steps + 1), desc=mode.name, disable=not s.progress_enabled,
