@@ -65,25 +65,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def check_writable(run_dir: str | Path) -> None:
-    """Create `run_dir` if needed and write (then remove) a probe file in it and in its ``checkpoints/``, so
-    that a read-only or unwritable run directory is one `StorageError` before anything is loaded or trained,
-    not a failure at the first log line or checkpoint. A directory this call created is removed on failure."""
+def check_writable(accelerator: Any, run_dir: str | Path) -> None:
+    """The main process creates `run_dir` if needed and writes (then removes) a probe file in it and in its
+    ``checkpoints/``; every rank raises the same `StorageError` if that fails. So a read-only or unwritable
+    run directory is one message before anything is loaded or trained, not a failure at the first log line
+    or checkpoint. A run directory this call created is removed again on failure."""
     run_dir = Path(run_dir)
-    created = not run_dir.exists()
-    for directory in (run_dir, run_dir / "checkpoints"):
-        if directory != run_dir and not directory.exists():
-            continue
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
-                pass
-        except OSError as err:
-            if created:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            where = err.filename or directory
-            raise StorageError(f"output_dir={run_dir}: cannot write to {where}: {_cause(err, directory)}; "
-                               "choose a writable output_dir") from None
+
+    def probe() -> None:
+        created = not run_dir.exists()
+        for directory in (run_dir, run_dir / "checkpoints"):
+            if directory != run_dir and not directory.exists():
+                continue
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
+                    pass
+            except OSError as err:
+                if created:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise StorageError(f"output_dir={run_dir}: cannot write to {directory}: {_cause(err, directory)}; "
+                                   "choose a writable output_dir") from None
+
+    messages = _together(accelerator, probe if accelerator.is_main_process else None, str)
+    if messages:
+        raise StorageError(messages[0])
 
 
 def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, run_dir: str | Path,
@@ -123,21 +129,10 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
 
 def _phase(accelerator: Any, write: Callable[[], None] | None, tmp: Path, run_dir: str | Path,
            previous: Path | None, needed: Callable[[], int]) -> None:
-    """Run this rank's `write` (None: nothing to write here); then every rank learns of any rank's failure
-    (one `gather_object`, which is also the barrier between phases). On a failure the main process removes
-    the partial `tmp`, and every rank raises the same `StorageError`."""
-    message = None
-    if write is not None:
-        try:
-            write()
-        except _WRITE_ERRORS as err:
-            message = _failure_message(err, tmp, needed)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        messages = [m for m in gather_object([message]) if m]
-    else:
-        messages = [message] if message else []
+    """Run this rank's `write` (None: nothing to write here); every rank learns of any rank's failure
+    (`_together`). On a failure the main process removes the partial `tmp`, and every rank raises the same
+    `StorageError`."""
+    messages = _together(accelerator, write, lambda err: _failure_message(err, tmp, needed))
     if not messages:
         return
     if accelerator.is_main_process:
@@ -145,6 +140,23 @@ def _phase(accelerator: Any, write: Callable[[], None] | None, tmp: Path, run_di
     kept = (f"the last complete checkpoint, {previous.name}, is untouched: `reasonrl train --resume {run_dir}` "
             "continues from it" if previous is not None else "no earlier checkpoint exists")
     raise StorageError(f"{messages[0]}; the partial {tmp.name} was removed; {kept}")
+
+
+def _together(accelerator: Any, write: Callable[[], None] | None, describe: Callable[[Exception], str]) -> list[str]:
+    """Run this rank's `write` (None: nothing to write on this rank), then share with every rank what failed
+    anywhere, `describe`d (one `gather_object`, which is also a barrier): an empty list when nothing did. A
+    rank must not raise alone, or the others would wait for it at the next collective forever."""
+    message = None
+    if write is not None:
+        try:
+            write()
+        except _WRITE_ERRORS as err:
+            message = describe(err)
+    if accelerator.num_processes == 1:
+        return [message] if message else []
+    from accelerate.utils import gather_object
+
+    return [m for m in gather_object([message]) if m]
 
 
 def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int]) -> str:

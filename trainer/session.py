@@ -62,7 +62,7 @@ class Session:
         validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
         if before_load is not None:
             before_load(self.accelerator)
-        check_writable(self.run_dir)
+        check_writable(self.accelerator, self.run_dir)
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         for name in {cfg.data.prompt_template, cfg.dpo.template}:  # `chat*`: the model's own chat template
             if is_chat_template(name):
