@@ -99,7 +99,7 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     main = accelerator.is_main_process
-    previous = latest_checkpoint(run_dir) if main else None
+    previous = latest_checkpoint(run_dir)  # every rank: each names it in the error it raises
 
     def needed() -> int:
         return _tree_bytes(previous) if previous is not None else estimate_checkpoint_bytes(accelerator, model)
@@ -171,7 +171,7 @@ def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int]) -> st
         code = _diagnose(tmp)
     path = getattr(err, "filename", None) or tmp
     if code == errno.ENOSPC:
-        free = _free_bytes(tmp)
+        free = _free_bytes(tmp) + (_tree_bytes(tmp) if tmp.is_dir() else 0)  # once the partial one is removed
         return (f"cannot write checkpoint {path}: no space left on device (the checkpoint needs about "
                 f"{needed() / _MB:.1f} MB; {free / _MB:.1f} MB free)")
     if code is not None:
