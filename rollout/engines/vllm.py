@@ -40,6 +40,7 @@ from rollout.engines.protocol import (
     rollout_metrics,
     sample_seed,
 )
+from rollout.engines.vllm_logs import quiet_vllm
 from rollout.weights import (
     MB,
     ByteCounter,
@@ -155,7 +156,7 @@ class VLLMEngine:
         """``vllm.LLM(model, **llm_kwargs)`` on the engine's device; the learner keeps its current device."""
         previous_device = torch.cuda.current_device() if torch.cuda.is_available() else None
         start = time.perf_counter()
-        with self._on_device():
+        with self._on_device(quiet=False):  # start-up logs as vLLM configures them
             llm = vllm.LLM(model, **llm_kwargs)
         if previous_device is not None:  # vLLM's worker set its device; give the learner back its own
             torch.cuda.set_device(previous_device)
@@ -366,8 +367,12 @@ class VLLMEngine:
         """The underlying ``vllm.LLM`` (benchmarks compare against its raw ``generate``)."""
         return self._llm
 
-    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
-        return torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _on_device(self, quiet: bool = True) -> Iterator[None]:
+        """Around every vLLM call: the engine's GPU current; vLLM's per-call logging quiet (`quiet_vllm`)."""
+        gpu = torch.cuda.device(self.device) if self.device is not None else contextlib.nullcontext()
+        with gpu, quiet_vllm() if quiet else contextlib.nullcontext():
+            yield
 
     def _check_usable(self, *, partial_ok: bool = False) -> None:
         """Raise if a failed weight update broke the engine, or (unless `partial_ok`) left it half updated."""
@@ -381,14 +386,9 @@ def engine_gpu(
     device: str | torch.device | None, learner_device: str | torch.device | None, current_cuda: int | None
 ) -> torch.device | None:
     """The GPU a `VLLMEngine` runs on, with an index (vLLM's ``device_ids=[index]``); a bare ``cuda`` is
-    `current_cuda`, as in `normalize_device` (config validation's rule).
-
-    Args:
-        device: a dedicated engine's GPU; None = colocated.
-        learner_device: a colocated engine's: the learner's device (``cuda:LOCAL_RANK``); a non-CUDA device or
-            None = `current_cuda`.
-        current_cuda: ``torch.cuda.current_device()`` (accelerate sets the local rank); None = no CUDA (a
-            colocated engine then has no GPU: None; a dedicated bare ``cuda`` is ``cuda:0``).
+    `current_cuda`, as in `normalize_device` (config validation's rule). `device`: a dedicated engine's GPU (None = colocated); `learner_device`: a colocated engine's, the
+    learner's device (``cuda:LOCAL_RANK``; non-CUDA or None = `current_cuda`); `current_cuda`: the current
+    CUDA device (None = no CUDA: a colocated engine has no GPU, a dedicated bare ``cuda`` is ``cuda:0``).
     """
     if device is not None:
         gpu = normalize_device(device, 0 if current_cuda is None else current_cuda)
