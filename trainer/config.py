@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from rollout.reward.custom import RewardFnSpec
+
 
 class ConfigError(ValueError):
     """All problems found in a config, one per line."""
@@ -113,7 +115,8 @@ class RolloutConfig(SamplingSection):
 
 
 class RewardConfig(_Section):
-    fn: Literal["r1_zero", "question_only"] = "r1_zero"
+    fn: RewardFnSpec = Field("r1_zero", description='r1_zero | question_only | "package.module:function" | a list '
+                             "of {fn, weight}: reward summed with the weights, format/answer of the first entry")
     timeout_s: float = Field(1.0, gt=0.0)
     num_workers: int = Field(2, ge=1)
 

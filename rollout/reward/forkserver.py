@@ -29,10 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from rollout.reward.functions import RewardFn, RewardResult, get_reward_fn
+from rollout.reward.functions import RewardFn, RewardResult, check_result, get_reward_fn
 from rollout.reward.grading import warm_up
 
-__all__ = ["Frames", "Processes", "Template", "Worker", "check_result", "frame", "write_all"]
+__all__ = ["Frames", "Processes", "Template", "Worker", "frame", "write_all"]
 
 # --------------------------------------------------------------------------------------------------
 # Wire format: 8-byte little-endian length, then a pickle. Both ends are this module.
@@ -176,13 +176,6 @@ def template_main(sock: socket.socket) -> None:
                 os._exit(status)
         os.close(fds[0])
         os.close(fds[1])
-
-
-def check_result(out: object) -> RewardResult:
-    """`out` if it is a `RewardResult` (its fields are checked finite when it is built), else TypeError."""
-    if not isinstance(out, RewardResult):
-        raise TypeError(f"reward fn must return a RewardResult, got {type(out).__name__}: {out!r:.200}")
-    return out
 
 
 def _serve(fn: RewardFn, in_fd: int, out_fd: int) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "REWARD_FNS",
     "RewardFn",
     "RewardResult",
+    "check_result",
     "get_reward_fn",
     "question_only_reward",
     "r1_zero_answer",
@@ -60,6 +61,16 @@ class RewardResult:
 
 
 RewardFn = Callable[[str, str], RewardResult]
+
+
+def check_result(out: object) -> RewardResult:
+    """`out` if it is a `RewardResult` (its fields are checked finite when it is built), else TypeError."""
+    if not isinstance(out, RewardResult):
+        raise TypeError(
+            f"reward fn must return a RewardResult (from rollout.reward import RewardResult), got "
+            f"{type(out).__name__}: {out!r:.200}"
+        )
+    return out
 
 _THINK_ANSWER = "</think> <answer>"
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
@@ -128,5 +139,7 @@ REWARD_FNS: dict[str, RewardFn] = {"r1_zero": r1_zero_reward, "question_only": q
 def get_reward_fn(name: str) -> RewardFn:
     """The reward function registered as `name` in `REWARD_FNS`."""
     if name not in REWARD_FNS:
-        raise KeyError(f"unknown reward function {name!r}; known: {sorted(REWARD_FNS)}")
+        raise KeyError(
+            f"unknown reward function {name!r}; known: {sorted(REWARD_FNS)}, or write 'package.module:function'"
+        )
     return REWARD_FNS[name]

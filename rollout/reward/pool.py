@@ -8,9 +8,10 @@ task). The parent waits with ``select``, with no signals and no helper threads, 
 any thread. The graders bound their own work too (`rollout.reward.grading`); the pool is the backstop
 for everything else (custom functions, memory bombs, crashes).
 
-Custom reward functions must be picklable by reference: a top-level ``def`` in an importable module
-(not ``__main__``, not a lambda or closure; ``functools.partial`` of such a function is fine) that returns
-a `RewardResult`, in a module that starts no threads when imported (the template forks workers).
+Reward functions named as in the config (`rollout.reward.custom`) are imported by name in the template;
+a function object must be picklable by reference: a top-level ``def`` in an importable module (not
+``__main__``, not a lambda or closure; ``functools.partial`` of such a function is fine). Either returns a
+`RewardResult`, from a module that starts no threads when imported (the template forks workers).
 ``num_workers=0`` grades in-process: no isolation and no timeout, for trusted fast grading only.
 """
 
@@ -31,8 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from rollout.reward.forkserver import Processes, Template, Worker, check_result, frame, write_all
-from rollout.reward.functions import RewardFn, RewardResult, get_reward_fn
+from rollout.reward.custom import reward_fn_from_spec
+from rollout.reward.forkserver import Processes, Template, Worker, frame, write_all
+from rollout.reward.functions import REWARD_FNS, RewardFn, RewardResult, check_result
 
 __all__ = ["RewardScorer"]
 
@@ -60,11 +62,11 @@ def _percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[rank - 1]
 
 
-def _resolve(reward_fn: str | RewardFn) -> tuple[RewardFn, tuple[str, str | bytes]]:
+def _resolve(reward_fn: str | RewardFn | Sequence[object]) -> tuple[RewardFn, tuple[str, str | bytes]]:
     """The function, and how a worker gets it: ("name", registry name) or ("pickle", bytes)."""
-    if isinstance(reward_fn, str):
-        return get_reward_fn(reward_fn), ("name", reward_fn)
-    fn = reward_fn
+    if isinstance(reward_fn, str) and reward_fn in REWARD_FNS:
+        return REWARD_FNS[reward_fn], ("name", reward_fn)
+    fn = reward_fn_from_spec(reward_fn) if isinstance(reward_fn, (str, list, tuple)) else reward_fn
     if not callable(fn):
         raise TypeError(f"reward_fn must be a reward name or a function, got {type(fn).__name__}")
     if getattr(fn, "__module__", None) == "__main__":
@@ -91,7 +93,8 @@ class RewardScorer:
     [1.0, 0.0]
 
     Args:
-        reward_fn: a name in `REWARD_FNS` ("r1_zero", "question_only") or a picklable top-level function.
+        reward_fn: what the config's ``reward.fn`` takes (`rollout.reward.custom`: a built-in name,
+            ``"package.module:function"`` or a list of weighted terms), or a picklable top-level function.
         timeout_s: wall-clock limit per sample; past it the sample scores 0 and its worker is replaced.
         num_workers: worker processes; 0 grades in the calling process (no isolation, no timeout).
         max_chunk: most samples sent to a worker at once.
@@ -102,7 +105,7 @@ class RewardScorer:
 
     def __init__(
         self,
-        reward_fn: str | RewardFn = "r1_zero",
+        reward_fn: str | RewardFn | Sequence[object] = "r1_zero",
         timeout_s: float = 1.0,
         num_workers: int = 2,
         *,
