@@ -58,7 +58,7 @@ def main() -> None:
     total = statistics.mean(float(r["time/step"]) - float(r.get("time/eval", 0.0)) - float(r.get("time/save", 0.0))
                             for r in steps)
     print(f"\nGRPO step phases, mean of steps 2..{args.steps} ({cfg.grpo.rollout_batch_size} rollouts, "
-          f"group {cfg.grpo.group_size}, max_tokens {cfg.rollout.max_tokens}, engine {cfg.rollout.engines.protocol})")
+          f"group {cfg.grpo.group_size}, max_tokens {cfg.rollout.max_tokens}, engine {cfg.rollout.engine})")
     print(f"{'phase':<16}{'seconds':>10}{'share':>9}")
     for phase in PHASES:
         seconds = mean(f"time/{phase}")
