@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
+import os
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -24,6 +26,22 @@ from trainer.data.batching import TokenBatch
 from trainer.logprobs import forward_log_probs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+logger = logging.getLogger("reasonrl")
+
+
+def make_accelerator() -> Accelerator:
+    """The run's Accelerator; several launched processes on a machine without CUDA form one CPU (gloo) world.
+
+    accelerate builds that world only when told to use the CPU (``ACCELERATE_USE_CPU=true``), and
+    ``accelerate launch`` does not pass a launch file's ``use_cpu`` on to the processes it starts for
+    several ranks (launch/cpu_2proc.yaml): without this every process would train alone, as a world of 1.
+    """
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu_world = processes > 1 and not torch.cuda.is_available()
+    if cpu_world and os.environ.get("RANK", "0") == "0":
+        logger.info("%d processes launched and no CUDA device: one CPU (gloo) world", processes)
+    return Accelerator(cpu=cpu_world)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:
@@ -144,7 +162,7 @@ class Learner:
     """Prepared model + optimizer; `accumulate` and `step` implement one optimizer batch."""
 
     def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, accelerator: Accelerator | None = None):
-        self.accelerator = accelerator or Accelerator()
+        self.accelerator = accelerator or make_accelerator()
         self.tokenizer = load_tokenizer(model_cfg.path)
         model = load_model(model_cfg)
         self.max_grad_norm = optim_cfg.max_grad_norm

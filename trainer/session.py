@@ -29,7 +29,7 @@ from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices
 from trainer.evaluate import evaluate, sampling_config
 from trainer.flops import FlopCounter
-from trainer.learner import Learner
+from trainer.learner import Learner, make_accelerator
 from trainer.rank_metrics import combine_rank_metrics
 from trainer.sync import StaleWeightProbe
 from trainer.timing import PhaseTimer
@@ -57,7 +57,7 @@ class Session:
         check_data(cfg)  # data first: a bad file is an error before anything is loaded or written
         for name, template in cfg.data.templates.items():
             register_template(name, template)
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         _check_world(self.accelerator.num_processes)
         validate_for_cluster(cfg, self.accelerator.num_processes, node_learner_devices(self.accelerator))
         if before_load is not None:
