@@ -355,6 +355,7 @@ def test_docstring_examples() -> None:
     """The doctest-sized examples in the reward modules' docstrings are true."""
     import doctest
 
+    import rollout.reward.custom
     import rollout.reward.deadline
     import rollout.reward.functions
     import rollout.reward.grading
@@ -364,7 +365,7 @@ def test_docstring_examples() -> None:
     import trainer.data.tasks
 
     modules = (rollout.reward.parsers, rollout.reward.grading, rollout.reward.guard, rollout.reward.deadline,
-               rollout.reward.functions, rollout.reward.pool)  # fmt: skip
+               rollout.reward.functions, rollout.reward.custom, rollout.reward.pool)  # fmt: skip
     for module in (*modules, trainer.data.tasks):
         result = doctest.testmod(module)
         assert (module.__name__, result.failed) == (module.__name__, 0)

@@ -78,7 +78,7 @@ def load_reward_fn(ref: str) -> RewardFn:
             raise ValueError(f"reward function {ref!r}: module {module_name!r} has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise ValueError(f"reward function {ref!r} is a {type(obj).__name__}, not a function")
+        raise ValueError(f"reward function {ref!r} is not callable (it is {type(obj).__name__})")
     _check_signature(ref, obj)
     return obj  # type: ignore[no-any-return]
 
