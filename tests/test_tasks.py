@@ -103,8 +103,9 @@ def test_real_gsm8k(gsm8k_dir: Path) -> None:
 
 
 def test_gsm8k_hub_without_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`datasets` is a dependency; an installation without it still says what is missing."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if the package were not installed
-    with pytest.raises(ImportError, match="needs the optional 'datasets' package"):
+    with pytest.raises(ImportError, match="needs the 'datasets' package"):
         load_gsm8k("openai/gsm8k")
     with pytest.raises(ImportError, match="'datasets'"):
         load_task("gsm8k")  # the default source is the hub

@@ -54,9 +54,22 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    task: Literal["gsm8k", "math", "arithmetic"] = "gsm8k"
-    train_source: str | None = Field(None, description="hub id or local JSONL path for training questions")
-    eval_source: str | None = Field(None, description="hub id or local JSONL path for held-out questions")
+    task: Literal["gsm8k", "math", "custom", "arithmetic"] = Field(
+        "gsm8k", description="gsm8k | math (column presets) | custom (columns named below) | arithmetic (generated)")
+    train_source: str | None = Field(
+        None, description="training questions: a hub dataset id, or a local .jsonl/.json/.parquet file or a folder "
+        "holding train.<ext>; gsm8k: default openai/gsm8k")
+    eval_source: str | None = Field(None, description="held-out questions (split test); as train_source")
+    hub_config: str | None = Field(
+        None, description="the hub dataset's configuration name; None = main for openai/gsm8k, else its default")
+    question_column: str | None = Field(
+        None, description="column of the question; None = the preset's (gsm8k, custom: question; math: problem)")
+    answer_column: str | None = Field(
+        None, description="column of the gold answer; None = the preset's (gsm8k, custom: answer; math: answer, "
+        "else the last \\boxed{} of solution)")
+    answer_parser: Literal["gsm8k", "boxed", "plain"] | None = Field(
+        None, description="how the gold is read from answer_column: gsm8k (after ####), boxed (last \\boxed{}), "
+        "plain (as is); None = the preset's")
     prompt_template: str = "r1_zero"
     templates: dict[str, str] = Field(default_factory=dict, description="extra user prompt templates")
     arithmetic_level: int = Field(2, ge=1, le=5)
@@ -255,6 +268,7 @@ class RunConfig(_Section):
                 "of optimizer steps, and expert iteration's depends on how many samples pass its filter. Use "
                 "optim.lr_scheduler=constant (with optim.warmup_steps)"
             )
+        problems += source_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -295,6 +309,17 @@ def batch_arithmetic_problems(grpo: dict[str, Any]) -> list[str]:
             "each epoch must split into whole optimizer batches"
         )
     return problems
+
+
+def source_problems(cfg: RunConfig) -> list[str]:
+    """Question sources the mode reads but the config leaves unset (only gsm8k has a default, the hub's)."""
+    d = cfg.data
+    if d.task not in ("math", "custom"):
+        return []
+    reads = {"grpo": ["train_source", "eval_source"], "ei": ["train_source", "eval_source"],
+             "sft": ["eval_source"] if cfg.sft.eval_generation else []}.get(cfg.mode, [])
+    return [f"data.{key} is unset: data.task={d.task} needs it (a hub dataset id, or a local .jsonl, .json or "
+            ".parquet file)" for key in reads if getattr(d, key) is None]
 
 
 CUDA_DEVICE = re.compile(r"cuda(:\d+)?")

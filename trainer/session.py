@@ -23,7 +23,7 @@ from rollout.reward.pool import RewardScorer
 from trainer.checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.cluster import validate_for_cluster
 from trainer.config import RunConfig, save_config
-from trainer.data.checks import check_data, context_limit, drop_long_prompts, task_name
+from trainer.data.checks import check_data, context_limit, drop_long_prompts, task_columns, task_name
 from trainer.data.prompts import is_chat_template, register_chat_template, register_template
 from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices
@@ -122,7 +122,8 @@ class Session:
         """The training questions, less those too long for the engine's context (`usable_prompts`)."""
         if self._train_examples is None:
             d = self.cfg.data
-            examples = load_task(task_name(self.cfg), d.train_source, "train", d.train_limit, self.cfg.seed)
+            examples = load_task(task_name(self.cfg), d.train_source, "train", d.train_limit, self.cfg.seed,
+                                 task_columns(self.cfg))
             self._train_examples = self.usable_prompts(examples, d.train_source, "data/skipped_long_prompts")
         return self._train_examples
 
@@ -130,7 +131,7 @@ class Session:
         if self._eval_examples is None:
             d = self.cfg.data
             limit = self.cfg.eval.limit or d.eval_limit
-            examples = load_task(task_name(self.cfg), d.eval_source, "test", limit, self.cfg.seed)
+            examples = load_task(task_name(self.cfg), d.eval_source, "test", limit, self.cfg.seed, task_columns(self.cfg))
             self._eval_examples = self.usable_prompts(examples, d.eval_source, "data/skipped_long_eval_prompts")
         return self._eval_examples
 

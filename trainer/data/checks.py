@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from trainer.config import RunConfig
@@ -22,7 +21,7 @@ from trainer.data.jsonl import DatasetFormatError
 from trainer.data.preference import PreferencePair, read_preference_pairs
 from trainer.data.prompts import format_prompt
 from trainer.data.sft import read_sft_examples
-from trainer.data.tasks import Example, load_task
+from trainer.data.tasks import Columns, Example, columns_for, load_task
 
 logger = logging.getLogger("reasonrl")
 T = TypeVar("T")
@@ -34,12 +33,20 @@ def task_name(cfg: RunConfig) -> str:
     return f"arithmetic:{d.arithmetic_level}{':heldout' * d.arithmetic_heldout}" if d.task == "arithmetic" else d.task
 
 
+def task_columns(cfg: RunConfig) -> Columns | None:
+    """The configured dataset's columns, answer parser and hub configuration (None for generated tasks)."""
+    d = cfg.data
+    return None if d.task == "arithmetic" else columns_for(
+        d.task, d.question_column, d.answer_column, d.answer_parser, d.hub_config)
+
+
 def check_data(cfg: RunConfig) -> None:
     """Read the data files of `cfg`'s mode (module docstring); raises `FileNotFoundError` or
-    `DatasetFormatError` naming the config key or the file (and line). Hub datasets are not fetched here."""
+    `DatasetFormatError` naming the config key or the file (and line). Hub datasets are loaded too (from the
+    cache after the first time), so one that cannot be reached fails here (`DatasetUnavailableError`)."""
     d = cfg.data
-    if cfg.mode in ("grpo", "ei") and _is_file_task(d.task, d.train_source):
-        load_task(task_name(cfg), d.train_source, "train", d.train_limit, cfg.seed)
+    if cfg.mode in ("grpo", "ei") and d.task != "arithmetic":
+        load_task(task_name(cfg), d.train_source, "train", d.train_limit, cfg.seed, task_columns(cfg))
     if cfg.mode == "sft":
         if not d.sft_path:
             raise FileNotFoundError('mode \'sft\' needs data.sft_path (JSONL of {"prompt", "response"})')
@@ -53,15 +60,8 @@ def check_data(cfg: RunConfig) -> None:
             raise FileNotFoundError('mode "dpo" needs data.preference_path (JSONL of {"prompt","chosen","rejected"})')
         drop_identical_pairs(read_preference_pairs(d.preference_path), d.max_skipped_fraction, d.preference_path)
     evaluates = cfg.mode in ("grpo", "ei") or (cfg.mode == "sft" and cfg.sft.eval_generation)
-    if evaluates and _is_file_task(d.task, d.eval_source):
-        load_task(task_name(cfg), d.eval_source, "test", cfg.eval.limit or d.eval_limit, cfg.seed)
-
-
-def _is_file_task(task: str, source: str | None) -> bool:
-    """Whether the task reads a local file (generated arithmetic and GSM8K from the hub do not)."""
-    if task == "arithmetic":
-        return False
-    return task == "math" or (source is not None and (Path(source).exists() or source.endswith(".jsonl")))
+    if evaluates and d.task != "arithmetic":
+        load_task(task_name(cfg), d.eval_source, "test", cfg.eval.limit or d.eval_limit, cfg.seed, task_columns(cfg))
 
 
 def skip_unusable(items: Sequence[T], unusable: Callable[[T], bool], what: str, source: str,

@@ -1,10 +1,12 @@
 """Tasks: lists of `Example` (question, normalised gold answer, optional worked solution).
 
-- ``gsm8k``: a local JSONL file ``{"question", "answer"}`` (or a folder holding ``{split}.jsonl``), or a
-  Hugging Face hub id (default ``openai/gsm8k``, config ``main``; needs the optional ``datasets``
-  package). The gold is the text after ``####`` with commas, ``$`` and spaces removed.
-- ``math``: MATH-style JSONL ``{"problem", "answer"}`` or ``{"problem", "solution"}`` (gold = the last
-  ``\\boxed{}`` of the solution, nested braces handled); same file/folder rules as GSM8K.
+- ``gsm8k``, ``math``, ``custom``: records from a hub id or a local JSONL / JSON / Parquet file or folder
+  (`trainer.data.sources`), whose question and gold answer are in named columns (`Columns`). The presets:
+  GSM8K reads ``question`` and ``answer``, the gold being the text after ``####`` with commas, ``$`` and
+  spaces removed (default source ``openai/gsm8k``, configuration ``main``); MATH reads ``problem`` and
+  ``answer``, or, where a record has no ``answer``, the last ``\\boxed{}`` of ``solution`` (nested braces
+  handled); ``custom`` reads ``question`` and ``answer`` as they are. `columns_for` applies a config's
+  column names and answer parser (``gsm8k``, ``boxed``, ``plain``) over a preset.
 - ``arithmetic`` / ``arithmetic:<level>``: small exact-answer arithmetic built in code (`make_arithmetic`)
   for the CPU demo and learning tests. ``arithmetic:<level>:heldout`` splits the problems themselves: about
   a quarter (a fixed hash of the expression) are test/validation-only and training never draws them.
@@ -20,25 +22,34 @@ from __future__ import annotations
 import random
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rollout.reward.grading import extract_boxed
-from trainer.data.jsonl import DatasetFormatError, read_jsonl
+from trainer.data.jsonl import DatasetFormatError
+from trainer.data.sources import DatasetUnavailableError, read_records
 
 __all__ = [
     "ARITHMETIC_LEVELS",
+    "PRESETS",
+    "AnswerParser",
+    "Columns",
     "DatasetFormatError",
+    "DatasetUnavailableError",
     "Example",
+    "columns_for",
     "load_gsm8k",
     "load_math",
+    "load_records",
     "load_task",
     "make_arithmetic",
     "normalize_gsm8k_answer",
+    "parse_answer",
 ]
 
 GSM8K_HUB_ID = "openai/gsm8k"
+AnswerParser = Literal["gsm8k", "boxed", "plain"]
 
 
 @dataclass(frozen=True)
@@ -48,42 +59,49 @@ class Example:
     solution: str = ""  # worked solution when the source has one (used by SFT)
 
 
+@dataclass(frozen=True)
+class Columns:
+    """Where a record holds the question and the gold, and how the gold is read. `answers` are (column,
+    parser) pairs: the first column the record has (not null) gives the gold. `solution` names the column kept as the
+    worked solution (default: the answer column's text when its parser extracts the gold from it).
+    `hub_config`: the hub dataset's configuration name (`datasets.load_dataset`'s ``name``)."""
+
+    question: str = "question"
+    answers: tuple[tuple[str, AnswerParser], ...] = (("answer", "plain"),)
+    solution: str | None = None
+    hub_config: str | None = None
+    what: str = "custom"  # the task's name in messages
+
+
+PRESETS: dict[str, Columns] = {
+    "gsm8k": Columns("question", (("answer", "gsm8k"),), "answer", what="GSM8K"),
+    "math": Columns("problem", (("answer", "plain"), ("solution", "boxed")), "solution", what="MATH"),
+    "custom": Columns(),
+}
+
+
+def columns_for(task: str, question: str | None = None, answer: str | None = None,
+                parser: AnswerParser | None = None, hub_config: str | None = None) -> Columns:
+    """The `PRESETS` entry of `task` with the given column names, answer parser and hub configuration in
+    place of the preset's (None keeps the preset's). A named answer column or parser replaces the preset's
+    answer rule by that one column: `parser` defaults to the preset's parser for that column, else plain.
+
+    >>> columns_for("gsm8k", question="prompt", answer="target", parser="plain").answers
+    (('target', 'plain'),)
+    """
+    if task not in PRESETS:
+        raise ValueError(f"task {task!r} has no column preset; known: {sorted(PRESETS)}")
+    base = PRESETS[task]
+    cols = replace(base, question=question or base.question, hub_config=hub_config or base.hub_config)
+    if answer is None and parser is None:
+        return cols
+    column = answer or base.answers[0][0]
+    chosen: AnswerParser = parser or dict(base.answers).get(column, "plain")
+    return replace(cols, answers=((column, chosen),), solution=base.solution if base.solution == column else None)
+
+
 # --------------------------------------------------------------------------------------------------
-# Local JSONL reading
-
-
-def _resolve_file(source: str | Path, split: str, task: str) -> Path:
-    path = Path(source)
-    if path.is_dir():
-        path = path / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{task} data not found: {path} (give a .jsonl file or a folder holding {split}.jsonl)"
-        )
-    return path
-
-
-def _field(record: dict[str, Any], key: str, where: str) -> str:
-    value = record.get(key)
-    if not isinstance(value, str) or not value.strip():
-        got = "missing" if key not in record else f"{type(value).__name__} {value!r:.60}"
-        raise DatasetFormatError(
-            f"{where}: field {key!r} must be a non-empty string ({got}); keys: {sorted(record)}"
-        )
-    return value
-
-
-def _not_empty(examples: list[Example], path: Path, limit: int | None, fields: str) -> list[Example]:
-    """`examples`, or a `DatasetFormatError` naming the file when it held no record at all (an empty or
-    blank-only file), which would otherwise surface far from the file (an empty question sampler)."""
-    if not examples and limit != 0:
-        raise DatasetFormatError(f"{path}: no records (the file is empty or holds only blank lines); "
-                                 f"expected one JSON object {fields} per line")
-    return examples
-
-
-# --------------------------------------------------------------------------------------------------
-# GSM8K
+# Answer parsers
 
 
 def normalize_gsm8k_answer(text: str) -> str:
@@ -102,77 +120,83 @@ def normalize_gsm8k_answer(text: str) -> str:
     return gold
 
 
-def _gsm8k_example(question: str, answer: str, where: str) -> Example:
+def parse_answer(text: str, parser: AnswerParser) -> str:
+    """The gold answer in `text`: ``gsm8k`` after the last ``####``; ``boxed`` the last complete
+    ``\\boxed{}``; ``plain`` the text itself. Raises ValueError when there is none.
+
+    >>> [parse_answer(t, p) for t, p in [("so #### 1,2", "gsm8k"), ("$\\\\boxed{\\\\frac{1}{2}}$", "boxed"), (" 7 ", "plain")]]
+    ['12', '\\\\frac{1}{2}', '7']
+    """
+    if parser == "gsm8k":
+        return normalize_gsm8k_answer(text)
+    gold = extract_boxed(text) if parser == "boxed" else text
+    if gold is None or not gold.strip():
+        raise ValueError("no complete \\boxed{...}" if parser == "boxed" else "empty answer")
+    return gold.strip()
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading records
+
+
+def _text(record: dict[str, Any], key: str, where: str, numbers: bool = False) -> str:
+    """The non-empty string in `record[key]` (a number too, as its ``str``, where `numbers`)."""
+    value = record.get(key)
+    if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if key not in record else f"{type(value).__name__} {value!r:.60}"
+        raise DatasetFormatError(
+            f"{where}: field {key!r} must be a non-empty string ({got}); keys: {sorted(record)} "
+            "(data.question_column / data.answer_column name the columns)"
+        )
+    return value
+
+
+def _example(record: dict[str, Any], cols: Columns, where: str) -> Example:
+    question = _text(record, cols.question, where)
+    present = [(c, p) for c, p in cols.answers if record.get(c) is not None]  # a null cell (Parquet) is absent
+    if not present and len(cols.answers) > 1:
+        names = " or a ".join(repr(c) for c, _ in cols.answers)
+        raise DatasetFormatError(f"{where}: needs a {names} field; keys: {sorted(record)}")
+    column, parser = (present or list(cols.answers))[0]
+    text = _text(record, column, where, numbers=parser == "plain")
     try:
-        gold = normalize_gsm8k_answer(answer)
+        gold = parse_answer(text, parser)
     except ValueError as err:
-        raise DatasetFormatError(f"{where}: field 'answer' is not GSM8K-style: {err}") from None
-    return Example(question=question.strip(), answer=gold, solution=answer.strip())
+        if parser == "gsm8k":
+            raise DatasetFormatError(f"{where}: field {column!r} is not GSM8K-style: {err}") from None
+        missing = "".join(f"no {c!r} field and " for c, _ in cols.answers[: cols.answers.index((column, parser))])
+        raise DatasetFormatError(f"{where}: {missing}{err} in {column!r}") from None
+    solution = record.get(cols.solution, "") if cols.solution else (text if parser != "plain" else "")
+    if not isinstance(solution, str):
+        raise DatasetFormatError(f"{where}: field {cols.solution!r} must be a string, got {type(solution).__name__}")
+    return Example(question=question.strip(), answer=gold, solution=solution.strip())
+
+
+def load_records(source: str | Path, cols: Columns, split: str = "train", limit: int | None = None) -> list[Example]:
+    """The examples of `split` of `source` (a hub id or a local file or folder), read with `cols`."""
+    name, records = read_records(source, split, limit, cols.hub_config, cols.what)
+    examples = [_example(record, cols, where) for where, record in records]
+    if not examples and limit != 0:
+        fields = ", ".join(f'"{c}"' for c, _ in cols.answers[:1]) + "".join(f' or "{c}"' for c, _ in cols.answers[1:])
+        raise DatasetFormatError(f"{name}: no records (the file is empty or holds only blank lines); "
+                                 f'expected one JSON object {{"{cols.question}", {fields}}} per line')
+    return examples
 
 
 def load_gsm8k(
     source: str | Path | None = None, split: str = "train", limit: int | None = None
 ) -> list[Example]:
-    """GSM8K from a JSONL file, a folder with ``{split}.jsonl``, or a hub id (default ``openai/gsm8k``)."""
-    source = GSM8K_HUB_ID if source is None else source
-    if Path(source).exists() or str(source).endswith(".jsonl"):
-        path = _resolve_file(source, split, "GSM8K")
-        examples = [
-            _gsm8k_example(
-                _field(r, "question", f"{path}:{n}"), _field(r, "answer", f"{path}:{n}"), f"{path}:{n}"
-            )
-            for n, r in read_jsonl(path, limit=limit)
-        ]
-        return _not_empty(examples, path, limit, '{"question", "answer"}')
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"loading GSM8K from the hub ({source!r}) needs the optional 'datasets' package "
-            "(pip install datasets), or pass a local JSONL file or folder as the source"
-        ) from None
-    rows = datasets.load_dataset(str(source), "main", split=split)
-    out = []
-    for i, row in enumerate(rows):
-        if limit is not None and i >= limit:
-            break
-        where = f"{source}[{split}]:{i}"
-        out.append(_gsm8k_example(_field(row, "question", where), _field(row, "answer", where), where))
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# MATH
+    """GSM8K from a local file, a folder with ``{split}.jsonl`` (``.json``, ``.parquet``), or a hub id
+    (default ``openai/gsm8k``)."""
+    return load_records(GSM8K_HUB_ID if source is None else source, PRESETS["gsm8k"], split, limit)
 
 
 def load_math(source: str | Path, split: str = "train", limit: int | None = None) -> list[Example]:
-    """MATH-style JSONL: ``{"problem", "answer"}``, or ``{"problem", "solution"}`` whose last ``\\boxed{}``
-    is the gold. The solution is kept when present."""
-    path = _resolve_file(source, split, "MATH")
-    out = []
-    for n, record in read_jsonl(path, limit=limit):
-        where = f"{path}:{n}"
-        problem = _field(record, "problem", where)
-        solution = record.get("solution", "")
-        if not isinstance(solution, str):
-            raise DatasetFormatError(
-                f"{where}: field 'solution' must be a string, got {type(solution).__name__}"
-            )
-        if "answer" in record:
-            gold = _field(record, "answer", where).strip()
-        elif solution:
-            boxed = extract_boxed(solution)
-            if boxed is None or not boxed.strip():
-                raise DatasetFormatError(
-                    f"{where}: no 'answer' field and no complete \\boxed{{...}} in 'solution'"
-                )
-            gold = boxed.strip()
-        else:
-            raise DatasetFormatError(
-                f"{where}: needs an 'answer' or a 'solution' field; keys: {sorted(record)}"
-            )
-        out.append(Example(question=problem.strip(), answer=gold, solution=solution.strip()))
-    return _not_empty(out, path, limit, '{"problem", "answer" or "solution"}')
+    """MATH-style records: ``{"problem", "answer"}``, or ``{"problem", "solution"}`` whose last
+    ``\\boxed{}`` is the gold. The solution is kept when present."""
+    return load_records(source, PRESETS["math"], split, limit)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,15 +291,17 @@ _SPLITS = ("train", "test", "validation")
 
 
 def load_task(
-    name: str, source: str | Path | None = None, split: str = "train", limit: int | None = None, seed: int = 0
+    name: str, source: str | Path | None = None, split: str = "train", limit: int | None = None, seed: int = 0,
+    columns: Columns | None = None,
 ) -> list[Example]:
-    """Load task `name`: ``gsm8k`` (source: JSONL file, folder or hub id; default ``openai/gsm8k``),
-    ``math`` (source: JSONL file or folder, required), or ``arithmetic`` / ``arithmetic:<level>``
-    (generated; default level 2; `limit` examples, default 2000 for train and 200 for test/validation;
-    each (split, seed) pair has its own random stream). Generated splits are independent draws, not
-    disjoint sets: level 1 has only 100 distinct questions, so its test questions all occur in a 2000-
-    example train split (level 2: 28 of 200, level 3: 38 of 200); ``arithmetic:<level>:heldout`` makes
-    them disjoint (`is_heldout_problem`), so evaluation is on questions training never saw.
+    """Load task `name`: ``gsm8k`` (source: a hub id or a local file or folder; default ``openai/gsm8k``),
+    ``math`` or ``custom`` (source required), read with `columns` (default: the task's `PRESETS` entry);
+    or ``arithmetic`` / ``arithmetic:<level>`` (generated; default level 2; `limit` examples, default 2000
+    for train and 200 for test/validation; each (split, seed) pair has its own random stream). Generated
+    splits are independent draws, not disjoint sets: level 1 has only 100 distinct questions, so its test
+    questions all occur in a 2000-example train split (level 2: 28 of 200, level 3: 38 of 200);
+    ``arithmetic:<level>:heldout`` makes them disjoint (`is_heldout_problem`), so evaluation is on
+    questions training never saw.
 
     >>> [e.question for e in load_task("arithmetic:1", split="test", limit=2)]
     ['What is 2 + 1?', 'What is 3 + 9?']
@@ -283,30 +309,30 @@ def load_task(
     if limit is not None and limit < 0:
         raise ValueError(f"load_task limit must be >= 0 or None, got {limit}")
     base, _, arg = name.partition(":")
-    if base == "gsm8k" and not arg:
-        return load_gsm8k(source, split=split, limit=limit)
-    if base == "math" and not arg:
-        if source is None:
-            raise ValueError(
-                "task 'math' needs a source: a MATH-style .jsonl file or a folder holding {split}.jsonl"
-            )
-        return load_math(source, split=split, limit=limit)
+    if base in PRESETS and not arg:
+        if source is None and base != "gsm8k":
+            raise ValueError(f"task {base!r} needs a source: a hub dataset id, or a local .jsonl, .json or .parquet "
+                             "file (or a folder holding {split}.jsonl)")
+        return load_records(GSM8K_HUB_ID if source is None else source, columns or PRESETS[base], split, limit)
     if base == "arithmetic":
-        if source is not None:
-            raise ValueError(f"task 'arithmetic' is generated in code and takes no source (got {source!r})")
-        level_text, _, variant = arg.partition(":")
-        try:
-            level = int(level_text) if level_text else 2
-        except ValueError:
-            raise ValueError(
-                f"task {name!r}: level after ':' must be an integer, e.g. 'arithmetic:3'"
-            ) from None
-        if variant not in ("", "heldout"):
-            raise ValueError(f"task {name!r}: the only variant is ':heldout', e.g. 'arithmetic:1:heldout'")
-        if split not in _SPLITS:
-            raise ValueError(f"task 'arithmetic' has splits {_SPLITS}, got {split!r}")
-        n = limit if limit is not None else ARITHMETIC_SIZES[split]
-        part = ("train" if split == "train" else "heldout") if variant else None
-        return make_arithmetic(n, seed=seed * len(_SPLITS) + _SPLITS.index(split), level=level, part=part)
-    raise ValueError(f"unknown task {name!r}; known: 'gsm8k', 'math', 'arithmetic', 'arithmetic:<level 1-5>', "
-                     "'arithmetic:<level>:heldout'")
+        return _load_arithmetic(name, arg, source, split, limit, seed)
+    raise ValueError(f"unknown task {name!r}; known: 'gsm8k', 'math', 'custom', 'arithmetic', "
+                     "'arithmetic:<level 1-5>', 'arithmetic:<level>:heldout'")
+
+
+def _load_arithmetic(name: str, arg: str, source: str | Path | None, split: str, limit: int | None,
+                     seed: int) -> list[Example]:
+    if source is not None:
+        raise ValueError(f"task 'arithmetic' is generated in code and takes no source (got {source!r})")
+    level_text, _, variant = arg.partition(":")
+    try:
+        level = int(level_text) if level_text else 2
+    except ValueError:
+        raise ValueError(f"task {name!r}: level after ':' must be an integer, e.g. 'arithmetic:3'") from None
+    if variant not in ("", "heldout"):
+        raise ValueError(f"task {name!r}: the only variant is ':heldout', e.g. 'arithmetic:1:heldout'")
+    if split not in _SPLITS:
+        raise ValueError(f"task 'arithmetic' has splits {_SPLITS}, got {split!r}")
+    n = limit if limit is not None else ARITHMETIC_SIZES[split]
+    part = ("train" if split == "train" else "heldout") if variant else None
+    return make_arithmetic(n, seed=seed * len(_SPLITS) + _SPLITS.index(split), level=level, part=part)
