@@ -118,3 +118,35 @@ def test_checkpoint_keeps_the_schedule(tiny_qwen2_path: str, tmp_path: Path) -> 
     resumed.accelerator.load_state(str(tmp_path / "state"))
     resumed.scheduler.plan(6)
     assert run(resumed, 4) == want[2:]
+
+
+@pytest.mark.slow
+def test_resumed_grpo_run_continues_the_schedule(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """Through the run loop (the schedule planned after the checkpoint is loaded): 4 GRPO steps of linear
+    decay (W = 1, T = 4, one optimizer step per step), straight, or as 2 steps (T = 2) resumed to 4; steps 3-4
+    log the straight run's rates. Logged ``train/lr`` is the rate after the step, the next update's:
+    (5 - k - 1)/4 → 0.75, 0.5, 0.25, 0 of the peak."""
+    from trainer.learners.grpo import train_grpo
+    from trainer.tracking import read_metrics
+
+    def config(out: Path, steps: int) -> RunConfig:
+        return config_from_dict({
+            "output_dir": str(out), "model": {"path": tiny_qwen2_path, "dtype": "float32"},
+            "data": {"task": "arithmetic", "arithmetic_level": 1},
+            "rollout": {"engine": "hf", "max_tokens": 8, "sleep_between_rollouts": False},
+            "reward": {"num_workers": 1}, "optim": {"learning_rate": LR, "warmup_steps": 1, "lr_scheduler": "linear"},
+            "grpo": {"n_grpo_steps": steps, "rollout_batch_size": 16, "group_size": 4, "train_batch_size": 16,
+                     "gradient_accumulation_steps": 2},
+            "eval": {"max_tokens": 8, "limit": 4, "every": 0}, "checkpoint": {"save_every": 2},
+            "logging": {"progress": False, "wandb_mode": "disabled"},
+        })  # fmt: skip
+
+    def lrs(run: Path) -> list[float]:
+        return [r["train/lr"] / LR for r in read_metrics(run) if "train/lr" in r]
+
+    train_grpo(config(tmp_path / "straight", 4))
+    assert lrs(tmp_path / "straight") == pytest.approx([0.75, 0.5, 0.25, 0.0], abs=1e-12)
+    train_grpo(config(tmp_path / "halves", 2))
+    assert lrs(tmp_path / "halves") == pytest.approx([0.5, 0.0], abs=1e-12)  # T = 2: (3 - k - 1)/2
+    train_grpo(config(tmp_path / "halves", 4), resume=True)
+    assert lrs(tmp_path / "halves")[2:] == pytest.approx([0.25, 0.0], abs=1e-12)

@@ -90,7 +90,7 @@ class LRSchedule:
     rank: warm-up `world_size` times too fast) and saved with every checkpoint.
 
     Linear and cosine need T, which a mode knows only once its data is loaded (`plan`, from the run loop),
-    while a resumed run restores the schedule's state earlier: that state waits here until `plan`.
+    while a resumed run restores the schedule's state earlier: its position waits here until `plan`.
     """
 
     def __init__(self, optimizer: Any, cfg: OptimConfig) -> None:
@@ -117,14 +117,14 @@ class LRSchedule:
         self.total_steps = total_steps
         self._scheduler = get_scheduler(name, self.optimizer, num_warmup_steps=self.warmup_steps,
                                         num_training_steps=None if total_steps is None else total_steps + 1)
-        with warnings.catch_warnings():  # the step ahead comes before any optimizer step, on purpose
+        # One step ahead; a resumed run steps on to the checkpoint's position, and so gets this run's rates
+        # even where it plans another total than the run that saved it.
+        target = 1 if self._pending is None else int(self._pending["last_epoch"])
+        self._pending = None
+        with warnings.catch_warnings():  # these steps come before any optimizer step, on purpose
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
-            self._scheduler.step()
-        if self._pending is not None:  # a resumed run: continue where the checkpoint was
-            self._scheduler.load_state_dict(self._pending)
-            for group, lr in zip(self.optimizer.param_groups, self._scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
-            self._pending = None
+            while self._scheduler.last_epoch < target:
+                self._scheduler.step()
 
     def _ready(self) -> Any:
         if self._scheduler is None:
