@@ -125,6 +125,9 @@ class RolloutConfig(SamplingSection):
         None, gt=0.0,
         description="mean |Δ log-prob| learner vs engine; None = by dtype (fp32 1e-3, bf16 0.05, fp16 0.02)")
     probe_action: Literal["raise", "warn"] = "raise"
+    request_timeout_s: float = Field(
+        600.0, gt=0.0, description="placement=remote: each HTTP request's timeout; a hung rollout server fails "
+        "the run after this")
 
 
 class RewardConfig(_Section):
@@ -169,6 +172,10 @@ class GRPOConfig(_Section):
     sort_by_length: bool = Field(
         True, description="group rows of similar length into micro-batches (less padding; same gradient)"
     )
+    max_staleness: int = Field(
+        0, ge=0, description="asynchronous GRPO: the rollouts of steps t+1..t+k are generated while step t "
+        "trains, each sampled by the weights k steps older (rollout.placement remote or dedicated, one learner "
+        "process); 0 = synchronous")
 
 
 class SFTConfig(_Section):
@@ -269,6 +276,13 @@ class RunConfig(_Section):
                 "optim.lr_scheduler=constant (with optim.warmup_steps)"
             )
         problems += source_problems(self)
+        if self.grpo.max_staleness and self.rollout.placement == "colocated":
+            problems.append(
+                f"grpo.max_staleness={self.grpo.max_staleness} with rollout.placement=colocated: asynchronous GRPO "
+                "generates while the learner trains, and a colocated engine shares the learner's device and "
+                "process (one device cannot generate and train at once). Use rollout.placement=remote (a "
+                "`reasonrl rollout-server`) or dedicated (vLLM on its own GPU), or grpo.max_staleness=0"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self

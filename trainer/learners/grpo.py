@@ -13,12 +13,22 @@
 
 Log-probs and entropies use softmax(logits / ``rollout.temperature``), the sampling distribution. No KL by
 default (CS336, Dr. GRPO). Data parallel: every rank draws the same questions, takes its own whole groups.
+
+Asynchronous (``grpo.max_staleness = k ≥ 1``; `trainer.learners.async_rollouts`): step u's batch is sampled
+by the engine μ holding the weights after step u−1−k while the learner trains. Objective: decoupled PPO
+(Fu et al. 2025, AReaL, arXiv 2505.24298, Eq. 5), per token  −w_t · min(u_t A, clip(u_t, 1−ε, 1+ε_high) A),
+u_t = π_θ/π_prox, w_t = π_prox/μ [min(w_t, ``tis_cap``): truncated IS, Yao et al. 2025], π_prox = the
+learner's policy at train time (the old log-probs above; π_θ itself, detached, on-policy), μ = the engine's
+sampling log-probs (`Sample.logprobs`); other loss types: their per-token loss × w_t. Chosen over clipping
+u = π_θ/μ: the trust region stays one update wide around the current policy whatever the lag, and w_t
+corrects the staleness (and engine/learner numerics) exactly; it is the synchronous path × the TIS weight.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -32,12 +42,22 @@ from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.evaluate import sampling_config
 from trainer.learner import Learner, global_token_count, load_frozen_reference
+from trainer.learners.async_rollouts import (
+    ProducedBatch,
+    RolloutProducer,
+    RolloutSide,
+    WeightSnapshot,
+    probe_check,
+)
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
 from trainer.logprobs import forward_log_probs, length_sorted_order, real_lengths
 from trainer.losses import aggregate_loss, compute_policy_gradient_loss, k3_kl, masked_mean
 from trainer.session import Session
+from trainer.sync import StaleWeightProbe, learner_logprobs, make_probe
+from trainer.timing import PhaseTimer
 
+Rollouts = Session | RolloutSide  # what sample-and-score uses: a session, or the producer thread's view
 
 @dataclass
 class RolloutBatch:
@@ -54,7 +74,7 @@ class RolloutBatch:
 Groups = tuple[list[Sample], torch.Tensor, list[RewardResult]]  # samples, rewards (N,), scores
 
 
-def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -> tuple[list[Sample], torch.Tensor,
+def sample_and_score(s: Rollouts, sampler: QuestionSampler[Example], step: int) -> tuple[list[Sample], torch.Tensor,
                                                                                        torch.Tensor, dict[str, float]]:
     """Generate this rank's groups, score them and compute advantages.
 
@@ -89,7 +109,7 @@ def sample_and_score(s: Session, sampler: QuestionSampler[Example], step: int) -
     return samples, rewards, advantages, metrics
 
 
-def global_reward_metrics(s: Session, scores: list[RewardResult], group_size: int) -> dict[str, float]:
+def global_reward_metrics(s: Rollouts, scores: list[RewardResult], group_size: int) -> dict[str, float]:
     """`reward_metadata` over every rank's rollouts (gathered; ranks may hold different numbers of whole
     groups under dynamic sampling), so every rank computes the global statistics."""
     keys = ("reward", "format_reward", "answer_reward")
@@ -103,7 +123,7 @@ def global_reward_metrics(s: Session, scores: list[RewardResult], group_size: in
     return {f"reward/{k}": float(v) for k, v in meta.items()}
 
 
-def _sample_groups(s: Session, sampler: QuestionSampler[Example], per_rank: int, n_needed: int, step: int,
+def _sample_groups(s: Rollouts, sampler: QuestionSampler[Example], per_rank: int, n_needed: int, step: int,
                    round_: int) -> Groups:
     """Every rank draws ``per_rank × world`` questions; this rank generates for ``n_needed`` of its slice."""
     g = s.cfg.grpo
@@ -135,7 +155,7 @@ def _concat(a: Groups, b: Groups) -> Groups:
     return a[0] + b[0], torch.cat([a[1], b[1]]), a[2] + b[2]
 
 
-def _global_max(s: Session, value: int) -> int:
+def _global_max(s: Rollouts, value: int) -> int:
     if s.accelerator.num_processes == 1:
         return value
     return int(s.accelerator.reduce(torch.tensor(value, device=s.accelerator.device), "max"))
@@ -216,8 +236,8 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     )
     rollout_lp = batch.rollout_log_probs[index].to(device)
     metrics = mismatch_metrics(old, rollout_lp, mask)  # engine vs learner at the sampling weights
-    if g.tis_cap is not None:
-        per_token = per_token * torch.exp(old - rollout_lp).clamp(max=g.tis_cap).detach()
+    if g.tis_cap is not None or g.max_staleness:
+        per_token = per_token * behaviour_weight(old, rollout_lp, g.tis_cap)
     if ref_model is not None and g.kl_coef > 0:
         kl = k3_kl(log_probs, _ref_log_probs(ref_model, mb, cfg.model.packing, cfg.rollout.temperature))
         per_token = per_token + g.kl_coef * kl
@@ -234,6 +254,13 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     if "clipped" in meta:
         metrics["train/clip_fraction"] = float(masked_mean(meta["clipped"].float(), mask, empty_is_zero=True))
     return metrics
+
+
+def behaviour_weight(prox_log_probs: torch.Tensor, behaviour_log_probs: torch.Tensor,
+                     cap: float | None) -> torch.Tensor:
+    """w = π_prox/μ = exp(log π_prox − log μ), truncated at `cap` (None: untruncated), detached; (b, s)."""
+    weight = torch.exp(prox_log_probs - behaviour_log_probs)
+    return (weight if cap is None else weight.clamp(max=cap)).detach()
 
 
 def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
@@ -254,7 +281,7 @@ def policy_lag(s: Session, samples: list[Sample]) -> dict[str, float]:
     return {"rollout/policy_lag": float(s.engine.policy_version - min(x.policy_version for x in samples))}
 
 
-def grading_health(s: Session) -> dict[str, float]:
+def grading_health(s: Rollouts) -> dict[str, float]:
     """The reward pool's own counters: timeouts, errors, worker restarts, grading latency p50/p99."""
     return {k: v for k, v in s.scorer.metrics().items()
             if k.endswith(("timeouts", "errors", "worker_restarts", "_ms"))}
@@ -264,21 +291,56 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
               ref_model: torch.nn.Module | None) -> StepResult:
     """One GRPO step: sample → score → old log-probs → update → sync → log. Returns this rank's metrics
     and the keys among them that are global already (the reward statistics of every rank's rollouts)."""
-    g = s.cfg.grpo
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
     s.rollouts_done()
     already_global = [k for k in metrics if k.startswith("reward/")]
     metrics |= policy_lag(s, samples) | grading_health(s)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
+    metrics |= learn(s, batch, ref_model)
+    metrics |= s.sync_weights()
+    return metrics, already_global
+
+
+def learn(s: Session, batch: RolloutBatch, ref_model: torch.nn.Module | None) -> dict[str, float]:
+    """Old log-probs (off-policy only), the update, and the learner's throughput over it."""
+    g = s.cfg.grpo
     if is_off_policy(g):
         with s.timer("old_log_probs"):
             micro = g.train_batch_size // g.gradient_accumulation_steps // s.accelerator.num_processes
             batch.old_log_probs = compute_old_log_probs(s.learner, batch.tokens, micro, s.cfg.rollout.temperature)
     with s.timer("train"):
-        metrics |= update_policy(s.learner, s.cfg, batch, ref_model)
-    metrics |= s.sync_weights()
-    metrics |= s.learner_throughput(real_lengths(batch.tokens).tolist(), passes=g.epochs_per_rollout_batch)
+        metrics = update_policy(s.learner, s.cfg, batch, ref_model)
+    return metrics | s.learner_throughput(real_lengths(batch.tokens).tolist(), passes=g.epochs_per_rollout_batch)
+
+
+def async_grpo_step(s: Session, producer: RolloutProducer, probe: StaleWeightProbe, step: int,
+                    ref_model: torch.nn.Module | None) -> StepResult:
+    """One asynchronous step: take the producer's batch (waiting: ``time/wait_rollouts``) → old log-probs →
+    update → hand the new weights to the producer (``time/sync``: the CPU snapshot) → log."""
+    with s.timer("wait_rollouts"):
+        produced = producer.take(step)
+    metrics = dict(produced.metrics)
+    already_global = [k for k in metrics if k.startswith("reward/")]
+    version = int(s.trainer_state["policy_version"])  # the learner's weights: those after step - 1
+    metrics |= staleness(version, produced.samples, s.cfg.grpo.max_staleness)
+    batch = to_batch(produced.samples, produced.rewards, produced.advantages, s.learner.tokenizer.pad_token_id)
+    metrics |= learn(s, batch, ref_model)
+    with s.timer("sync"):
+        expected = learner_logprobs(s.learner.unwrapped, probe.token_ids)
+        producer.hand_weights(WeightSnapshot(s.learner.unwrapped, s.cfg.rollout.sync_bucket_mb, version + 1, step,
+                                             expected))
+    s.trainer_state["policy_version"] = version + 1
     return metrics, already_global
+
+
+def staleness(learner_version: int, samples: list[Sample], max_staleness: int) -> dict[str, float]:
+    """``rollout/policy_lag`` (max) and ``rollout/policy_lag_mean``: versions between the learner's weights
+    and each sample's; more than `max_staleness` is a bug in the producer's schedule, never trained on."""
+    lags = [learner_version - x.policy_version for x in samples]
+    if max(lags) > max_staleness or min(lags) < 0:
+        raise RuntimeError(f"rollouts {min(lags)}..{max(lags)} versions behind the learner (version "
+                           f"{learner_version}); grpo.max_staleness={max_staleness}")
+    return {"rollout/policy_lag": float(max(lags)), "rollout/policy_lag_mean": sum(lags) / len(lags)}
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
@@ -286,12 +348,48 @@ def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
     with Session(cfg, resume, before_load=functools.partial(refuse_under_deepspeed, cfg.warmstart.steps)) as s:
         sampler = start_rollouts(s)
         ref_model = _reference_model(s) if cfg.grpo.kl_coef > 0 else None
+        if cfg.grpo.max_staleness:
+            return _train_async(s, sampler, ref_model)
         return run(s, Mode(
             name="grpo", total_steps=cfg.grpo.n_grpo_steps, step=lambda step: grpo_step(s, sampler, step, ref_model),
-            evaluate=s.evaluate,
-            postfix=lambda m: {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"},
-            checkpoint_state=lambda: {"sampler": sampler.state_dict()},
+            evaluate=s.evaluate, postfix=_postfix, checkpoint_state=lambda: {"sampler": sampler.state_dict()},
         ))
+
+
+def _postfix(m: dict[str, float]) -> dict[str, str]:
+    return {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"}
+
+
+def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch.nn.Module | None) -> dict[str, float]:
+    """The loop with a `RolloutProducer` generating ahead; evaluation runs on its thread (the engine's)."""
+    total, start = s.cfg.grpo.n_grpo_steps, int(s.trainer_state["step"])
+    probe = make_probe(s.cfg, s.learner)
+    side = RolloutSide(s.cfg, s.accelerator, s.engine, s.scorer, PhaseTimer())
+    pending = [ProducedBatch.from_json(b) for b in s.trainer_state.pop("pending_rollouts", [])]
+    producer = RolloutProducer(side, sampler, _sample_for_producer, probe_check(probe), start=start, total=total,
+                               max_staleness=s.cfg.grpo.max_staleness, pending=pending)
+    taken = [start]
+
+    def step(n: int) -> StepResult:
+        taken[0] = n
+        return async_grpo_step(s, producer, probe, n, ref_model)
+
+    def checkpoint_state() -> dict[str, Any]:  # called after every step; only saved steps need the batches
+        n, every = taken[0], s.cfg.checkpoint.save_every
+        return producer.checkpoint_state(n) if n == total or (every and n % every == 0) else {}
+
+    try:
+        return run(s, Mode(name="grpo", total_steps=total, step=step,
+                           evaluate=lambda n: producer.call(lambda: s.evaluate(n)), postfix=_postfix,
+                           checkpoint_state=checkpoint_state))
+    finally:
+        producer.close()
+
+
+def _sample_for_producer(side: RolloutSide, sampler: QuestionSampler[Example],
+                         step: int) -> tuple[list[Sample], torch.Tensor, torch.Tensor, dict[str, float]]:
+    samples, rewards, advantages, metrics = sample_and_score(side, sampler, step)
+    return samples, rewards, advantages, metrics | grading_health(side)
 
 
 def _reference_model(s: Session) -> torch.nn.Module:

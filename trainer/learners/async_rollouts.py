@@ -1,0 +1,259 @@
+"""The rollout producer of asynchronous GRPO (``grpo.max_staleness = k ≥ 1``): a background thread that
+generates and scores the rollout batches of steps t+1 … t+k while the learner trains on step t.
+
+Schedule (fixed lag, deterministic): the batch of step u is sampled with the weights after learner step
+``need(u) = max(start, u − 1 − k)``, exactly, so a sample is at most k policy versions behind the learner
+that trains on it (k once the pipeline is full) and a run is reproducible from its seeds (``sample_seed``
+of ``seed + 1000·u``, as in the synchronous loop) whatever the threads' timing. The learner hands each
+step's weights over as a CPU snapshot (`WeightSnapshot`, so training may go on meanwhile); the producer
+loads them into the engine between batches, when the next batch needs them, and checks them with the
+stale-weight probe's prompt scoring against log-probs the learner computed at hand-over. One thread
+talks to the engine and the reward pool: weight pushes, generation, scoring and the evaluation (a
+`call`, run between batches once the engine holds the learner's newest weights) all run on it.
+
+Resume: `checkpoint_state` after step t waits for the batches t+1 … t+k (their weights are older than the
+checkpoint's) and returns them with the sampler position after them; `RolloutProducer` serves saved
+batches first, so a resumed run trains on exactly what the uninterrupted one would have. Failures of the
+producer (a dead or hung rollout server: the engine's request timeout bounds the hang) reach the learner
+as one `RolloutProducerError` at its next wait.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from rollout.engines.protocol import RolloutEngine, Sample
+from rollout.reward.pool import RewardScorer
+from rollout.weights import WeightStream
+from trainer.config import RunConfig
+from trainer.data.sampler import QuestionSampler
+from trainer.data.tasks import Example
+from trainer.timing import PhaseTimer
+
+T = TypeVar("T")
+POLL_S = 0.5  # how often a waiting learner checks that the producer is alive
+
+
+class RolloutProducerError(RuntimeError):
+    """The rollout producer failed; the message names what it was doing and the cause."""
+
+
+class WeightSnapshot(WeightStream):
+    """The learner's weights after step `step`, copied to CPU at hand-over (the learner keeps training while
+    the engine loads them later); a `WeightStream` carrying its policy `version`, plus the learner's
+    log-probs of the stale-weight probe's sequences under these weights (`expected`)."""
+
+    def __init__(self, model: torch.nn.Module, bucket_mb: float, version: int, step: int,
+                 expected: list[list[float]]) -> None:
+        super().__init__(model, bucket_mb, version)
+        self.pairs = [(name, t.to("cpu", copy=True)) for name, t in WeightStream(model, bucket_mb)]
+        self.step, self.expected = step, expected
+
+    def __iter__(self) -> Any:
+        return iter(self.pairs)
+
+
+@dataclass
+class ProducedBatch:
+    """One step's scored rollouts, as `trainer.learners.grpo.sample_and_score` returns them, plus the
+    question sampler's position after them and the producer's own phase times (``time/generate`` …)."""
+
+    step: int
+    samples: list[Sample]
+    rewards: torch.Tensor  # (N,)
+    advantages: torch.Tensor  # (N,)
+    metrics: dict[str, float]
+    sampler_state: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"step": self.step, "samples": [vars(x) for x in self.samples], "rewards": self.rewards.tolist(),
+                "advantages": self.advantages.tolist(), "metrics": self.metrics, "sampler": self.sampler_state}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> ProducedBatch:
+        return cls(int(raw["step"]), [Sample(**x) for x in raw["samples"]], torch.tensor(raw["rewards"]),
+                   torch.tensor(raw["advantages"]), dict(raw["metrics"]), dict(raw["sampler"]))
+
+
+@dataclass
+class RolloutSide:
+    """What `sample_and_score` uses of a `Session`, with the producer's own phase timer."""
+
+    cfg: RunConfig
+    accelerator: Any
+    engine: RolloutEngine
+    scorer: RewardScorer
+    timer: PhaseTimer
+
+
+SampleFn = Callable[[RolloutSide, QuestionSampler[Example], int], tuple[list[Sample], torch.Tensor, torch.Tensor,
+                                                                          dict[str, float]]]
+Check = Callable[[RolloutEngine, WeightSnapshot], dict[str, float]]
+
+
+class RolloutProducer:
+    """Generates the batches of steps ``start + 1 .. total`` on a background thread (see the module docstring).
+
+    `side`: the engine, scorer and config the thread uses; `sample`: one step's sample-and-score;
+    `check`: the probe after each weight push (its metrics); `pending`: batches saved by a checkpoint.
+    """
+
+    def __init__(self, side: RolloutSide, sampler: QuestionSampler[Example], sample: SampleFn, check: Check, *,
+                 start: int, total: int, max_staleness: int, pending: Sequence[ProducedBatch] = ()) -> None:
+        self.side, self.sampler, self._sample, self._check = side, sampler, sample, check
+        self.start_step, self.total, self.k = start, total, max_staleness
+        self.engine_step = start  # the learner step whose weights the engine holds
+        self._ready: dict[int, ProducedBatch] = {b.step: b for b in pending}
+        self._next = start + len(pending) + 1  # the next step to generate
+        self._last_taken: ProducedBatch | None = None
+        self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
+        self._cond = threading.Condition()
+        self._push_metrics: dict[str, float] = {}
+        self.error: BaseException | None = None
+        self._doing = "starting"
+        self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
+        self._thread.start()
+
+    def need(self, step: int) -> int:
+        """The learner step whose weights sample the batch of `step`."""
+        return max(self.start_step, step - 1 - self.k)
+
+    # ---- the learner's side ----------------------------------------------------------------------------
+    def hand_weights(self, snapshot: WeightSnapshot) -> None:
+        self._put(("weights", snapshot))
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the producer thread between batches (after the weights handed so far); its result."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        self._put(("call", (fn, box, done)))
+        self._wait(done.is_set, "running a call (evaluation)")
+        if "error" in box:
+            raise box["error"]
+        return box["result"]  # type: ignore[no-any-return]
+
+    def take(self, step: int) -> ProducedBatch:
+        """The batch of `step`, waiting for the producer (raises `RolloutProducerError` if it failed)."""
+        self._wait(lambda: step in self._ready, f"generating the rollouts of step {step}")
+        with self._cond:
+            self._last_taken = self._ready.pop(step)
+        return self._last_taken
+
+    def checkpoint_state(self, step: int) -> dict[str, Any]:
+        """After learner step `step`: the sampler position and the pending batches step+1 .. step+k."""
+        last = min(step + self.k, self.total)
+        self._wait(lambda: all(u in self._ready for u in range(step + 1, last + 1)),
+                   f"generating the rollouts of steps {step + 1}..{last} for the checkpoint")
+        pending = [self._ready[u] for u in range(step + 1, last + 1)]
+        newest = pending[-1] if pending else self._last_taken
+        sampler = newest.sampler_state if newest is not None else self.sampler.state_dict()
+        return {"sampler": sampler, "pending_rollouts": [b.to_json() for b in pending]}
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._put(("stop", None))
+        self._thread.join(timeout_s)
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        with self._cond:
+            self._inbox.append(item)
+            self._cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool], what: str) -> None:
+        with self._cond:
+            while not ready():
+                if self.error is not None or not self._thread.is_alive():
+                    cause = self.error
+                    raise RolloutProducerError(
+                        f"the rollout producer failed while {self._doing} (the learner was waiting for it: "
+                        f"{what}): {type(cause).__name__}: {cause}. Check the rollout server; the run resumes "
+                        "from its last checkpoint with --resume") from cause
+                self._cond.wait(POLL_S)
+
+    # ---- the producer thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while self._serve_one():
+                pass
+        except BaseException as err:
+            with self._cond:
+                self.error = err
+                self._cond.notify_all()
+
+    def _serve_one(self) -> bool:
+        """Run a queued call, else generate the next batch if its weights are loaded, else wait for an item."""
+        with self._cond:
+            head = self._inbox[0][0] if self._inbox else None
+            can_generate = self._next <= self.total and self.engine_step == self.need(self._next)
+            if head != "call" and can_generate:
+                head = "generate"
+            elif head is None:
+                waiting = self._next <= self.total
+                self._doing = "waiting for the learner's weights" if waiting else "idle"
+                with self.side.timer("wait_weights") if waiting else contextlib.nullcontext():
+                    while not self._inbox:
+                        self._cond.wait()
+                head = self._inbox[0][0]
+            item: Any = self._inbox.popleft()[1] if head != "generate" else None
+        if head == "generate":
+            self._generate(self._next)
+        elif head == "weights":
+            self._push(item)
+        elif head == "call":
+            self._run_call(*item)
+        return head != "stop"
+
+    def _generate(self, step: int) -> None:
+        self._doing = f"generating the rollouts of step {step}"
+        samples, rewards, advantages, metrics = self._sample(self.side, self.sampler, step)
+        metrics |= {"time/wait_weights": 0.0} | self._push_metrics | self.side.timer.pop()
+        metrics.pop("time/step")  # the producer's phases overlap the learner's: not part of the step time
+        self._push_metrics = {}
+        batch = ProducedBatch(step, samples, rewards, advantages, metrics, copy.deepcopy(self.sampler.state_dict()))
+        with self._cond:
+            self._ready[step] = batch
+            self._next = step + 1
+            self._cond.notify_all()
+
+    def _push(self, snapshot: WeightSnapshot) -> None:
+        self._doing = f"loading the weights of step {snapshot.step} into the rollout engine"
+        if snapshot.step != self.engine_step + 1:
+            raise RuntimeError(f"rollout producer: weights of step {snapshot.step} after step {self.engine_step}")
+        with self.side.timer("push_weights"):
+            self.side.engine.update_weights(snapshot)
+            self._push_metrics = self._check(self.side.engine, snapshot)
+        self.engine_step = snapshot.step
+
+    def _run_call(self, fn: Callable[[], Any], box: dict[str, Any], done: threading.Event) -> None:
+        self._doing = "running a call (evaluation)"
+        try:
+            box["result"] = fn()
+        except Exception as err:
+            box["error"] = err
+        with self._cond:
+            done.set()
+            self._cond.notify_all()
+
+
+
+def probe_check(probe: Any) -> Check:
+    """The stale-weight probe's prompt scoring after a push, against the learner's log-probs at hand-over
+    (`WeightSnapshot.expected`), and the engine's version; the sync and probe metrics."""
+
+    def check(engine: RolloutEngine, snapshot: WeightSnapshot) -> dict[str, float]:
+        if engine.policy_version != snapshot.version:
+            raise RuntimeError(f"rollout engine took the weights of step {snapshot.step} as policy version "
+                               f"{engine.policy_version}, expected {snapshot.version}")
+        result = probe.check(snapshot.expected, engine.prompt_logprobs(probe.token_ids), engine.policy_version)
+        sync = {k: float(v) for k, v in engine.metrics.items() if k.startswith("rollout/sync")}
+        metrics: dict[str, float] = sync | result.metrics()
+        return metrics
+
+    return check
