@@ -229,3 +229,16 @@ def test_prompt_longer_than_the_context_is_skipped(tmp_path: Path, tiny_qwen2_pa
         f"{train}: 1 of 21 prompts of 2048 tokens or more (the rollout engine's context: no room for a response) "
         "('7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 7 '): more than data.max_skipped_fraction=0.01 of the data; fix "
         "the data, or raise data.max_skipped_fraction to skip them")
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_prompt_longer_than_the_vllm_context_never_reaches_vllm(tmp_path: Path, tiny_qwen2_path: str) -> None:
+    """With vLLM the limit is its ``max_model_len`` (512 here): the 10 MB question is skipped before the engine
+    sees it (vLLM would reject the whole batch), and training runs."""
+    train = tmp_path / "train.jsonl"
+    write_gsm8k(train, 150, long_lines=1)
+    train_grpo(small_grpo(tiny_qwen2_path, train, tmp_path / "run", "rollout.engine=vllm"))
+    records = read_metrics(tmp_path / "run")
+    assert [r["data/skipped_long_prompts"] for r in records if "data/skipped_long_prompts" in r] == [1.0]
+    assert [r["step"] for r in records if "train/loss" in r] == [1]

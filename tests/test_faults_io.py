@@ -263,3 +263,30 @@ def test_torch_save_failure_is_diagnosed_from_the_file_system(tmp_path: Path) ->
     assert proc.stdout.splitlines() == [
         "RuntimeError", f"cannot write checkpoint {tmp}: file too large (a file reached the process's file-size "
         "limit of 65536 bytes, `ulimit -f`)"], proc.stderr[-3000:]
+
+
+def test_a_file_where_the_run_directory_should_be(tmp_path: Path) -> None:
+    """`output_dir` (or its ``checkpoints/``) is a regular file: one message, nothing created or removed."""
+    from types import SimpleNamespace
+
+    from trainer.checkpoint import StorageError, check_writable
+
+    one_process = SimpleNamespace(is_main_process=True, num_processes=1)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError) as err:
+        check_writable(one_process, tmp_path / "file")
+    assert str(err.value) == (f"output_dir={tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a directory; "
+                              "choose another output_dir")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("x")
+    with pytest.raises(StorageError) as err:
+        check_writable(one_process, run)
+    assert str(err.value) == (f"output_dir={run}: {run / 'checkpoints'} is a file, not a directory; choose another "
+                              "output_dir")
+    with pytest.raises(StorageError) as err:
+        check_writable(one_process, tmp_path / "file" / "run")
+    assert str(err.value) == (f"output_dir={tmp_path / 'file' / 'run'}: cannot write to {tmp_path / 'file' / 'run'}: "
+                              "not a directory; choose a writable output_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
+    assert [p.name for p in run.iterdir()] == ["checkpoints"]

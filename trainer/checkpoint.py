@@ -77,6 +77,9 @@ def check_writable(accelerator: Any, run_dir: str | Path) -> None:
         for directory in (run_dir, run_dir / "checkpoints"):
             if directory != run_dir and not directory.exists():
                 continue
+            if directory.exists() and not directory.is_dir():
+                raise StorageError(f"output_dir={run_dir}: {directory} is a file, not a directory; choose another "
+                                   "output_dir")
             try:
                 directory.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=directory, prefix=".write_probe"):
