@@ -105,7 +105,8 @@ def grpo_microbatch_train_step(
     )
     grpo = SimpleNamespace(
         loss_type=loss_type, cliprange=cliprange if cliprange_low is None else cliprange_low,
-        cliprange_high=cliprange if cliprange_high is None else cliprange_high, tis_cap=None, kl_coef=0.0,
+        cliprange_high=cliprange if cliprange_high is None else cliprange_high, tis_cap=None, max_staleness=0,
+        kl_coef=0.0,
         entropy_coef=0.0, length_normalization=length_normalization,
         gradient_accumulation_steps=gradient_accumulation_steps,
     )
