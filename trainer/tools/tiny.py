@@ -11,15 +11,24 @@ user's checkpoint:
 The tokenizer is trained with `tokenizers` on a generated corpus (arithmetic, GSM8K-like sentences and the
 prompt templates), so digits, operators and the `<think>`/`<answer>` tags tokenize compactly.
 
-Usage: ``python -m trainer.tools.tiny OUT_DIR`` (or ``reasonrl tiny OUT_DIR``).
+`write_tiny_data(out_dir)` writes the data of the tiny SFT and DPO configs beside them, from the synthetic
+arithmetic task: ``sft_arithmetic.jsonl`` (200 r1_zero reasoning pairs on single-digit addition) and
+``preferences_arithmetic.jsonl`` (400 pairs "What is a + b?" for a, b in 0..19: chosen the right sum,
+rejected one 10 too big).
+
+Usage: ``python -m trainer.tools.tiny OUT_DIR`` (or ``reasonrl tiny OUT_DIR``): models and data.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from pathlib import Path
 from typing import Any
+
+from trainer.data.prompts import format_prompt
+from trainer.data.tasks import make_arithmetic
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -136,12 +145,35 @@ def build_tiny(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
     return paths
 
 
+def sft_rows(n: int = 200, seed: int = 5) -> list[dict[str, str]]:
+    """r1_zero reasoning SFT lines ``{"prompt", "response", "answer"}`` on single-digit addition."""
+    return [{"prompt": format_prompt("r1_zero", question=ex.question),
+             "response": f" {ex.solution} </think> <answer> {ex.answer} </answer>", "answer": ex.answer}
+            for ex in make_arithmetic(n, seed=seed, level=1)]
+
+
+def preference_rows() -> list[dict[str, str]]:
+    """``{"prompt", "chosen", "rejected"}``: "What is a + b?" for a, b in 0..19, rejected 10 too big."""
+    return [{"prompt": f"What is {a} + {b}?", "chosen": f"{a} + {b} = {a + b}", "rejected": f"{a} + {b} = {a + b + 10}"}
+            for a in range(20) for b in range(20)]
+
+
+def write_tiny_data(out_dir: str | Path) -> dict[str, Path]:
+    """Write the tiny SFT and DPO data files under `out_dir` (module docstring); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"sft": out / "sft_arithmetic.jsonl", "dpo": out / "preferences_arithmetic.jsonl"}
+    for key, rows in (("sft", sft_rows()), ("dpo", preference_rows())):
+        paths[key].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reasonrl tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="directory to write tiny-gpt2/ and tiny-qwen2/ into")
+    parser.add_argument("out_dir", help="directory to write tiny-gpt2/, tiny-qwen2/ and the tiny SFT/DPO data into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    for name, path in build_tiny(args.out_dir, args.seed).items():
+    for name, path in (build_tiny(args.out_dir, args.seed) | write_tiny_data(args.out_dir)).items():
         print(f"{name}: {path}")
 
 
