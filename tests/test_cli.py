@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,12 @@ def test_resume_takes_the_runs_config_not_another(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_eval_checkpoint_and_plot(tiny_qwen2_path: str, tmp_path: Path) -> None:
-    """`reasonrl eval` on a model dir (the zero-shot baseline path) writes per-sample JSONL; `plot` a PNG."""
+    """`reasonrl eval` on a model dir (the zero-shot baseline path) writes per-sample JSONL, and its results
+    beside the model (MODEL/eval/<time>/), printing where; `plot` a PNG."""
     out = tmp_path / "samples.jsonl"
-    proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", tiny_qwen2_path, "--out", str(out),
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_path, model)  # results are written beside it: keep the shared tiny model clean
+    proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", str(model), "--out", str(out),
                     f"output_dir={tmp_path / 'run'}", "rollout.engine=hf", "eval.limit=6", "eval.max_tokens=6")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "eval/accuracy" in proc.stdout
@@ -65,7 +69,9 @@ def test_eval_checkpoint_and_plot(tiny_qwen2_path: str, tmp_path: Path) -> None:
     assert len(records) == 6
     assert set(records[0]) >= {"prompt", "response", "gold", "reward", "format_reward", "answer_reward", "length",
                                "entropy"}
-    [run] = (tmp_path / "run" / "standalone_eval").iterdir()
+    [run] = (model / "eval").iterdir()
+    assert f"eval results: {run} (metrics.jsonl; per-sample records: {run / 'eval' / 'step_000000_eval.jsonl'}" in proc.stdout
+    assert not (tmp_path / "run").exists()
     plot = reasonrl("plot", str(run))
     assert plot.returncode == 0, plot.stderr[-2000:]
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,4 +1,11 @@
-"""`reasonrl eval`: evaluate any checkpoint (or the config's base model: the zero-shot baseline)."""
+"""`reasonrl eval`: evaluate any checkpoint (or the config's base model: the zero-shot baseline).
+
+Results go beside what was evaluated: ``CHECKPOINT/eval/<time>/`` for ``--checkpoint CHECKPOINT`` (a run's
+``checkpoints/step_N`` or an HF model directory), else ``<output_dir>/standalone_eval/<time>/`` (the base
+model may be a hub id, with no directory of its own). Each holds ``metrics.jsonl``, the resolved
+``config.yaml`` and the per-sample records ``eval/step_000000_eval.jsonl`` (copied to ``--out`` too when
+given); the command prints the directory.
+"""
 
 from __future__ import annotations
 
@@ -19,13 +26,27 @@ def resolve_checkpoint(path: str) -> str:
     raise FileNotFoundError(f"--checkpoint {path}: neither an HF model dir nor a run checkpoint (no config.json)")
 
 
+def results_dir(cfg: RunConfig, checkpoint: str | None) -> Path:
+    """A new directory name for this evaluation's results (module docstring); never one already used."""
+    root = Path(checkpoint) / "eval" if checkpoint else Path(cfg.output_dir) / "standalone_eval"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, n = root / stamp, 1
+    while out.exists():
+        n += 1
+        out = root / f"{stamp}-{n}"
+    return out
+
+
 def run_eval(cfg: RunConfig, checkpoint: str | None, out: str | None) -> dict[str, float]:
     if checkpoint:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": resolve_checkpoint(checkpoint)})})
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    cfg = cfg.model_copy(update={"output_dir": str(Path(cfg.output_dir) / "standalone_eval" / stamp)})
+    cfg = cfg.model_copy(update={"output_dir": str(results_dir(cfg, checkpoint))})
     with Session(cfg) as s:
         metrics = s.evaluate(0, tag="_eval")
-        if out:
-            Path(out).write_text((s.run_dir / "eval" / "step_000000_eval.jsonl").read_text())
+        samples = s.run_dir / "eval" / "step_000000_eval.jsonl"
+        if s.is_main:
+            if out:
+                Path(out).write_text(samples.read_text())
+            print(f"eval results: {s.run_dir} (metrics.jsonl; per-sample records: {samples}"
+                  f"{f', copied to {out}' if out else ''})", flush=True)
         return metrics
