@@ -241,11 +241,21 @@ class LoggingConfig(_Section):
     peak_tflops: float | None = Field(
         None, gt=0.0, description="accelerator peak TFLOP/s for train/mfu; None = by CUDA device name"
     )
+    rollout_table_every: int = Field(
+        10, ge=0, description="GRPO: every N steps, a table of training rollouts (prompt, completion, reward "
+        "parts, advantage, policy version) in RUN_DIR/rollouts/step_N.jsonl and wandb's rollout/samples; 0 = off")
+    rollout_table_rows: int = Field(8, ge=1, description="rollouts per table (the main process's first rows)")
 
 
 class CheckpointConfig(_Section):
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     keep_last: int = Field(2, ge=1)
+    push_to_hub: str | None = Field(
+        None, pattern=r"^([\w.-]+/)?[\w.-]+$", max_length=96,
+        description="a Hugging Face Hub repo id ('user/name'): after the final checkpoint is written, upload its "
+        "hf/ folder (model, tokenizer, a model card) there. The hub and a token are checked at start, before "
+        "anything loads (HF_HUB_OFFLINE, no token, an unreachable endpoint: one error); a failed upload at the end "
+        "is one error naming the repo and the cause, with the checkpoint already saved. None = no upload")
 
 
 class RunConfig(_Section):

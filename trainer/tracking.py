@@ -1,7 +1,9 @@
 """Metric tracking: a local ``metrics.jsonl`` always, plus wandb (online/offline) or nothing.
 
-No caller asks "is wandb on?": `make_tracker` returns an object with `log`, `log_table` and `finish`
-whatever the mode. Metric names are namespaced (``train/…``, ``eval/…``, ``rollout/…``, ``time/…``,
+No caller asks "is wandb on?": `make_tracker` returns an object with `log`, `log_table`, `log_rollouts`
+and `finish` whatever the mode; on ranks other than the main one it is a `NullTracker`, so only the main
+process writes anything. Training rollouts (`log_rollouts`) always land in ``RUN_DIR/rollouts/step_N.jsonl``
+as well, like the evaluation samples in ``RUN_DIR/eval/``. Metric names are namespaced (``train/…``, ``eval/…``, ``rollout/…``, ``time/…``,
 ``reward/…``); wandb gets two step axes, ``train_step`` for training and ``eval_step`` for evaluation.
 A tracker that fails (network, disk, wandb bug) is logged once and disabled; training goes on.
 """
@@ -24,7 +26,8 @@ class Tracker:
     """Writes metrics.jsonl; subclasses add a remote backend."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.run_id: str | None = None
         self._local_ok = True
@@ -42,7 +45,22 @@ class Tracker:
         self._remote_log(metrics, step)
 
     def log_table(self, name: str, rows: list[dict[str, Any]], step: int) -> None:
-        """A sample table (e.g. eval generations); only remote backends show it."""
+        """A sample table (eval generations, training rollouts) on the axis of its name's namespace
+        (``eval/…``: eval_step, else train_step); only remote backends show it."""
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> Path | None:
+        """Training rollouts of `step`: ``RUN_DIR/rollouts/step_N.jsonl`` always, and the ``rollout/samples``
+        table; returns the JSONL path (None if it could not be written: logged, training goes on)."""
+        path = self.run_dir / "rollouts" / f"step_{step:06d}.jsonl"
+        written: Path | None = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows))
+        except OSError as err:  # like metrics.jsonl: a full or vanished disk must not stop training
+            logger.warning("%s: cannot write rollouts (%s); training goes on", path, err)
+            written = None
+        self.log_table("rollout/samples", rows, step)
+        return written
 
     def finish(self) -> None:
         """Flush and close the remote backend."""
@@ -91,7 +109,8 @@ class WandbTracker(Tracker):
 
             columns = list(rows[0])
             table = wandb.Table(columns=list[str | int](columns), data=[[r[c] for c in columns] for r in rows])
-            self._run.log({name: table, "eval_step": step})
+            axis = "eval_step" if name.startswith(_EVAL_PREFIXES) else "train_step"
+            self._run.log({name: table, axis: step})
         except Exception as err:
             self._fail(err)
 
@@ -139,3 +158,7 @@ class NullTracker(Tracker):
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Drop the metrics."""
+
+    def log_rollouts(self, rows: list[dict[str, Any]], step: int) -> Path | None:
+        """Drop the rollouts."""
+        return None

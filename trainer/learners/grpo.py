@@ -53,6 +53,7 @@ from trainer.learners.loop import Mode, StepResult, run
 from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
 from trainer.logprobs import forward_log_probs, length_sorted_order, real_lengths
 from trainer.losses import aggregate_loss, compute_policy_gradient_loss, k3_kl, masked_mean
+from trainer.rollout_table import log_rollout_table
 from trainer.session import Session
 from trainer.sync import StaleWeightProbe, learner_logprobs, make_probe
 from trainer.timing import PhaseTimer
@@ -138,6 +139,8 @@ def _sample_groups(s: Rollouts, sampler: QuestionSampler[Example], per_rank: int
     golds = [q.answer for q in questions for _ in range(g.group_size)]
     with s.timer("score"):
         scores = s.scorer.score([x.text for x in samples], golds)
+    for x, sc in zip(samples, scores, strict=True):
+        x.extra |= sc.as_dict()  # the reward parts travel with the sample (`trainer.rollout_table`)
     return samples, torch.tensor([sc.reward for sc in scores], dtype=torch.float32), scores
 
 
@@ -293,6 +296,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     and the keys among them that are global already (the reward statistics of every rank's rollouts)."""
     samples, rewards, advantages, metrics = sample_and_score(s, sampler, step)
     s.rollouts_done()
+    log_rollout_table(s, step, samples, rewards, advantages)
     already_global = [k for k in metrics if k.startswith("reward/")]
     metrics |= policy_lag(s, samples) | grading_health(s)
     batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
@@ -320,6 +324,7 @@ def async_grpo_step(s: Session, producer: RolloutProducer, probe: StaleWeightPro
     with s.timer("wait_rollouts"):
         produced = producer.take(step)
     metrics = dict(produced.metrics)
+    log_rollout_table(s, step, produced.samples, produced.rewards, produced.advantages)
     already_global = [k for k in metrics if k.startswith("reward/")]
     version = int(s.trainer_state["policy_version"])  # the learner's weights: those after step - 1
     metrics |= staleness(version, produced.samples, s.cfg.grpo.max_staleness)
