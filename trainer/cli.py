@@ -24,6 +24,7 @@ from typing import Any
 from trainer.checkpoint import StorageError
 from trainer.config import ConfigError, RunConfig, load_config
 from trainer.data.tasks import DatasetFormatError
+from trainer.hub import HubError
 
 TRAINERS = {"grpo": "trainer.learners.grpo:train_grpo", "sft": "trainer.learners.sft:train_sft", "dpo": "trainer.learners.dpo:train_dpo",
             "ei": "trainer.learners.ei:train_ei"}
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError) as err:
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 2
-    except StorageError as err:  # a write under the run directory failed (no space, read-only): no traceback
+    except (StorageError, HubError) as err:  # a failed write under the run directory or upload: no traceback
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 1
     return code

@@ -29,6 +29,7 @@ from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices
 from trainer.evaluate import evaluate, sampling_config
 from trainer.flops import FlopCounter
+from trainer.hub import check_hub_on_every_rank
 from trainer.learner import Learner, make_accelerator
 from trainer.rank_metrics import combine_rank_metrics
 from trainer.sync import StaleWeightProbe
@@ -63,6 +64,7 @@ class Session:
         if before_load is not None:
             before_load(self.accelerator)
         check_writable(self.accelerator, self.run_dir)
+        check_hub_on_every_rank(self.accelerator, cfg.checkpoint.push_to_hub)  # offline/no token: before loading
         self.learner = Learner(cfg.model, cfg.optim, self.accelerator)
         for name in {cfg.data.prompt_template, cfg.dpo.template}:  # `chat*`: the model's own chat template
             if is_chat_template(name):

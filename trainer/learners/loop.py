@@ -4,7 +4,8 @@ A mode is a step function plus its set-up (`Mode`); the loop owns what they shar
 before step 1 (fresh runs), every ``eval.every`` steps and at the end; the checkpoint every
 ``checkpoint.save_every`` steps and at the end; one reduction of the ranks' metrics per step (the step's
 own metrics with its phase times, evaluation and checkpoint included: `Session.reduce_metrics`); logging
-every ``logging.every`` steps; the progress bar, or a log line where there is no terminal.
+every ``logging.every`` steps; the progress bar, or a log line where there is no terminal; the final
+checkpoint's upload (``checkpoint.push_to_hub``, `trainer.hub`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from trainer.hub import push_final_checkpoint
 from trainer.learner import optimizer_steps
 from trainer.session import Session
 
@@ -60,6 +62,8 @@ def run(s: Session, mode: Mode) -> dict[str, float]:
             if step % s.cfg.logging.every == 0:
                 s.tracker.log(metrics, step)
         show_progress(s, bar, mode.name, step, mode.total_steps, mode.postfix(metrics))
+    if s.cfg.checkpoint.push_to_hub:  # the final checkpoint is written already: a failed upload loses nothing
+        push_final_checkpoint(s.accelerator, s.cfg, s.run_dir, mode.total_steps)
     return final
 
 
