@@ -2,9 +2,12 @@
 
 Layout of ``RUN_DIR/checkpoints/step_000010/``:
 
-- ``hf/``: model + tokenizer in HF format (what `reasonrl eval`, vLLM and users load);
-- ``state/``: `Accelerator.save_state` (optimizer, scheduler, RNG states of every process; DeepSpeed
-  shards when DeepSpeed is on);
+- ``hf/``: model + tokenizer in HF format (what `reasonrl eval`, vLLM and users load); under ``model.lora``
+  the merged model (base + adapters folded in, base names);
+- ``adapter/`` (``model.lora`` only): the adapter, ``adapter_model.safetensors`` + ``adapter_config.json``
+  (``PeftModel.from_pretrained(base, path)``);
+- ``state/``: `Accelerator.save_state` (model, optimizer, scheduler, RNG states of every process; DeepSpeed
+  shards when DeepSpeed is on): what `--resume` restores, adapters included;
 - ``trainer_state.json``: step, policy version, data-iterator state, wandb run id;
 - ``config.yaml``: the resolved config.
 
@@ -112,7 +115,12 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
         tmp.mkdir(parents=True)
 
     def write_main() -> None:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "hf", state_dict=state_dict)
+        from trainer.lora import ADAPTER_DIR, is_lora, save_adapter, save_hf
+
+        unwrapped = accelerator.unwrap_model(model)
+        save_hf(unwrapped, tmp / "hf", state_dict)  # under model.lora: the merged model
+        if is_lora(unwrapped):
+            save_adapter(unwrapped, tmp / ADAPTER_DIR)
         tokenizer.save_pretrained(tmp / "hf")
         save_config(config, tmp / "config.yaml")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))

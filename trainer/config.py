@@ -41,8 +41,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+class LoraConfig(_Section):
+    """LoRA adapters (``peft``) on `target_modules`: only they train; engines get merged weights (trainer.lora)."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale alpha / r on the adapter's update B A")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (0: exact probe)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names (suffixes) that get adapters, or 'all-linear'; default: Llama/Qwen projections")
+
+
 class ModelConfig(_Section):
     path: str = Field(description="HF checkpoint directory or hub id (loaded with from_pretrained)")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight; None = off")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None

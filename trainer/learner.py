@@ -4,7 +4,8 @@ Gradient accumulation is explicit (losses are divided by the number of accumulat
 `trainer.losses.aggregate_loss`), so DDP gradient all-reduce is skipped (`no_sync`) on all but the last
 micro-batch of an optimizer batch. Optimizer: AdamW (β = 0.9, 0.95, weight decay 0 by default) or
 RMSprop (DPO paper), gradient-norm clipping (1.0); the learning rate follows `LRSchedule` (constant by
-default, or linear / cosine decay, each after an optional linear warm-up).
+default, or linear / cosine decay, each after an optional linear warm-up). With ``model.lora`` the model is
+wrapped with LoRA adapters (`trainer.lora`) and only they train.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from trainer.data.batching import TokenBatch
 from trainer.logprobs import forward_log_probs
+from trainer.lora import apply_lora
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,6 +167,8 @@ class Learner:
         self.accelerator = accelerator or make_accelerator()
         self.tokenizer = load_tokenizer(model_cfg.path)
         model = load_model(model_cfg)
+        if model_cfg.lora is not None:  # only the adapters train: the optimizer takes what requires grad
+            model = apply_lora(model, model_cfg.lora, model_cfg.gradient_checkpointing)
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.packing = model_cfg.packing
         _configure_deepspeed(self.accelerator, optim_cfg.max_grad_norm)

@@ -26,12 +26,12 @@ from typing import Any, Literal
 import torch
 
 from rollout.engines.protocol import RolloutEngine, SamplingConfig
-from rollout.weights import WeightStream
 from trainer.config import RunConfig
 from trainer.data.batching import pack_token_ids
 from trainer.engines import engine_dtype, shares_engine
 from trainer.learner import DTYPES, Learner
 from trainer.logprobs import forward_log_probs
+from trainer.lora import weight_stream
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def sync_weights(engine: RolloutEngine, learner: Learner, cfg: RunConfig, probe:
     shared = shares_engine(cfg, accelerator.num_processes)
     if shared:
         version = broadcast_from_main(engine.policy_version + 1 if version is None else version)
-    engine.update_weights(WeightStream(learner.unwrapped, cfg.rollout.sync_bucket_mb, version))
+    module = learner.unwrapped  # under model.lora: merged weights, base names (trainer.lora)
+    engine.update_weights(weight_stream(module, cfg.rollout.sync_bucket_mb, version, getattr(engine, "model", None)))
     if shared:
         accelerator.wait_for_everyone()
     result = (probe or make_probe(cfg, learner))(engine, learner.unwrapped)

@@ -36,6 +36,7 @@ from trainer.data.tokenization import pad_token_id_of
 from trainer.learner import Learner, global_token_count, load_frozen_reference
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.logprobs import format_pair, get_response_log_probs, sequence_logp
+from trainer.lora import save_hf
 from trainer.losses import aggregate_loss, dpo_loss_from_logps, ipo_loss_from_logps, simpo_loss_from_logps
 from trainer.session import Session
 
@@ -219,8 +220,7 @@ class BestModel:
         if s.is_main:
             final, tmp = s.run_dir / "best", s.run_dir / "best.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            model: Any = s.learner.unwrapped  # a PreTrainedModel
-            model.save_pretrained(tmp, state_dict=state_dict)
+            save_hf(s.learner.unwrapped, tmp, state_dict)  # under model.lora: the merged model
             s.learner.tokenizer.save_pretrained(tmp)
             (tmp / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
             shutil.rmtree(final, ignore_errors=True)

@@ -22,6 +22,7 @@ from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.data.tokenization import tokenize_prompt_and_output
 from trainer.logprobs import get_response_log_probs
+from trainer.lora import save_hf
 from trainer.losses import sft_loss
 from trainer.session import Session
 
@@ -88,8 +89,7 @@ def warm_start(s: Session) -> dict[str, float]:
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     if s.is_main:
-        model: Any = s.learner.unwrapped  # a PreTrainedModel
-        model.save_pretrained(s.run_dir / "warmstart")
+        save_hf(s.learner.unwrapped, s.run_dir / "warmstart")  # under model.lora: merged (the KL reference)
         s.learner.tokenizer.save_pretrained(s.run_dir / "warmstart")
     s.accelerator.wait_for_everyone()
     metrics = {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
