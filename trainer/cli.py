@@ -187,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.command in ("train", "eval", "demo"):  # before any engine starts (trainer.threads)
+        from trainer.threads import configure_cpu_threads
+
+        configure_cpu_threads()
     try:
         code: int = args.fn(args)
     except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError) as err:

@@ -4,13 +4,17 @@ Generates one sample per question with the eval sampling params (CS336: temperat
 max 1024 tokens, stop ``</answer>``), grades with the reward module, and reports accuracy (answer
 reward), format rate, mean response length overall / for correct / for incorrect answers and, when a
 policy model is given, mean token entropy of the responses under it. Per-sample JSONL (prompt, response,
-gold, rewards, length, entropy) is written to `out_path`.
+gold, rewards, length, entropy) is written to `out_path`. A log line at the start and one at the end (with
+the phase times) report progress, terminal or not.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ from trainer.data.prompts import format_prompt
 from trainer.data.tasks import Example
 from trainer.logprobs import get_response_log_probs
 
+logger = logging.getLogger("reasonrl")
 
 def sampling_config(cfg: SamplingSection, seed: int, n: int = 1) -> SamplingConfig:
     """The sampling parameters of an ``eval`` or ``rollout`` config section, `n` samples per prompt."""
@@ -51,9 +56,14 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
              pad_id: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate `engine` on `examples`; returns (``eval/…`` metrics, per-sample records)."""
     prompts = [format_prompt(template, question=ex.question) for ex in examples]
+    logger.info("evaluation: %d questions (generate, score%s) ...", len(prompts), ", entropy" * (policy is not None))
+    times = [time.perf_counter()]
     samples = engine.generate(prompts, sampling)
+    times.append(time.perf_counter())
     scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples])
+    times.append(time.perf_counter())
     entropies = response_entropy(policy, samples, pad_id) if policy is not None else [float("nan")] * len(samples)
+    times.append(time.perf_counter())
     records = [
         {"prompt": p, "response": s.text, "gold": ex.answer, **sc.as_dict(), "length": len(s.response_ids),
          "entropy": h, "finish_reason": s.finish_reason}
@@ -64,7 +74,10 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
         with Path(out_path).open("w") as f:
             for r in records:
                 f.write(json.dumps(r) + "\n")
-    return summarize(records), records
+    metrics = summarize(records)
+    logger.info("evaluation: accuracy %.3f, format rate %.3f (generate %.1f s, score %.1f s, entropy %.1f s)",
+                metrics["eval/accuracy"], metrics["eval/format_rate"], *(b - a for a, b in pairwise(times)))
+    return metrics, records
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -10,6 +10,7 @@ result is saved to ``RUN_DIR/warmstart`` (the KL reference when ``grpo.kl_coef >
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
@@ -25,6 +26,8 @@ from trainer.logprobs import get_response_log_probs
 from trainer.lora import save_hf
 from trainer.losses import sft_loss
 from trainer.session import Session
+
+logger = logging.getLogger("reasonrl")
 
 
 def r1_zero_target(example: Example, sloppy: bool = False) -> str:
@@ -73,7 +76,7 @@ def warm_start(s: Session) -> dict[str, float]:
     losses: list[float] = []
     bar = tqdm(range(cfg.steps), desc="warm start (SFT)", disable=not s.progress_enabled)
     with s.timer("warmstart"):
-        for _ in bar:
+        for i in bar:
             batch = rng.sample(examples, min(cfg.batch_size, len(examples)))
             prompts = [format_prompt(s.cfg.data.prompt_template, question=ex.question) for ex in batch]
             targets = [r1_zero_target(ex, sloppy=rng.random() < cfg.sloppy_fraction) for ex in batch]
@@ -88,6 +91,8 @@ def warm_start(s: Session) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if not s.progress_enabled and s.is_main and (i + 1) % max(1, cfg.steps // 10) == 0:  # no terminal
+                logger.info("warm start (SFT) step %d/%d loss=%.3f", i + 1, cfg.steps, losses[-1])
     if s.is_main:
         save_hf(s.learner.unwrapped, s.run_dir / "warmstart")  # under model.lora: merged (the KL reference)
         s.learner.tokenizer.save_pretrained(s.run_dir / "warmstart")

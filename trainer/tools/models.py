@@ -94,12 +94,15 @@ def convert(name: str, out_dir: str | Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"{out}: reading {gguf} (tokenizer and weights, dequantized to float32) ...", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if not tokenizer.chat_template:
         raise RuntimeError(f"{gguf} carries no chat template")
     gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    print(f"{out}: building the plain HF model and comparing its logits with the GGUF model's ...", flush=True)
     plain = _plain_model(gguf_model)
     gap = _check_same_logits(gguf_model, plain, tokenizer)
+    print(f"{out}: saving ...", flush=True)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
