@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,8 @@ def wandb_history(run_dir: Path) -> list[dict[str, object]]:
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if pos + 7 + length > len(raw):  # a chunk still being written
+            break
         chunk, pos = chunk + raw[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -73,9 +76,15 @@ def wandb_history(run_dir: Path) -> list[dict[str, object]]:
 
 
 def wandb_tables(run_dir: Path, step: int) -> list[dict[str, object]]:
-    """The ``rollout/samples`` tables the offline wandb run logged at ``train_step`` = `step` (media files)."""
+    """The ``rollout/samples`` tables the offline wandb run logged at ``train_step`` = `step` (media files).
+    wandb's writer process may still be flushing the ``.wandb`` file after `finish` on a loaded machine:
+    read it again for up to 60 s until the tables' records are there."""
     [run] = (run_dir / "wandb").glob("offline-run-*")
-    logged = [h for h in wandb_history(run_dir) if "rollout/samples/path" in h]
+    deadline = time.monotonic() + 60
+    while not (logged := [h for h in wandb_history(run_dir) if "rollout/samples/path" in h]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert all("eval_step" not in h for h in logged)
     return [json.loads((run / "files" / str(h["rollout/samples/path"])).read_text())
             for h in logged if h["train_step"] == step]
