@@ -45,7 +45,7 @@ class LoraConfig(_Section):
     """LoRA adapters (``peft``) on `target_modules`: only they train; engines get merged weights (trainer.lora)."""
 
     r: int = Field(16, ge=1, description="adapter rank")
-    alpha: float = Field(32.0, gt=0, description="scale alpha / r on the adapter's update B A")
+    alpha: int = Field(32, ge=1, description="scale alpha / r on the adapter's update B A")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (0: exact probe)")
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

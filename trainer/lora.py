@@ -47,7 +47,7 @@ def apply_lora(model: torch.nn.Module, cfg: LoraConfig, gradient_checkpointing: 
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type="CAUSAL_LM",
                               target_modules=cfg.target_modules)
     try:
-        wrapped: torch.nn.Module = get_peft_model(model, peft_cfg)  # type: ignore[arg-type]
+        wrapped: torch.nn.Module = get_peft_model(model, peft_cfg)
     except ValueError as err:  # e.g. no module matches target_modules
         raise ValueError(f"model.lora.target_modules={cfg.target_modules!r}: {err}") from err
     return wrapped
