@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from huggingface_hub import constants as hub_constants
+
+from trainer.hub import HubError, check_hub
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "grpo_tiny_cpu.yaml"
@@ -158,3 +162,19 @@ def test_failed_upload_is_one_error_after_the_checkpoint_is_saved(tiny_qwen2_pat
     assert "403" in line and f"upload it later with `hf upload {HUB_REPO} {checkpoint / 'hf'}`" in line
     assert (checkpoint / "trainer_state.json").exists() and (checkpoint / "hf" / "model.safetensors").exists()
     assert fake_hub.files == {}
+
+
+def test_an_endpoint_that_never_answers_is_refused_in_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A socket that listens but never accepts: the connection opens and no answer comes (the hub client has
+    no timeout of its own)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        monkeypatch.setenv("HF_TOKEN", "hf_fake")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)  # read from the variable at import
+        with pytest.raises(HubError, match=rf"push_to_hub={HUB_REPO}: the hub at {endpoint} cannot be used "
+                                           r"\(TimeoutError: no answer within 1 s\)"):
+            check_hub(HUB_REPO, timeout_s=1.0)

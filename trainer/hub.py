@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,9 +49,9 @@ def _cause(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
-def check_hub(repo_id: str) -> None:
+def check_hub(repo_id: str, timeout_s: float = 30.0) -> None:
     """Raise `HubError` unless uploading to `repo_id` can work: online, a token, the endpoint answers
-    ``whoami`` for it."""
+    ``whoami`` for it within `timeout_s` (the client itself has no timeout) with a role that may write."""
     where = f"checkpoint.push_to_hub={repo_id}"
     if _offline():
         raise HubError(f"{where}: HF_HUB_OFFLINE is set, so the final checkpoint cannot be uploaded; unset it "
@@ -63,13 +64,34 @@ def check_hub(repo_id: str) -> None:
                        "access), or drop checkpoint.push_to_hub")
     endpoint = _endpoint()
     try:
-        me = HfApi(endpoint=endpoint, token=token).whoami()
+        me = _answer_within(timeout_s, HfApi(endpoint=endpoint, token=token).whoami)
     except Exception as err:  # network errors, HTTP 401 for a bad token: each a reason not to start
         raise HubError(f"{where}: the hub at {endpoint} cannot be used ({_cause(err)}); check the network and "
                        "HF_TOKEN, or drop checkpoint.push_to_hub") from None
     if me.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise HubError(f"{where}: the Hugging Face token of {me.get('name')} is read-only; use a token with write "
                        "access, or drop checkpoint.push_to_hub")
+
+
+def _answer_within(seconds: float, call: Callable[[], Any]) -> Any:
+    """`call()`'s result or exception, or `TimeoutError` after `seconds`; the call runs on a daemon thread,
+    so an endpoint that never answers cannot hold the run (nor its exit)."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = call()
+        except Exception as err:
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True, name="hub-check")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def model_card(cfg: RunConfig, step: int) -> str:
