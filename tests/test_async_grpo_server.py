@@ -150,7 +150,9 @@ def test_a_hung_server_ends_the_run_within_the_request_timeout(tiny_qwen2_path: 
 
 
 def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path, server: RolloutServer) -> None:
-    """tests/test_grpo_learns.py with k = 1 on the rollout server: the same margins over the same seeds."""
+    """tests/test_grpo_learns.py with k = 1 on the rollout server: the same margins over the same seeds.
+    Measured when written (11 minutes on a loaded 2-core machine): accuracy 0.1075 → 0.1875 (seed 0),
+    0.1425 → 0.2625 (seed 1), every rollout trained on one version behind from step 2."""
     gains = {}
     for seed in SEEDS:
         run = tmp_path / f"seed{seed}"
@@ -166,3 +168,13 @@ def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path
     assert sum(deltas) / len(deltas) >= MIN_MEAN_GAIN, f"mean accuracy gain below {MIN_MEAN_GAIN}: {gains}"
     for seed, (before, after) in gains.items():
         assert after["eval/format_rate"] - before["eval/format_rate"] >= MIN_FORMAT_GAIN, (seed, before, after)
+
+
+def test_async_step_benchmark_prints_its_table() -> None:
+    """benchmarks/async_step.py on a small workload: one row per mode, the asynchronous one lag 1."""
+    from test_benchmarks import run_script
+
+    out = run_script("async_step.py", "--steps", "2", "grpo.rollout_batch_size=16", "grpo.train_batch_size=16",
+                     "rollout.max_tokens=8")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])}
+    assert rows.keys() == {"0", "1"} and rows["1"][7] == "1.0" and rows["0"][8] == "1.00", out

@@ -1,21 +1,17 @@
 """The rollout producer of asynchronous GRPO (``grpo.max_staleness = k ≥ 1``): a background thread that
 generates and scores the rollout batches of steps t+1 … t+k while the learner trains on step t.
 
-Schedule (fixed lag, deterministic): the batch of step u is sampled with the weights after learner step
-``need(u) = max(start, u − 1 − k)``, exactly, so a sample is at most k policy versions behind the learner
-that trains on it (k once the pipeline is full) and a run is reproducible from its seeds (``sample_seed``
-of ``seed + 1000·u``, as in the synchronous loop) whatever the threads' timing. The learner hands each
-step's weights over as a CPU snapshot (`WeightSnapshot`, so training may go on meanwhile); the producer
-loads them into the engine between batches, when the next batch needs them, and checks them with the
-stale-weight probe's prompt scoring against log-probs the learner computed at hand-over. One thread
-talks to the engine and the reward pool: weight pushes, generation, scoring and the evaluation (a
-`call`, run between batches once the engine holds the learner's newest weights) all run on it.
+Schedule (fixed lag, deterministic): step u's batch is sampled with the weights after learner step
+``need(u) = max(start, u − 1 − k)`` exactly, so a sample is at most k versions behind the learner that
+trains on it, and a run is reproducible from its seeds (``seed + 1000·u`` as in the synchronous loop)
+whatever the threads' timing. The learner hands each step's weights over as a CPU copy (`WeightSnapshot`);
+the producer loads them between batches when the next batch needs them and checks them with the probe's
+prompt scoring. This one thread talks to the engine and the reward pool: pushes, generation, scoring, and
+evaluation (a `call`, run once the engine holds the learner's newest weights).
 
-Resume: `checkpoint_state` after step t waits for the batches t+1 … t+k (their weights are older than the
-checkpoint's) and returns them with the sampler position after them; `RolloutProducer` serves saved
-batches first, so a resumed run trains on exactly what the uninterrupted one would have. Failures of the
-producer (a dead or hung rollout server: the engine's request timeout bounds the hang) reach the learner
-as one `RolloutProducerError` at its next wait.
+Resume: `checkpoint_state` after step t saves the batches t+1 … t+k (sampled by weights older than the
+checkpoint) with the sampler position after them; a resumed producer serves them first. A producer failure
+(a dead server; a hung one after the engine's request timeout) reaches the learner as `RolloutProducerError`.
 """
 
 from __future__ import annotations
