@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_async_grpo import remote_config
 from test_grpo_loop import small_config
 
+from rollout.engines.hf import HFEngine
 from rollout.engines.protocol import Sample
 from trainer.advantages import group_normalize
 from trainer.learners.grpo import train_grpo
@@ -115,3 +117,26 @@ def test_grpo_logs_the_steps_rollouts(tiny_qwen2_path: str, tmp_path: Path, monk
     assert all(r["prompt"].startswith("User: ") and r["completion"] is not None for r in rows)
     [table] = wandb_tables(run_dir, step=2)
     assert table["columns"] == list(COLUMNS) and table["data"] == [list(r.values()) for r in rows]
+
+
+def test_async_grpo_logs_the_rollouts_it_trains_on(tiny_qwen2_path: str, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """grpo.max_staleness=1, an HF engine with its own copy of the model standing in for the rollout server
+    (as in test_async_grpo.py): a table at each of 3 steps; steps 1 and 2 train on rollouts of the first
+    weights, step 3 on those after step 1, so the tables' policy versions are v, v, v + 1; within every
+    group the advantages are `group_normalize` of its rewards, and each reward equals its answer reward."""
+    monkeypatch.setattr("trainer.engines.build_engine", lambda cfg, learner: HFEngine(cfg.model.path))
+    run_dir = tmp_path / "run"
+    cfg = remote_config(tiny_qwen2_path, run_dir, "grpo.max_staleness=1", "grpo.n_grpo_steps=3",
+                        "logging.rollout_table_every=1", "logging.rollout_table_rows=16", "eval.limit=4")
+    train_grpo(cfg)
+    versions = []
+    for step in (1, 2, 3):
+        rows = [json.loads(line) for line in (run_dir / "rollouts" / f"step_{step:06d}.jsonl").read_text().splitlines()]
+        rewards = torch.tensor([r["reward"] for r in rows])
+        expected = group_normalize(rewards, 4, cfg.grpo.advantage_eps, cfg.grpo.use_std_normalization)
+        assert [r["advantage"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-6)
+        assert all(r["reward"] == r["answer_reward"] for r in rows)
+        [version] = {r["policy_version"] for r in rows}
+        versions.append(version)
+    assert versions == [versions[0], versions[0], versions[0] + 1]
