@@ -121,7 +121,8 @@ def _load_hub(source: str, name: str | None, split: str, what: str) -> Any:
         config = f", configuration {name!r}" if name else ""
         raise DatasetUnavailableError(
             f"{what} dataset {source!r} (split {split!r}{config}) cannot be loaded from the Hugging Face hub: "
-            f"{err}. Load it once while online (it is then cached under HF_HOME and loads offline), or give a "
+            f"{err} (and there is no local file or folder of that name). Load it once while online (it is then "
+            "cached under HF_HOME and loads offline), or give a "
             f"local .jsonl, .json or .parquet file (or a folder holding {split}.jsonl) as data.train_source / "
             "data.eval_source"
         ) from None
