@@ -128,8 +128,7 @@ def check_versions() -> list[Check]:
 
 
 VLLM_REDUCED = (  # what vLLM 0.26 lacks, and what reasonrl does instead (it detects each at run time)
-    "no weight versions on engine or server (reasonrl keeps the policy version itself); no trainer-side "
-    "NCCL engine (reasonrl's own 0.26 sender stands in, untested; filesystem transfer is tested)"
+    "no weight versions on engine or server (reasonrl keeps the policy version itself)"
 )
 
 
