@@ -9,7 +9,7 @@ Rollout placement (``rollout.placement``; `trainer.engines` builds the engine): 
 learner rank in its process and on its device (vLLM sleeps between rollouts on CUDA; the HF engine shares the
 learner's live module and has no other placement); ``dedicated``, vLLM on its own GPU ``rollout.device``
 (required; no learner's device), so world size 1; ``remote``, a rollout server at ``rollout.server_url`` with
-weights through ``rollout.weight_transfer_dir`` (both required; NCCL transfer is not wired into training).
+weights through ``rollout.weight_transfer_dir`` (both required; filesystem transfer is the only one built).
 With several ranks on one server only rank 0 sends weights, and ``sleep_between_rollouts`` must be off.
 """
 
@@ -394,8 +394,8 @@ def placement_problems(rollout: Mapping[str, Any]) -> list[str]:
         if not values["weight_transfer_dir"]:
             problems.append(
                 "rollout.placement=remote needs rollout.weight_transfer_dir, a directory the learner writes and "
-                "the rollout server reads (shared storage): weights go to the server as safetensors there. "
-                "NCCL weight transfer is not wired into training (RemoteEngine.init_nccl is never called)"
+                "the rollout server reads (shared storage) and serves with --weights-dir: weights go to the server as "
+                "safetensors there (the only transfer built so far)"
             )
     return problems
 
