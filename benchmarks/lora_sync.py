@@ -5,17 +5,21 @@ Per policy version, (a) merged: stream W + (alpha / r) B A under the base names 
 a new ``LoRARequest`` (vLLM loads it on first use) on an engine started with ``enable_lora``. Reports the sync
 seconds, the generation seconds of the same batch, and whether (b) starts at all on this platform.
 
-Usage: ``python -P benchmarks/lora_sync.py [--versions 3] [--rank 8] [--batch 32] [--tokens 64]`` (tiny Qwen2).
+Usage: ``python benchmarks/lora_sync.py [--versions 3] [--rank 8] [--batch 32] [--tokens 64]`` (tiny Qwen2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the packages, ahead of this folder's rollout.py
 
 
 def _args() -> argparse.Namespace:
