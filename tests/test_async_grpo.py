@@ -188,3 +188,26 @@ def test_a_failing_engine_ends_the_run_with_one_clear_error(tiny_qwen2_path: str
                                                    r"rollout server POST /v1/completions failed.*--resume"):
         train_grpo(cfg)
     assert (tmp_path / "run" / "checkpoints" / "step_000001").exists()
+
+
+@pytest.mark.slow
+def test_the_probe_checks_every_push_on_the_producer(tiny_qwen2_path: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that garbles the weights it is pushed after the first sync: the producer's probe (greedy token
+    after the prefix, then the prompt scoring, against the learner's log-probs at hand-over) stops the run."""
+    from rollout.engines.hf import HFEngine
+    from trainer.learners.async_rollouts import RolloutProducerError
+    from trainer.sync import StaleWeightsError
+
+    class Garbling(HFEngine):
+        def update_weights(self, weights):  # type: ignore[no-untyped-def]
+            super().update_weights(weights)
+            if self.policy_version > 1:
+                with torch.no_grad():
+                    next(self.model.parameters()).add_(0.5)
+
+    monkeypatch.setattr("trainer.engines.build_engine", lambda cfg, learner: Garbling(cfg.model.path))
+    cfg = remote_config(tiny_qwen2_path, tmp_path / "run", "grpo.max_staleness=1")
+    with pytest.raises(RolloutProducerError, match="loading the weights of step 1 into the rollout engine") as failure:
+        train_grpo(cfg)
+    assert isinstance(failure.value.__cause__, StaleWeightsError)

@@ -5,8 +5,8 @@ Schedule (fixed lag, deterministic): step u's batch is sampled with the weights 
 ``need(u) = max(start, u − 1 − k)`` exactly, so a sample is at most k versions behind the learner that
 trains on it, and a run is reproducible from its seeds (``seed + 1000·u`` as in the synchronous loop)
 whatever the threads' timing. The learner hands each step's weights over as a CPU copy (`WeightSnapshot`);
-the producer loads them between batches when the next batch needs them and checks them with the probe's
-prompt scoring. This one thread talks to the engine and the reward pool: pushes, generation, scoring, and
+the producer loads them between batches when the next batch needs them and checks them with the stale-
+weight probe (`ProbeExpectation`: the learner's side, computed at hand-over). This one thread talks to the engine and the reward pool: pushes, generation, scoring, and
 evaluation (a `call`, run once the engine holds the learner's newest weights).
 
 Resume: `checkpoint_state` after step t saves the batches t+1 … t+k (sampled by weights older than the
@@ -32,6 +32,7 @@ from rollout.weights import WeightStream
 from trainer.config import RunConfig
 from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
+from trainer.sync import GENERATION, StaleWeightProbe, learner_logprobs
 from trainer.timing import PhaseTimer
 
 T = TypeVar("T")
@@ -42,13 +43,37 @@ class RolloutProducerError(RuntimeError):
     """The rollout producer failed; the message names what it was doing and the cause."""
 
 
+@dataclass
+class ProbeExpectation:
+    """The learner's side of the stale-weight probe (`trainer.sync.StaleWeightProbe.__call__`) at hand-over:
+    log-probs of the probe sequences, and the next-token log-probs (vocab,) after the generation check's
+    prefix, in which the engine's greedy token is looked up once it has the weights."""
+
+    scored: list[list[float]]
+    prefix: list[int]
+    next_token: torch.Tensor  # (vocab,)
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, probe: StaleWeightProbe, engine: RolloutEngine, model: torch.nn.Module) -> ProbeExpectation:
+        prefix = probe.generation_prefix(engine)
+        was_training = model.training
+        model.eval()
+        try:
+            device = next(model.parameters()).device
+            logits = model(torch.tensor([prefix], device=device)).logits[0, -1]  # (vocab,)
+        finally:
+            model.train(was_training)
+        return cls(learner_logprobs(model, probe.token_ids), prefix, logits.float().log_softmax(-1).cpu())
+
+
 class WeightSnapshot(WeightStream):
     """The learner's weights after step `step`, copied to CPU at hand-over (the learner keeps training while
-    the engine loads them later); a `WeightStream` carrying its policy `version`, plus the learner's
-    log-probs of the stale-weight probe's sequences under these weights (`expected`)."""
+    the engine loads them later): a `WeightStream` carrying its policy `version`, and what the probe expects
+    of an engine holding them (`expected`)."""
 
     def __init__(self, model: torch.nn.Module, bucket_mb: float, version: int, step: int,
-                 expected: list[list[float]]) -> None:
+                 expected: ProbeExpectation) -> None:
         super().__init__(model, bucket_mb, version)
         self.pairs = [(name, t.to("cpu", copy=True)) for name, t in WeightStream(model, bucket_mb)]
         self.step, self.expected = step, expected
@@ -239,15 +264,20 @@ class RolloutProducer:
 
 
 
-def probe_check(probe: Any) -> Check:
-    """The stale-weight probe's prompt scoring after a push, against the learner's log-probs at hand-over
-    (`WeightSnapshot.expected`), and the engine's version; the sync and probe metrics."""
+def probe_check(probe: StaleWeightProbe) -> Check:
+    """The stale-weight probe after a push, in `StaleWeightProbe.__call__`'s order (one greedy token after the
+    cached prefix, then the prompt scoring), against the learner's `ProbeExpectation`; the engine must have
+    taken the snapshot's version. Returns the sync and probe metrics."""
 
     def check(engine: RolloutEngine, snapshot: WeightSnapshot) -> dict[str, float]:
         if engine.policy_version != snapshot.version:
             raise RuntimeError(f"rollout engine took the weights of step {snapshot.step} as policy version "
                                f"{engine.policy_version}, expected {snapshot.version}")
-        result = probe.check(snapshot.expected, engine.prompt_logprobs(probe.token_ids), engine.policy_version)
+        expected = snapshot.expected
+        (sample,) = engine.generate([expected.prefix], GENERATION)
+        scored = engine.prompt_logprobs(probe.token_ids)
+        learner = [*expected.scored, [float(expected.next_token[sample.response_ids[0]])]]
+        result = probe.check(learner, [*scored, sample.logprobs[:1]], engine.policy_version, generation=True)
         sync = {k: float(v) for k, v in engine.metrics.items() if k.startswith("rollout/sync")}
         metrics: dict[str, float] = sync | result.metrics()
         return metrics

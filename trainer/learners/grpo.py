@@ -43,6 +43,7 @@ from trainer.data.tasks import Example
 from trainer.evaluate import sampling_config
 from trainer.learner import Learner, global_token_count, load_frozen_reference
 from trainer.learners.async_rollouts import (
+    ProbeExpectation,
     ProducedBatch,
     RolloutProducer,
     RolloutSide,
@@ -55,7 +56,7 @@ from trainer.logprobs import forward_log_probs, length_sorted_order, real_length
 from trainer.losses import aggregate_loss, compute_policy_gradient_loss, k3_kl, masked_mean
 from trainer.rollout_table import log_rollout_table
 from trainer.session import Session
-from trainer.sync import StaleWeightProbe, learner_logprobs, make_probe
+from trainer.sync import StaleWeightProbe, make_probe
 from trainer.timing import PhaseTimer
 
 Rollouts = Session | RolloutSide  # what sample-and-score uses: a session, or the producer thread's view
@@ -331,7 +332,7 @@ def async_grpo_step(s: Session, producer: RolloutProducer, probe: StaleWeightPro
     batch = to_batch(produced.samples, produced.rewards, produced.advantages, s.learner.tokenizer.pad_token_id)
     metrics |= learn(s, batch, ref_model)
     with s.timer("sync"):
-        expected = learner_logprobs(s.learner.unwrapped, probe.token_ids)
+        expected = ProbeExpectation.of(probe, s.engine, s.learner.unwrapped)  # reads the engine's limits only
         producer.hand_weights(WeightSnapshot(s.learner.unwrapped, s.cfg.rollout.sync_bucket_mb, version + 1, step,
                                              expected))
     s.trainer_state["policy_version"] = version + 1
