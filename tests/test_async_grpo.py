@@ -211,3 +211,17 @@ def test_the_probe_checks_every_push_on_the_producer(tiny_qwen2_path: str, tmp_p
     with pytest.raises(RolloutProducerError, match="loading the weights of step 1 into the rollout engine") as failure:
         train_grpo(cfg)
     assert isinstance(failure.value.__cause__, StaleWeightsError)
+
+
+@pytest.mark.slow
+def test_async_lora_pushes_merged_weights(tiny_qwen2_path: str, tmp_path: Path, own_hf_engine: None) -> None:
+    """Under model.lora the snapshot holds the merged weights under the base names (as the synchronous sync
+    sends them): the engine's name check takes them and the probe agrees after every push."""
+    from test_lora import LORA
+
+    cfg = remote_config(tiny_qwen2_path, tmp_path / "run", LORA, "grpo.max_staleness=1", "optim.learning_rate=1e-2",
+                        "grpo.entropy_coef=0.01")
+    train_grpo(cfg)
+    records = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert [r.get("rollout/probe_ok") for r in records] == [None, None, 1.0, 1.0]
+    assert max(r["rollout/probe_max_abs_diff"] for r in records[2:]) <= 1e-3

@@ -28,10 +28,11 @@ import torch
 
 from rollout.engines.protocol import RolloutEngine, Sample
 from rollout.reward.pool import RewardScorer
-from rollout.weights import WeightStream
+from rollout.weights import TensorMeta, WeightStream
 from trainer.config import RunConfig
 from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
+from trainer.lora import weight_stream
 from trainer.sync import GENERATION, StaleWeightProbe, learner_logprobs
 from trainer.timing import PhaseTimer
 
@@ -75,8 +76,13 @@ class WeightSnapshot(WeightStream):
     def __init__(self, model: torch.nn.Module, bucket_mb: float, version: int, step: int,
                  expected: ProbeExpectation) -> None:
         super().__init__(model, bucket_mb, version)
-        self.pairs = [(name, t.to("cpu", copy=True)) for name, t in WeightStream(model, bucket_mb)]
+        source = weight_stream(model, bucket_mb, None)  # under model.lora: merged weights, base names
+        self._metadata = source.metadata()
+        self.pairs = [(name, t.to("cpu", copy=True)) for name, t in source]
         self.step, self.expected = step, expected
+
+    def metadata(self) -> list[TensorMeta]:
+        return self._metadata
 
     def __iter__(self) -> Any:
         return iter(self.pairs)
@@ -194,8 +200,8 @@ class RolloutProducer:
                     cause = self.error
                     raise RolloutProducerError(
                         f"the rollout producer failed while {self._doing} (the learner was waiting for it: "
-                        f"{what}): {type(cause).__name__}: {cause}. Check the rollout server; the run resumes "
-                        "from its last checkpoint with --resume") from cause
+                        f"{what}): {type(cause).__name__}: {cause}. Once the cause is fixed (e.g. the rollout "
+                        "server restarted), the run resumes from its last checkpoint with --resume") from cause
                 self._cond.wait(POLL_S)
 
     # ---- the producer thread ---------------------------------------------------------------------------
