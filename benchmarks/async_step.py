@@ -14,9 +14,10 @@ wait for weights; and each run's step time over the synchronous one's and over t
 max(generate + score, train + sync) (the goal: within 10% of it, not of the sum).
 
 On CPU the learner and the server share the machine's cores (two on the CI machine) and slow each other
-down, so the overlap buys less than on separate devices. To model separate devices, the server's compute
-threads are bound to the last usable core (``VLLM_CPU_OMP_THREADS_BIND``) and this process to the others
-(``--no-split``: no binding); other load on the machine still counts. Extra arguments are config overrides.
+down, so the overlap buys less than on separate devices. To model separate devices, the server's processes
+run on the last usable core (``taskset``; its compute threads bound there by ``VLLM_CPU_OMP_THREADS_BIND``)
+and this process on the others (``--no-split``: no binding); other load on the machine still counts. Extra
+arguments are config overrides.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,6 +63,17 @@ def row(k: int, m: dict[str, float], sync_step: float) -> str:
             f"{m['step'] / sync_step:>9.2f} {m['step'] / bound:>10.2f}")
 
 
+def pinned_server(argv: list[str], core: str | None, **kwargs: Any) -> Any:
+    """A `RolloutServer` whose processes (API server, engine core, worker) all run on `core` (``taskset``)."""
+    from rollout.server import RolloutServer
+
+    class Pinned(RolloutServer):
+        def command(self) -> list[str]:
+            return ["taskset", "-c", core, *super().command()] if core is not None else super().command()
+
+    return Pinned(argv, **kwargs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(REPO / "configs" / "grpo_tiny_cpu.yaml"))
@@ -73,7 +86,7 @@ def main() -> None:
     import torch
 
     from rollout.auth import TOKEN_ENV
-    from rollout.server import RolloutServer, free_port
+    from rollout.server import free_port
     from trainer.config import load_config
     from trainer.learners.grpo import train_grpo
     from trainer.tools.tiny import build_tiny
@@ -89,13 +102,12 @@ def main() -> None:
         argv += ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
     elif base.rollout.enforce_eager:
         argv.append("--enforce-eager")
-    env = {}
-    cores = sorted(os.sched_getaffinity(0))
+    env, cores, pin = {}, sorted(os.sched_getaffinity(0)), None
     if not torch.cuda.is_available() and not args.no_split and len(cores) > 1:
-        env["VLLM_CPU_OMP_THREADS_BIND"] = str(cores[-1])  # the server's worker: the last core; we: the rest
+        env["VLLM_CPU_OMP_THREADS_BIND"] = pin = str(cores[-1])  # the server: the last core; we: the rest
         os.sched_setaffinity(0, cores[:-1])
         torch.set_num_threads(len(cores) - 1)
-    server = RolloutServer(argv, startup_timeout_s=600, log_path=out / "server.log", env=env)
+    server = pinned_server(argv, pin, startup_timeout_s=600, log_path=out / "server.log", env=env)
     results = {}
     try:
         server.start()
