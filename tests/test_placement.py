@@ -71,7 +71,7 @@ def test_remote_needs_server_url_and_weight_transfer_dir() -> None:
     assert len(found) == 2
     assert "rollout.placement=remote needs rollout.server_url" in found[0]
     assert "rollout.placement=remote needs rollout.weight_transfer_dir" in found[1]
-    assert "NCCL weight transfer is not wired" in found[1]
+    assert "serves with --weights-dir" in found[1]  # names the server option the directory pairs with
     (only,) = problems(placement="remote", server_url="http://h:8000")
     assert "weight_transfer_dir" in only
 
