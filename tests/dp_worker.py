@@ -1,4 +1,4 @@
-"""Data-parallel worker launched by ``tests/test_data_parallel.py`` (not a test module itself).
+"""Data-parallel worker launched by ``tests/trainer/test_data_parallel.py`` (not a test module itself).
 
 Run once as a plain process (world 1, the reference) and once under
 ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`` (gloo DDP, world 2). Both build the same seeded

@@ -16,13 +16,24 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent  # tests/: helpers, worker scripts, fixtures/
+REPO = TESTS.parent
+FIXTURES = TESTS / "fixtures"
 
 
 def repo_pythonpath() -> str:
     """PYTHONPATH for a subprocess: the repository first, then whatever this process was given (the lent GPU
     machine's carried wheels live there)."""
     return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+
+def run_script(script: str, *args: str, timeout: int = 600) -> str:
+    """Run ``benchmarks/<script>`` in a real subprocess (in-process vLLM, wandb off); its stdout."""
+    env = dict(os.environ, PYTHONPATH=repo_pythonpath(), VLLM_ENABLE_V1_MULTIPROCESSING="0", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc.stdout
 
 
 LAUNCH_VARS = {

@@ -1,4 +1,4 @@
-"""Ragged-batch data-parallel worker launched by ``tests/test_rank_micro_batches.py`` (not a test module).
+"""Ragged-batch data-parallel worker launched by ``tests/trainer/data/test_rank_micro_batches.py`` (not a test module).
 
 Run once as a plain process (world 1, the reference) and once under
 ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2`` (gloo DDP, world 2). Each case runs expert

@@ -1,4 +1,4 @@
-"""Colocated vLLM engines on several learner ranks; launched by ``tests/test_vllm_ranks.py`` (not a test module).
+"""Colocated vLLM engines on several learner ranks; launched by ``tests/rollout/engines/test_vllm_ranks.py`` (not a test module).
 
 Run as a plain process (world 1, the reference) and under ``ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2``
 (one gloo world of 2, initialised by accelerate's `Accelerator`, as the learner's is). Every rank builds

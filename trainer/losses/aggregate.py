@@ -2,7 +2,7 @@
 
 Every learner reduces its ``(batch, seq)`` per-token loss through `aggregate_loss` and nothing else (verl's
 ``agg_loss``), so the normalisation lives in one place and its micro-batch / gradient-accumulation /
-world-size invariance is tested once (``tests/test_invariance.py``). ``L`` = per-token loss, ``m`` =
+world-size invariance is tested once (``tests/trainer/test_invariance.py``). ``L`` = per-token loss, ``m`` =
 response mask, ``B`` = micro-batch size, ``G`` = gradient accumulation steps, ``W`` = world size:
 
 - ``"sequence_mean"`` (CS336 / original GRPO): ``(1/B) Σ_i [Σ_t m_it L_it / Σ_t m_it] / G``.

@@ -328,7 +328,7 @@ def doctor_reward(response: str, ground_truth: str) -> RewardResult:
 
 def check_reward_sandbox() -> Check:
     name = "reward sandbox (thread)"
-    fix = "see rollout/reward/pool.py (RewardScorer); run `pytest tests/test_rewards.py` for details"
+    fix = "see rollout/reward/pool.py (RewardScorer); run `pytest tests/rollout/reward/test_rewards.py` for details"
     box: dict[str, Any] = {}
 
     def work() -> None:

@@ -1,0 +1,83 @@
+"""The `reasonrl` command line, run as a real subprocess: errors, eval of a checkpoint, plot, server command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+TINY = REPO / "configs" / "grpo_tiny_cpu.yaml"
+
+
+def reasonrl(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, WANDB_MODE="disabled", CI="1")
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_bad_config_exits_2_with_every_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  path: m\ngrpo:\n  train_batch_sise: 4\n  group_size: eight\n")
+    proc = reasonrl("train", "--config", str(bad))
+    assert proc.returncode == 2
+    assert "grpo.train_batch_sise: unknown key" in proc.stderr
+    assert "grpo.group_size='eight'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_existing_run_needs_resume(tmp_path: Path) -> None:
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    proc = reasonrl("train", "--config", str(TINY), f"output_dir={tmp_path}", "model.path=nowhere")
+    assert proc.returncode == 2
+    assert f"output_dir={tmp_path} already holds a run: pass --resume" in proc.stderr
+
+
+def test_resume_takes_the_runs_config_not_another(tmp_path: Path) -> None:
+    """`--resume` continues with RUN_DIR/config.yaml; a second config is refused (it would silently replace
+    the run's settings), and so is a directory that holds no run."""
+    (tmp_path / "config.yaml").write_text(TINY.read_text())
+    both = reasonrl("train", "--config", str(TINY), "--resume", str(tmp_path))
+    assert both.returncode == 2
+    assert f"--resume continues with {tmp_path / 'config.yaml'}" in both.stderr
+    assert "drop --config" in both.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = reasonrl("train", "--resume", str(empty))
+    assert proc.returncode == 2 and "no config.yaml there" in proc.stderr
+    none = reasonrl("train")
+    assert none.returncode == 2 and "train needs --config FILE" in none.stderr
+
+
+@pytest.mark.slow
+def test_eval_checkpoint_and_plot(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """`reasonrl eval` on a model dir (the zero-shot baseline path) writes per-sample JSONL, and its results
+    beside the model (MODEL/eval/<time>/), printing where; `plot` a PNG."""
+    out = tmp_path / "samples.jsonl"
+    model = tmp_path / "model"
+    shutil.copytree(tiny_qwen2_path, model)  # results are written beside it: keep the shared tiny model clean
+    proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", str(model), "--out", str(out),
+                    f"output_dir={tmp_path / 'run'}", "rollout.engine=hf", "eval.limit=6", "eval.max_tokens=6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "eval/accuracy" in proc.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 6
+    assert set(records[0]) >= {"prompt", "response", "gold", "reward", "format_reward", "answer_reward", "length",
+                               "entropy"}
+    [run] = (model / "eval").iterdir()
+    assert f"eval results: {run} (metrics.jsonl; per-sample records: {run / 'eval' / 'step_000000_eval.jsonl'}" in proc.stdout
+    assert not (tmp_path / "run").exists()
+    plot = reasonrl("plot", str(run))
+    assert plot.returncode == 0, plot.stderr[-2000:]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rollout_server_command_passes_its_arguments_through() -> None:
+    proc = reasonrl("rollout-server", "--model", "/models/x", "--port", "8123", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "vllm.entrypoints" in proc.stdout and "--model /models/x" in proc.stdout and "--port 8123" in proc.stdout

@@ -1,0 +1,140 @@
+"""Config loading: every YAML under configs/ validates; bad configs report every problem at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import REPO
+
+from trainer.cluster import validate_for_cluster
+from trainer.config import ConfigError, config_from_dict, load_config, save_config
+
+
+def test_every_config_under_configs_loads() -> None:
+    files = sorted((REPO / "configs").rglob("*.yaml"))
+    assert len(files) >= 3, f"found only {files}"
+    for f in files:
+        cfg = load_config(f)
+        assert cfg.model.path, f
+
+
+def test_low_precision_engines_get_a_probe_threshold_above_their_noise() -> None:
+    """vLLM in bf16 (fp16) and the HF learner differ by ~1e-2 log-prob per token (README "stale-weight
+    probe"), so a fp32-level threshold (1e-3) raises StaleWeightsError at the step-0 sync. Every config whose
+    engine runs in low precision must allow at least 0.1 (the GRPO configs set 1.0, EI 0.5; unset = the
+    dtype default, `default_thresholds`: 1.0 for bf16)."""
+    import torch
+
+    from trainer.engines import engine_dtype
+    from trainer.learner import DTYPES
+    from trainer.sync import default_thresholds
+
+    checked = []
+    for f in sorted((REPO / "configs").rglob("*.yaml")):
+        cfg = load_config(f)
+        dtype = DTYPES[engine_dtype(cfg)]
+        if dtype == torch.float32:
+            continue
+        threshold = cfg.rollout.probe_threshold or default_thresholds(dtype)[0]
+        assert threshold >= 0.1, f"{f.name}: rollout.probe_threshold={threshold} for a {dtype} engine"
+        checked.append(f.name)
+    assert "sft_qwen2.5_math_1.5b.yaml" in checked, checked
+
+
+def test_unknown_keys_wrong_types_and_batch_arithmetic_reported_together() -> None:
+    raw = {
+        "model": {"path": "m", "dtyp": "bfloat16"},
+        "grpo": {"train_batch_size": 10, "gradient_accumulation_steps": 3, "group_size": "eight"},
+        "bogus": 1,
+    }
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, "x.yaml")
+    text = str(info.value)
+    assert "model.dtyp: unknown key" in text
+    assert "bogus: unknown key" in text
+    assert "grpo.group_size='eight'" in text
+    assert "not divisible by grpo.gradient_accumulation_steps=3" in text
+    assert "choose gradient_accumulation_steps among [1, 2, 5, 10]" in text
+    assert len(info.value.problems) == 5
+
+
+@pytest.mark.parametrize(
+    ("grpo", "fragment"),
+    [
+        ({"rollout_batch_size": 20, "group_size": 8, "train_batch_size": 20, "gradient_accumulation_steps": 1},
+         "rollout_batch_size=20 is not divisible by grpo.group_size=8"),
+        ({"rollout_batch_size": 16, "group_size": 8, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+         "train_batch_size=4 < grpo.group_size=8"),
+    ],
+)
+def test_cs336_batch_checks(grpo: dict[str, int], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        config_from_dict({"model": {"path": "m"}, "grpo": grpo})
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  path: m\n")
+    cfg = load_config(path, ["optim.learning_rate=3e-4", "grpo.use_std_normalization=false", "rollout.stop=[x, y]"])
+    assert cfg.optim.learning_rate == 3e-4
+    assert cfg.grpo.use_std_normalization is False
+    assert cfg.rollout.stop == ["x", "y"]
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
+        load_config(path, ["optim.learning_rate"])
+
+
+def test_missing_file_and_bad_yaml_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_saved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / "grpo_qwen2.5_math_1.5b_gsm8k.yaml")
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+def test_cluster_checks_reject_impossible_placement_and_sharding() -> None:
+    cfg = config_from_dict({
+        "model": {"path": "m"},
+        "rollout": {"placement": "dedicated", "device": "cuda:0"},
+        "grpo": {"rollout_batch_size": 24, "group_size": 8, "train_batch_size": 24, "gradient_accumulation_steps": 8},
+    })
+    with pytest.raises(ConfigError) as info:
+        validate_for_cluster(cfg, world_size=2, devices=["cuda:0", "cuda:1"])
+    text = str(info.value)
+    assert "rollout.device=cuda:0 is also a learner device" in text
+    assert "cannot be split whole-group across 2 ranks" in text
+    assert "micro-batch size train_batch_size/gradient_accumulation_steps=3 is not divisible by world size 2" in text
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("name", ["grpo_qwen2.5_math_1.5b_gsm8k.yaml", "grpo_qwen2.5_math_1.5b_gsm8k_offpolicy.yaml"])
+def test_gpu_grpo_configs_shard_over_up_to_8_gpus(name: str, world: int) -> None:
+    """The README launches these configs on 1 and 8 GPUs: whole groups and micro-batches must split evenly."""
+    cfg = load_config(REPO / "configs" / name)
+    validate_for_cluster(cfg, world, [f"cuda:{i}" for i in range(world)])
+
+
+def test_clip_seed_and_stop_rules_reported_together() -> None:
+    """clip-higher below the clip range, more refill rounds than the seed spacing allows, and an empty
+    stop string: each named with its value and fix, in one error."""
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs" / "grpo_tiny_cpu.yaml",
+                    ["grpo.cliprange_high=0.1", "grpo.max_refill_rounds=12", 'rollout.stop=["</answer>", ""]'])
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    assert "grpo.cliprange_high=0.1 < grpo.cliprange=0.2" in text and "leave it unset" in text
+    assert "grpo.max_refill_rounds=12" in text
+    assert "empty stop string" in text
+    ok = load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", ["grpo.cliprange_high=0.28", "grpo.dynamic_sampling=true"])
+    validate_for_cluster(ok, 4, ["cpu"] * 4)
+    with pytest.raises(ConfigError, match="ranks beyond 100 would reuse another round's seeds"):
+        validate_for_cluster(ok.model_copy(update={"grpo": ok.grpo.model_copy(update={
+            "rollout_batch_size": 1024, "train_batch_size": 1024, "group_size": 4,
+            "gradient_accumulation_steps": 2})}), 128, ["cpu"] * 128)  # fmt: skip

@@ -1,0 +1,180 @@
+"""Data parallelism on CPU: 2 gloo ranks give the same optimizer step as 1 process with the same global batch.
+
+`tests/dp_worker.py` runs twice, at the same time: as a plain process (world 1) and under
+``ACCELERATE_USE_CPU=true torchrun --standalone --nproc_per_node 2`` (world 2, free rendezvous port). Both
+use the tiny GPT-2 in float32 and the real `Session`, `Learner` and `update_policy` (see the worker's
+docstring for the cases). Checked here:
+
+- one GRPO optimizer step (grpo_clip with TIS and an entropy bonus, 16 rows = 4 groups of 4, 2
+  micro-batches) for each length normalisation (sequence_mean, constant, token) and one SFT step give
+  the same parameters and the same optimizer gradient within 1e-6 relative (‖x₂ − x₁‖ / ‖x₁‖), the
+  same pre-clip gradient norm on every rank, and identical replicas;
+- the two ranks hold very different response-token counts (151 vs 19), and the control — token mode
+  normalised by each rank's *own* count — is off by ~80 % in the gradient, so the test can fail;
+- rollouts are sharded by whole groups: rank r generates for questions [r·q, (r+1)·q) of the draw every
+  rank makes, its advantages equal the 1-process ones, and the samplers stay in step;
+- metrics that are means over rows (train/loss, reward means and rates) reduce to the 1-process value by
+  a plain mean over ranks;
+- only rank 0 writes the run directory (config, metrics, HF checkpoint); other ranks write only their
+  own RNG state (accelerate's ``random_states_<rank>.pkl``);
+- both launches finish within a bounded time and leave no process behind.
+
+Regression tests for two bugs this file found: `test_lr_schedule_matches_single_process` (accelerate's
+prepared LR scheduler stepped once per rank) and `test_checkpoint_is_complete_when_a_rank_is_slow` (no
+barrier before rank 0 renamed the checkpoint).
+
+Why torchrun and not ``accelerate launch --config_file launch/cpu_2proc.yaml``: for ``MULTI_CPU`` on one
+machine accelerate's launcher starts a single process unless mpirun is configured, and a CPU process that
+torchrun starts is its own world of 1 unless ``ACCELERATE_USE_CPU=true`` (checked by the first test).
+
+Note on the tolerance: the parameter *update* of the first AdamW step is ≈ lr·sign(g), so components
+with |g| near 0 amplify fp32 summation-order noise; the update differs by ~1e-5 relative while the
+parameters and gradients agree to ~1e-7.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from helpers import REPO, launch_worlds
+
+WORKER = REPO / "tests" / "dp_worker.py"
+RTOL = 1e-6
+TIMEOUT_S = 300
+MODES = ["sequence_mean", "constant", "token"]
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2 * TIMEOUT_S)]
+
+
+def _run_both(model: str, out: Path) -> dict[int, dict[str, Any]]:
+    launch_worlds(WORKER, lambda world: [model, str(out / f"w{world}"), str(world)], out, TIMEOUT_S)
+    return {w: torch.load(out / f"w{w}" / "results.pt", weights_only=False) for w in (1, 2)}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_gpt2_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    assert Path("/proc/self/stat").exists(), "the leaked-process check reads Linux /proc"
+    return _run_both(tiny_gpt2_path, tmp_path_factory.mktemp("dp"))
+
+
+def rel(got: torch.Tensor | float, want: torch.Tensor | float) -> float:
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    return float((got - want).norm() / want.norm())
+
+
+def test_worlds_are_what_they_claim(runs: dict[int, dict[str, Any]]) -> None:
+    """A CPU launch without ACCELERATE_USE_CPU silently runs 2 worlds of 1; that must not pass as DDP."""
+    assert runs[1]["world"] == 1
+    assert runs[2]["world"] == 2
+    assert runs[2]["distributed_type"] == "DistributedType.MULTI_CPU"
+
+
+def _assert_same_step(one: dict[str, Any], two: dict[str, Any]) -> None:
+    assert torch.equal(one["params_before"], two["params_before"])
+    moved = rel(one["params"], one["params_before"])
+    assert moved > 1e-4, f"the step barely moved the parameters ({moved:.1e}); the comparison is vacuous"
+    assert rel(two["params"], one["params"]) <= RTOL, (
+        f"params differ by {rel(two['params'], one['params']):.2e}"
+    )
+    assert rel(two["grad"], one["grad"]) <= RTOL, (
+        f"optimizer gradient differs by {rel(two['grad'], one['grad']):.2e}"
+    )
+    want_norm = one["rank_metrics"][0]["train/grad_norm"]
+    for rank, m in enumerate(two["rank_metrics"]):
+        assert rel(m["train/grad_norm"], want_norm) <= RTOL, (
+            f"rank {rank} grad norm {m['train/grad_norm']} vs {want_norm}"
+        )
+    digests = two["rank_param_digest"]
+    assert all(d == digests[0] for d in digests), f"replicas diverged: {digests}"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_grpo_step_matches_single_process(runs: dict[int, dict[str, Any]], mode: str) -> None:
+    one, two = runs[1][f"grpo/{mode}"], runs[2][f"grpo/{mode}"]
+    _assert_same_step(one, two)
+    tokens = two["rank_response_tokens"]
+    assert sum(tokens) == one["rank_response_tokens"][0]
+    assert max(tokens) > 3 * min(tokens), f"ranks should hold unequal token counts, got {tokens}"
+
+
+@pytest.mark.parametrize("case", [*(f"grpo/{m}" for m in MODES), "sft"])
+def test_lr_schedule_matches_single_process(runs: dict[int, dict[str, Any]], case: str) -> None:
+    """After one optimizer step the warm-up has advanced one step (lr · 2/warmup), whatever the world size."""
+    lr, warmup = runs[1]["lr"], runs[1]["warmup"]
+    assert runs[1][case]["rank_metrics"][0]["train/lr"] == pytest.approx(lr * 2 / warmup)
+    for m in runs[2][case]["rank_metrics"]:
+        assert m["train/lr"] == pytest.approx(lr * 2 / warmup)
+
+
+def test_token_mode_control_with_rank_local_count_fails(runs: dict[int, dict[str, Any]]) -> None:
+    """Normalising each rank by its own token count (the bug `global_token_count` prevents) is caught."""
+    one, bug = runs[1]["grpo/token"], runs[2]["grpo/token_local_count"]
+    assert rel(bug["grad"], one["grad"]) > 1e-2
+    assert rel(bug["params"], one["params"]) > 1e3 * RTOL
+
+
+def test_sft_step_matches_single_process(runs: dict[int, dict[str, Any]]) -> None:
+    _assert_same_step(runs[1]["sft"], runs[2]["sft"])
+
+
+@pytest.mark.parametrize("case", [*(f"grpo/{m}" for m in MODES), "sft"])
+def test_loss_mean_over_ranks_is_global_loss(runs: dict[int, dict[str, Any]], case: str) -> None:
+    """Tolerance relative to the largest per-rank term: the rank losses can have opposite signs (e.g.
+    -0.054 and 0.119 → 0.032), and fp32 sums are exact only relative to their terms."""
+    want = runs[1][case]["rank_metrics"][0]["train/loss"]
+    per_rank = [m["train/loss"] for m in runs[2][case]["rank_metrics"]]
+    scale = max(abs(x) for x in [*per_rank, want])
+    assert abs(sum(per_rank) / len(per_rank) - want) <= RTOL * scale, f"{per_rank} vs {want}"
+
+
+def test_reward_metrics_mean_over_ranks_is_global(runs: dict[int, dict[str, Any]]) -> None:
+    want = runs[1]["slicing"]["rank_metrics"][0]
+    per_rank = runs[2]["slicing"]["rank_metrics"]
+    for key in (
+        "reward/reward_mean",
+        "reward/format_reward_rate",
+        "reward/answer_reward_rate",
+        "reward/frac_zero_std_groups",
+    ):
+        assert sum(m[key] for m in per_rank) / len(per_rank) == pytest.approx(want[key], rel=RTOL), key
+
+
+def test_groups_are_not_split_across_ranks(runs: dict[int, dict[str, Any]]) -> None:
+    group, questions = runs[1]["group_size"], runs[1]["questions"]
+    one, two = runs[1]["slicing"], runs[2]["slicing"]
+    global_prompts = one["rank_prompts"][0]
+    assert len(global_prompts) == group * questions
+    rank_prompts = two["rank_prompts"]
+    assert [p for ps in rank_prompts for p in ps] == global_prompts  # rank r: questions [r·q, (r+1)·q)
+    for ps in rank_prompts:
+        groups = [ps[i : i + group] for i in range(0, len(ps), group)]
+        assert all(len(set(g)) == 1 for g in groups), "a rank's rows are not whole, contiguous groups"
+    assert not set(rank_prompts[0]) & set(rank_prompts[1]), "a question was generated on both ranks"
+    assert [a for ads in two["rank_advantages"] for a in ads] == one["rank_advantages"][0]
+    assert all(s == one["sampler_state"][0] for s in two["sampler_state"]), "samplers out of step"
+
+
+def test_only_rank_zero_writes_files(runs: dict[int, dict[str, Any]]) -> None:
+    files_one, files_two = runs[1]["files"], runs[2]["files"]
+    rank0, *others = files_two["rank_writes"]
+    assert ("open", "metrics.jsonl") in rank0 and ("open", "config.yaml") in rank0
+    for rank, writes in enumerate(others, start=1):
+        opened = [path for event, path in writes if event != "os.mkdir"]
+        assert not opened, f"rank {rank} wrote {opened}"
+        made = {path for event, path in writes if event == "os.mkdir"}
+        assert made <= {"checkpoints/step_000001.tmp/state"}, made  # accelerate's makedirs(exist_ok=True)
+    # what reaches disk: the 1-process run's files plus rank 1's own RNG state, nothing written twice
+    extra = set(files_two["listing"]) - set(files_one["listing"])
+    assert extra == {"checkpoints/step_000001/state/random_states_1.pkl"}
+    assert set(files_one["listing"]) <= set(files_two["listing"])
+
+
+def test_checkpoint_is_complete_when_a_rank_is_slow(runs: dict[int, dict[str, Any]]) -> None:
+    case = runs[2]["slow_rank_checkpoint"]
+    assert case["rank_errors"] == [None, None], case["rank_errors"]
+    files = case["listing"]
+    assert "checkpoints/step_000001/state/random_states_1.pkl" in files, files
+    assert not [f for f in files if ".tmp" in f], files
