@@ -162,6 +162,18 @@ def test_async_lag_is_bounded_and_resume_is_exact(tiny_qwen2_path: str, tmp_path
 
 
 @pytest.mark.slow
+def test_extending_a_finished_run_restarts_the_pipeline(tiny_qwen2_path: str, tmp_path: Path,
+                                                        own_hf_engine: None) -> None:
+    """A finished 2-step run (k = 1) extended to 4 steps with --resume: no batches were pending at its end, so
+    step 3 is sampled by the final weights (lag 0, as step 1 was) and step 4 by them again (lag 1)."""
+    run = tmp_path / "run"
+    train_grpo(remote_config(tiny_qwen2_path, run, "grpo.max_staleness=1", "grpo.n_grpo_steps=2"))
+    train_grpo(remote_config(tiny_qwen2_path, run, "grpo.max_staleness=1", "grpo.n_grpo_steps=4"), resume=True)
+    records = [r for r in read_metrics(run) if "train/loss" in r]
+    assert [(r["step"], r["rollout/policy_lag"]) for r in records] == [(1, 0), (2, 1), (3, 0), (4, 1)]
+
+
+@pytest.mark.slow
 def test_a_failing_engine_ends_the_run_with_one_clear_error(tiny_qwen2_path: str, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """The engine fails on the producer thread (step 3's generation): the learner, waiting for that batch,
@@ -217,3 +229,31 @@ def test_async_lora_pushes_merged_weights(tiny_qwen2_path: str, tmp_path: Path, 
     records = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert [r.get("rollout/probe_ok") for r in records] == [None, None, 1.0, 1.0]
     assert max(r["rollout/probe_max_abs_diff"] for r in records[2:]) <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_an_in_process_vllm_engine_on_the_producer_thread(tiny_qwen2_path: str, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dedicated placement's engine, on CPU: vLLM in the learner's process (float32, eager), created on the
+    main thread and then driven only from the producer thread (generation, scoring, weight pushes and the
+    probe) while the learner trains on the main thread. The lag schedule is the HF stand-in's, every push
+    passes the probe, evaluations run on the producer thread too, and every push reached the engine."""
+    from helpers import tiny_vllm_engine
+
+    engines = []
+
+    def build(cfg, learner):  # type: ignore[no-untyped-def]
+        engines.append(tiny_vllm_engine(cfg.model.path))
+        return engines[-1]
+
+    monkeypatch.setattr("trainer.engines.build_engine", build)
+    cfg = remote_config(tiny_qwen2_path, tmp_path / "run", "grpo.max_staleness=1", "optim.learning_rate=1e-3",
+                        "eval.every=2")
+    train_grpo(cfg)
+    records = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
+    assert [r["rollout/policy_lag"] for r in records] == [0, 1, 1, 1]
+    assert [r.get("rollout/probe_ok") for r in records] == [None, None, 1.0, 1.0]
+    assert max(r["rollout/probe_max_abs_diff"] for r in records[2:]) <= 1e-3
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "eval/accuracy" in r] == [0, 2, 4]
+    assert engines[0].policy_version == 1 + 4  # the start's sync, then a push after each step (the last: for eval)
