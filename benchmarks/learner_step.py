@@ -13,8 +13,10 @@ for ``padded``, the naive padded forward), sums the response log-probs and entro
 
 - ``padded``: micro-batches keep the width of the whole rollout batch (the layout before trimming);
 - ``trimmed``: each micro-batch cut to its longest row, rows in rollout order;
-- ``sorted``: trimmed, rows sorted by length first (`grpo.sort_by_length`, the default);
-- ``packed``: sorted, each micro-batch packed into one row (`model.packing`), under the model's attention
+- ``sorted``: trimmed, rows sorted by length first (`grpo.sort_by_length`);
+- ``response``: sorted, with the LM head and the vocabulary softmax on the response tokens only
+  (``response_only``, HF ``logits_to_keep``): what the learner runs by default;
+- ``packed``: response, each micro-batch packed into one row (`model.packing`), under the model's attention
   implementation (``--attn``; varlen kernels need ``flash_attention_2``).
 
 Reported per layout: tokens computed (real + padding), the padding share, seconds (best of ``--repeats``),
@@ -40,7 +42,7 @@ from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids
 from trainer.flops import FlopCounter
 from trainer.logprobs import forward_log_probs, get_response_log_probs, length_sorted_order, real_lengths
 
-LAYOUTS = ("padded", "trimmed", "sorted", "packed")
+LAYOUTS = ("padded", "trimmed", "sorted", "response", "packed")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +73,7 @@ def rollout_batch(args: argparse.Namespace, vocab: int) -> TokenBatch:
 
 def micro_batches(tokens: TokenBatch, layout: str, size: int) -> list[TokenBatch]:
     order = torch.arange(len(tokens))
-    if layout in ("sorted", "packed"):
+    if layout in ("sorted", "response", "packed"):
         order = length_sorted_order(tokens, order)
     return [tokens.select(order[sl]) for sl in micro_batch_slices(len(tokens), size)]
 
@@ -83,7 +85,8 @@ def train_pass(model: torch.nn.Module, batches: list[TokenBatch], layout: str, d
         if layout == "padded":
             out = get_response_log_probs(model, mb.input_ids, mb.labels, True, attention_mask=mb.attention_mask)
         else:
-            out = forward_log_probs(model, mb, return_token_entropy=True, packed=layout == "packed")
+            out = forward_log_probs(model, mb, return_token_entropy=True, packed=layout == "packed",
+                                    response_only=layout in ("response", "packed"))
         mask = mb.response_mask.to(out["log_probs"].dtype)
         ((out["log_probs"] + 0.01 * out["token_entropy"]) * mask).sum().backward()
 

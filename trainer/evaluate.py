@@ -26,7 +26,7 @@ from trainer.config import SamplingSection
 from trainer.data.batching import pack_token_ids
 from trainer.data.prompts import format_prompt
 from trainer.data.tasks import Example
-from trainer.logprobs import get_response_log_probs
+from trainer.logprobs import forward_log_probs
 
 logger = logging.getLogger("reasonrl")
 
@@ -44,8 +44,7 @@ def response_entropy(model: torch.nn.Module, samples: Sequence[Any], pad_id: int
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
         batch = pack_token_ids([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id).to(device)
-        ent = get_response_log_probs(model, batch.input_ids, batch.labels, True,
-                                     attention_mask=batch.attention_mask)["token_entropy"]  # (b, s)
+        ent = forward_log_probs(model, batch, return_token_entropy=True, response_only=True)["token_entropy"]
         mask = batch.response_mask.float()
         out += ((ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
     return out

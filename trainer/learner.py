@@ -208,10 +208,11 @@ class Learner:
 
     def log_probs(self, tokens: TokenBatch, return_token_entropy: bool = False,
                   temperature: float = 1.0) -> dict[str, torch.Tensor]:
-        """Per-token log-probs (and entropies) of a micro-batch on the learner's device, trimmed or packed
-        (`model.packing`), under softmax(logits / temperature); (batch, seq), 0 on padding."""
+        """Per-token log-probs (and entropies) of a micro-batch's response tokens on the learner's device,
+        trimmed or packed (`model.packing`), under softmax(logits / temperature); (batch, seq), 0 outside the
+        response (the LM head does not run on the prompt)."""
         return forward_log_probs(self.model, tokens.to(self.device), return_token_entropy=return_token_entropy,
-                                 packed=self.packing, temperature=temperature)
+                                 packed=self.packing, temperature=temperature, response_only=True)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

@@ -19,6 +19,7 @@ test_packing).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -288,6 +289,14 @@ class PackedRow:
     source_cols: torch.Tensor  # (total_tokens,) its column there
     padded_shape: tuple[int, int]
 
+    def response_positions(self, tokens: TokenBatch) -> torch.Tensor:
+        """Indices into the packed row of the response labels of `tokens` (the batch this row packs)."""
+        return tokens.response_mask.bool()[self.source_rows, self.source_cols].nonzero().squeeze(-1)
+
+    def spread(self, values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(1, len(positions)) values at those packed positions back onto the whole row, 0 elsewhere."""
+        return values.new_zeros(1, len(self.source_rows)).index_copy(1, positions, values)
+
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
         """(1, total_tokens) per-token values back to the padded (batch, seq) layout, 0 on padding."""
         out = values.new_zeros(self.padded_shape)
@@ -311,30 +320,77 @@ def pack(tokens: TokenBatch) -> PackedRow:
 
 def forward_log_probs(
     model: torch.nn.Module, tokens: TokenBatch, *, return_token_entropy: bool = False, packed: bool = False,
-    temperature: float = 1.0,
+    temperature: float = 1.0, response_only: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`get_response_log_probs` of a micro-batch in the trimmed (or packed) layout, returned padded.
 
     Returns ``{"log_probs": (batch, seq)}`` (+ ``"token_entropy"``) in `tokens`' own width, equal to the
     padded twin on real positions and exactly 0 on padding in every layout (so log-prob ratios between
     layouts are 1 there, never ``exp`` of a padding value). `temperature`: as in `get_response_log_probs`.
+    `response_only`: only positions in ``tokens.response_mask`` are scored (0 elsewhere); the LM head and
+    the softmax then run on the response columns alone (HF ``logits_to_keep``), not on the prompt.
     """
     width = tokens.input_ids.shape[1]
+    keep_logits = response_only and accepts_logits_to_keep(model)
     if packed:
-        row = pack(tokens)
-        # use_cache=False: HF detects packing from position_ids only when there is no KV cache
-        logits = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False).logits
-        logits = scale_logits(logits, temperature)
-        log_probs, entropy = chunked_label_log_probs(logits, row.labels, return_token_entropy=return_token_entropy)
-        out = {"log_probs": row.unpack(log_probs)}
-        if entropy is not None:
-            out["token_entropy"] = row.unpack(entropy)
-        return out
-    short = trim(tokens)
-    out = get_response_log_probs(model, short.input_ids, short.labels, return_token_entropy,
-                                 attention_mask=short.attention_mask, temperature=temperature)
-    real = short.attention_mask.bool()  # (batch, w)
-    return {k: _pad_columns(torch.where(real, v, 0.0), width) for k, v in out.items()}
+        out = _packed(model, tokens, return_token_entropy, temperature, keep_logits)
+    else:
+        short = trim(tokens)
+        first = first_response_column(short) if keep_logits else 0
+        if first:
+            out = _response_columns(model, short, first, return_token_entropy, temperature)
+        else:
+            out = get_response_log_probs(model, short.input_ids, short.labels, return_token_entropy,
+                                         attention_mask=short.attention_mask, temperature=temperature)
+        out = {k: _pad_columns(torch.where(short.attention_mask.bool(), v, 0.0), width) for k, v in out.items()}
+    if response_only:
+        out = {k: torch.where(tokens.response_mask.bool(), v, 0.0) for k, v in out.items()}
+    return out
+
+
+def _packed(model: torch.nn.Module, tokens: TokenBatch, return_token_entropy: bool, temperature: float,
+            keep_logits: bool) -> dict[str, torch.Tensor]:
+    """The packed layout (one row, positions restarting per sequence), unpacked; with `keep_logits` the LM
+    head runs on the response positions alone."""
+    row = pack(tokens)
+    kept = row.response_positions(tokens) if keep_logits else None
+    if kept is not None and len(kept) == 0:
+        kept = None
+    # use_cache=False: HF detects packing from position_ids only when there is no KV cache
+    extra = {} if kept is None else {"logits_to_keep": kept}
+    logits = model(input_ids=row.input_ids, position_ids=row.position_ids, use_cache=False, **extra).logits
+    labels = row.labels if kept is None else row.labels[:, kept]
+    log_probs, entropy = chunked_label_log_probs(scale_logits(logits, temperature), labels,
+                                                 return_token_entropy=return_token_entropy)
+    out = {"log_probs": log_probs} if entropy is None else {"log_probs": log_probs, "token_entropy": entropy}
+    return {k: row.unpack(v if kept is None else row.spread(v, kept)) for k, v in out.items()}
+
+
+def _response_columns(model: torch.nn.Module, short: TokenBatch, first: int, return_token_entropy: bool,
+                      temperature: float) -> dict[str, torch.Tensor]:
+    """Log-probs (and entropies) of columns ``first:`` only (the LM head runs there alone); 0 before."""
+    logits = model(input_ids=short.input_ids, attention_mask=short.attention_mask,
+                   logits_to_keep=short.input_ids.shape[1] - first).logits  # (batch, w - first, vocab)
+    log_probs, entropy = chunked_label_log_probs(scale_logits(logits, temperature), short.labels[:, first:],
+                                                 return_token_entropy=return_token_entropy)
+    out = {"log_probs": log_probs} if entropy is None else {"log_probs": log_probs, "token_entropy": entropy}
+    return {k: torch.nn.functional.pad(v, (first, 0)) for k, v in out.items()}
+
+
+def first_response_column(tokens: TokenBatch) -> int:
+    """The first column holding a response label in any row (0 when there is none: score everything)."""
+    columns = tokens.response_mask.bool().any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else 0
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (possibly wrapped: DDP, DeepSpeed, peft) model's forward takes HF's ``logits_to_keep``."""
+    inner: Any = model
+    while hasattr(inner, "module") and isinstance(inner.module, torch.nn.Module):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:

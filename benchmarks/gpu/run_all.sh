@@ -41,8 +41,8 @@ case "$stage" in
     check doctor 60 python3 -m trainer doctor
     [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
     check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
-      --layouts padded,trimmed,sorted,packed
-    check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts sorted \
+      --layouts padded,sorted,response,packed
+    check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
       --gradient-checkpointing
     check rollout 180 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
     ;;

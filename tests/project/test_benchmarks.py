@@ -15,7 +15,7 @@ def test_learner_step_prints_every_layout(tiny_qwen2_path: str) -> None:
     out = run_script("learner_step.py", "--model", tiny_qwen2_path, "--num-seqs", "16", "--max-response", "40",
                      "--repeats", "1", "--peak-tflops", "1.0")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
-    assert {"padded", "trimmed", "sorted", "packed"} <= rows.keys(), out
+    assert {"padded", "trimmed", "sorted", "response", "packed"} <= rows.keys(), out
     assert rows["packed"][2] == "0.0%", out  # packing computes no padding
     assert rows["padded"][-1] == "1.00x" and rows["sorted"][6].endswith("%"), out  # speed-up base; MFU shown
 

@@ -104,6 +104,70 @@ def test_layout_gradients_match_padded(tiny_dir: dict[str, Path], arch: str, pac
 
 
 
+def long_prompt_batch(seed: int) -> TokenBatch:
+    """`random_batch` with prompts of 4..14 tokens, so every row's response starts after column 2."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 900, (int(torch.randint(4, 15, (1,), generator=gen)),), generator=gen).tolist()
+               for _ in range(6)]
+    responses = [torch.randint(2, 900, (int(torch.randint(1, 26, (1,), generator=gen)),), generator=gen).tolist()
+                 for _ in range(6)]
+    return pack_token_ids(prompts, responses, pad_id=1)
+
+
+@pytest.mark.parametrize("arch", ["tiny-gpt2", "tiny-qwen2"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_response_only_runs_the_head_on_the_response(tiny_dir: dict[str, Path], arch: str, packed: bool) -> None:
+    """``response_only``: log-probs, entropies and their gradient equal the padded twin's on response positions,
+    0 elsewhere, and the LM head ran on the response columns only (packed: exactly the response tokens;
+    trimmed: the columns from the first response label on)."""
+    tokens = long_prompt_batch(seed=len(arch) + packed)
+    mask = tokens.response_mask.bool()
+    grads, head_rows = [], []
+    for response_only in (False, True):
+        model = load(str(tiny_dir[arch]), "sdpa")
+        model.get_output_embeddings().register_forward_hook(
+            lambda module, args, out: head_rows.append(args[0].shape[0] * args[0].shape[1]))
+        if response_only:
+            got = forward_log_probs(model, tokens, return_token_entropy=True, packed=packed, response_only=True)
+        else:
+            got = get_response_log_probs(model, tokens.input_ids, tokens.labels, True,
+                                         attention_mask=tokens.attention_mask)
+            want = got
+        ((got["log_probs"] + 0.1 * got["token_entropy"]) * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    for key in ("log_probs", "token_entropy"):
+        torch.testing.assert_close(got[key][mask], want[key][mask].detach(), **TOL)
+        assert torch.all(got[key][~mask] == 0)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) <= 1e-5
+    first = int(mask.any(dim=0).nonzero()[0])
+    assert first >= 3
+    expected = int(mask.sum()) if packed else len(tokens) * (int(tokens.attention_mask.sum(-1).max()) - first)
+    assert head_rows == [tokens.input_ids.numel(), expected]
+
+
+def test_response_only_without_logits_to_keep(tiny_qwen2_path: str) -> None:
+    """A model whose forward does not take ``logits_to_keep`` is scored whole, then masked: same values."""
+
+    class Plain(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache)
+
+    model = load(tiny_qwen2_path, "sdpa")
+    tokens = long_prompt_batch(seed=3)
+    mask = tokens.response_mask.bool()
+    with torch.no_grad():
+        for packed in (False, True):
+            want = forward_log_probs(model, tokens, packed=packed, response_only=True)["log_probs"]
+            got = forward_log_probs(Plain(model), tokens, packed=packed, response_only=True)["log_probs"]
+            torch.testing.assert_close(got[mask], want[mask], **TOL)
+            assert torch.all(got[~mask] == 0)
+
+
 @pytest.mark.gpu
 def test_packed_matches_padded_on_cuda(tiny_qwen2_path: str) -> None:
     """The same equality on the GPU's kernels (fp32, sdpa)."""

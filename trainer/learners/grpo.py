@@ -276,7 +276,7 @@ def mismatch_metrics(learner_lp: torch.Tensor, rollout_lp: torch.Tensor, mask: t
 
 @torch.no_grad()
 def _ref_log_probs(ref_model: torch.nn.Module, mb: TokenBatch, packed: bool, temperature: float = 1.0) -> torch.Tensor:
-    return forward_log_probs(ref_model, mb, packed=packed, temperature=temperature)["log_probs"]
+    return forward_log_probs(ref_model, mb, packed=packed, temperature=temperature, response_only=True)["log_probs"]
 
 
 # ---- the loop -----------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from trainer.data.sampler import split_heldout
 from trainer.data.sft import GOLD_KEYS, SFTData, SFTExample, packed_data, pair_data, read_sft_examples
 from trainer.learner import Learner, global_token_count
 from trainer.learners.loop import Mode, StepResult, run
-from trainer.logprobs import get_response_log_probs, real_lengths
+from trainer.logprobs import forward_log_probs, real_lengths
 from trainer.losses import sft_loss
 from trainer.session import Session
 
@@ -107,9 +107,7 @@ def heldout_loss(model: torch.nn.Module, micro_batches: Sequence[TokenBatch], de
     total, count = 0.0, 0.0
     for mb in micro_batches:
         mb = mb.to(device)
-        lp = get_response_log_probs(model, mb.input_ids, mb.labels, attention_mask=mb.attention_mask)[
-            "log_probs"
-        ]
+        lp = forward_log_probs(model, mb, response_only=True)["log_probs"]  # (b, s)
         mask = mb.response_mask.to(lp.dtype)
         total += float(-(lp * mask).sum())
         count += float(mask.sum())
