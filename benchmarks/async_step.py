@@ -87,7 +87,7 @@ def main() -> None:
 
     from rollout.auth import TOKEN_ENV
     from rollout.server import free_port
-    from trainer.config import load_config
+    from trainer.config_io import load_config
     from trainer.learners.grpo import train_grpo
     from trainer.tools.tiny import build_tiny
 

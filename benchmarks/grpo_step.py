@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
-    from trainer.config import load_config
+    from trainer.config_io import load_config
     from trainer.learners.grpo import train_grpo
     from trainer.tools.tiny import build_tiny
     from trainer.tracking import read_metrics

@@ -46,7 +46,7 @@ LR, WARMUP = 1e-2, 10  # the first step runs at LR · 1/WARMUP; the logged train
 
 
 def run_config(model_path: str, out_dir: Path, mode: str = "sequence_mean") -> Any:
-    from trainer.config import config_from_dict
+    from trainer.config_io import config_from_dict
 
     return config_from_dict({
         "seed": 0,

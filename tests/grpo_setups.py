@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from helpers import REPO
 
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig
+from trainer.config_io import load_config
 from trainer.data.batching import pack_token_ids
 from trainer.learners.grpo import RolloutBatch
 from trainer.tracking import read_metrics

@@ -51,7 +51,7 @@ def kept_samples(n: int, vocab: int) -> list[Any]:
 def run_case(model_path: str, acc: Any, kept: int, batch_size: int, gas: int, epochs: int) -> dict[str, Any]:
     from accelerate.utils import gather_object
 
-    from trainer.config import config_from_dict
+    from trainer.config_io import config_from_dict
     from trainer.learner import Learner
     from trainer.learners.ei import sft_on_kept
 

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import SafetensorError
 
-from trainer.config import RunConfig, save_config
+from trainer.config import RunConfig
+from trainer.config_io import save_config
 
 if TYPE_CHECKING:  # torch is imported where a checkpoint is written, not by the command line's error handling
     import torch

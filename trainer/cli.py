@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from trainer.checkpoint import StorageError
-from trainer.config import ConfigError, RunConfig, load_config
+from trainer.config import ConfigError, RunConfig
+from trainer.config_io import load_config
 from trainer.data.tasks import DatasetFormatError
 from trainer.hub import HubError
 

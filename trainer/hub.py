@@ -111,7 +111,7 @@ def upload_folder(hf_dir: Path, repo_id: str, cfg: RunConfig, step: int) -> str:
     """Write the model card and the resolved config into `hf_dir`, then upload it; returns the commit URL."""
     from huggingface_hub import HfApi
 
-    from trainer.config import save_config
+    from trainer.config_io import save_config
 
     (hf_dir / "README.md").write_text(model_card(cfg, step))
     save_config(cfg, hf_dir / "reasonrl_config.yaml")

@@ -22,7 +22,8 @@ from rollout.engines.protocol import RolloutEngine
 from rollout.reward.pool import RewardScorer
 from trainer.checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
 from trainer.cluster import validate_for_cluster
-from trainer.config import RunConfig, save_config
+from trainer.config import RunConfig
+from trainer.config_io import save_config
 from trainer.data.checks import check_data, context_limit, drop_long_prompts, task_columns, task_name
 from trainer.data.prompts import is_chat_template, register_chat_template, register_template
 from trainer.data.tasks import Example, load_task

@@ -8,7 +8,8 @@ import pytest
 from helpers import REPO
 
 from trainer.cluster import validate_for_cluster
-from trainer.config import ConfigError, config_from_dict, load_config, save_config
+from trainer.config import ConfigError
+from trainer.config_io import config_from_dict, load_config, save_config
 
 
 def test_every_config_under_configs_loads() -> None:

@@ -19,7 +19,8 @@ import pytest
 from helpers import REPO
 from pydantic import BaseModel
 
-from trainer.config import ConfigError, RunConfig, config_from_dict, load_config
+from trainer.config import ConfigError, RunConfig
+from trainer.config_io import config_from_dict, load_config
 from trainer.data.tasks import DatasetFormatError
 from trainer.learners.dpo import train_dpo
 from trainer.learners.grpo import train_grpo

@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(3 * TIMEOUT_S)]
 
 # ---- worker (runs under accelerate launch) ----------------------------------------------------------
 def _config(model_path: str, out: Path) -> Any:
-    from trainer.config import config_from_dict
+    from trainer.config_io import config_from_dict
 
     return config_from_dict({
         "output_dir": str(out / "run"),

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from rollout.engines.hf import HFEngine
 from rollout.weights import iter_state_dict
-from trainer.config import LoraConfig, ModelConfig, OptimConfig, RunConfig, load_config
+from trainer.config import LoraConfig, ModelConfig, OptimConfig, RunConfig
+from trainer.config_io import load_config
 from trainer.learner import Learner, load_model
 from trainer.lora import MergedWeightStream, apply_lora, save_adapter, save_hf, weight_stream
 from trainer.sync import StaleWeightProbe, learner_logprobs

@@ -20,7 +20,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig, config_from_dict
+from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
+from trainer.config_io import config_from_dict
 from trainer.learner import Learner, LRSchedule, optimizer_steps
 
 LR = 0.5

@@ -15,7 +15,8 @@ import trainer.sync as sync
 from rollout.engines.protocol import normalize_device
 from rollout.weights import WeightStream, next_version
 from trainer.cluster import validate_for_cluster
-from trainer.config import ConfigError, RunConfig, config_from_dict
+from trainer.config import ConfigError, RunConfig
+from trainer.config_io import config_from_dict
 
 # one rank's batch arithmetic that splits over any world size used here
 GRPO = {"rollout_batch_size": 32, "group_size": 4, "train_batch_size": 32, "gradient_accumulation_steps": 4}

@@ -11,7 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
-from trainer.config import load_config
+from trainer.config_io import load_config
 from trainer.learners.grpo import train_grpo
 from trainer.tools.plot import plot_run
 from trainer.tools.tiny import build_tiny

@@ -38,7 +38,7 @@ def before_after(run_dir: str | Path) -> str:
 
 
 def run_demo_real(out: str = "runs/demo_real", overrides: list[str] | None = None) -> str:
-    from trainer.config import load_config
+    from trainer.config_io import load_config
     from trainer.learners.grpo import train_grpo
     from trainer.tools.plot import plot_run
 

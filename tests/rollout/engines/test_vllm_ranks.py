@@ -73,7 +73,7 @@ def test_build_engine_places_vllm_on_the_learners_gpu(
     """`trainer.engines.build_engine` for learner rank 3 (``cuda:3``): a colocated engine is told the learner's
     device (and sleeps between rollouts); a dedicated one gets its own device only."""
     import rollout.engines.vllm
-    from trainer.config import config_from_dict
+    from trainer.config_io import config_from_dict
     from trainer.engines import build_engine
 
     seen: dict[str, Any] = {}

@@ -17,7 +17,8 @@ from helpers import REPO, repo_pythonpath
 
 from rollout.reward import CombinedReward, RewardResult, RewardScorer, RewardTerm, r1_zero_reward
 from rollout.reward.custom import load_reward_fn, reward_fn_from_spec
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.config_io import load_config
 from trainer.tracking import read_metrics
 
 TINY = REPO / "configs" / "grpo_tiny_cpu.yaml"
@@ -77,7 +78,7 @@ def test_custom_and_weighted_specs_load_and_round_trip(external: Path, tmp_path:
     assert isinstance(cfg.reward.fn, list)
     assert [(t.fn, t.weight) for t in cfg.reward.fn] == [(f"{mod}:fixed", 2.0), ("r1_zero", 0.5)]
     saved = tmp_path / "saved.yaml"  # what a checkpointed run saves and `--resume` reads back
-    from trainer.config import save_config
+    from trainer.config_io import save_config
 
     save_config(cfg, saved)
     assert load_config(saved).reward == cfg.reward

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import REPO
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.config_io import load_config
 from trainer.data.checks import check_data, task_columns
 from trainer.data.tasks import (
     Columns,

@@ -31,7 +31,8 @@ import pytest
 import torch
 from helpers import REPO, capture_grads_at_step, launch_worlds, rank_micro_batches
 
-from trainer.config import ModelConfig, OptimConfig, config_from_dict
+from trainer.config import ModelConfig, OptimConfig
+from trainer.config_io import config_from_dict
 from trainer.data.batching import TokenBatch, deal_micro_batches, micro_batches_per_rank, pack_micro_batches
 from trainer.data.prompts import format_prompt
 from trainer.data.tasks import make_arithmetic

@@ -19,7 +19,8 @@ from helpers import REPO, run_script
 from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from rollout.engines.remote import RemoteEngine
 from rollout.server import RolloutServer, free_port
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig
+from trainer.config_io import load_config
 from trainer.learners import grpo
 from trainer.learners.async_rollouts import RolloutProducerError
 from trainer.learners.grpo import train_grpo

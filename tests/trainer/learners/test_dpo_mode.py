@@ -24,7 +24,8 @@ from helpers import REPO, capture_grads_at_step
 from safetensors.torch import load_file
 
 from trainer.cli import main as cli_main
-from trainer.config import DPOConfig, ModelConfig, OptimConfig, load_config
+from trainer.config import DPOConfig, ModelConfig, OptimConfig
+from trainer.config_io import load_config
 from trainer.data.preference import read_preference_pairs
 from trainer.data.prompts import ALPACA
 from trainer.data.tasks import DatasetFormatError

@@ -18,7 +18,7 @@ from helpers import REPO
 from safetensors.torch import load_file
 
 from trainer.cli import main as cli_main
-from trainer.config import load_config
+from trainer.config_io import load_config
 from trainer.data.tasks import load_task
 from trainer.learners.sft import train_sft
 from trainer.tracking import read_metrics

@@ -24,7 +24,7 @@ import pytest
 from grpo_setups import MIN_FORMAT_GAIN, MIN_MEAN_GAIN, SEEDS, before_after
 from helpers import REPO
 
-from trainer.config import load_config
+from trainer.config_io import load_config
 from trainer.learners.grpo import train_grpo
 
 

@@ -16,7 +16,7 @@ from helpers import REPO, capture_grads_at_step, rank_micro_batches
 from safetensors.torch import load_file
 
 from trainer.cli import main as cli_main
-from trainer.config import load_config
+from trainer.config_io import load_config
 from trainer.data.prompts import format_prompt
 from trainer.data.sft import read_sft_examples
 from trainer.data.tasks import DatasetFormatError, make_arithmetic

@@ -36,7 +36,8 @@ import torch
 from helpers import REPO
 
 import trainer.learners.grpo as grpo
-from trainer.config import RunConfig, load_config
+from trainer.config import RunConfig
+from trainer.config_io import load_config
 from trainer.data.batching import TokenBatch, pack_token_ids
 from trainer.learner import Learner, load_model
 from trainer.learners.grpo import RolloutBatch, micro_step

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO
 
-from trainer.config import load_config
+from trainer.config_io import load_config
 from trainer.tools.eval_cli import results_dir, run_eval
 
 TINY = REPO / "configs" / "grpo_tiny_cpu.yaml"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from trainer.config import load_config
+from trainer.config_io import load_config
 from trainer.data.prompts import format_prompt, is_chat_template, register_chat_template
 from trainer.tools import models
 from trainer.tracking import read_metrics
