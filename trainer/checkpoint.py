@@ -139,6 +139,30 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
     return final
 
 
+def save_model_folder(accelerator: Any, model: torch.nn.Module, write: Callable[[Path], None], final: Path,
+                      what: str) -> None:
+    """Write a model folder (the warm start's, DPO's ``best/``) atomically on the main process: `write` fills
+    ``FINAL.tmp``, which then replaces `final`. Every process calls this; a failed write is the same
+    `StorageError` on every rank, naming `what`, the path and the cause; the partial ``.tmp`` is removed and an
+    earlier `final` is left as it was."""
+    tmp = final.with_name(final.name + ".tmp")
+
+    def run() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+
+    def describe(err: Exception) -> str:
+        return _failure_message(err, tmp, lambda: _model_bytes(model), what)
+
+    messages = _together(accelerator, run if accelerator.is_main_process else None, describe)
+    if messages:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise StorageError(f"{messages[0]}; the partial {tmp.name} was removed")
+
+
 def _phase(accelerator: Any, write: Callable[[], None] | None, tmp: Path, run_dir: str | Path,
            previous: Path | None, needed: Callable[[], int]) -> None:
     """Run this rank's `write` (None: nothing to write here); every rank learns of any rank's failure
@@ -171,8 +195,8 @@ def _together(accelerator: Any, write: Callable[[], None] | None, describe: Call
     return [m for m in gather_object([message]) if m]
 
 
-def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int]) -> str:
-    """'cannot write checkpoint PATH: CAUSE' for a failed write, the cause read from the error where it has one
+def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int], what: str = "checkpoint") -> str:
+    """'cannot write WHAT PATH: CAUSE' for a failed write, the cause read from the error where it has one
     (errno, or "os error N" in a writer's message) and otherwise from the file system (free space, the
     file-size limit, a write probe)."""
     code = getattr(err, "errno", None) if isinstance(err, OSError) else None
@@ -184,11 +208,11 @@ def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int]) -> st
     path = getattr(err, "filename", None) or tmp
     if code == errno.ENOSPC:
         free = _free_bytes(tmp) + (_tree_bytes(tmp) if tmp.is_dir() else 0)  # once the partial one is removed
-        return (f"cannot write checkpoint {path}: no space left on device (the checkpoint needs about "
+        return (f"cannot write {what} {path}: no space left on device (it needs about "
                 f"{needed() / _MB:.1f} MB; {free / _MB:.1f} MB free)")
     if code is not None:
-        return f"cannot write checkpoint {path}: {_cause(OSError(code, os.strerror(code)), tmp)}"
-    return f"cannot write checkpoint {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        return f"cannot write {what} {path}: {_cause(OSError(code, os.strerror(code)), tmp)}"
+    return f"cannot write {what} {path}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def _diagnose(tmp: Path) -> int | None:
@@ -239,10 +263,14 @@ def estimate_checkpoint_bytes(accelerator: Any, model: torch.nn.Module) -> int:
     """About the size of a checkpoint: the parameters twice (``hf/`` and ``state/``) and the optimizer state."""
     import torch
 
-    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    params = _model_bytes(model)
     optimizer = sum(v.numel() * v.element_size() for opt in getattr(accelerator, "_optimizers", [])
                     for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
     return int(2 * params + optimizer)
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def load_checkpoint(accelerator: Any, path: str | Path) -> dict[str, Any]:

@@ -289,3 +289,28 @@ def test_a_file_where_the_run_directory_should_be(tmp_path: Path) -> None:
                               "not a directory; choose a writable output_dir")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "run"]
     assert [p.name for p in run.iterdir()] == ["checkpoints"]
+
+
+@pytest.mark.parametrize("mode", ["warm start", "dpo best"])
+def test_model_folder_past_the_file_size_limit(tiny_qwen2_path: str, tmp_path: Path, mode: str) -> None:
+    """The warm start's model and DPO's ``best/`` are written like checkpoints: past a 256 KiB file-size limit
+    the run ends with one line naming the folder and the cause, and no partial folder is left."""
+    from trainer.tools.tiny import write_tiny_data
+
+    run, data = tmp_path / "run", write_tiny_data(tmp_path / "data")
+    if mode == "warm start":
+        args = ["--config", str(REPO / "configs" / "grpo_tiny_cpu.yaml"), "rollout.engine=hf", "warmstart.steps=2",
+                "grpo.n_grpo_steps=1", "eval.every=0"]
+        name, what = "warmstart", "the warm-start model"
+    else:
+        args = ["--config", str(REPO / "configs" / "tiny" / "dpo_tiny_cpu.yaml"), f"data.preference_path={data['dpo']}",
+                "dpo.max_steps=2", "eval.every=1"]
+        name, what = "best", "the best model"
+    proc = reasonrl("train", *args, f"model.path={tiny_qwen2_path}", f"output_dir={run}", "checkpoint.save_every=0",
+                    preexec_fn=file_size_limit(256 * 1024))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert line.startswith(f"reasonrl: error: cannot write {what} {run}/{name}.tmp"), line
+    assert "file too large (a file reached the process's file-size limit of 262144 bytes" in line, line
+    assert line.endswith(f"the partial {name}.tmp was removed"), line
+    assert not (run / f"{name}.tmp").exists() and not (run / name).exists()

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from trainer.checkpoint import save_model_folder
 from trainer.config import DPOConfig, RunConfig
 from trainer.data.batching import deal_micro_batches, pack_token_ids
 from trainer.data.checks import drop_identical_pairs
@@ -217,15 +218,13 @@ class BestModel:
         """Write the model to ``RUN_DIR/best/`` (atomically: ``best.tmp`` then rename) + ``best.json``."""
         s = self.s
         state_dict = s.accelerator.get_state_dict(s.learner.model)
-        if s.is_main:
-            final, tmp = s.run_dir / "best", s.run_dir / "best.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_hf(s.learner.unwrapped, tmp, state_dict)  # under model.lora: the merged model
-            s.learner.tokenizer.save_pretrained(tmp)
-            (tmp / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-        s.accelerator.wait_for_everyone()
+
+        def write(folder: Path) -> None:
+            save_hf(s.learner.unwrapped, folder, state_dict)  # under model.lora: the merged model
+            s.learner.tokenizer.save_pretrained(folder)
+            (folder / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+
+        save_model_folder(s.accelerator, s.learner.unwrapped, write, s.run_dir / "best", "the best model")
 
 
 def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:

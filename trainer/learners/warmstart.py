@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
+from trainer.checkpoint import save_model_folder
 from trainer.config import ConfigError
 from trainer.data.prompts import format_prompt
 from trainer.data.sampler import QuestionSampler
@@ -93,10 +95,12 @@ def warm_start(s: Session) -> dict[str, float]:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if not s.progress_enabled and s.is_main and (i + 1) % max(1, cfg.steps // 10) == 0:  # no terminal
                 logger.info("warm start (SFT) step %d/%d loss=%.3f", i + 1, cfg.steps, losses[-1])
-    if s.is_main:
-        save_hf(s.learner.unwrapped, s.run_dir / "warmstart")  # under model.lora: merged (the KL reference)
-        s.learner.tokenizer.save_pretrained(s.run_dir / "warmstart")
-    s.accelerator.wait_for_everyone()
+
+    def write(folder: Path) -> None:
+        save_hf(s.learner.unwrapped, folder)  # under model.lora: merged (the KL reference)
+        s.learner.tokenizer.save_pretrained(folder)
+
+    save_model_folder(s.accelerator, s.learner.unwrapped, write, s.run_dir / "warmstart", "the warm-start model")
     metrics = {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
     s.tracker.log(metrics, 0)
     return metrics
