@@ -196,7 +196,7 @@ def _together(accelerator: Any, write: Callable[[], None] | None, describe: Call
 
 
 def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int], what: str = "checkpoint") -> str:
-    """'cannot write WHAT PATH: CAUSE' for a failed write, the cause read from the error where it has one
+    """'cannot write WHAT PATH: CAUSE' for a failed write (WHAT: checkpoint, best model, ...), the cause read from the error where it has one
     (errno, or "os error N" in a writer's message) and otherwise from the file system (free space, the
     file-size limit, a write probe)."""
     code = getattr(err, "errno", None) if isinstance(err, OSError) else None
@@ -208,7 +208,7 @@ def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int], what:
     path = getattr(err, "filename", None) or tmp
     if code == errno.ENOSPC:
         free = _free_bytes(tmp) + (_tree_bytes(tmp) if tmp.is_dir() else 0)  # once the partial one is removed
-        return (f"cannot write {what} {path}: no space left on device (it needs about "
+        return (f"cannot write {what} {path}: no space left on device (the {what} needs about "
                 f"{needed() / _MB:.1f} MB; {free / _MB:.1f} MB free)")
     if code is not None:
         return f"cannot write {what} {path}: {_cause(OSError(code, os.strerror(code)), tmp)}"

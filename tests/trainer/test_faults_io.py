@@ -194,7 +194,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trainer.checkpoint import StorageError, load_checkpoint, save_checkpoint
-from trainer.config import config_from_dict
+from trainer.config_io import config_from_dict
 
 model_dir, run = sys.argv[1], Path(sys.argv[2])
 acc = Accelerator()
@@ -301,11 +301,11 @@ def test_model_folder_past_the_file_size_limit(tiny_qwen2_path: str, tmp_path: P
     if mode == "warm start":
         args = ["--config", str(REPO / "configs" / "grpo_tiny_cpu.yaml"), "rollout.engine=hf", "warmstart.steps=2",
                 "grpo.n_grpo_steps=1", "eval.every=0"]
-        name, what = "warmstart", "the warm-start model"
+        name, what = "warmstart", "warm-start model"
     else:
         args = ["--config", str(REPO / "configs" / "tiny" / "dpo_tiny_cpu.yaml"), f"data.preference_path={data['dpo']}",
                 "dpo.max_steps=2", "eval.every=1"]
-        name, what = "best", "the best model"
+        name, what = "best", "best model"
     proc = reasonrl("train", *args, f"model.path={tiny_qwen2_path}", f"output_dir={run}", "checkpoint.save_every=0",
                     preexec_fn=file_size_limit(256 * 1024))
     assert proc.returncode == 1, proc.stderr[-3000:]

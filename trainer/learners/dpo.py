@@ -224,7 +224,7 @@ class BestModel:
             s.learner.tokenizer.save_pretrained(folder)
             (folder / "best.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
 
-        save_model_folder(s.accelerator, s.learner.unwrapped, write, s.run_dir / "best", "the best model")
+        save_model_folder(s.accelerator, s.learner.unwrapped, write, s.run_dir / "best", "best model")
 
 
 def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:

@@ -100,7 +100,7 @@ def warm_start(s: Session) -> dict[str, float]:
         save_hf(s.learner.unwrapped, folder)  # under model.lora: merged (the KL reference)
         s.learner.tokenizer.save_pretrained(folder)
 
-    save_model_folder(s.accelerator, s.learner.unwrapped, write, s.run_dir / "warmstart", "the warm-start model")
+    save_model_folder(s.accelerator, s.learner.unwrapped, write, s.run_dir / "warmstart", "warm-start model")
     metrics = {"warmstart/final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
     s.tracker.log(metrics, 0)
     return metrics
