@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/async_step.py                       # CPU: tiny Qwen2, configs/grpo_tiny_cpu.yaml, 8 steps
-    python benchmarks/async_step.py --steps 10 --staleness 1 2 rollout.max_tokens=64
+    python benchmarks/async_step.py --steps 10 --staleness 1 2 -- rollout.max_tokens=64   # "--" ends --staleness
 
 Starts a vLLM rollout server (`rollout.server.RolloutServer`, the model at ``model.path``, default a freshly
 built tiny Qwen2), then trains ``--steps`` GRPO steps with ``grpo.max_staleness = 0`` (synchronous) and with
