@@ -188,11 +188,21 @@ def _together(accelerator: Any, write: Callable[[], None] | None, describe: Call
             write()
         except _WRITE_ERRORS as err:
             message = describe(err)
+    return gather_failures(accelerator, message)
+
+
+def gather_failures(accelerator: Any, message: str | None) -> list[str]:
+    """Every rank's failure message (None: this rank's part went well), on every rank; a collective."""
     if accelerator.num_processes == 1:
         return [message] if message else []
     from accelerate.utils import gather_object
 
     return [m for m in gather_object([message]) if m]
+
+
+def write_failure(err: OSError, what: str, path: Path) -> StorageError:
+    """'cannot write WHAT PATH: CAUSE' for a failed write outside a checkpoint (e.g. evaluation samples)."""
+    return StorageError(f"cannot write {what} {path}: {_cause(err, path)}")
 
 
 def _failure_message(err: Exception, tmp: Path, needed: Callable[[], int], what: str = "checkpoint") -> str:

@@ -22,6 +22,7 @@ import torch
 
 from rollout.engines.protocol import RolloutEngine, SamplingConfig
 from rollout.reward.pool import RewardScorer
+from trainer.checkpoint import write_failure
 from trainer.config import SamplingSection
 from trainer.data.batching import pack_token_ids
 from trainer.data.prompts import format_prompt
@@ -69,14 +70,21 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
         for p, s, ex, sc, h in zip(prompts, samples, examples, scores, entropies, strict=True)
     ]
     if out_path is not None:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        with Path(out_path).open("w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
+        write_samples(Path(out_path), records)
     metrics = summarize(records)
     logger.info("evaluation: accuracy %.3f, format rate %.3f (generate %.1f s, score %.1f s, entropy %.1f s)",
                 metrics["eval/accuracy"], metrics["eval/format_rate"], *(b - a for a, b in pairwise(times)))
     return metrics, records
+
+
+def write_samples(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """One JSON line per sample; a failed write (full disk, read-only directory) is a `StorageError` naming it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+    except OSError as err:
+        raise write_failure(err, "evaluation samples", path) from None
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:

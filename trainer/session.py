@@ -20,7 +20,14 @@ from accelerate.utils import set_seed
 
 from rollout.engines.protocol import RolloutEngine
 from rollout.reward.pool import RewardScorer
-from trainer.checkpoint import check_writable, latest_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    StorageError,
+    check_writable,
+    gather_failures,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from trainer.cluster import validate_for_cluster
 from trainer.config import RunConfig
 from trainer.config_io import save_config
@@ -174,18 +181,25 @@ class Session:
         metrics: dict[str, float] = {}
         policy = None if self.learner.sharded else self.learner.unwrapped
         _ = self.engine  # built on every rank: a vLLM engine's start-up is collective over the learner's ranks
+        failure = None
         if self.is_main:
-            with self.timer("eval"), torch.inference_mode():
-                name = f"step_{step:06d}{tag}.jsonl"
-                metrics, records = evaluate(
-                    self.engine, self.eval_examples(), self.cfg.data.prompt_template,
-                    sampling_config(self.cfg.eval, self.cfg.seed + step), self.scorer,
-                    self.run_dir / "eval" / name, policy, self.learner.tokenizer.pad_token_id,
-                )
-            self.rollouts_done()
-            self.tracker.log(metrics, step)
-            self.tracker.log_table("eval/samples", records[: self.cfg.eval.log_samples], step)
-        self.accelerator.wait_for_everyone()
+            try:
+                with self.timer("eval"), torch.inference_mode():
+                    metrics, records = evaluate(
+                        self.engine, self.eval_examples(), self.cfg.data.prompt_template,
+                        sampling_config(self.cfg.eval, self.cfg.seed + step), self.scorer,
+                        self.run_dir / "eval" / f"step_{step:06d}{tag}.jsonl", policy,
+                        self.learner.tokenizer.pad_token_id,
+                    )
+            except StorageError as err:  # every rank raises it (no rank left waiting at the barrier)
+                failure = str(err)
+            else:
+                self.rollouts_done()
+                self.tracker.log(metrics, step)
+                self.tracker.log_table("eval/samples", records[: self.cfg.eval.log_samples], step)
+        failures = gather_failures(self.accelerator, failure)  # also the barrier after evaluation
+        if failures:
+            raise StorageError(failures[0])
         return metrics
 
     def reduce_metrics(self, metrics: dict[str, float], already_global: Collection[str] = ()) -> dict[str, float]:

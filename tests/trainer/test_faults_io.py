@@ -314,3 +314,16 @@ def test_model_folder_past_the_file_size_limit(tiny_qwen2_path: str, tmp_path: P
     assert "file too large (a file reached the process's file-size limit of 262144 bytes" in line, line
     assert line.endswith(f"the partial {name}.tmp was removed"), line
     assert not (run / f"{name}.tmp").exists() and not (run / name).exists()
+
+
+def test_evaluation_samples_past_the_file_size_limit(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """The held-out samples of the first evaluation (~100 KB) do not fit a 32 KiB file-size limit that the
+    run's config and first metrics do: one line naming the samples file and the cause, no traceback."""
+    run = tmp_path / "run"
+    proc = reasonrl("train", "--config", str(REPO / "configs" / "grpo_tiny_cpu.yaml"), f"model.path={tiny_qwen2_path}",
+                    f"output_dir={run}", "rollout.engine=hf", "warmstart.steps=0", "grpo.n_grpo_steps=1",
+                    preexec_fn=file_size_limit(32 * 1024))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert error_line(proc) == (
+        f"reasonrl: error: cannot write evaluation samples {run}/eval/step_000000.jsonl: file too large (a file "
+        "reached the process's file-size limit of 32768 bytes, `ulimit -f`)")
