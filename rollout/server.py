@@ -25,19 +25,11 @@ whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands
 ``POST /sleep`` ``/wake_up``    sleep mode (GPU servers started with ``--enable-sleep-mode``)
 ==============================  ===================================================================
 
-Security: every request needs ``Authorization: Bearer SECRET``, the secret coming from the environment
-(``REASONRL_ROLLOUT_TOKEN`` or ``REASONRL_ROLLOUT_TOKEN_FILE``, see `rollout.auth`), never from the command
-line. Without one, only a loopback ``--host`` is accepted. Weight reloads must come from inside
-``--weights-dir`` and match the served model (`rollout.reload_check`); without ``--weights-dir`` they are
-refused.
-
-Weight transfer (``filesystem``, works on CPU): the learner writes safetensors shards
-(`write_safetensors_shards`, one bucket in memory at a time) to ``weights_dir/v{version:06d}`` on storage
-both machines see, then asks the server to reload from that directory. After a successful sync the other
-version directories (``v`` and 6+ digits) are deleted; nothing else in ``weights_dir`` is touched.
-
-On CPU the server runs with vLLM's default multiprocess engine (API server, engine core and worker are
-three processes); it does not need the in-process mode the colocated engine uses.
+Security (the shared secret from the environment, loopback-only without one, the reload checks):
+`rollout.guard`, `rollout.auth`, `rollout.reload_check`. Weight transfer (``filesystem``, works on CPU): the
+learner writes safetensors shards to ``weights_dir/v{version:06d}`` on storage both machines see, asks the
+server to reload from there, and after a successful sync deletes the other version directories. On CPU the
+server uses vLLM's default multiprocess engine (API server, engine core, worker).
 
 `RolloutServer` launches a server as a child process group on this machine and kills the whole group on
 close (tests, single-node runs); `RemoteEngine` is the client and implements `RolloutEngine`.
