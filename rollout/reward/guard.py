@@ -6,7 +6,9 @@ checks keep grading within its time limit and make these inputs cheap and determ
 
 - `slow_path_risk(pred)` on the text, before parsing: too long, too deeply nested, malformed (unbalanced
   braces, a ``\\right`` without its delimiter, control characters: math-verify would skip the junk and
-  read ``5}}}}}`` or ``5\\x00`` as 5), exponent towers, huge exponents, factorials and binomials.
+  read ``5}}}}}`` or ``5\\x00`` as 5), exponent towers, huge exponents, factorials and binomials, and
+  unevaluated integrals (sympy integrates them, and its first numeric check of a definite integral
+  computes quadrature nodes in C calls the deadline cannot interrupt: 0.3 s past it was measured).
 - `expression_risk(expr)` on the parsed expression, before comparing: numbers of more than
   `MAX_DIGITS` digits (written or implied: ``2^{5000}``, ``(10^6)!``, ``\\Gamma(10^6)``), factorial-like
   functions of arguments over `MAX_FACTORIAL_ARG`, and products of powers of sums whose expansion
@@ -83,6 +85,9 @@ _BIG_SPECIAL = re.compile(
 )
 
 
+_INTEGRAL = re.compile(r"\\(?:i{1,3}nt|oint)(?![a-zA-Z])")
+
+
 def slow_path_risk(pred: str) -> str | None:
     """Why `pred` should not be handed to sympy (a short reason), or None if it looks safe.
 
@@ -105,6 +110,8 @@ def slow_path_risk(pred: str) -> str | None:
     malformed = _malformed(pred)
     if malformed is not None:
         return malformed
+    if _INTEGRAL.search(pred):
+        return "integral"
     if _BIG_FACTORIAL.search(pred):
         return "huge factorial"
     if _BIG_SPECIAL.search(pred):

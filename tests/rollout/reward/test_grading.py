@@ -14,6 +14,7 @@ from rollout.reward.deadline import DeadlineExceeded, call_with_deadline
 from rollout.reward.grading import (
     MAX_SLOW_PATH_CHARS,
     TIME_LIMIT_S,
+    _slow_path,
     extract_boxed,
     grade_answer,
     is_equivalent,
@@ -204,6 +205,9 @@ def test_grade_answer_method(pred: str, gold: str, method: str) -> None:
         ("\\dbinom{1000000000}{100000000}", "huge binomial or gamma"),
         ("\\Gamma(1000000)", "huge binomial or gamma"),
         ("\\binom{10}{5}", None),
+        ("\\int_0^\\infty e^{-x^2} dx", "integral"),
+        ("\\iint_D x \\, dA", "integral"),
+        ("\\interior", None),  # not an integral sign
         ("5}}}}}", "unbalanced braces"),
         ("}{5", "unbalanced braces"),
         ("\\left( 5 \\right", "unpaired \\left/\\right"),
@@ -263,15 +267,16 @@ def test_expression_risk(latex: str, risk: str | None) -> None:
 
 def test_slow_answer_stops_at_the_time_limit_on_a_thread() -> None:
     """A right answer that sympy needs seconds to verify (an integral) is graded wrong ("timeout") after
-    `TIME_LIMIT_S`, off the main thread, where signal-based timeouts cannot work."""
+    `TIME_LIMIT_S`, off the main thread, where signal-based timeouts cannot work. The slow path is called
+    directly: `grade_answer`'s text guard now refuses integrals before any symbolic work."""
     grades: list[tuple[object, float]] = []
 
     def run() -> None:
         start = time.perf_counter()
-        grade = grade_answer("\\int_0^\\infty e^{-x^2} dx", "\\frac{\\sqrt{\\pi}}{2}")
+        grade = _slow_path("\\int_0^\\infty e^{-x^2} dx", "\\frac{\\sqrt{\\pi}}{2}", TIME_LIMIT_S)
         grades.append((grade, time.perf_counter() - start))
 
-    grade_answer("1", "1")  # nothing else to warm up than what the first slow-path call does itself
+    assert grade_answer("\\int_0^\\infty e^{-x^2} dx", "\\frac{\\sqrt{\\pi}}{2}") == (False, "guard")
     thread = threading.Thread(target=run)
     thread.start()
     thread.join(timeout=30)

@@ -81,7 +81,7 @@ CORPUS: list[tuple[str, str, str, float]] = [
     ("inf", A("inf"), "18", 0.0),
     ("-inf", A("-\\infty"), "18", 0.0),
     ("float overflow", A("1e309"), "18", 0.0),
-    # right, but sympy needs ~3 s to integrate it: past the time limit (the grader's or the pool's), scored 0
+    # right, but sympy needs ~3 s to integrate it, partly in C calls past the grader's deadline: guarded, 0
     ("gaussian integral", A("\\int_0^\\infty e^{-x^2} dx"), "\\frac{\\sqrt{\\pi}}{2}", 0.0),
     # tag floods
     ("5000 <answer> tags", "x </think> " + "<answer>" * 5000, "18", 0.0),
@@ -91,7 +91,7 @@ CORPUS: list[tuple[str, str, str, float]] = [
 ]
 
 
-TIMEOUTS = {"gaussian integral"}  # in the pool: its 1 s limit kills before the grader's own 1.5 s
+TIMEOUTS: set[str] = set()  # every answer is bounded before the pool's 1 s limit (its timeouts: test_rewards)
 
 
 def test_corpus_is_big_enough() -> None:
