@@ -362,7 +362,7 @@ def _packed(model: torch.nn.Module, tokens: TokenBatch, return_token_entropy: bo
     labels = row.labels if kept is None else row.labels[:, kept]
     log_probs, entropy = chunked_label_log_probs(scale_logits(logits, temperature), labels,
                                                  return_token_entropy=return_token_entropy)
-    out = {"log_probs": log_probs} if entropy is None else {"log_probs": log_probs, "token_entropy": entropy}
+    out = _as_dict(log_probs, entropy)
     return {k: row.unpack(v if kept is None else row.spread(v, kept)) for k, v in out.items()}
 
 
@@ -373,7 +373,7 @@ def _response_columns(model: torch.nn.Module, short: TokenBatch, first: int, ret
                    logits_to_keep=short.input_ids.shape[1] - first).logits  # (batch, w - first, vocab)
     log_probs, entropy = chunked_label_log_probs(scale_logits(logits, temperature), short.labels[:, first:],
                                                  return_token_entropy=return_token_entropy)
-    out = {"log_probs": log_probs} if entropy is None else {"log_probs": log_probs, "token_entropy": entropy}
+    out = _as_dict(log_probs, entropy)
     return {k: torch.nn.functional.pad(v, (first, 0)) for k, v in out.items()}
 
 
@@ -391,6 +391,10 @@ def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     if hasattr(inner, "get_base_model"):
         inner = inner.get_base_model()
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
+
+
+def _as_dict(log_probs: torch.Tensor, entropy: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    return {"log_probs": log_probs} if entropy is None else {"log_probs": log_probs, "token_entropy": entropy}
 
 
 def _pad_columns(values: torch.Tensor, width: int) -> torch.Tensor:
