@@ -10,6 +10,11 @@ applies the template and EOS), the responses the two stripped assistant replies.
 counted, when a conversation is multi-turn or malformed, the human messages differ, a reply is empty, or
 the replies are identical. A line that is not a JSON object with string ``chosen``/``rejected`` is an
 error naming file and line; so is an input with no kept pair.
+
+Written here rather than with `datasets` because the work is the conversation parsing (splitting
+``\n\nHuman:`` / ``\n\nAssistant:`` turns and the drop rules above), which `datasets` does not do; reading
+the ``.jsonl.gz`` lines is a few lines of `gzip` and `json`, and a bad line is reported as ``file:line``
+(`datasets` reports a byte position in an unnamed file).
 """
 
 from __future__ import annotations

@@ -1,5 +1,11 @@
 """Reading JSONL datasets: one record (a JSON object) per non-blank line, errors naming file and line.
 
+Kept instead of `datasets`' JSON reader (which `trainer.data.sources` uses for JSON and Parquet files and hub
+ids) because of the errors: for a line with a missing comma, ``load_dataset("json", ...)`` raises
+"Unexpected character found when decoding object value at position 17", naming neither the file nor the
+line. Here a bad line is one `DatasetFormatError` with ``file:line:column``, raised while reading, and the
+records stream from the file without an Arrow copy written to the cache first.
+
 >>> import tempfile
 >>> with tempfile.TemporaryDirectory() as d:
 ...     p = Path(d) / "x.jsonl"
