@@ -2,7 +2,15 @@
 field or file (and line), raised before anything is loaded or written, or a counted skip with a threshold.
 
 Data errors are shown to come before the model is loaded by pointing ``model.path`` nowhere: loading it
-would fail with another message. The I/O faults (section 3) are in `test_faults_io.py`.
+would fail with another message.
+
+The rest of the fault-and-abuse cases live beside the code they exercise:
+- the rollout server's secret on every endpoint, public binds, collective_rpc and reload paths, a failed
+  reload, /health of a dead engine (section 1): tests/rollout/test_server_auth.py;
+- disk full, file-size limit, read-only run directory, partial checkpoints removed (section 3):
+  tests/trainer/test_faults_io.py;
+- the grader's own time bound on any thread and the lenient grades, with per-answer timings (section 4):
+  tests/rollout/reward/test_rewards_adversarial.py (run with ``-s`` to see the timings).
 """
 
 from __future__ import annotations
