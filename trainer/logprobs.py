@@ -176,10 +176,7 @@ def get_response_log_probs(
         logits, labels, return_token_entropy=return_token_entropy, chunk_tokens=chunk_tokens,
         compute_dtype=compute_dtype,
     )
-    result = {"log_probs": log_probs}
-    if entropy is not None:
-        result["token_entropy"] = entropy
-    return result
+    return _as_dict(log_probs, entropy)
 
 
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
