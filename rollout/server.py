@@ -17,7 +17,11 @@ whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands
 ``POST /v1/completions``        generation (token-id prompts, ``n``, ``seed``, ``logprobs=0``,
                                 ``return_token_ids``, ``min_tokens``, ``include_stop_str_in_output``)
                                 and the probe (``prompt_logprobs=0``, ``max_tokens=1``)
-``POST /pause`` ``/resume``     hold generation while weights change
+``POST /inference/v1/generate`` generation with per-token weight versions (in-flight updates; vLLM 0.32,
+                                on with ``--enable-scale-out``, which `serve_command` adds there)
+``POST /tokenize``              a text prompt's token ids (for ``/inference/v1/generate``)
+``POST /pause`` ``/resume``     hold generation while weights change (``mode=wait``: drain first;
+                                ``mode=keep``: freeze the running requests, for in-flight updates)
 ``POST /collective_rpc``        ``reload_weights(weights_path=DIR)`` on every worker, nothing else
 ``POST /reset_prefix_cache``    after every sync
 ``POST /update_weight_version`` ``GET /weight_info``: the policy version lives on the server (vLLM 0.32;
@@ -147,6 +151,8 @@ def serve_command(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[s
         cmd.append("--enforce-eager")
     if args.enable_sleep_mode:
         cmd.append("--enable-sleep-mode")
+    if cmd[2] == VLLM_SERVER_MODULES[0]:  # vLLM 0.32: /inference/v1/generate, with per-token weight versions
+        cmd.append("--enable-scale-out")
     cmd += ["--middleware", GUARD, "--disable-fastapi-docs"]
     return cmd + list(extra)
 

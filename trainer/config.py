@@ -187,6 +187,10 @@ class GRPOConfig(_Section):
         0, ge=0, description="asynchronous GRPO: the rollouts of steps t+1..t+k are generated while step t "
         "trains, each sampled by the weights k steps older (rollout.placement remote or dedicated, one learner "
         "process); 0 = synchronous")
+    inflight_weight_updates: bool = Field(
+        False, description="asynchronous GRPO on a remote vLLM >= 0.32 server: new weights are loaded between "
+        "decode steps of the batch being generated, not after it (PipelineRL); each token keeps the version that "
+        "drew it. Needs grpo.max_staleness >= 1 and rollout.placement=remote")
 
 
 class SFTConfig(_Section):
@@ -303,6 +307,13 @@ class RunConfig(_Section):
                 "generates while the learner trains, and a colocated engine shares the learner's device and "
                 "process (one device cannot generate and train at once). Use rollout.placement=remote (a "
                 "`reasonrl rollout-server`) or dedicated (vLLM on its own GPU), or grpo.max_staleness=0"
+            )
+        if self.grpo.inflight_weight_updates and (not self.grpo.max_staleness or self.rollout.placement != "remote"):
+            problems.append(
+                f"grpo.inflight_weight_updates=true with grpo.max_staleness={self.grpo.max_staleness} and "
+                f"rollout.placement={self.rollout.placement}: in-flight updates swap the weights of a rollout "
+                "server while it generates the next batches, which only an asynchronous run against a server "
+                "does. Set grpo.max_staleness >= 1 and rollout.placement=remote, or inflight_weight_updates=false"
             )
         if problems:
             raise ValueError("; ".join(problems))

@@ -31,7 +31,7 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
         sends = accelerator.is_main_process or not shares_engine(cfg, accelerator.num_processes)
         return RemoteEngine(r.server_url, weights_dir=r.weight_transfer_dir, bucket_mb=r.sync_bucket_mb,
                             sleep_between_rollouts=r.sleep_between_rollouts, sends_weights=sends,
-                            timeout_s=r.request_timeout_s)
+                            timeout_s=r.request_timeout_s, inflight=cfg.grpo.inflight_weight_updates)
     if r.engine == "hf":
         from rollout.engines.hf import HFEngine
 

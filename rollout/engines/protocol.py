@@ -61,7 +61,14 @@ class SamplingConfig:
 
 @dataclass
 class Sample:
-    """One generated completion. `logprobs[i]` is log p(response_ids[i]) under the sampling policy."""
+    """One generated completion. `logprobs[i]` is log p(response_ids[i]) under the sampling policy.
+
+    `policy_version` is the version of the weights that drew the first token. Where the weights changed
+    while the sample was being generated (in-flight weight updates, `rollout.engines.remote.RemoteEngine`
+    with ``inflight=True``), `version_spans` lists ``[version, start, end]`` for each contiguous run of
+    response tokens drawn by one version (first span's version = `policy_version`); empty means every token
+    is `policy_version`'s (`token_versions` gives one version per token either way).
+    """
 
     prompt_index: int
     prompt_ids: list[int]
@@ -71,6 +78,13 @@ class Sample:
     finish_reason: FinishReason
     policy_version: int
     extra: dict[str, float] = field(default_factory=dict)
+    version_spans: list[list[int]] = field(default_factory=list)
+
+    def token_versions(self) -> list[int]:
+        """The policy version that drew each response token."""
+        if not self.version_spans:
+            return [self.policy_version] * len(self.response_ids)
+        return [version for version, start, end in self.version_spans for _ in range(start, end)]
 
 
 Prompt = str | Sequence[int]

@@ -2,6 +2,15 @@
 
 The protocol (endpoints) is in `rollout.server`'s docstring. Weights go through the filesystem: safetensors
 shards in a directory both sides see, then the server's in-place ``reload_weights`` from that path.
+
+In-flight weight updates (``inflight=True``; PipelineRL, Piché et al. 2025): `update_weights_live` swaps the
+weights between two decode steps without draining the requests in flight (vLLM's ``/pause?mode=keep``), so
+one sample may be drawn by several policy versions. Generation then goes through vLLM's token-in/token-out
+route ``/inference/v1/generate``, whose answer records, for every sample, which output tokens each weight
+version drew (vLLM ≥ 0.32, served with ``--enable-scale-out``, as `rollout.server` does); the spans become
+`Sample.version_spans`. Running sequences keep the KV cache their earlier tokens computed under the old
+weights (as in PipelineRL): the engine's log-probs are still those of the distribution each token was drawn
+from, which is what the learner's importance weights divide by.
 HTTP goes through one pooled ``httpx.Client`` per engine (shared by the generation threads: httpx clients
 may be), with the same guarantees as before: a timeout on every connect/read/write, errors that name the
 request, the bearer secret on every request.
@@ -131,6 +140,8 @@ class RemoteEngine:
         sends_weights: False for a client of a server that another learner rank syncs: its `update_weights`
             only reads the stream (a ZeRO-3 `WeightStream` gathers collectively) and takes its version.
         token: the server's secret; default: from the environment, as the server reads it (`rollout.auth`).
+        inflight: generate through ``/inference/v1/generate`` and record per-token weight versions, so that
+            `update_weights_live` may run while `generate` is in flight (module docstring; vLLM ≥ 0.32).
 
     The policy version is stored on the server (``/weight_info``, ``/update_weight_version``), so a new client
     continues from it. A vLLM 0.26 server has neither route (HTTP 404): then `server_versions` turns False,
@@ -148,6 +159,7 @@ class RemoteEngine:
         sleep_between_rollouts: bool = False,
         sends_weights: bool = True,
         token: str | None = None,
+        inflight: bool = False,
     ) -> None:
         if weights_dir is None:
             raise ValueError("RemoteEngine: pass weights_dir (a directory the server can read)")
@@ -166,6 +178,13 @@ class RemoteEngine:
         info = self._version_route("GET", "/weight_info") or {}
         version = str(info.get("weight_version") or "0")
         self._policy_version = int(version) if version.isdigit() else 0
+        self.inflight = inflight
+        if inflight and not self.server_versions:
+            raise ValueError(
+                f"RemoteEngine(inflight=True): the rollout server at {self.base_url} keeps no weight version "
+                "(vLLM < 0.32), so it cannot say which weights drew which tokens; in-flight weight updates need "
+                "a vLLM >= 0.32 rollout server"
+            )
 
     @property
     def policy_version(self) -> int:
@@ -187,8 +206,9 @@ class RemoteEngine:
         """`params.n` samples per prompt, grouped; one request per prompt with seed ``sample_seed(seed, i, n, 0)``."""
         self.wake()
         start = time.perf_counter()
+        one = self._generate_tokens if self.inflight else self._complete
         with ThreadPoolExecutor(max_workers=max(1, min(self.max_concurrency, len(prompts)))) as pool:
-            responses = list(pool.map(lambda ip: self._complete(ip[0], ip[1], params), enumerate(prompts)))
+            responses = list(pool.map(lambda ip: one(ip[0], ip[1], params), enumerate(prompts)))
         samples = [s for group in responses for s in group]
         self.metrics.update(rollout_metrics(samples, time.perf_counter() - start))
         return samples
@@ -197,17 +217,8 @@ class RemoteEngine:
         body = {
             "model": self.model_name,
             "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-            "n": params.n,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "max_tokens": params.max_tokens,
-            "min_tokens": params.min_tokens,
-            "stop": list(params.stop),
-            "include_stop_str_in_output": True,
-            "seed": sample_seed(params.seed, index, params.n, 0),
-            "logprobs": 0,
+            **_sampling(index, params),
             "return_token_ids": True,
-            "skip_special_tokens": True,
         }
         version = self._policy_version
         out = self.http.post("/v1/completions", body)
@@ -228,6 +239,28 @@ class RemoteEngine:
                     version,
                 )
             )
+        return samples
+
+    def _generate_tokens(self, index: int, prompt: Prompt, params: SamplingConfig) -> list[Sample]:
+        """`_complete` through ``/inference/v1/generate``: the same sampling, plus each sample's weight-version
+        spans (a text prompt is first tokenized by the server's ``/tokenize``, as ``/v1/completions`` does)."""
+        if isinstance(prompt, str):
+            ids = self.http.post("/tokenize", {"model": self.model_name, "prompt": prompt})["tokens"]
+        else:
+            ids = [int(t) for t in prompt]
+        version = self._policy_version
+        body = {"model": self.model_name, "token_ids": ids, "sampling_params": _sampling(index, params),
+                "output_mode": "text"}
+        out = self.http.post("/inference/v1/generate", body)
+        samples = []
+        for choice in sorted(out["choices"], key=lambda c: c["index"]):
+            tokens = list(choice["token_ids"])
+            logprobs = [float(e["logprob"]) for e in (choice.get("logprobs") or {}).get("content") or []]
+            if len(logprobs) != len(tokens):
+                raise RuntimeError(f"rollout server returned {len(logprobs)} log-probs for {len(tokens)} tokens")
+            spans = version_spans(choice.get("weight_versions"), len(tokens), version)
+            samples.append(Sample(index, list(ids), tokens, choice["text"], logprobs,
+                                  _finish_reason(choice["finish_reason"]), spans[0][0], version_spans=spans))
         return samples
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -263,6 +296,31 @@ class RemoteEngine:
             self.http.post("/resume")
         self._policy_version = version
         self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
+
+    def update_weights_live(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """`update_weights` without draining: the requests in flight are frozen between two decode steps
+        (``/pause?mode=keep``), the weights reloaded and the server's version advanced, and the requests go
+        on under the new weights; their later tokens carry the new version in `Sample.version_spans`.
+
+        The prefix cache is not reset (blocks of running requests cannot be): call `reset_prefix_cache` once
+        no request is in flight, before anything relies on fresh cache blocks (the stale-weight probe).
+        Needs ``inflight=True``."""
+        if not self.inflight:
+            raise RuntimeError("RemoteEngine.update_weights_live needs RemoteEngine(inflight=True)")
+        version = next_version(weights, self._policy_version)
+        start = time.perf_counter()
+        self.http.post("/pause", mode="keep")
+        try:
+            nbytes = self._sync_filesystem(weights, version)
+            self.http.post("/update_weight_version", {"new_version": str(version)})
+        finally:
+            self.http.post("/resume")
+        self._policy_version = version
+        self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
+
+    def reset_prefix_cache(self) -> None:
+        """Drop the server's cached prefix blocks (after `update_weights_live`, once nothing is in flight)."""
+        self.http.post("/reset_prefix_cache")
 
     def _version_route(self, method: str, path: str, body: Any = None) -> Any:
         """Call a weight-version route; None once the server has shown it lacks them (HTTP 404, vLLM 0.26).
@@ -321,6 +379,43 @@ class RemoteEngine:
 
 def _failed(method: str, url: str, err: Exception) -> str:
     return f"rollout server {method} {url} failed: {type(err).__name__}: {err}"
+
+
+def _sampling(index: int, params: SamplingConfig) -> dict[str, Any]:
+    """vLLM sampling fields of prompt `index`'s request (both generation routes take the same ones)."""
+    return {
+        "n": params.n,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "max_tokens": params.max_tokens,
+        "min_tokens": params.min_tokens,
+        "stop": list(params.stop),
+        "include_stop_str_in_output": True,
+        "seed": sample_seed(params.seed, index, params.n, 0),
+        "logprobs": 0,
+        "skip_special_tokens": True,
+    }
+
+
+def version_spans(raw: Sequence[dict[str, Any]] | None, n_tokens: int, start_version: int) -> list[list[int]]:
+    """``[version, start, end]`` spans of a sample's `n_tokens` output tokens from vLLM's ``weight_versions``
+    (``{"version": str, "start": int, "end": int}`` each). A version that is not a number (vLLM's
+    ``"default"``, before any ``/update_weight_version``) is `start_version`, the one the client knew at the
+    request; no spans at all mean every token is `start_version`'s. The spans must tile [0, n_tokens).
+
+    >>> version_spans([{"version": "default", "start": 0, "end": 3}, {"version": "4", "start": 3, "end": 5}], 5, 3)
+    [[3, 0, 3], [4, 3, 5]]
+    >>> version_spans(None, 2, 7)
+    [[7, 0, 2]]
+    """
+    if not raw:
+        return [[start_version, 0, n_tokens]]
+    spans = [[int(v) if (v := str(r["version"])).isdigit() else start_version, int(r["start"]), int(r["end"])]
+             for r in raw]
+    bounds = [0, *(s[2] for s in spans)]
+    if [s[1] for s in spans] != bounds[:-1] or bounds[-1] != n_tokens or any(s[1] >= s[2] for s in spans):
+        raise RuntimeError(f"rollout server returned weight-version spans {raw} that do not tile {n_tokens} tokens")
+    return spans
 
 
 def _finish_reason(reason: str | None) -> FinishReason:

@@ -9,6 +9,16 @@ the producer loads them between batches when the next batch needs them and check
 weight probe (`ProbeExpectation`: the learner's side, computed at hand-over). This one thread talks to the engine and the reward pool: pushes, generation, scoring, and
 evaluation (a `call`, run once the engine holds the learner's newest weights).
 
+In-flight weight updates (``grpo.inflight_weight_updates``; PipelineRL, Piché et al. 2025, "PipelineRL:
+Faster On-policy Reinforcement Learning for Long Sequence Generation"): while a batch is being generated, a
+second thread loads each snapshot the learner hands over into the server at once, between two decode steps
+(`rollout.engines.remote.RemoteEngine.update_weights_live`), instead of after the batch. A batch still starts
+no earlier than the schedule above allows (so no token is more than k versions behind), but its later tokens
+come from newer weights: lower lag, at the price of run-to-run reproducibility (which tokens each version
+draws depends on timing). Each sample records its tokens' versions (`Sample.version_spans`). After a batch
+that took weights in flight, the prefix cache is reset (its blocks were computed by older weights) and the
+stale-weight probe checks the newest weights, as after any push between batches.
+
 Resume: `checkpoint_state` after step t saves the batches t+1 … t+k (sampled by weights older than the
 checkpoint) with the sampler position after them; a resumed producer serves them first. A producer failure
 (a dead server; a hung one after the engine's request timeout) reaches the learner as `RolloutProducerError`.
@@ -20,6 +30,7 @@ import collections
 import contextlib
 import copy
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -134,9 +145,10 @@ class RolloutProducer:
     """
 
     def __init__(self, side: RolloutSide, sampler: QuestionSampler[Example], sample: SampleFn, check: Check, *,
-                 start: int, total: int, max_staleness: int, pending: Sequence[ProducedBatch] = ()) -> None:
+                 start: int, total: int, max_staleness: int, pending: Sequence[ProducedBatch] = (),
+                 inflight: bool = False) -> None:
         self.side, self.sampler, self._sample, self._check = side, sampler, sample, check
-        self.start_step, self.total, self.k = start, total, max_staleness
+        self.start_step, self.total, self.k, self.inflight = start, total, max_staleness, inflight
         self.engine_step = start  # the learner step whose weights the engine holds
         self._ready: dict[int, ProducedBatch] = {b.step: b for b in pending}
         self._next = start + len(pending) + 1  # the next step to generate
@@ -218,7 +230,8 @@ class RolloutProducer:
         """Run a queued call, else generate the next batch if its weights are loaded, else wait for an item."""
         with self._cond:
             head = self._inbox[0][0] if self._inbox else None
-            can_generate = self._next <= self.total and self.engine_step == self.need(self._next)
+            loaded = self.engine_step - self.need(self._next)  # > 0 only after weights taken in flight
+            can_generate = self._next <= self.total and (loaded == 0 or (self.inflight and loaded > 0))
             if head != "call" and can_generate:
                 head = "generate"
             elif head is None:
@@ -239,7 +252,18 @@ class RolloutProducer:
 
     def _generate(self, step: int) -> None:
         self._doing = f"generating the rollouts of step {step}"
-        samples, rewards, advantages, metrics = self._sample(self.side, self.sampler, step)
+        live = LivePushes(self) if self.inflight else None
+        try:
+            samples, rewards, advantages, metrics = self._sample(self.side, self.sampler, step)
+        finally:
+            if live is not None:
+                live.stop()
+        if live is not None:
+            metrics |= live.metrics()
+            if live.last is not None:  # check the newest weights once nothing is in flight
+                self._doing = f"checking the weights of step {live.last.step} taken in flight"
+                self.side.engine.reset_prefix_cache()  # type: ignore[attr-defined]
+                self._push_metrics = self._check(self.side.engine, live.last)
         metrics |= {"time/wait_weights": 0.0} | self._push_metrics | self.side.timer.pop()
         metrics.pop("time/step")  # the producer's phases overlap the learner's: not part of the step time
         self._push_metrics = {}
@@ -268,6 +292,59 @@ class RolloutProducer:
             done.set()
             self._cond.notify_all()
 
+
+class LivePushes:
+    """The in-flight pusher of one batch (module docstring): a thread that, until `stop`, takes each weight
+    snapshot at the head of the producer's inbox and loads it into the engine while the batch generates."""
+
+    def __init__(self, producer: RolloutProducer) -> None:
+        self.producer = producer
+        self.last: WeightSnapshot | None = None  # the newest snapshot loaded
+        self.count, self.seconds = 0, 0.0
+        self.error: BaseException | None = None
+        self._done = False
+        self._thread = threading.Thread(target=self._run, name="rollout-inflight-push", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Take no more snapshots, wait for a push under way, and raise its error, if any."""
+        p = self.producer
+        with p._cond:
+            self._done = True
+            p._cond.notify_all()
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def metrics(self) -> dict[str, float]:
+        return {"rollout/inflight_pushes": float(self.count), "rollout/inflight_push_s": self.seconds}
+
+    def _next(self) -> WeightSnapshot | None:
+        p = self.producer
+        with p._cond:
+            while not self._done and not (p._inbox and p._inbox[0][0] == "weights"):
+                p._cond.wait(POLL_S)
+            return None if self._done else p._inbox.popleft()[1]
+
+    def _run(self) -> None:
+        p = self.producer
+        while (snapshot := self._next()) is not None:
+            try:
+                if snapshot.step != p.engine_step + 1:
+                    raise RuntimeError(f"weights of step {snapshot.step} after step {p.engine_step}")
+                start = time.perf_counter()
+                p.side.engine.update_weights_live(snapshot)  # type: ignore[attr-defined]
+                if p.side.engine.policy_version != snapshot.version:
+                    raise RuntimeError(f"the engine took them as policy version {p.side.engine.policy_version}, "
+                                       f"expected {snapshot.version}")
+            except BaseException as err:
+                self.error = RuntimeError(f"loading the weights of step {snapshot.step} into the rollout engine "
+                                          f"in flight: {type(err).__name__}: {err}")
+                self.error.__cause__ = err
+                return
+            self.seconds += time.perf_counter() - start
+            self.count += 1
+            self.last, p.engine_step = snapshot, snapshot.step
 
 
 def probe_check(probe: StaleWeightProbe) -> Check:

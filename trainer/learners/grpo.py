@@ -340,13 +340,20 @@ def async_grpo_step(s: Session, producer: RolloutProducer, probe: StaleWeightPro
 
 
 def staleness(learner_version: int, samples: list[Sample], max_staleness: int) -> dict[str, float]:
-    """``rollout/policy_lag`` (max) and ``rollout/policy_lag_mean``: versions between the learner's weights
-    and each sample's; more than `max_staleness` is a bug in the producer's schedule, never trained on."""
+    """Versions between the learner's weights and the rollouts': ``rollout/policy_lag`` (the oldest token's),
+    ``rollout/policy_lag_mean`` (over samples, each by its first token) and ``rollout/policy_lag_token_mean``
+    (over response tokens; lower than the sample mean where weights were taken in flight), and
+    ``rollout/mixed_version_fraction`` (samples drawn by more than one version). A token more than
+    `max_staleness` behind, or ahead of the learner, is a bug in the producer's schedule, never trained on."""
+    token_lags = [learner_version - v for x in samples for v in x.token_versions()]
     lags = [learner_version - x.policy_version for x in samples]
-    if max(lags) > max_staleness or min(lags) < 0:
-        raise RuntimeError(f"rollouts {min(lags)}..{max(lags)} versions behind the learner (version "
+    low, high = min(lags + token_lags), max(lags + token_lags)
+    if high > max_staleness or low < 0:
+        raise RuntimeError(f"rollouts {low}..{high} versions behind the learner (version "
                            f"{learner_version}); grpo.max_staleness={max_staleness}")
-    return {"rollout/policy_lag": float(max(lags)), "rollout/policy_lag_mean": sum(lags) / len(lags)}
+    return {"rollout/policy_lag": float(high), "rollout/policy_lag_mean": sum(lags) / len(lags),
+            "rollout/policy_lag_token_mean": sum(token_lags) / max(1, len(token_lags)),
+            "rollout/mixed_version_fraction": sum(len(x.version_spans) > 1 for x in samples) / len(samples)}
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
@@ -373,7 +380,8 @@ def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch
     side = RolloutSide(s.cfg, s.accelerator, s.engine, s.scorer, PhaseTimer())
     pending = [ProducedBatch.from_json(b) for b in s.trainer_state.pop("pending_rollouts", [])]
     producer = RolloutProducer(side, sampler, _sample_for_producer, probe_check(probe), start=start, total=total,
-                               max_staleness=s.cfg.grpo.max_staleness, pending=pending)
+                               max_staleness=s.cfg.grpo.max_staleness, pending=pending,
+                               inflight=s.cfg.grpo.inflight_weight_updates)
     taken = [start]
 
     def step(n: int) -> StepResult:

