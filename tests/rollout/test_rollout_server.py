@@ -168,6 +168,8 @@ def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert f"-m {vllm_server_module()} --model /m --host 127.0.0.1 --port 9001" in cmd
     assert "--middleware rollout.guard.RolloutGuard" in cmd
     assert "--enable-prefix-caching" in cmd and cmd.strip().endswith("--max-num-seqs 4")
+    # /inference/v1/generate (per-token weight versions) where vLLM has it: 0.32's server module
+    assert ("--enable-scale-out" in cmd) == (vllm_server_module() == VLLM_SERVER_MODULES[0])
 
 
 @pytest.mark.parametrize(

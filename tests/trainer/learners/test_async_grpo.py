@@ -5,6 +5,7 @@ tests/trainer/learners/test_async_grpo_server.py drives a real vLLM rollout serv
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,10 +14,12 @@ import torch
 from grpo_setups import LORA, random_rollout_batch, remote_config, small_config
 from safetensors.torch import load_file
 
+from rollout.engines.protocol import Sample
 from trainer.cluster import validate_for_cluster
 from trainer.config import ConfigError
 from trainer.learner import Learner
 from trainer.learners import grpo
+from trainer.learners.async_rollouts import ProducedBatch
 from trainer.learners.grpo import behaviour_weight, micro_step, train_grpo
 from trainer.logprobs import get_response_log_probs
 from trainer.tracking import read_metrics
@@ -257,3 +260,39 @@ def test_an_in_process_vllm_engine_on_the_producer_thread(tiny_qwen2_path: str, 
     assert max(r["rollout/probe_max_abs_diff"] for r in records[2:]) <= 1e-3
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "eval/accuracy" in r] == [0, 2, 4]
     assert engines[0].policy_version == 1 + 4  # the start's sync, then a push after each step (the last: for eval)
+
+
+# ---- in-flight weight updates (the server side: tests/trainer/learners/test_inflight_updates.py) ----------
+def test_inflight_updates_need_an_asynchronous_run_on_a_server(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    for extra in (("rollout.placement=remote",), ("grpo.max_staleness=1", "rollout.placement=dedicated",
+                                                  "rollout.device=cuda:1")):
+        args = [x for x in extra if x != "rollout.placement=remote"]
+        make = remote_config if "rollout.placement=remote" in extra else small_config
+        with pytest.raises(ConfigError, match=r"grpo.inflight_weight_updates=true with .*only an asynchronous "
+                                              r"run against a server"):
+            make(tiny_qwen2_path, tmp_path, "grpo.inflight_weight_updates=true", *args)
+    cfg = remote_config(tiny_qwen2_path, tmp_path, "grpo.max_staleness=1", "grpo.inflight_weight_updates=true")
+    assert cfg.grpo.inflight_weight_updates and not small_config(tiny_qwen2_path, tmp_path).grpo.inflight_weight_updates
+
+
+def test_staleness_counts_each_token_by_the_version_that_drew_it() -> None:
+    """Learner at version 5, k = 1. Sample A: 4 tokens of version 4. Sample B: 2 tokens of version 4, then 6
+    of version 5. By hand: sample lags 1, 1 (mean 1); token lags 1,1,1,1, 1,1, 0×6: mean 6/12 = 0.5; one of
+    two samples mixed."""
+    a = Sample(0, [1], [7] * 4, "", [0.0] * 4, "stop", 4)
+    b = Sample(0, [1], [7] * 8, "", [0.0] * 8, "stop", 4, version_spans=[[4, 0, 2], [5, 2, 8]])
+    assert b.token_versions() == [4, 4, 5, 5, 5, 5, 5, 5] and a.token_versions() == [4] * 4
+    assert grpo.staleness(5, [a, b], 1) == {"rollout/policy_lag": 1.0, "rollout/policy_lag_mean": 1.0,
+                                            "rollout/policy_lag_token_mean": 0.5,
+                                            "rollout/mixed_version_fraction": 0.5}
+    ahead = Sample(0, [1], [7] * 2, "", [0.0] * 2, "stop", 5, version_spans=[[5, 0, 1], [6, 1, 2]])
+    with pytest.raises(RuntimeError, match=r"rollouts -1..0 versions behind the learner \(version 5\)"):
+        grpo.staleness(5, [ahead], 1)
+
+
+def test_pending_batches_keep_their_version_spans() -> None:
+    sample = Sample(0, [1, 2], [3, 4, 5], "x", [-1.0, -2.0, -3.0], "length", 2, {"reward": 1.0},
+                    [[2, 0, 1], [3, 1, 3]])
+    batch = ProducedBatch(4, [sample], torch.tensor([1.0]), torch.tensor([0.5]), {"m": 1.0}, {"position": 3})
+    again = ProducedBatch.from_json(json.loads(json.dumps(batch.to_json())))
+    assert again.samples == [sample] and again.samples[0].token_versions() == [2, 3, 3]
