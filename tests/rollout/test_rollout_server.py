@@ -268,6 +268,9 @@ def test_server_generate_sync_probe_and_clean_shutdown(
             version + 2 if keeps else 0
         )
         assert remote.server_versions == keeps
+        if not keeps:  # in-flight updates need the server to say which version drew which token
+            with pytest.raises(ValueError, match=r"keeps no weight version \(vLLM < 0.32\).*need a vLLM >= 0.32"):
+                RemoteEngine(server.url, weights_dir=tmp_path / "weights", inflight=True)
         if keeps:  # the 0.26 fallback on a 0.32 server, shown by a route this one lacks
             legacy = RemoteEngine(server.url, weights_dir=tmp_path / "weights")
             with caplog.at_level(logging.WARNING, logger="rollout.engines.remote"):
