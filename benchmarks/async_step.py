@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/async_step.py                       # CPU: tiny Qwen2, configs/grpo_tiny_cpu.yaml, 8 steps
     python benchmarks/async_step.py --steps 10 --staleness 1 2 -- rollout.max_tokens=64   # "--" ends --staleness
+    python benchmarks/async_step.py --inflight -- rollout.max_tokens=128 rollout.min_tokens=128
 
 Starts a vLLM rollout server (`rollout.server.RolloutServer`, the model at ``model.path``, default a freshly
 built tiny Qwen2), then trains ``--steps`` GRPO steps with ``grpo.max_staleness = 0`` (synchronous) and with
@@ -11,7 +12,9 @@ each ``--staleness`` k on the remote placement, and prints, as means over the st
 step time; learner idle (waiting for rollouts: generate + score when synchronous, ``time/wait_rollouts``
 when asynchronous); engine idle (step − generate: the engine only works while generating); the producer's
 wait for weights; and each run's step time over the synchronous one's and over the model
-max(generate + score, train + sync) (the goal: within 10% of it, not of the sum).
+max(generate + score, train + sync) (the goal: within 10% of it, not of the sum). ``--inflight`` adds, for
+each k, a run with ``grpo.inflight_weight_updates`` (row ``k+if``): the same schedule, weights loaded into
+the batch being generated; its ``tok_lag`` (mean lag over response tokens) shows what that buys.
 
 On CPU the learner and the server share the machine's cores (two on the CI machine) and slow each other
 down, so the overlap buys less than on separate devices. To model separate devices, the server's processes
@@ -50,16 +53,18 @@ def phase_means(run: Path) -> dict[str, float]:
     out["step"] = statistics.mean(float(r["time/step"]) - float(r.get("time/eval", 0.0))
                                   - float(r.get("time/save", 0.0)) for r in steps)
     out["lag"] = mean("rollout/policy_lag")
+    out["tok_lag"] = mean("rollout/policy_lag_token_mean")
+    out["inflight"] = mean("rollout/inflight_pushes")
     return out
 
 
-def row(k: int, m: dict[str, float], sync_step: float) -> str:
+def row(label: str, m: dict[str, float], sync_step: float) -> str:
     rollouts = m["generate"] + m["score"] + m["push_weights"]  # the engine's side (the push: asynchronous)
     learner = m["train"] + m["old_log_probs"] + m["sync"]  # synchronous: sync includes the push
-    learner_idle = m["wait_rollouts"] if k else rollouts
+    learner_idle = m["wait_rollouts"] if label != "0" else rollouts
     bound = max(rollouts, learner)
-    return (f"{k:>3} {m['step']:>8.3f} {rollouts:>9.3f} {learner:>9.3f} {learner_idle:>12.3f} "
-            f"{m['step'] - m['generate']:>11.3f} {m['wait_weights']:>12.3f} {m['lag']:>4.1f} "
+    return (f"{label:>4} {m['step']:>8.3f} {rollouts:>9.3f} {learner:>9.3f} {learner_idle:>12.3f} "
+            f"{m['step'] - m['generate']:>11.3f} {m['wait_weights']:>12.3f} {m['lag']:>4.1f} {m['tok_lag']:>7.2f} "
             f"{m['step'] / sync_step:>9.2f} {m['step'] / bound:>10.2f}")
 
 
@@ -80,6 +85,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--staleness", type=int, nargs="+", default=[1])
     parser.add_argument("--no-split", action="store_true", help="CPU: do not give each side its own cores")
+    parser.add_argument("--inflight", action="store_true", help="also each k with grpo.inflight_weight_updates")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -111,24 +117,28 @@ def main() -> None:
     results = {}
     try:
         server.start()
-        for k in [0, *args.staleness]:
-            run = out / f"k{k}"
+        runs = [(str(k), k, False) for k in [0, *args.staleness]]
+        runs += [(f"{k}+if", k, True) for k in args.staleness if args.inflight]
+        for label, k, inflight in runs:
+            run = out / f"k{label}"
             cfg = load_config(args.config, [
                 f"model.path={model}", f"output_dir={run}", f"grpo.n_grpo_steps={args.steps}", "warmstart.steps=0",
                 "eval.every=0", "eval.limit=8", "logging.progress=false", "checkpoint.save_every=0",
                 "rollout.placement=remote", f"rollout.server_url={server.url}", "rollout.sleep_between_rollouts=false",
-                f"rollout.weight_transfer_dir={out / 'weights'}", f"grpo.max_staleness={k}", *args.overrides])
+                f"rollout.weight_transfer_dir={out / 'weights'}", f"grpo.max_staleness={k}",
+                f"grpo.inflight_weight_updates={str(inflight).lower()}", *args.overrides])
             train_grpo(cfg)
-            results[k] = phase_means(run)
+            results[label] = phase_means(run)
     finally:
         server.close()
     print(f"\nGRPO step, synchronous (k=0) vs asynchronous, mean of steps 2..{args.steps} "
           f"({base.grpo.rollout_batch_size} rollouts of <= {base.rollout.max_tokens} tokens; seconds)")
-    print("  k     step  rollouts   learner learner_idle engine_idle wait_weights  lag  vs_sync  vs_bound")
-    for k, m in results.items():
-        print(row(k, m, results[0]["step"]))
+    print("   k     step  rollouts   learner learner_idle engine_idle wait_weights  lag tok_lag  vs_sync  vs_bound")
+    for label, m in results.items():
+        print(row(label, m, results["0"]["step"]))
     print("rollouts = generate + score (+ the producer's weight push); learner = train + old log-probs + sync;"
-          " bound = max(rollouts, learner)")
+          " bound = max(rollouts, learner);\n"
+          "lag = the oldest token's (max), tok_lag = mean over response tokens; k+if = in-flight weight updates")
 
 
 if __name__ == "__main__":

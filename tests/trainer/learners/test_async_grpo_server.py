@@ -174,9 +174,11 @@ def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path
 
 
 def test_async_step_benchmark_prints_its_table() -> None:
-    """benchmarks/async_step.py on a small workload: one row per mode, the asynchronous one lag 1."""
+    """benchmarks/async_step.py on a small workload: one row per mode, the asynchronous ones lag 1 (the
+    in-flight one at most 1), the synchronous one the reference (1.00)."""
 
-    out = run_script("async_step.py", "--steps", "2", "grpo.rollout_batch_size=16", "grpo.train_batch_size=16",
-                     "rollout.max_tokens=8")
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"])}
-    assert rows.keys() == {"0", "1"} and rows["1"][7] == "1.0" and rows["0"][8] == "1.00", out
+    out = run_script("async_step.py", "--steps", "2", "--inflight", "--", "grpo.rollout_batch_size=16",
+                     "grpo.train_batch_size=16", "rollout.max_tokens=8")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["0"], ["1"], ["1+if"])}
+    assert rows.keys() == {"0", "1", "1+if"} and rows["1"][7] == "1.0" and rows["0"][9] == "1.00", out
+    assert float(rows["1+if"][7]) <= 1.0 and float(rows["1+if"][8]) <= float(rows["1+if"][7]), out
