@@ -6,7 +6,7 @@ Schedule (fixed lag, deterministic): step u's batch is sampled with the weights 
 trains on it, and a run is reproducible from its seeds (``seed + 1000·u`` as in the synchronous loop)
 whatever the threads' timing. The learner hands each step's weights over as a CPU copy (`WeightSnapshot`);
 the producer loads them between batches when the next batch needs them and checks them with the stale-
-weight probe (`ProbeExpectation`: the learner's side, computed at hand-over). This one thread talks to the engine and the reward pool: pushes, generation, scoring, and
+weight probe (`ProbeExpectation`: the learner's side, computed at hand-over). This one thread talks to the engine and the reward pool (in-flight updates add a pusher, below): pushes, generation, scoring, and
 evaluation (a `call`, run once the engine holds the learner's newest weights).
 
 In-flight weight updates (``grpo.inflight_weight_updates``; PipelineRL, Piché et al. 2025, "PipelineRL:
