@@ -85,11 +85,11 @@ def test_lag_at_most_one_and_generation_overlaps_the_update(tiny_qwen2_path: str
                                                             server: RolloutServer,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """k = 1, 4 steps: the lag is 0 then 1 (never more), the server takes every step's weights (probed), and
-    step t+1's generation runs while step t's update does (their time spans intersect) for every t. Eight
+    step t+1's generation runs while step t's update does (their time spans intersect) for every t. Sixteen
     epochs per batch make the update outlast the weight push that precedes each generation from step 2 on."""
     spans = record(monkeypatch)
     train_grpo(remote(tiny_qwen2_path, tmp_path / "run", server, "rollout.max_tokens=24",
-                      "grpo.epochs_per_rollout_batch=8"))
+                      "grpo.epochs_per_rollout_batch=16"))
     records = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert [r["rollout/policy_lag"] for r in records] == [0.0, 1.0, 1.0, 1.0]
     assert [r.get("rollout/probe_ok") for r in records] == [None, None, 1.0, 1.0]
