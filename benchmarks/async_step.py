@@ -54,7 +54,6 @@ def phase_means(run: Path) -> dict[str, float]:
                                   - float(r.get("time/save", 0.0)) for r in steps)
     out["lag"] = mean("rollout/policy_lag")
     out["tok_lag"] = mean("rollout/policy_lag_token_mean")
-    out["inflight"] = mean("rollout/inflight_pushes")
     return out
 
 

@@ -285,17 +285,7 @@ class RemoteEngine:
                 pass
             self._policy_version = version
             return
-        start = time.perf_counter()
-        self.wake()
-        self.http.post("/pause", mode="wait", clear_cache="true")
-        try:
-            nbytes = self._sync_filesystem(weights, version)
-            self.http.post("/reset_prefix_cache")
-            self._version_route("POST", "/update_weight_version", {"new_version": str(version)})
-        finally:
-            self.http.post("/resume")
-        self._policy_version = version
-        self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
+        self._swap(weights, version, keep_running=False)
 
     def update_weights_live(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """`update_weights` without draining: the requests in flight are frozen between two decode steps
@@ -307,12 +297,19 @@ class RemoteEngine:
         Needs ``inflight=True``."""
         if not self.inflight:
             raise RuntimeError("RemoteEngine.update_weights_live needs RemoteEngine(inflight=True)")
-        version = next_version(weights, self._policy_version)
+        self._swap(weights, next_version(weights, self._policy_version), keep_running=True)
+
+    def _swap(self, weights: Iterable[tuple[str, torch.Tensor]], version: int, *, keep_running: bool) -> None:
+        """Pause the server (draining it, or with `keep_running` freezing its requests), write and reload the
+        weights, reset the prefix cache (drained only), advance the version, resume; the sync metrics."""
         start = time.perf_counter()
-        self.http.post("/pause", mode="keep")
+        self.wake()  # a no-op unless asleep (never while requests run)
+        self.http.post("/pause", **({"mode": "keep"} if keep_running else {"mode": "wait", "clear_cache": "true"}))
         try:
             nbytes = self._sync_filesystem(weights, version)
-            self.http.post("/update_weight_version", {"new_version": str(version)})
+            if not keep_running:
+                self.http.post("/reset_prefix_cache")
+            self._version_route("POST", "/update_weight_version", {"new_version": str(version)})
         finally:
             self.http.post("/resume")
         self._policy_version = version
