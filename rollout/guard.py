@@ -10,9 +10,13 @@ Added last, it is the outermost middleware, so it sees every request before vLLM
 - ``POST /collective_rpc`` runs only ``reload_weights(weights_path=..., is_checkpoint_format=true)`` (403 for
   any other method), and only after `rollout.reload_check` has accepted the directory (4xx otherwise; the
   old weights keep serving). vLLM receives the resolved path;
-- a reload that vLLM itself fails after those checks leaves the served weights incomplete: from then on
-  ``/health`` answers 503 with the reason and generation routes are refused (503) instead of crashing the
-  engine, until a reload succeeds. An engine that died is reported 503 by vLLM's own ``/health``.
+- a collective weight update (`rollout.transfer`: ``/start_weight_update``, ``/update_weights``,
+  ``/finish_weight_update``) goes on only if ``/update_weights`` announces the served model's tensors with
+  their shapes (`rollout.reload_check.check_update_info`; 422 otherwise, before any tensor moves);
+- a reload or update that vLLM itself fails after those checks leaves the served weights incomplete: from
+  then on ``/health`` answers 503 with the reason and generation routes are refused (503) instead of
+  crashing the engine, until a reload (or a whole update) succeeds. An engine that died is reported 503 by
+  vLLM's own ``/health``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from rollout.reload_check import (
     ModelLayout,
     ReloadRefused,
     check_reload_dir,
+    check_update_info,
     resolve_reload_dir,
     served_model_layout,
 )
@@ -50,7 +55,10 @@ MAX_RPC_BODY = 1 << 20
 WHILE_BROKEN = frozenset({
     "/collective_rpc", "/pause", "/resume", "/is_paused", "/reset_prefix_cache", "/weight_info",
     "/update_weight_version", "/v1/models", "/sleep", "/wake_up", "/is_sleeping",
+    "/init_weight_transfer_engine", "/shutdown_weight_transfer_engine", "/get_world_size",
 })  # fmt: skip
+# the routes of a collective weight update (`rollout.transfer`), checked and tracked by the guard
+UPDATE_ROUTES = frozenset({"/start_weight_update", "/update_weights", "/finish_weight_update"})
 
 
 def guard_settings(model: str, weights_dir: str | None, trust_remote_code: bool = False) -> str:
@@ -74,6 +82,7 @@ class RolloutGuard:
         self.broken: str | None = None  # why the served weights cannot generate, while they cannot
         self._layout: ModelLayout | None = None
         self._reload_lock = asyncio.Lock()
+        self._updated = False  # the collective update under way has received every tensor
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -91,6 +100,8 @@ class RolloutGuard:
         path = route_path(scope)
         if path == "/collective_rpc" and scope["type"] == "http":
             await self._rpc(scope, receive, send)
+        elif path in UPDATE_ROUTES and scope["type"] == "http":
+            await self._update(path, scope, receive, send)
         elif self.broken is not None and path not in WHILE_BROKEN:
             await _refuse(scope, send, 503, self.broken)
         else:
@@ -126,6 +137,35 @@ class RolloutGuard:
                     f"the weight reload from {target} failed (HTTP {status}) after it had started, so the "
                     "served weights are incomplete: reload a valid directory or restart the server"
                 )  # fmt: skip
+
+    async def _update(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        """A collective weight update (`rollout.transfer`): ``/update_weights`` goes on only if it announces a
+        complete copy of the served model; the served weights are whole again once an update and the
+        ``/finish_weight_update`` after it both succeed, and `broken` if either fails."""
+        body = await _read_body(receive, MAX_RPC_BODY)
+        if body is None:
+            await _refuse(scope, send, 413, f"{path} body larger than {MAX_RPC_BODY} bytes")
+            return
+        if path == "/update_weights":
+            try:
+                await asyncio.to_thread(_check_update_body, body, await self._served_layout())
+            except ReloadRefused as err:
+                logger.warning("rollout server: refused update_weights: %s", err)
+                await _refuse(scope, send, err.status, str(err))
+                return
+        status = await self._forward(scope, body, receive, send)
+        if path == "/start_weight_update":
+            self._updated = False
+        elif status >= 400:
+            self._updated = False
+            self.broken = (
+                f"a collective weight update failed at {path} (HTTP {status}) after it had started, so the "
+                "served weights may be incomplete: send a full update again or restart the server"
+            )  # fmt: skip
+        elif path == "/update_weights":
+            self._updated = True
+        elif self._updated:  # /finish_weight_update after a whole update
+            self.broken = None
 
     async def _served_layout(self) -> ModelLayout:
         if self._layout is None:
@@ -163,6 +203,15 @@ class RolloutGuard:
         scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
         await self.app(scope, replay, watch)
         return status
+
+
+def _check_update_body(body: bytes, layout: ModelLayout) -> None:
+    """`check_update_info` on a ``/update_weights`` body (``{"update_info": {...}}``)."""
+    try:
+        request = json.loads(body)
+    except ValueError as err:
+        raise ReloadRefused(f"update_weights body is not JSON: {err}", 400) from None
+    check_update_info(request.get("update_info") if isinstance(request, dict) else None, layout)
 
 
 def route_path(scope: Scope) -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,12 @@ DTYPE_BYTES = {
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+# torch dtype names a collective update may announce (`rollout.transfer.update_info`): floating or not
+TORCH_DTYPES = {
+    "float64": True, "float32": True, "float16": True, "bfloat16": True,
+    "float8_e4m3fn": True, "float8_e5m2": True,
+    "int64": False, "int32": False, "int16": False, "int8": False, "uint8": False, "bool": False,
+}  # fmt: skip
 MAX_HEADER_BYTES = 100 << 20
 
 
@@ -141,19 +147,54 @@ def check_reload_dir(target: Path, root: Path, layout: ModelLayout) -> None:
             if name in found:
                 raise ReloadRefused(f"{target}: tensor {name!r} is in more than one shard", 422)
             found[name] = entry
+    check_tensors(found, FLOAT_DTYPES, layout, str(target))
+
+
+def check_update_info(info: object, layout: ModelLayout) -> None:
+    """Raise `ReloadRefused` unless `info`, the ``update_info`` of a collective weight update (names,
+    ``dtype_names`` such as ``bfloat16``, shapes; `rollout.transfer`), announces a complete copy of `layout`."""
+    if not isinstance(info, dict):
+        raise ReloadRefused("update_weights: update_info must be an object", 400)
+    names, dtypes, shapes = info.get("names"), info.get("dtype_names"), info.get("shapes")
+    if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not (
+        len(names) == len(dtypes) == len(shapes)
+    ):
+        raise ReloadRefused(
+            "update_weights: update_info needs names, dtype_names and shapes, lists of one length", 400
+        )
+    found: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
+        if (
+            dtype not in TORCH_DTYPES
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) for d in shape)
+        ):
+            raise ReloadRefused(f"update_weights: {name!r} has dtype {dtype!r} and shape {shape!r}", 422)
+        if name in found:
+            raise ReloadRefused(f"update_weights: tensor {name!r} is announced twice", 422)
+        found[str(name)] = (dtype, tuple(shape))
+    check_tensors(found, {d for d, floating in TORCH_DTYPES.items() if floating}, layout, "update_weights")
+
+
+def check_tensors(
+    found: dict[str, tuple[str, tuple[int, ...]]], floating: Collection[str], layout: ModelLayout, what: str
+) -> None:
+    """Raise `ReloadRefused` unless `found` ({name: (dtype, shape)}) names every parameter of `layout` (a
+    tied alias may come along), nothing else, each with its shape, and a dtype in `floating` where the
+    model's is floating point."""
     unknown = sorted(set(found) - set(layout.shapes))
     problems = [f"unknown tensors: {_few(unknown)}"] if unknown else []
     for name, (dtype, shape) in found.items():
         want = layout.shapes.get(name)
         if want is not None and shape != want:
             problems.append(f"{name} has shape {list(shape)}, the served model's is {list(want)}")
-        if name in layout.floating and dtype not in FLOAT_DTYPES:
+        if name in layout.floating and dtype not in floating:
             problems.append(f"{name} has dtype {dtype}, the served model's is floating point")
     missing = [names[0] for names in layout.groups if not any(n in found for n in names)]
     if missing:
         problems.append(f"{len(missing)} of the served model's parameters missing: {_few(missing)}")
     if problems:
-        raise ReloadRefused(f"{target} does not match the served model: " + "; ".join(problems[:5]), 422)
+        raise ReloadRefused(f"{what} does not match the served model: " + "; ".join(problems[:5]), 422)
 
 
 def _few(names: Iterable[str], limit: int = 5) -> str:

@@ -23,6 +23,9 @@ whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands
 ``POST /pause`` ``/resume``     hold generation while weights change (``mode=wait``: drain first;
                                 ``mode=keep``: freeze the running requests, for in-flight updates)
 ``POST /collective_rpc``        ``reload_weights(weights_path=DIR)`` on every worker, nothing else
+``POST /update_weights``        collective transfer (``--weight-transfer gloo|nccl``; `rollout.transfer`),
+                                after ``/init_weight_transfer_engine`` (once) and ``/start_weight_update``,
+                                before ``/finish_weight_update``; ``GET /get_world_size``
 ``POST /reset_prefix_cache``    after every sync
 ``POST /update_weight_version`` ``GET /weight_info``: the policy version lives on the server (vLLM 0.32;
                                 404 on 0.26: the client keeps it, see `RemoteEngine`)
@@ -30,9 +33,11 @@ whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands
 ==============================  ===================================================================
 
 Security (the shared secret from the environment, loopback-only without one, the reload checks):
-`rollout.guard`, `rollout.auth`, `rollout.reload_check`. Weight transfer (``filesystem``, works on CPU): the
-learner writes safetensors shards to ``weights_dir/v{version:06d}`` on storage both machines see, asks the
-server to reload from there, and after a successful sync deletes the other version directories. On CPU the
+`rollout.guard`, `rollout.auth`, `rollout.reload_check`. Weight transfer (``--weight-transfer``):
+``filesystem`` (the default): the learner writes safetensors shards to ``weights_dir/v{version:06d}`` on
+storage both machines see, asks the server to reload from there, and after a successful sync deletes the
+other version directories. ``gloo`` (TCP, CPU) and ``nccl`` (GPU): the learner broadcasts the tensors to the
+server's workers through vLLM's weight-transfer engine (`rollout.transfer`), no shared storage. On CPU the
 server uses vLLM's default multiprocess engine (API server, engine core, worker).
 
 `RolloutServer` launches a server as a child process group on this machine and kills the whole group on
@@ -44,6 +49,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import importlib.util
+import json
 import logging
 import os
 import signal
@@ -59,6 +65,7 @@ from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError, check_bind, load
 from rollout.engines.remote import health
 from rollout.engines.vllm import CPU_MAX_BATCHED_TOKENS
 from rollout.guard import GUARD_ENV, guard_settings
+from rollout.transfer import BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (fast start)"
     )
-    parser.add_argument("--weight-transfer", choices=["filesystem"], default="filesystem")
+    parser.add_argument(
+        "--weight-transfer",
+        choices=["filesystem", *BACKENDS],
+        default="filesystem",
+        help="how the learner sends weights: filesystem (safetensors in --weights-dir, shared storage), or a "
+        "collective broadcast from the learner (gloo: TCP, CPU; nccl: GPU) with no shared storage; the "
+        "learner's rollout.weight_transfer must match",
+    )
     parser.add_argument(
         "--weights-dir",
         default=None,
@@ -153,6 +167,8 @@ def serve_command(args: argparse.Namespace, extra: Sequence[str] = ()) -> list[s
         cmd.append("--enforce-eager")
     if args.enable_sleep_mode:
         cmd.append("--enable-sleep-mode")
+    if args.weight_transfer in BACKENDS:  # vLLM's weight-transfer engine (gloo: rollout.gloo_engine)
+        cmd += ["--weight-transfer-config", json.dumps({"backend": args.weight_transfer})]
     if cmd[2] == VLLM_SERVER_MODULES[0]:  # vLLM 0.32: /inference/v1/generate, with per-token weight versions
         cmd.append("--enable-scale-out")
     if cpu_build() and not any(a.split("=", 1)[0] == "--max-num-batched-tokens" for a in extra):
@@ -193,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if token is None:
         print(f"rollout server: no secret set ({TOKEN_ENV}): serving loopback clients only", file=sys.stderr)
-    if args.weights_dir is None:
+    if args.weights_dir is None and args.weight_transfer == "filesystem":
         print("rollout server: no --weights-dir: weight reloads will be refused", file=sys.stderr)
     weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else None
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")

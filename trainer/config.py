@@ -9,8 +9,10 @@ need the launched cluster (world size, learner devices) are `trainer.cluster.val
 Rollout placement (``rollout.placement``; `trainer.engines` builds the engine): ``colocated``, an engine per
 learner rank in its process and on its device (vLLM sleeps between rollouts on CUDA; the HF engine shares the
 learner's live module and has no other placement); ``dedicated``, vLLM on its own GPU ``rollout.device``
-(required; no learner's device), so world size 1; ``remote``, a rollout server at ``rollout.server_url`` with
-weights through ``rollout.weight_transfer_dir`` (both required; filesystem transfer is the only one built).
+(required; no learner's device), so world size 1; ``remote``, a rollout server at ``rollout.server_url``
+(required) that takes the weights by ``rollout.weight_transfer``: ``filesystem`` through
+``rollout.weight_transfer_dir`` (then required), or broadcast by ``gloo`` (CPU) or ``nccl`` (GPU) with no
+shared storage (`rollout.transfer`; the server started with the same ``--weight-transfer``).
 With several ranks on one server only rank 0 sends weights, and ``sleep_between_rollouts`` must be off.
 """
 
@@ -122,9 +124,12 @@ class RolloutConfig(SamplingSection):
         None, description="placement=dedicated (required there): the engine's own GPU, e.g. cuda:1, not a "
         "learner's")
     server_url: str | None = Field(None, description="rollout server URL; placement=remote (required there)")
+    weight_transfer: Literal["filesystem", "gloo", "nccl"] = Field(
+        "filesystem", description="placement=remote: filesystem (safetensors in weight_transfer_dir), or a "
+        "broadcast to the server's workers: gloo (TCP, CPU) or nccl (GPU); the server's --weight-transfer")
     weight_transfer_dir: str | None = Field(
         None, description="directory learner and server both see, for filesystem weight sync; placement=remote "
-        "(required there)")
+        "with weight_transfer=filesystem (required there)")
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     max_model_len: int = Field(2048, ge=16)
     enforce_eager: bool = False
@@ -401,11 +406,12 @@ def placement_problems(rollout: Mapping[str, Any]) -> list[str]:
                 "rollout.placement=remote needs rollout.server_url, e.g. http://HOST:8000 (start the server "
                 "with `reasonrl rollout-server`)"
             )
-        if not values["weight_transfer_dir"]:
+        if values["weight_transfer"] == "filesystem" and not values["weight_transfer_dir"]:
             problems.append(
                 "rollout.placement=remote needs rollout.weight_transfer_dir, a directory the learner writes and "
                 "the rollout server reads (shared storage) and serves with --weights-dir: weights go to the server as "
-                "safetensors there (the only transfer built so far)"
+                "safetensors there. Without shared storage set rollout.weight_transfer=gloo (CPU) or nccl (GPU) "
+                "and start the server with the same --weight-transfer"
             )
     return problems
 

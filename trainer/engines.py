@@ -7,8 +7,9 @@ Placement (``rollout.placement``; the rules are checked by `trainer.config`, see
   advances the policy version and the probe checks the shared module against itself). One engine per rank.
 - ``dedicated``: vLLM on its own device (``rollout.device``, e.g. ``cuda:1``; required); world size 1.
 - ``remote``: a rollout server (`reasonrl rollout-server`) at ``rollout.server_url``; weights go through
-  ``rollout.weight_transfer_dir`` (shared storage; required). All ranks share the one server
-  (`shares_engine`): only rank 0's client sends weights.
+  ``rollout.weight_transfer_dir`` (shared storage) or, with ``rollout.weight_transfer`` gloo / nccl, are
+  broadcast to the server (`rollout.transfer`). All ranks share the one server (`shares_engine`): only rank
+  0's client sends weights.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     if r.placement == "remote":
         from rollout.engines.remote import RemoteEngine
 
-        if not (r.server_url and r.weight_transfer_dir):  # config validation rejects this; not assert: -O
-            raise ValueError("rollout.placement=remote needs rollout.server_url and rollout.weight_transfer_dir")
+        if not r.server_url or (r.weight_transfer == "filesystem" and not r.weight_transfer_dir):  # not assert: -O
+            raise ValueError("rollout.placement=remote needs rollout.server_url and rollout.weight_transfer_dir "
+                             "(or rollout.weight_transfer=gloo|nccl)")
         accelerator = learner.accelerator
         sends = accelerator.is_main_process or not shares_engine(cfg, accelerator.num_processes)
         return RemoteEngine(r.server_url, weights_dir=r.weight_transfer_dir, bucket_mb=r.sync_bucket_mb,
                             sleep_between_rollouts=r.sleep_between_rollouts, sends_weights=sends,
-                            timeout_s=r.request_timeout_s, inflight=cfg.grpo.inflight_weight_updates)
+                            timeout_s=r.request_timeout_s, inflight=cfg.grpo.inflight_weight_updates,
+                            weight_transfer=r.weight_transfer)
     if r.engine == "hf":
         from rollout.engines.hf import HFEngine
 

@@ -1,7 +1,8 @@
 """`RemoteEngine`: the `RolloutEngine` client of a rollout server (`rollout.server`), over HTTP.
 
-The protocol (endpoints) is in `rollout.server`'s docstring. Weights go through the filesystem: safetensors
-shards in a directory both sides see, then the server's in-place ``reload_weights`` from that path.
+The protocol (endpoints) is in `rollout.server`'s docstring. Weights go through the filesystem (safetensors
+shards in a directory both sides see, then the server's in-place ``reload_weights`` from that path) or, with
+``weight_transfer="gloo"`` / ``"nccl"``, are broadcast to the server's workers (`rollout.transfer`).
 
 In-flight weight updates (``inflight=True``; PipelineRL, Piché et al. 2025): `update_weights_live` swaps the
 weights between two decode steps without draining the requests in flight (vLLM's ``/pause?mode=keep``), so
@@ -18,6 +19,7 @@ request, the bearer secret on every request.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -41,6 +43,7 @@ from rollout.engines.protocol import (
     rollout_metrics,
     sample_seed,
 )
+from rollout.transfer import CollectiveSender
 from rollout.weights import MB, next_version, sync_metrics, write_safetensors_shards
 
 logger = logging.getLogger(__name__)
@@ -142,6 +145,8 @@ class RemoteEngine:
         token: the server's secret; default: from the environment, as the server reads it (`rollout.auth`).
         inflight: generate through ``/inference/v1/generate`` and record per-token weight versions, so that
             `update_weights_live` may run while `generate` is in flight (module docstring; vLLM ≥ 0.32).
+        weight_transfer: ``filesystem`` (shards in `weights_dir`), or ``gloo`` / ``nccl``: broadcast to the
+            server's workers (`rollout.transfer`; the server started with the same ``--weight-transfer``).
 
     The policy version is stored on the server (``/weight_info``, ``/update_weight_version``), so a new client
     continues from it. A vLLM 0.26 server has neither route (HTTP 404): then `server_versions` turns False,
@@ -160,12 +165,16 @@ class RemoteEngine:
         sends_weights: bool = True,
         token: str | None = None,
         inflight: bool = False,
+        weight_transfer: str = "filesystem",
     ) -> None:
-        if weights_dir is None:
+        if weight_transfer == "filesystem" and weights_dir is None:
             raise ValueError("RemoteEngine: pass weights_dir (a directory the server can read)")
         self.http = _Http(base_url, timeout_s, token)
         self.base_url = self.http.base_url
-        self.weights_dir = Path(weights_dir)
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else None
+        self.sender = None if weight_transfer == "filesystem" else (
+            CollectiveSender(self.http, self.base_url, weight_transfer, timeout_s=timeout_s)
+        )  # fmt: skip
         self.sends_weights = sends_weights
         self.bucket_bytes = int(bucket_mb * MB)
         self.max_concurrency = max_concurrency
@@ -306,12 +315,15 @@ class RemoteEngine:
         self.wake()  # a no-op unless asleep (never while requests run)
         self.http.post("/pause", **({"mode": "keep"} if keep_running else {"mode": "wait", "clear_cache": "true"}))
         try:
-            nbytes = self._sync_filesystem(weights, version)
+            nbytes = self.sender.send(weights) if self.sender else self._sync_filesystem(weights, version)
             if not keep_running:
                 self.http.post("/reset_prefix_cache")
             self._version_route("POST", "/update_weight_version", {"new_version": str(version)})
-        finally:
-            self.http.post("/resume")
+        except BaseException:
+            with contextlib.suppress(Exception):  # a dead server: the sync's own error says so, not /resume's
+                self.http.post("/resume")
+            raise
+        self.http.post("/resume")
         self._policy_version = version
         self.metrics.update(sync_metrics(time.perf_counter() - start, nbytes))
 
@@ -340,6 +352,8 @@ class RemoteEngine:
         return None
 
     def _sync_filesystem(self, weights: Iterable[tuple[str, torch.Tensor]], version: int) -> int:
+        if self.weights_dir is None:  # __init__ requires it without a sender; not assert: -O
+            raise ValueError("RemoteEngine: filesystem weight transfer needs weights_dir")
         target = self.weights_dir / f"v{version:06d}"
         nbytes = write_safetensors_shards(weights, target, self.bucket_bytes)
         self.http.post(
@@ -371,6 +385,8 @@ class RemoteEngine:
 
     def close(self) -> None:
         """Close the client's connections; the server belongs to whoever started it."""
+        if self.sender is not None:
+            self.sender.close()
         self.http.close()
 
 

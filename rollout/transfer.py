@@ -1,0 +1,223 @@
+"""Collective weight transfer, learner side: weights broadcast to a rollout server's workers, no shared storage.
+
+The protocol is vLLM's weight-transfer API (its ``/init_weight_transfer_engine``, ``/start_weight_update``,
+``/update_weights``, ``/finish_weight_update`` routes, vLLM ≥ 0.26):
+
+1. once: the learner (rank 0 of a new group) opens a rendezvous on ``host:port`` and, concurrently, asks the
+   server to join it with ``world_size = 1 + the server's workers`` (``/get_world_size``);
+2. per update: ``/start_weight_update``; then ``/update_weights`` announces every tensor (names, dtypes, full
+   shapes, in order) while the learner broadcasts them one by one in that order, and each worker loads
+   each tensor as it arrives; ``/finish_weight_update`` ends the layerwise reload.
+
+Backends: ``nccl`` (GPU; vLLM's own engine on the server, ``PyNcclCommunicator`` here; two processes need
+two GPUs) and ``gloo`` (TCP, host memory; `rollout.gloo_engine` on the server, `gloo_group` here), which is
+what runs on CPU. The server is started with the same backend (``reasonrl rollout-server --weight-transfer``).
+
+Failure is bounded: each broadcast is awaited while watching the ``/update_weights`` request, so a server
+that refuses the update (its guard checks names and shapes first) or dies ends the sync with that error
+instead of a hang; the group is then rebuilt at the next sync. Naive twin: the filesystem transfer
+(`rollout.weights.write_safetensors_shards` + ``reload_weights``); tests check both give the same weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import socket
+import time
+import urllib.parse
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from rollout.weights import TensorMeta, WeightStream
+
+BACKEND_GLOO = "gloo"
+BACKEND_NCCL = "nccl"
+BACKENDS = (BACKEND_GLOO, BACKEND_NCCL)
+Pairs = Iterable[tuple[str, torch.Tensor]]
+
+
+class Client(Protocol):
+    """The HTTP calls the sender makes (`rollout.engines.remote`'s client: JSON, the secret, timeouts)."""
+
+    def get(self, path: str) -> Any: ...
+
+    def post(self, path: str, body: Any = None) -> Any: ...
+
+
+def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A gloo process group of `world_size` ranks that meet at ``host:port`` (rank 0 listens there), outside
+    ``torch.distributed``'s global state; every operation fails after `timeout_s`."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)  # type: ignore[attr-defined]
+    prefixed = dist.PrefixStore("reasonrl-weights", store)  # type: ignore[attr-defined]
+    return dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+
+
+def address_towards(url: str) -> str:
+    """This machine's address on the route to the server at `url` (what the server dials back to)."""
+    parsed = urllib.parse.urlsplit(url)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # UDP connect: no packet is sent
+        sock.connect((parsed.hostname or "127.0.0.1", parsed.port or 80))
+        return str(sock.getsockname()[0])
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def update_info(listing: list[TensorMeta]) -> dict[str, Any]:
+    """The ``update_info`` body of ``/update_weights``: names, dtype names (``float32``) and full shapes."""
+    return {
+        "names": [m.name for m in listing],
+        "dtype_names": [str(m.dtype).removeprefix("torch.") for m in listing],
+        "shapes": [list(m.shape) for m in listing],
+    }
+
+
+class CollectiveSender:
+    """Sends weight updates to a rollout server over a `backend` group (module docstring).
+
+    Args:
+        client: the server's HTTP client.
+        server_url: the server's URL (to find this machine's address on the route to it).
+        backend: ``gloo`` or ``nccl``.
+        timeout_s: the longest one sync may wait for the server (rendezvous, each broadcast).
+        host: the address the server's workers dial to meet this learner; default: `address_towards`.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        server_url: str,
+        backend: str,
+        *,
+        timeout_s: float = 600,
+        host: str | None = None,
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"weight transfer backend {backend!r}: use one of {BACKENDS} (or filesystem)")
+        self.client = client
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.host = host or address_towards(server_url)
+        self.group: Any = None  # gloo ProcessGroup or vLLM PyNcclCommunicator, built at the first send
+        self.connects = 0
+        self._abandoned: list[Any] = []  # groups with a send in flight: destroying one waits out its timeout
+
+    def send(self, weights: Pairs) -> int:
+        """One full update (start, announce + broadcast, finish); the bytes sent."""
+        if self.group is None:
+            self._connect()
+        listing, tensors = _listed(weights)
+        self.client.post("/start_weight_update")
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="weight-update") as pool:
+                announced = pool.submit(
+                    self.client.post, "/update_weights", {"update_info": update_info(listing)}
+                )
+                nbytes = self._broadcast(listing, tensors, announced)
+                announced.result()
+        except BaseException:
+            self._abandon()  # the group's state is unknown: rebuild it at the next sync
+            _quietly(self.client.post, "/finish_weight_update")  # end the server's update session
+            raise
+        self.client.post("/finish_weight_update")
+        return nbytes
+
+    def _abandon(self) -> None:
+        if self.group is not None:
+            self._abandoned.append(self.group)
+        self.group = None
+
+    def close(self) -> None:
+        if self.group is not None:
+            self.group = None
+            _quietly(self.client.post, "/shutdown_weight_transfer_engine")  # vLLM 0.32; 404 on 0.26
+
+    def _connect(self) -> None:
+        workers = int(self.client.get("/get_world_size")["world_size"])
+        port = free_port(self.host)
+        init = {"master_address": self.host, "master_port": port, "rank_offset": 1, "world_size": 1 + workers}
+        with ThreadPoolExecutor(1, thread_name_prefix="weight-rendezvous") as pool:
+            joined = pool.submit(self.client.post, "/init_weight_transfer_engine", {"init_info": init})
+            self.group = self._join(init)
+            joined.result()
+        self.connects += 1
+
+    def _join(self, init: dict[str, Any]) -> Any:
+        if self.backend == BACKEND_GLOO:
+            return gloo_group(
+                init["master_address"], init["master_port"], 0, init["world_size"], self.timeout_s
+            )
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init  # vLLM 0.26 and 0.32
+
+        return trainer_init(init)
+
+    def _broadcast(self, listing: list[TensorMeta], tensors: Iterator[tuple[str, torch.Tensor]],
+                   announced: Future[Any]) -> int:  # fmt: skip
+        nbytes = 0
+        for meta in listing:
+            name, tensor = next(tensors, (None, None))
+            if name != meta.name or tensor is None:
+                raise RuntimeError(
+                    f"weight stream yielded {name!r} where its listing announced {meta.name!r}"
+                )
+            tensor = self._on_wire(tensor)
+            self._await(self._send_one(tensor), announced, meta.name)
+            nbytes += tensor.numel() * tensor.element_size()
+        return nbytes
+
+    def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        device = (
+            torch.device("cpu")
+            if self.backend == BACKEND_GLOO
+            else torch.device("cuda", torch.cuda.current_device())
+        )
+        return tensor.detach().to(device).contiguous()
+
+    def _send_one(self, tensor: torch.Tensor) -> Callable[[], bool]:
+        """Start broadcasting `tensor`; a function that says whether it has gone."""
+        if self.backend == BACKEND_GLOO:
+            return self.group.broadcast(tensor, 0).is_completed  # type: ignore[no-any-return]
+        stream = torch.cuda.current_stream()
+        self.group.broadcast(tensor, src=0, stream=stream)
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(stream)
+        return event.query
+
+    def _await(self, done: Callable[[], bool], announced: Future[Any], name: str) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while not done():
+            if announced.done():  # the server stopped receiving: refused the update, failed, or died
+                error = announced.exception()
+                if error is not None:
+                    raise error  # the request's own error: ServerError (refused: 422), ConnectionError (died)
+                raise RuntimeError(
+                    f"weight transfer ({self.backend}): the server ended the update before receiving {name}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"weight transfer ({self.backend}): {name} not received within {self.timeout_s} s"
+                )
+            time.sleep(0.0005)
+
+
+def _listed(weights: Pairs) -> tuple[list[TensorMeta], Iterator[tuple[str, torch.Tensor]]]:
+    """The tensors' listing up front, and the tensors: a `WeightStream` lists itself without gathering
+    (ZeRO-3); any other iterable is materialized (views, no copies)."""
+    if isinstance(weights, WeightStream):
+        return weights.metadata(), iter(weights)
+    pairs = list(weights)
+    return [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in pairs], iter(pairs)
+
+
+def _quietly(call: Callable[[str], Any], path: str) -> None:
+    with contextlib.suppress(Exception):  # cleanup after another failure, or a route an older server lacks
+        call(path)
