@@ -174,6 +174,9 @@ def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert ("--max-num-batched-tokens 65536" in cmd) == cpu_build()
     main(["--model", "/m", "--dry-run", "--", "--max-num-batched-tokens=8192"])
     assert capsys.readouterr().out.count("--max-num-batched-tokens") == 1
+    assert "--weight-transfer-config" not in cmd  # filesystem: vLLM's reload_weights, no transfer engine
+    main(["--model", "/m", "--weight-transfer", "gloo", "--dry-run"])
+    assert '--weight-transfer-config {"backend": "gloo"}' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,10 @@ def test_remote_needs_server_url_and_weight_transfer_dir() -> None:
     assert "serves with --weights-dir" in found[1]  # names the server option the directory pairs with
     (only,) = problems(placement="remote", server_url="http://h:8000")
     assert "weight_transfer_dir" in only
+    assert "rollout.weight_transfer=gloo (CPU) or nccl (GPU)" in only  # the way without shared storage
+    for backend in ("gloo", "nccl"):  # a broadcast needs no directory
+        cfg = config(placement="remote", server_url="http://h:8000", weight_transfer=backend)
+        assert cfg.rollout.weight_transfer == backend and cfg.rollout.weight_transfer_dir is None
 
 
 def test_placement_problems_are_reported_with_field_errors() -> None:
