@@ -30,14 +30,13 @@ class GlooWeightTransferEngine(NCCLWeightTransferEngine):
     timeout_s = 600.0  # a trainer that stops sending mid-update: the worker's broadcast fails after this
 
     def init_transfer_engine(self, init_info: Any) -> None:
-        """Join the trainer's group (rank ``rank_offset`` + this worker's rank; the trainer is rank 0)."""
-        rank = (
-            init_info.rank_offset + self.parallel_config.data_parallel_index * self.parallel_config.world_size
-        )
+        """Join the trainer's group (the trainer is rank 0) at ``rank_offset`` + this worker's rank across the
+        data-parallel replicas, as vLLM's NCCL engine numbers its workers."""
+        config = self.parallel_config
+        rank = init_info.rank_offset + config.data_parallel_index * config.world_size + config.rank
         self.model_update_group = gloo_group(  # a gloo ProcessGroup in PyNccl's place
-            init_info.master_address, init_info.master_port, rank + self.parallel_config.rank,
-            init_info.world_size, self.timeout_s,
-        )  # fmt: skip
+            init_info.master_address, init_info.master_port, rank, init_info.world_size, self.timeout_s
+        )
 
     def receive_weights(self, update_info: Any) -> None:
         """Receive each announced tensor (broadcast from rank 0) and load it at once (one tensor in memory)."""

@@ -53,7 +53,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,6 +65,7 @@ from rollout.engines.remote import health
 from rollout.engines.vllm import CPU_MAX_BATCHED_TOKENS
 from rollout.guard import GUARD_ENV, guard_settings
 from rollout.transfer import BACKENDS
+from rollout.transfer import free_port as free_port  # re-exported: launchers and tests pick ports here
 
 logger = logging.getLogger(__name__)
 
@@ -231,12 +231,6 @@ def check_extra_args(extra: Sequence[str]) -> None:
                 f"{name} after `--` is not passed to vLLM: give --host before `--`, and the secret in "
                 f"{TOKEN_ENV} or {TOKEN_FILE_ENV} (never on the command line)"
             )
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 class RolloutServer:

@@ -66,7 +66,8 @@ def address_towards(url: str) -> str:
         return str(sock.getsockname()[0])
 
 
-def free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on at `host` now (the rendezvous port; a server's port in tests)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
