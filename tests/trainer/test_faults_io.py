@@ -188,7 +188,7 @@ def test_read_only_run_directory_is_refused_before_loading(first_run: Path, tmp_
 
 
 SAVE_WORKER = """
-import os, sys
+import gc, os, sys
 from pathlib import Path
 import torch
 from accelerate import Accelerator
@@ -212,6 +212,12 @@ except StorageError as err:
     print(err, file=report, flush=True)
 state = load_checkpoint(acc, run / "checkpoints" / "step_000001")
 print(f"resumed step {state['step']}", file=report, flush=True)
+report.close()
+acc.wait_for_everyone()  # tear down as trainer.session does: the DDP wrapper first, then the gloo group
+del model, opt
+acc.free_memory()
+gc.collect()
+torch.distributed.destroy_process_group()
 """
 
 
