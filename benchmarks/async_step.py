@@ -105,8 +105,9 @@ def main() -> None:
             "--max-model-len", str(base.rollout.max_model_len), "--weights-dir", str(out / "weights")]
     if not torch.cuda.is_available():  # CPU: no compilation, a small KV cache
         argv += ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
-    elif base.rollout.enforce_eager:
-        argv.append("--enforce-eager")
+    else:  # one GPU holds the server and the learner: the server takes the config's share of it
+        argv += ["--gpu-memory-utilization", str(base.rollout.gpu_memory_utilization)]
+        argv += ["--enforce-eager"] if base.rollout.enforce_eager else []
     env, cores, pin = {}, sorted(os.sched_getaffinity(0)), None
     if not torch.cuda.is_available() and not args.no_split and len(cores) > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = pin = str(cores[-1])  # the server: the last core; we: the rest

@@ -144,7 +144,7 @@ class RolloutGuard:
         ``/finish_weight_update`` after it both succeed, and `broken` if either fails."""
         body = await _read_body(receive, MAX_RPC_BODY)
         if body is None:
-            await _refuse(scope, send, 413, f"{path} body larger than {MAX_RPC_BODY} bytes")
+            await _refuse(scope, send, 413, f"{path.lstrip('/')} body larger than {MAX_RPC_BODY} bytes")
             return
         if path == "/update_weights":
             try:
@@ -205,12 +205,20 @@ class RolloutGuard:
         return status
 
 
+def json_body(body: bytes | None, what: str) -> Any:
+    """The decoded JSON of a request body read with `_read_body`; `ReloadRefused` naming `what` (the request)
+    if it was cut at the size limit (413) or is not JSON (400)."""
+    if body is None:
+        raise ReloadRefused(f"{what} body larger than {MAX_RPC_BODY} bytes", 413)
+    try:
+        return json.loads(body)
+    except ValueError as err:
+        raise ReloadRefused(f"{what} body is not JSON: {err}", 400) from None
+
+
 def _check_update_body(body: bytes, layout: ModelLayout) -> None:
     """`check_update_info` on a ``/update_weights`` body (``{"update_info": {...}}``)."""
-    try:
-        request = json.loads(body)
-    except ValueError as err:
-        raise ReloadRefused(f"update_weights body is not JSON: {err}", 400) from None
+    request = json_body(body, "update_weights")
     check_update_info(request.get("update_info") if isinstance(request, dict) else None, layout)
 
 
@@ -222,12 +230,7 @@ def route_path(scope: Scope) -> str:
 
 def parse_rpc(body: bytes | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(request, its kwargs) of a collective_rpc body the guard lets through; `ReloadRefused` otherwise."""
-    if body is None:
-        raise ReloadRefused(f"collective_rpc body larger than {MAX_RPC_BODY} bytes", 413)
-    try:
-        request = json.loads(body)
-    except ValueError as err:
-        raise ReloadRefused(f"collective_rpc body is not JSON: {err}", 400) from None
+    request = json_body(body, "collective_rpc")
     if not isinstance(request, dict) or set(request) - RPC_KEYS:
         raise ReloadRefused(f"collective_rpc body must be an object with keys among {sorted(RPC_KEYS)}", 400)
     method = request.get("method")

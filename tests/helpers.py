@@ -22,8 +22,8 @@ FIXTURES = TESTS / "fixtures"
 
 
 def repo_pythonpath() -> str:
-    """PYTHONPATH for a subprocess: the repository first, then whatever this process was given (the lent GPU
-    machine's carried wheels live there)."""
+    """PYTHONPATH for a subprocess: the repository first, then whatever this process was given (on an offline GPU
+    machine, the carried wheels live there: benchmarks/gpu)."""
     return os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
 
@@ -163,7 +163,7 @@ def tiny_vllm_engine(path: str) -> Any:
 
 
 def vllm_at_least(major: int, minor: int) -> bool:
-    """Whether the installed vLLM is release `major.minor` or newer (CI: 0.32; the lent GPU: 0.26)."""
+    """Whether the installed vLLM is release `major.minor` or newer (CI: 0.32; benchmarks/gpu: 0.26)."""
     import vllm
     from packaging.version import Version
 

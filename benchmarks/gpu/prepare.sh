@@ -1,25 +1,55 @@
 #!/usr/bin/env bash
-# Here (the CPU machine, from the repo root): gather everything the lent GPU machine lacks into .gpu/part_*,
-# each under 56 MiB, so that `run` calls can carry them one at a time (see benchmarks/gpu/README.md).
-#   vLLM 0.26 and its dependencies  (../shared/gpu/prepare-vllm-wheels.sh)
-#   DeepSpeed 0.19.8 as a pure-Python wheel (ops compile just in time there) and what it needs
-#   reasonrl's own runtime and test needs that the machine lacks (math-verify, pytest, ...)
-# usage: bash benchmarks/gpu/prepare.sh [OUT_DIR]     (default .gpu; needs .venv from `make install`)
+# On a machine with a package index (from the repo root, after `make install`): gather, as wheels for the GPU
+# machine's platform, everything benchmarks/gpu/wheels.txt pins, and build DeepSpeed 0.19.8 as a pure-Python
+# wheel (its CUDA ops compile just in time on the GPU machine). Copy OUT_DIR to the GPU machine.
+#
+# usage: bash benchmarks/gpu/prepare.sh [OUT_DIR] [--part-mib N]
+#   OUT_DIR       default .gpu (git-ignored)
+#   --part-mib N  for a copy channel that limits transfer size: split files larger than N MiB into pieces
+#                 (NAME.whl.part_aa, ...; run_all.sh joins them) and sort everything into OUT_DIR/part_0, part_1,
+#                 ... of at most N MiB each, to copy one at a time into the same folder there
+# environment: PY_VERSION (default 3.12), the GPU machine's Python
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-out="${1:-.gpu}"
-../shared/gpu/prepare-vllm-wheels.sh "$out"
-n=$(find "$out" -maxdepth 1 -name 'part_*' | wc -l)
-extra="$out/part_$n"
-mkdir -p "$extra"
-plat=(--only-binary=:all: --python-version 3.12 --implementation cp
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-# versions as in this project's CPU environment (tested together there)
-python3 -m pip download -q --no-deps "${plat[@]}" -d "$extra" \
-  math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 \
-  pytest==9.2.0 pytest-timeout==2.4.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 \
-  hjson==3.1.0 py-cpuinfo==9.0.0 msgpack==1.1.2 ninja==1.13.2 einops==0.8.2
-.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w "$extra"
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-du -sh "$out"/part_*
-echo "carry $out/part_0 .. $extra, one per run call; then: bash benchmarks/gpu/run_all.sh (benchmarks/gpu/README.md)"
+out=.gpu part_mib=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --part-mib) part_mib="${2:?--part-mib needs a size in MiB}"; shift 2 ;;
+    -*) echo "prepare.sh: unknown option $1" >&2; exit 2 ;;
+    *) out="$1"; shift ;;
+  esac
+done
+[ -x .venv/bin/python ] || { echo "prepare.sh: run 'make install' first (DeepSpeed is built with .venv's torch)" >&2; exit 2; }
+
+rm -rf "$out" && mkdir -p "$out/wheels"
+plat=(--only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp)
+for n in 35 34 31 28 27 26 24 17; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
+plat+=(--platform manylinux2014_x86_64 --platform manylinux1_x86_64)
+python3 -m pip download -q --no-deps "${plat[@]}" -d "$out/wheels" -r benchmarks/gpu/wheels.txt
+.venv/bin/python -m pip wheel -q --no-deps --no-build-isolation deepspeed==0.19.8 -w "$out/wheels"
+
+if [ -n "$part_mib" ]; then  # split the big files, then fill folders of at most part_mib MiB, largest first
+  limit=$((part_mib * 1024 * 1024))
+  (cd "$out/wheels" && for f in *; do
+     if [ "$(stat -c %s "$f")" -gt "$limit" ]; then split -b "$limit" "$f" "$f.part_" && rm "$f"; fi
+   done)
+  python3 - "$out" "$limit" <<'EOF'
+import os, sys
+out, limit = sys.argv[1], int(sys.argv[2])
+files = sorted(os.scandir(f"{out}/wheels"), key=lambda e: -e.stat().st_size)
+parts, sizes = [], []
+for f in files:  # first fit, largest first
+    size = f.stat().st_size
+    k = next((i for i, s in enumerate(sizes) if s + size <= limit), len(parts))
+    if k == len(parts):
+        parts.append([]); sizes.append(0)
+    parts[k].append(f); sizes[k] += size
+for k, group in enumerate(parts):
+    os.makedirs(f"{out}/part_{k}")
+    for f in group:
+        os.rename(f.path, f"{out}/part_{k}/{f.name}")
+os.rmdir(f"{out}/wheels")
+EOF
+fi
+du -sh "$out"/*
+echo "copy $out to the GPU machine (into one folder there), then: WHEELS=<that folder> bash benchmarks/gpu/run_all.sh bench"

@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# There (the lent GPU machine, one `run` call per stage, back to back while it stays warm): install the
-# carried wheels once, then run the GPU checks of one stage, each under its own time limit, logging to $OUT.
+# On the GPU machine (from the repo root, offline): install the wheels that benchmarks/gpu/prepare.sh gathered,
+# once, then run one stage of GPU checks, each under its own time limit, logging to $OUT.
 #   bash benchmarks/gpu/run_all.sh bench   # doctor, shaped 1.5B model, learner (± checkpointing) + rollout benchmarks (~6 min)
-#   bash benchmarks/gpu/run_all.sh tests   # pytest -m gpu, one GRPO step benchmark on the shaped model (~8 min)
+#   bash benchmarks/gpu/run_all.sh tests   # pytest -m gpu, GRPO step benchmark on the shaped model (~8 min)
+#   bash benchmarks/gpu/run_all.sh async   # synchronous vs asynchronous GRPO through a rollout server on this GPU (~8 min)
+# environment: WHEELS (default .gpu) the folder holding the wheels (any depth; split pieces NAME.part_* are
+# joined), OUT (default /tmp/reasonrl-gpu-out) the logs, MODEL (default /tmp/qwen25-math-1.5b-shaped) the
+# checkpoint, built there when absent, SITE (default /tmp/reasonrl-site) where the wheels are installed.
 # Each check prints its last lines and a "name rc=N seconds" line to $OUT/summary.txt; one failing check does
-# not stop the next. Wheels are expected in /tmp/stash (benchmarks/gpu/README.md).
+# not stop the next; the exit status is the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-stage="${1:?usage: run_all.sh bench|tests}"
-out="${OUT:-/tmp/reasonrl-gpu-out}"
-site=/tmp/site model="${MODEL:-/tmp/qwen25-math-1.5b-shaped}"  # MODEL: an existing checkpoint instead
+stage="${1:?usage: run_all.sh bench|tests|async}"
+out="${OUT:-/tmp/reasonrl-gpu-out}" wheels="${WHEELS:-.gpu}" site="${SITE:-/tmp/reasonrl-site}"
+model="${MODEL:-/tmp/qwen25-math-1.5b-shaped}"
 mkdir -p "$out"
 export PYTHONPATH="$site:$PWD" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
        WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PATH="$site/bin:$PATH"
 
-install_wheels() {  # once per machine: the stashed wheels into $site
+install_wheels() {  # once per machine: join split pieces, then every wheel into $site (no index, no resolver)
   [ -f "$site/.installed" ] && return 0
-  (cd /tmp/stash && if ls vllm.whl.part_* >/dev/null 2>&1; then
-     cat vllm.whl.part_* > vllm-0.26.0-cp38-abi3-manylinux_2_28_x86_64.whl && rm vllm.whl.part_*; fi) &&
-  timeout 150 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" /tmp/stash/*.whl &&
+  local piece whl
+  while IFS= read -r piece; do
+    whl="${piece%.part_aa}"
+    cat "$whl".part_* > "$whl" && rm "$whl".part_*
+  done < <(find "$wheels" -name '*.whl.part_aa')
+  find "$wheels" -name '*.whl' -print0 | xargs -0 timeout 150 \
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" &&
   touch "$site/.installed"
 }
 
@@ -34,12 +42,20 @@ check() {  # check NAME SECONDS COMMAND...  (a program, not a shell function: `t
   grep -v -E 'Loading weights|Writing model|it/s\]' "$out/$name.log" | tail -n 25
 }
 
+shaped() {  # the random Qwen2.5-Math-1.5B-shaped checkpoint, unless $MODEL already holds one
+  [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
+}
+
 install_wheels > "$out/install.log" 2>&1 || { echo "install failed"; cat "$out/install.log"; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv > "$out/gpu.txt" 2>&1
+echo "$0 $*" > "$out/command.txt"
+launch=(python3 -m accelerate.commands.launch --config_file launch/single_gpu.yaml)
+small_task=(data.task=arithmetic data.train_source=null data.eval_source=null logging.wandb_mode=disabled
+            reward.num_workers=4)
 case "$stage" in
   bench)
     check doctor 60 python3 -m trainer doctor
-    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
+    shaped
     check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
       --layouts padded,sorted,response,packed
     check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
@@ -49,13 +65,19 @@ case "$stage" in
   tests)
     # ZeRO-3 only here (the harder case: bucket-wise gathering); ZeRO-2 doubles the DeepSpeed launches
     check gpu_tests 270 python3 -m pytest -m gpu -q -p no:cacheprovider -x -k "not zero2"
-    [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
-    check grpo_step 270 python3 -m accelerate.commands.launch --config_file launch/single_gpu.yaml benchmarks/grpo_step.py \
-      --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml --steps 3 "model.path=$model" data.task=arithmetic \
-      data.train_source=null data.eval_source=null \
-      logging.wandb_mode=disabled reward.num_workers=4
+    shaped
+    check grpo_step 270 "${launch[@]}" benchmarks/grpo_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
+      --steps 3 "model.path=$model" "${small_task[@]}"
     ;;
-  *) echo "unknown stage $stage (bench|tests)"; exit 2 ;;
+  async)
+    # one GPU: the server takes rollout.gpu_memory_utilization (0.3) of it, the learner the rest; responses of
+    # exactly 256 tokens (random weights rarely stop), 128 rollouts per step
+    shaped
+    check async_step 420 "${launch[@]}" benchmarks/async_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
+      --steps 4 --staleness 1 -- "model.path=$model" "${small_task[@]}" rollout.max_tokens=256 \
+      rollout.min_tokens=256 grpo.rollout_batch_size=128 grpo.train_batch_size=128
+    ;;
+  *) echo "unknown stage $stage (bench|tests|async)"; exit 2 ;;
 esac
 cat "$out/summary.txt"
 exit "$failed"

@@ -55,8 +55,8 @@ from rollout.weights import (
 
 logger = logging.getLogger(__name__)
 
-# vLLM release series this module works with, (oldest, newest), both included, patch releases too. 0.26: the
-# lent GPU machine (torch 2.11); 0.32: pyproject's pins and CPU CI. `trainer.tools.doctor` checks against it.
+# vLLM release series this module works with, (oldest, newest), both included, patch releases too. 0.26: built
+# against torch 2.11 (benchmarks/gpu); 0.32: pyproject's pins and CPU CI. `trainer.tools.doctor` checks against it.
 SUPPORTED_VLLM = ("0.26", "0.32")
 
 # vLLM's CPU sampler cannot rewind a seeded generator after a partial (chunked) prefill ("CPU Generator does

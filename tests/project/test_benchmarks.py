@@ -1,13 +1,16 @@
 """The benchmarks still run: each script, in a real subprocess, on a tiny workload, prints its table.
 
-The GPU procedure (`benchmarks/gpu/run_all.sh`) spends scarce device minutes on these scripts; a script that
-broke since it was last run would waste them, so CI runs each one small.
+The GPU procedure (`benchmarks/gpu/run_all.sh`) runs these scripts on a GPU machine whose time is costly; a script that
+broke since it was last run would waste it, so CI runs each one small. Its wheel list is checked here too.
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
-from helpers import run_script
+from helpers import REPO, run_script
+from packaging.utils import canonicalize_name
 
 
 @pytest.mark.slow
@@ -36,3 +39,27 @@ def test_grpo_step_benchmark() -> None:
     out = run_script("grpo_step.py", "--steps", "2", "grpo.rollout_batch_size=16", "grpo.train_batch_size=16",
                      "rollout.max_tokens=8", "logging.peak_tflops=1.0")
     assert "generate" in out and "sync" in out and "MFU" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_remote_sync_benchmark_compares_both_transports() -> None:
+    """benchmarks/remote_sync.py: one row per transport, the same bytes moved, and the server serving the
+    learner's weights after each (the probe's largest log-prob difference)."""
+    out = run_script("remote_sync.py", "--repeats", "1")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
+    fs, gloo = rows["filesystem"], rows["gloo"]
+    assert fs[1] == gloo[1] and float(fs[1]) > 0, out  # MB per push
+    assert fs[5] == "1.00" and float(gloo[5]) > 0, out  # vs the filesystem transfer
+    assert float(fs[6]) < 1e-4 and float(gloo[6]) < 1e-4, out
+
+
+def test_gpu_wheel_list_pins_each_package_once() -> None:
+    """benchmarks/gpu/wheels.txt is installed with ``--no-deps`` from a folder: every line an exact pin, and no
+    package twice (two versions of one name stop the whole install there)."""
+    lines = [line.strip() for line in (REPO / "benchmarks" / "gpu" / "wheels.txt").read_text().splitlines()]
+    pins = [line for line in lines if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", pin) for pin in pins), pins
+    names = [canonicalize_name(pin.split("==")[0]) for pin in pins]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert {"vllm", "uvicorn", "math-verify", "pytest"} <= set(names)

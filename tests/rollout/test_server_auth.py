@@ -37,7 +37,7 @@ from rollout.auth import (
     token_matches,
 )
 from rollout.engines.remote import RemoteEngine, ServerError, health
-from rollout.guard import GUARD_ENV, RolloutGuard, guard_settings
+from rollout.guard import GUARD_ENV, MAX_RPC_BODY, RolloutGuard, guard_settings
 from rollout.reload_check import (
     ReloadRefused,
     check_reload_dir,
@@ -256,8 +256,9 @@ class FakeVLLM:
 def call(guard: RolloutGuard, path: str, body: Any = None, token: str | None = TOKEN,
          client: str = "10.1.2.3", kind: str = "http",
          root_path: str = "") -> tuple[int, dict[str, Any]]:  # fmt: skip
-    """(status, JSON body or {}) of one request through `guard`; a refused websocket gives (1008, {})."""
-    raw = b"" if body is None else json.dumps(body).encode()
+    """(status, JSON body or {}) of one request through `guard` (`body`: JSON, or bytes sent as they are); a
+    refused websocket gives (1008, {})."""
+    raw = body if isinstance(body, bytes) else b"" if body is None else json.dumps(body).encode()
     headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
     scope = {"type": kind, "path": path, "root_path": root_path, "method": "POST", "headers": headers,
              "client": (client, 5000)}  # fmt: skip
@@ -337,6 +338,18 @@ def test_guard_allows_only_checked_reloads(guarded: Any, state: dict[str, torch.
     (path, sent, headers), = app.seen  # fmt: skip
     assert path == "/collective_rpc" and json.loads(sent)["kwargs"]["weights_path"] == str(good.resolve())
     assert headers[b"content-length"] == str(len(sent)).encode()
+
+
+def test_guard_refuses_bodies_it_cannot_read(guarded: Any) -> None:
+    """Weight routes: a body that is not JSON (400) or over the size limit (413), named in the answer; nothing
+    reaches vLLM."""
+    guard, app = guarded.guard, guarded.app
+    for path, what in (("/collective_rpc", "collective_rpc"), ("/update_weights", "update_weights")):
+        status, answer = call(guard, path, b'{"method": "reload_weights"')
+        assert (status, answer["error"].startswith(f"{what} body is not JSON")) == (400, True), (path, answer)
+        status, answer = call(guard, path, b" " * (MAX_RPC_BODY + 1))
+        assert (status, answer["error"]) == (413, f"{what} body larger than {MAX_RPC_BODY} bytes"), path
+    assert app.seen == []
 
 
 def test_a_reload_that_fails_after_the_checks_marks_the_server_unhealthy(
