@@ -12,7 +12,10 @@ tokens/s compare like for like. Raw vLLM runs on the same ``LLM`` instance with 
 shown too); the prefix cache is reset before every timed run. Goal: our engine ≥ 90% of raw.
 
 Weight sync: ``VLLMEngine.update_weights(WeightStream(model))`` (streamed, bucketed, + prefix-cache reset)
-against a plain ``reload_weights`` of the full state dict in one call. Numbers are the best of the repeats, as
+against a plain ``reload_weights`` of the full state dict in one call, and on a GPU against the model's own
+``load_weights`` called directly (no layerwise reload: what a faster sync could use where vLLM does not repack
+layers; the CPU backend repacks them, so that row is GPU only), with the largest prompt log-prob difference it
+leaves against ``reload_weights`` of the same weights. Numbers are the best of the repeats, as
 wall time and as this process's CPU time (vLLM runs in-process; on a shared CPU machine CPU time is the
 steadier measure).
 """
@@ -27,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -193,6 +197,12 @@ def main(argv: list[str] | None = None) -> None:
     plain_reload()
     t_plain = timed(plain_reload, args.repeats)
     t_sync = timed(lambda: engine.update_weights(WeightStream(learner, args.sync_bucket_mb)), args.repeats)
+    syncs = [("plain reload_weights(full state dict)", t_plain), ("VLLMEngine.update_weights", t_sync)]
+    direct_note = ""
+    if on_gpu:
+        t_direct, diff = direct_load_weights(engine, learner, prompts[0], args.repeats)
+        syncs.append(("model.load_weights (direct)", t_direct))
+        direct_note = f"; after the direct load, prompt log-probs differ from reload_weights' by at most {diff:.1e}"
     engine.close()
 
     raw_t = rows[0][1]
@@ -216,17 +226,34 @@ def main(argv: list[str] | None = None) -> None:
     header = f"| {'weight sync':38s} | {'wall s':>7s} | {'GB/s':>12s} | {'vs plain':>13s} | {'CPU s':>7s} | {'vs plain (CPU)':>12s} |"
     print("\n" + header)
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
-    for name, t in [
-        ("plain reload_weights(full state dict)", t_plain),
-        ("VLLMEngine.update_weights", t_sync),
-    ]:
+    for name, t in syncs:
         print(
             f"| {name:38s} | {t.wall:7.3f} | {nbytes / 1e9 / t.wall:12.3f} | {t_plain.wall / t.wall:13.1%} "
             f"| {t.cpu:7.3f} | {t_plain.cpu / t.cpu:14.1%} |"
         )
-    print(f"\n({nbytes / 1e9:.3f} GB of weights; update_weights includes the prefix-cache reset)")
+    print(f"\n({nbytes / 1e9:.3f} GB of weights; update_weights includes the prefix-cache reset{direct_note})")
     if scratch is not None:
         scratch.cleanup()
+
+
+def direct_load_weights(engine: Any, learner: Any, ids: list[int], repeats: int) -> tuple[Timing, float]:
+    """Time the model's ``load_weights`` called in the worker (no layerwise reload) with the learner's state dict,
+    and the largest |difference| of `ids`' prompt log-probs it leaves against ``reload_weights`` of the same
+    weights (GPU only: on CPU, vLLM repacks linear layers, whose parameters plain ``load_weights`` cannot fill)."""
+    from rollout.weights import WeightStream
+
+    llm = engine.llm
+
+    def load() -> None:
+        llm.collective_rpc(lambda worker: worker.get_model().load_weights(iter(learner.state_dict().items())))
+
+    engine.update_weights(WeightStream(learner))
+    reference = engine.prompt_logprobs([ids])[0]
+    load()
+    timing = timed(load, repeats)
+    llm.reset_prefix_cache()
+    after = engine.prompt_logprobs([ids])[0]
+    return timing, max(abs(a - b) for a, b in zip(after, reference, strict=True))
 
 
 if __name__ == "__main__":
