@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # On the GPU machine (from the repo root, offline): install the wheels that benchmarks/gpu/prepare.sh gathered,
 # once, then run one stage of GPU checks, each under its own time limit, logging to $OUT.
-#   bash benchmarks/gpu/run_all.sh bench   # doctor, shaped 1.5B model, learner (± checkpointing) + rollout benchmarks (~6 min)
-#   bash benchmarks/gpu/run_all.sh tests   # pytest -m gpu, GRPO step benchmark on the shaped model (~8 min)
-#   bash benchmarks/gpu/run_all.sh async   # synchronous vs asynchronous GRPO through a rollout server on this GPU (~8 min)
+#   bash benchmarks/gpu/run_all.sh learner   # no vLLM: learner benchmark (layouts, MFU, ± checkpointing), DeepSpeed
+#                                            # ZeRO-2/3 step + resume and the other learner gpu tests (~8 min)
+#   bash benchmarks/gpu/run_all.sh rollout   # doctor, rollout benchmark, colocated vLLM gpu tests, GRPO step (~9 min)
+#   bash benchmarks/gpu/run_all.sh async     # synchronous vs asynchronous GRPO through a rollout server (~8 min)
 # environment: WHEELS (default .gpu) the folder holding the wheels (any depth; split pieces NAME.part_* are
 # joined), OUT (default /tmp/reasonrl-gpu-out) the logs, MODEL (default /tmp/qwen25-math-1.5b-shaped) the
 # checkpoint, built there when absent, SITE (default /tmp/reasonrl-site) where the wheels are installed.
@@ -11,7 +12,7 @@
 # not stop the next; the exit status is the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-stage="${1:?usage: run_all.sh bench|tests|async}"
+stage="${1:?usage: run_all.sh learner|rollout|async}"
 out="${OUT:-/tmp/reasonrl-gpu-out}" wheels="${WHEELS:-.gpu}" site="${SITE:-/tmp/reasonrl-site}"
 model="${MODEL:-/tmp/qwen25-math-1.5b-shaped}"
 mkdir -p "$out"
@@ -53,20 +54,22 @@ launch=(python3 -m accelerate.commands.launch --config_file launch/single_gpu.ya
 small_task=(data.task=arithmetic data.train_source=null data.eval_source=null logging.wandb_mode=disabled
             reward.num_workers=4)
 case "$stage" in
-  bench)
-    check doctor 60 python3 -m trainer doctor
+  learner)
     shaped
     check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
       --layouts padded,sorted,response,packed
     check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
       --gradient-checkpointing
-    check rollout 180 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
+    check gpu_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_gpu_deepspeed.py \
+      tests/trainer/test_packing.py tests/trainer/losses/test_dpo_loss.py tests/rollout/engines/test_hf_engine.py
     ;;
-  tests)
-    # ZeRO-3 only here (the harder case: bucket-wise gathering); ZeRO-2 doubles the DeepSpeed launches
-    check gpu_tests 270 python3 -m pytest -m gpu -q -p no:cacheprovider -x -k "not zero2"
+  rollout)
+    check doctor 60 python3 -m trainer doctor
     shaped
-    check grpo_step 270 "${launch[@]}" benchmarks/grpo_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
+    check rollout 180 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
+    check gpu_tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/rollout/engines/test_vllm_engine.py \
+      tests/rollout/engines/test_vllm_ranks.py tests/rollout/test_collective_transfer.py
+    check grpo_step 240 "${launch[@]}" benchmarks/grpo_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
       --steps 3 "model.path=$model" "${small_task[@]}"
     ;;
   async)
@@ -77,7 +80,7 @@ case "$stage" in
       --steps 4 --staleness 1 -- "model.path=$model" "${small_task[@]}" rollout.max_tokens=256 \
       rollout.min_tokens=256 grpo.rollout_batch_size=128 grpo.train_batch_size=128
     ;;
-  *) echo "unknown stage $stage (bench|tests|async)"; exit 2 ;;
+  *) echo "unknown stage $stage (learner|rollout|async)"; exit 2 ;;
 esac
 cat "$out/summary.txt"
 exit "$failed"

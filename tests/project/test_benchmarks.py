@@ -7,6 +7,8 @@ broke since it was last run would waste it, so CI runs each one small. Its wheel
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from helpers import REPO, run_script
@@ -54,12 +56,25 @@ def test_remote_sync_benchmark_compares_both_transports() -> None:
     assert float(fs[6]) < 1e-4 and float(gloo[6]) < 1e-4, out
 
 
-def test_gpu_wheel_list_pins_each_package_once() -> None:
-    """benchmarks/gpu/wheels.txt is installed with ``--no-deps`` from a folder: every line an exact pin, and no
-    package twice (two versions of one name stop the whole install there)."""
-    lines = [line.strip() for line in (REPO / "benchmarks" / "gpu" / "wheels.txt").read_text().splitlines()]
-    pins = [line for line in lines if line and not line.startswith("#")]
+def test_gpu_wheel_lists_pin_each_package_once() -> None:
+    """benchmarks/gpu/wheels-*.txt are installed together with ``--no-deps`` from one folder: every line an exact
+    pin, and no package twice across both (two versions of one name stop the whole install there)."""
+    pins = []
+    for name in ("learner", "vllm"):
+        lines = (REPO / "benchmarks" / "gpu" / f"wheels-{name}.txt").read_text().splitlines()
+        pins += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
     assert all(re.fullmatch(r"[A-Za-z0-9._-]+==[A-Za-z0-9.+!-]+", pin) for pin in pins), pins
     names = [canonicalize_name(pin.split("==")[0]) for pin in pins]
     assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
-    assert {"vllm", "uvicorn", "math-verify", "pytest"} <= set(names)
+    assert {"vllm", "uvicorn", "pydantic", "math-verify", "pytest"} <= set(names)
+
+
+def test_every_gpu_test_runs_in_a_gpu_stage() -> None:
+    """Each module holding `gpu`-marked tests is named by a stage of benchmarks/gpu/run_all.sh, so the GPU
+    procedure runs them all (a new one is not left out)."""
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           str(REPO / "tests")], cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    modules = {line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert len(modules) >= 5, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stages = (REPO / "benchmarks" / "gpu" / "run_all.sh").read_text()
+    assert sorted(m for m in modules if m not in stages) == []
