@@ -2,9 +2,11 @@
 # On the GPU machine (from the repo root, offline): install the wheels that benchmarks/gpu/prepare.sh gathered,
 # once, then run one stage of GPU checks, each under its own time limit, logging to $OUT.
 #   bash benchmarks/gpu/run_all.sh learner   # no vLLM: learner benchmark (layouts, MFU, ± checkpointing), DeepSpeed
-#                                            # ZeRO-2/3 step + resume and the other learner gpu tests (~8 min)
-#   bash benchmarks/gpu/run_all.sh rollout   # doctor, rollout benchmark, colocated vLLM gpu tests, GRPO step (~9 min)
-#   bash benchmarks/gpu/run_all.sh async     # synchronous vs asynchronous GRPO through a rollout server (~8 min)
+#                                            # ZeRO-2/3 step + resume and the other learner gpu tests
+#   bash benchmarks/gpu/run_all.sh rollout   # rollout benchmark, colocated vLLM gpu tests, GRPO step, doctor
+#   bash benchmarks/gpu/run_all.sh async     # synchronous vs asynchronous GRPO through a rollout server
+#   bash benchmarks/gpu/run_all.sh install   # only install the wheels (each stage does it first if not yet done)
+# Each stage's checks fit one 10-minute command (their time limits add up to at most 600 s), the install aside.
 # environment: WHEELS (default .gpu) the folder holding the wheels (any depth; split pieces NAME.part_* are
 # joined), OUT (default /tmp/reasonrl-gpu-out) the logs, MODEL (default /tmp/qwen25-math-1.5b-shaped) the
 # checkpoint, built there when absent, SITE (default /tmp/reasonrl-site) where the wheels are installed.
@@ -12,7 +14,7 @@
 # not stop the next; the exit status is the number of failed checks.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-stage="${1:?usage: run_all.sh learner|rollout|async}"
+stage="${1:?usage: run_all.sh install|learner|rollout|async}"
 out="${OUT:-/tmp/reasonrl-gpu-out}" wheels="${WHEELS:-.gpu}" site="${SITE:-/tmp/reasonrl-site}"
 model="${MODEL:-/tmp/qwen25-math-1.5b-shaped}"
 mkdir -p "$out"
@@ -21,11 +23,11 @@ export PYTHONPATH="$site:$PWD" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULT
 
 install_wheels() {  # once per machine: join split pieces, then every wheel into $site (no index, no resolver)
   [ -f "$site/.installed" ] && return 0
-  local piece whl
-  while IFS= read -r piece; do
-    whl="${piece%.part_aa}"
-    cat "$whl".part_* > "$whl" && rm "$whl".part_*
-  done < <(find "$wheels" -name '*.whl.part_aa')
+  local whl
+  while IFS= read -r whl; do  # a split wheel's pieces may lie in several folders: joined in their suffix order
+    find "$wheels" -name "$whl.part_*" -printf '%f\t%p\n' | sort | cut -f2 | xargs cat > "$wheels/$whl.joining" &&
+      find "$wheels" -name "$whl.part_*" -delete && mv "$wheels/$whl.joining" "$wheels/$whl"
+  done < <(find "$wheels" -name '*.whl.part_aa' -printf '%f\n' | sed 's/\.part_aa$//')
   find "$wheels" -name '*.whl' -print0 | xargs -0 timeout 150 \
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" &&
   touch "$site/.installed"
@@ -54,23 +56,24 @@ launch=(python3 -m accelerate.commands.launch --config_file launch/single_gpu.ya
 small_task=(data.task=arithmetic data.train_source=null data.eval_source=null logging.wandb_mode=disabled
             reward.num_workers=4)
 case "$stage" in
-  learner)
+  install) ;;
+  learner)  # the limits add up to 570 s: one 600 s command; the most wanted numbers first
     shaped
     check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
       --layouts padded,sorted,response,packed
     check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
       --gradient-checkpointing
-    check gpu_tests 300 python3 -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_gpu_deepspeed.py \
+    check gpu_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_gpu_deepspeed.py \
       tests/trainer/test_packing.py tests/trainer/losses/test_dpo_loss.py tests/rollout/engines/test_hf_engine.py
     ;;
-  rollout)
-    check doctor 60 python3 -m trainer doctor
+  rollout)  # 600 s in all; a cut-short stage still leaves the logs of what finished
     shaped
-    check rollout 180 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
-    check gpu_tests 150 python3 -m pytest -m gpu -q -p no:cacheprovider tests/rollout/engines/test_vllm_engine.py \
+    check rollout 150 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
+    check gpu_tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/rollout/engines/test_vllm_engine.py \
       tests/rollout/engines/test_vllm_ranks.py tests/rollout/test_collective_transfer.py
-    check grpo_step 240 "${launch[@]}" benchmarks/grpo_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
+    check grpo_step 180 "${launch[@]}" benchmarks/grpo_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
       --steps 3 "model.path=$model" "${small_task[@]}"
+    check doctor 30 python3 -m trainer doctor
     ;;
   async)
     # one GPU: the server takes rollout.gpu_memory_utilization (0.3) of it, the learner the rest; responses of
@@ -80,7 +83,7 @@ case "$stage" in
       --steps 4 --staleness 1 -- "model.path=$model" "${small_task[@]}" rollout.max_tokens=256 \
       rollout.min_tokens=256 grpo.rollout_batch_size=128 grpo.train_batch_size=128
     ;;
-  *) echo "unknown stage $stage (learner|rollout|async)"; exit 2 ;;
+  *) echo "unknown stage $stage (install|learner|rollout|async)"; exit 2 ;;
 esac
-cat "$out/summary.txt"
+[ ! -f "$out/summary.txt" ] || cat "$out/summary.txt"
 exit "$failed"
