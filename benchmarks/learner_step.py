@@ -21,7 +21,8 @@ for ``padded``, the naive padded forward), sums the response log-probs and entro
 
 Reported per layout: tokens computed (real + padding), the padding share, seconds (best of ``--repeats``),
 real tokens/s, model TFLOP/s by `trainer.flops` on real tokens only, MFU where the peak is known (CUDA device
-name or ``--peak-tflops``), and peak CUDA memory. Quote ratios from one run.
+name or ``--peak-tflops``), and peak CUDA memory. ``--compile`` compiles each transformer block first
+(``model.compile``; the untimed pass of each layout pays the compilation). Quote ratios from one run.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16" if gpu else "float32")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2, ...)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (model.compile)")
     p.add_argument("--peak-tflops", type=float, default=None)
     p.add_argument("--repeats", type=int, default=3 if gpu else 5)
     p.add_argument("--layouts", default=",".join(LAYOUTS))
@@ -124,6 +126,10 @@ def load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modul
                                                  attn_implementation=args.attn).to(device)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if args.compile:  # compiled on the first (untimed) pass of each layout
+        from trainer.learner import compile_blocks
+
+        compile_blocks(model)
     model.config.use_cache = False
     return model.train()
 
@@ -136,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     real = int(real_lengths(tokens).sum())
     counter = FlopCounter(model, device, args.peak_tflops)
     print(f"{args.num_seqs} sequences ({args.prompt_len}-token prompts, responses {args.min_response}.."
-          f"{args.max_response}), micro-batch {args.micro_batch}, {args.dtype}, attn {args.attn}, "
+          f"{args.max_response}), micro-batch {args.micro_batch}, {args.dtype}, attn {args.attn}"
+          f"{', compiled blocks' if args.compile else ''}{', gradient checkpointing' if args.gradient_checkpointing else ''}, "
           f"{counter.n_params / 1e6:.1f}M matmul parameters, {real} real tokens, on {device}")
     train_pass(model, micro_batches(tokens, "padded", args.micro_batch)[:2], "padded", device)  # warm-up
     rows = [measure(model, tokens, layout, args, counter, device) for layout in args.layouts.split(",")]

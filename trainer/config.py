@@ -58,6 +58,12 @@ class ModelConfig(_Section):
     lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of every weight; None = off")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block of the learner, in place, with dynamic shapes "
+        "(parameter names, checkpoints and weight sync unchanged); the first micro-batches pay the compilation. "
+        "Not with DeepSpeed ZeRO-3",
+    )
     attn_implementation: str | None = None
     packing: bool = Field(
         False,

@@ -62,6 +62,26 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> to
     return module.to(device) if device is not None else module
 
 
+def compile_blocks(model: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer block of `model` in place (``Module.compile``, dynamic shapes: micro-
+    batches change length); the number compiled. Blocks are the classes the HF model lists in
+    ``_no_split_modules`` (found under LoRA wrappers too). Parameter names and the state dict stay those of
+    the eager model, so checkpoints, weight sync and the reference model are unaffected. Naive twin: the
+    eager model (tests/trainer/test_compile.py: log-probs and gradients equal)."""
+    get_base = getattr(model, "get_base_model", None)  # a peft model: the HF model under the adapters
+    base = get_base() if callable(get_base) else model
+    kinds = set(getattr(base, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in kinds]
+    if not blocks:
+        raise ValueError(
+            f"model.compile: found no transformer blocks in {type(base).__name__} (it lists none in "
+            "_no_split_modules); set model.compile: false"
+        )
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def load_tokenizer(path: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -172,6 +192,13 @@ class Learner:
         self.max_grad_norm = optim_cfg.max_grad_norm
         self.packing = model_cfg.packing
         _configure_deepspeed(self.accelerator, optim_cfg.max_grad_norm)
+        if model_cfg.compile:
+            if self.sharded:
+                raise ValueError(
+                    "model.compile with DeepSpeed ZeRO-3: its parameter gathering runs in module hooks that "
+                    "compiled blocks would trace; use ZeRO-2 (or no DeepSpeed), or set model.compile: false"
+                )
+            compile_blocks(model)
         self.model, self.optimizer = self.accelerator.prepare(model, build_optimizer(model, optim_cfg))
         self.scheduler = LRSchedule(self.optimizer, optim_cfg)  # not prepared: see its docstring
         self.accelerator.register_for_checkpointing(self.scheduler)

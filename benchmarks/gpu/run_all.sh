@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On the GPU machine (from the repo root, offline): install the wheels that benchmarks/gpu/prepare.sh gathered,
 # once, then run one stage of GPU checks, each under its own time limit, logging to $OUT.
-#   bash benchmarks/gpu/run_all.sh learner   # no vLLM: learner benchmark (layouts, MFU, ± checkpointing), DeepSpeed
+#   bash benchmarks/gpu/run_all.sh learner   # no vLLM: learner benchmark (layouts, MFU, checkpointing, compile), DeepSpeed
 #                                            # ZeRO-2/3 step + resume and the other learner gpu tests
 #   bash benchmarks/gpu/run_all.sh rollout   # rollout benchmark, colocated vLLM gpu tests, GRPO step, doctor
 #   bash benchmarks/gpu/run_all.sh async     # synchronous vs asynchronous GRPO through a rollout server
@@ -45,8 +45,8 @@ check() {  # check NAME SECONDS COMMAND...  (a program, not a shell function: `t
   grep -v -E 'Loading weights|Writing model|it/s\]' "$out/$name.log" | tail -n 25
 }
 
-shaped() {  # the random Qwen2.5-Math-1.5B-shaped checkpoint, unless $MODEL already holds one
-  [ -f "$model/config.json" ] || check shaped 120 python3 -m trainer.tools.shaped "$model"
+shaped() {  # shaped [SECONDS]: the random Qwen2.5-Math-1.5B-shaped checkpoint, unless $MODEL already holds one
+  [ -f "$model/config.json" ] || check shaped "${1:-120}" python3 -m trainer.tools.shaped "$model"
 }
 
 install_wheels > "$out/install.log" 2>&1 || { echo "install failed"; cat "$out/install.log"; exit 1; }
@@ -57,12 +57,14 @@ small_task=(data.task=arithmetic data.train_source=null data.eval_source=null lo
             reward.num_workers=4)
 case "$stage" in
   install) ;;
-  learner)  # the limits add up to 570 s: one 600 s command; the most wanted numbers first
-    shaped
-    check learner 150 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
+  learner)  # the limits add up to 580 s: one 600 s command; the most wanted numbers first
+    shaped 90
+    check learner 120 python3 benchmarks/learner_step.py --model "$model" --repeats 2 \
       --layouts padded,sorted,response,packed
-    check learner_gc 60 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
+    check learner_gc 50 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
       --gradient-checkpointing
+    check learner_compile 80 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
+      --compile
     check gpu_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_gpu_deepspeed.py \
       tests/trainer/test_packing.py tests/trainer/losses/test_dpo_loss.py tests/rollout/engines/test_hf_engine.py
     ;;
