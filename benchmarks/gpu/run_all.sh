@@ -70,11 +70,11 @@ case "$stage" in
     ;;
   rollout)  # 600 s in all; a cut-short stage still leaves the logs of what finished
     shaped
-    check rollout 150 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2
+    check rollout 150 python3 benchmarks/rollout.py --model "$model" --skip-hf --repeats 2 --max-new-tokens 512
     check gpu_tests 120 python3 -m pytest -m gpu -q -p no:cacheprovider tests/rollout/engines/test_vllm_engine.py \
       tests/rollout/engines/test_vllm_ranks.py tests/rollout/test_collective_transfer.py
     check grpo_step 180 "${launch[@]}" benchmarks/grpo_step.py --config configs/grpo_qwen2.5_math_1.5b_gsm8k.yaml \
-      --steps 3 "model.path=$model" "${small_task[@]}"
+      --steps 3 "model.path=$model" "${small_task[@]}" rollout.max_tokens=512 rollout.min_tokens=512
     check doctor 30 python3 -m trainer doctor
     ;;
   async)
