@@ -110,6 +110,7 @@ class CollectiveSender:
         self.host = host or address_towards(server_url)
         self.group: Any = None  # gloo ProcessGroup or vLLM PyNcclCommunicator, built at the first send
         self.connects = 0
+        self.settle_s = 10.0  # a send's completion after the server confirmed the update (`_await`)
         self._abandoned: list[Any] = []  # groups with a send in flight: destroying one waits out its timeout
 
     def send(self, weights: Pairs) -> int:
@@ -194,16 +195,22 @@ class CollectiveSender:
         return event.query
 
     def _await(self, done: Callable[[], bool], announced: Future[Any], name: str) -> None:
+        """Wait until the send `done` reports it has gone. An update the server answered with an error ends
+        the wait with that error. One it answered with success means every announced tensor arrived: the
+        send's own completion can still lag behind that answer (seen with gloo: the last broadcast reported
+        done after the server's reply), so it gets `settle_s` more before it counts as lost."""
         deadline = time.monotonic() + self.timeout_s
+        answered = False
         while not done():
-            if announced.done():  # the server stopped receiving: refused the update, failed, or died
+            if announced.done() and not answered:
                 error = announced.exception()
                 if error is not None:
                     raise error  # the request's own error: ServerError (refused: 422), ConnectionError (died)
-                raise RuntimeError(
-                    f"weight transfer ({self.backend}): the server ended the update before receiving {name}"
-                )
+                answered, deadline = True, min(deadline, time.monotonic() + self.settle_s)
             if time.monotonic() > deadline:
+                if answered:
+                    raise RuntimeError(f"weight transfer ({self.backend}): the server ended the update, but "
+                                       f"sending {name} did not complete within {self.settle_s} s after it")
                 raise TimeoutError(
                     f"weight transfer ({self.backend}): {name} not received within {self.timeout_s} s"
                 )

@@ -10,7 +10,9 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from rollout.engines.hf import HFEngine
 from rollout.engines.remote import RemoteEngine, ServerError
 from rollout.server import RolloutServer, free_port
+from rollout.transfer import CollectiveSender
 from rollout.weights import WeightStream, iter_state_dict
 from trainer.learners.grpo import train_grpo
 from trainer.sync import StaleWeightProbe
@@ -155,6 +158,27 @@ def test_a_server_killed_mid_broadcast_ends_the_sync_with_one_clear_error(
         assert "/update_weights" in message or "weight transfer (gloo)" in message, message
     finally:
         own.close()
+
+
+def test_a_send_completing_after_the_servers_answer_is_not_an_error() -> None:
+    """`CollectiveSender._await`: a successful answer to ``/update_weights`` means the server received every
+    tensor, so a send whose completion lags behind it is waited for (within ``settle_s``), not reported lost;
+    an error answer ends the wait with that error; no answer at all, with the timeout."""
+    sender = CollectiveSender(client=None, server_url="http://127.0.0.1:1", backend="gloo",  # type: ignore[arg-type]
+                              timeout_s=0.5, host="127.0.0.1")  # fmt: skip
+    answered: Future[Any] = Future()
+    answered.set_result({})
+    polls = iter([False] * 20 + [True])
+    sender._await(lambda: next(polls), answered, "lm_head.weight")  # completes after the answer: fine
+    sender.settle_s = 0.05
+    with pytest.raises(RuntimeError, match=r"sending lm_head\.weight did not complete within 0\.05 s after it"):
+        sender._await(lambda: False, answered, "lm_head.weight")
+    refused: Future[Any] = Future()
+    refused.set_exception(ServerError("refused", 422))
+    with pytest.raises(ServerError, match="refused"):
+        sender._await(lambda: False, refused, "x")
+    with pytest.raises(TimeoutError, match=r"x not received within 0\.5 s"):
+        sender._await(lambda: False, Future(), "x")
 
 
 @pytest.mark.gpu
