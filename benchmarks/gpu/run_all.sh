@@ -5,7 +5,7 @@
 #                                            # ZeRO-2/3 step + resume and the other learner gpu tests
 #   bash benchmarks/gpu/run_all.sh rollout   # rollout benchmark, colocated vLLM gpu tests, GRPO step, doctor
 #   bash benchmarks/gpu/run_all.sh async     # synchronous vs asynchronous GRPO through a rollout server
-#   bash benchmarks/gpu/run_all.sh install   # only install the wheels (each stage does it first if not yet done)
+#   bash benchmarks/gpu/run_all.sh install   # only install the wheels (each stage first installs those not yet in)
 # Each stage's checks fit one 10-minute command (their time limits add up to at most 600 s), the install aside.
 # environment: WHEELS (default .gpu) the folder holding the wheels (any depth; split pieces NAME.part_* are
 # joined), OUT (default /tmp/reasonrl-gpu-out) the logs, MODEL (default /tmp/qwen25-math-1.5b-shaped) the
@@ -21,16 +21,19 @@ mkdir -p "$out"
 export PYTHONPATH="$site:$PWD" VLLM_USE_FLASHINFER_SAMPLER=0 VLLM_ENABLE_V1_MULTIPROCESSING=0 \
        WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PATH="$site/bin:$PATH"
 
-install_wheels() {  # once per machine: join split pieces, then every wheel into $site (no index, no resolver)
-  [ -f "$site/.installed" ] && return 0
-  local whl
+install_wheels() {  # join split pieces, then every wheel not installed yet into $site (no index, no resolver)
+  local whl new=()
   while IFS= read -r whl; do  # a split wheel's pieces may lie in several folders: joined in their suffix order
     find "$wheels" -name "$whl.part_*" -printf '%f\t%p\n' | sort | cut -f2 | xargs cat > "$wheels/$whl.joining" &&
       find "$wheels" -name "$whl.part_*" -delete && mv "$wheels/$whl.joining" "$wheels/$whl"
   done < <(find "$wheels" -name '*.whl.part_aa' -printf '%f\n' | sed 's/\.part_aa$//')
-  find "$wheels" -name '*.whl' -print0 | xargs -0 timeout 150 \
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" &&
-  touch "$site/.installed"
+  mkdir -p "$site" && touch "$site/.installed"  # the names of the wheels installed there, one per line
+  while IFS= read -r whl; do
+    grep -qxF "$(basename "$whl")" "$site/.installed" || new+=("$whl")
+  done < <(find "$wheels" -name '*.whl')
+  [ "${#new[@]}" -eq 0 ] && return 0
+  timeout 150 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "${new[@]}" &&
+    for whl in "${new[@]}"; do basename "$whl"; done >> "$site/.installed"
 }
 
 failed=0
