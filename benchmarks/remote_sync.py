@@ -79,6 +79,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def main() -> None:
     args = _args()
+    import torch
     from transformers import AutoTokenizer
 
     from rollout.auth import TOKEN_ENV
@@ -94,7 +95,7 @@ def main() -> None:
     probe = StaleWeightProbe(tokenizer=AutoTokenizer.from_pretrained(model), on_mismatch="warn")
     argv = ["--model", model, "--port", str(free_port()), "--dtype", args.dtype, "--max-model-len", "512",
             "--weights-dir", str(work / "weights"), "--weight-transfer", "gloo"]  # fmt: skip
-    argv += [] if _cuda() else ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
+    argv += [] if torch.cuda.is_available() else ["--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20)]
     results: dict[str, dict[str, Any]] = {}
     with RolloutServer(argv, startup_timeout_s=600, log_path=work / "server.log") as server:
         for name in TRANSPORTS:
@@ -110,12 +111,6 @@ def main() -> None:
     print(table(results))
     print("MB = bytes moved per push (1e6); vs_fs = median over the filesystem transfer's; probe = the largest "
           "|log-prob| difference, server vs learner, after the last push")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -239,15 +239,13 @@ def main(argv: list[str] | None = None) -> None:
 def direct_load_weights(engine: Any, learner: Any, ids: list[int], repeats: int) -> tuple[Timing, float]:
     """Time the model's ``load_weights`` called in the worker (no layerwise reload) with the learner's state dict,
     and the largest |difference| of `ids`' prompt log-probs it leaves against ``reload_weights`` of the same
-    weights (GPU only: on CPU, vLLM repacks linear layers, whose parameters plain ``load_weights`` cannot fill)."""
-    from rollout.weights import WeightStream
-
+    weights (GPU only: on CPU, vLLM repacks linear layers, whose parameters plain ``load_weights`` cannot fill).
+    The engine holds the learner's weights already (the ``update_weights`` row loaded them)."""
     llm = engine.llm
 
     def load() -> None:
         llm.collective_rpc(lambda worker: worker.get_model().load_weights(iter(learner.state_dict().items())))
 
-    engine.update_weights(WeightStream(learner))
     reference = engine.prompt_logprobs([ids])[0]
     load()
     timing = timed(load, repeats)

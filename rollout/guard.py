@@ -144,7 +144,8 @@ class RolloutGuard:
         ``/finish_weight_update`` after it both succeed, and `broken` if either fails."""
         body = await _read_body(receive, MAX_RPC_BODY)
         if body is None:
-            await _refuse(scope, send, 413, f"{path.lstrip('/')} body larger than {MAX_RPC_BODY} bytes")
+            err = too_large(path.lstrip("/"))
+            await _refuse(scope, send, err.status, str(err))
             return
         if path == "/update_weights":
             try:
@@ -205,11 +206,16 @@ class RolloutGuard:
         return status
 
 
+def too_large(what: str) -> ReloadRefused:
+    """The refusal (413) of a `what` request whose body `_read_body` cut at the size limit."""
+    return ReloadRefused(f"{what} body larger than {MAX_RPC_BODY} bytes", 413)
+
+
 def json_body(body: bytes | None, what: str) -> Any:
     """The decoded JSON of a request body read with `_read_body`; `ReloadRefused` naming `what` (the request)
-    if it was cut at the size limit (413) or is not JSON (400)."""
+    if it was cut at the size limit (`too_large`) or is not JSON (400)."""
     if body is None:
-        raise ReloadRefused(f"{what} body larger than {MAX_RPC_BODY} bytes", 413)
+        raise too_large(what)
     try:
         return json.loads(body)
     except ValueError as err:
