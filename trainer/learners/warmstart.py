@@ -91,7 +91,7 @@ def warm_start(s: Session) -> dict[str, float]:
             s.accelerator.clip_grad_norm_(s.learner.model.parameters(), s.cfg.optim.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if not s.progress_enabled and s.is_main and (i + 1) % max(1, cfg.steps // 10) == 0:  # no terminal
                 logger.info("warm start (SFT) step %d/%d loss=%.3f", i + 1, cfg.steps, losses[-1])
