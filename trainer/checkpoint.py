@@ -20,14 +20,16 @@ space: about how much the checkpoint needs and how much is free); the previous c
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import re
 import resource
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,7 +131,8 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
         tmp.rename(final)
 
     _phase(accelerator, prepare if main else None, tmp, run_dir, previous, needed)
-    _phase(accelerator, lambda: accelerator.save_state(str(tmp / "state")), tmp, run_dir, previous, needed)
+    with _tied_head_notice_dropped(accelerator.unwrap_model(model)):
+        _phase(accelerator, lambda: accelerator.save_state(str(tmp / "state")), tmp, run_dir, previous, needed)
     state_dict = accelerator.get_state_dict(model)  # collective under DeepSpeed ZeRO-3: every rank
     _phase(accelerator, write_main if main else None, tmp, run_dir, previous, needed)
     if main:
@@ -137,6 +140,46 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class TiedHeadNotice(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {...} while saving" warning when every tensor it names is one
+    of `tied` (the input and output embeddings of a model with ``tie_word_embeddings``): safetensors stores a
+    shared tensor once, and loading ties the head again, so resuming is exact (tests/trainer/test_checkpoint_tied.py
+    and the resume tests). Any other shared tensor keeps the warning."""
+
+    def __init__(self, tied: set[str]) -> None:
+        super().__init__()
+        self.tied = tied
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        found = re.search(r"Removed shared tensor \{(.*)\} while saving", record.getMessage())
+        if not found or not self.tied:
+            return True
+        removed = [name.strip().strip("'\"") for name in found.group(1).split(",")]
+        return not all(name.endswith(tuple(self.tied)) for name in removed)
+
+
+def tied_embedding_names(model: torch.nn.Module) -> set[str]:
+    """The weight names of the input and output embeddings if they are one tensor, else the empty set."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    head = get_out() if get_out is not None else None
+    embed = get_in() if get_in is not None else None
+    if head is None or embed is None or head.weight is not embed.weight:
+        return set()
+    names = {module: name for name, module in model.named_modules()}
+    return {f"{names[embed]}.weight", f"{names[head]}.weight"}
+
+
+@contextlib.contextmanager
+def _tied_head_notice_dropped(model: torch.nn.Module) -> Iterator[None]:
+    notice = TiedHeadNotice(tied_embedding_names(model))
+    accelerate_log = logging.getLogger("accelerate.utils.other")
+    accelerate_log.addFilter(notice)
+    try:
+        yield
+    finally:
+        accelerate_log.removeFilter(notice)
 
 
 def save_model_folder(accelerator: Any, model: torch.nn.Module, write: Callable[[Path], None], final: Path,
