@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rollout.reward.custom import RewardFnSpec
+from trainer.data.prompts import PAIR_FIELDS, QUESTION_FIELDS, template_fields, template_problems
 
 
 class ConfigError(ValueError):
@@ -286,7 +287,7 @@ class CheckpointConfig(_Section):
 
 class RunConfig(_Section):
     mode: Literal["grpo", "sft", "dpo", "ei"] = "grpo"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, sampling and data order (0 to 2**32 - 1)")
     output_dir: str = "runs/default"
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
@@ -311,7 +312,7 @@ class RunConfig(_Section):
                 "of optimizer steps, and expert iteration's depends on how many samples pass its filter. Use "
                 "optim.lr_scheduler=constant (with optim.warmup_steps)"
             )
-        problems += source_problems(self)
+        problems += source_problems(self) + sampling_problems(self) + prompt_problems(self)
         if self.grpo.max_staleness and self.rollout.placement == "colocated":
             problems.append(
                 f"grpo.max_staleness={self.grpo.max_staleness} with rollout.placement=colocated: asynchronous GRPO "
@@ -377,6 +378,28 @@ def source_problems(cfg: RunConfig) -> list[str]:
              "sft": ["eval_source"] if cfg.sft.eval_generation else []}.get(cfg.mode, [])
     return [f"data.{key} is unset: data.task={d.task} needs it (a hub dataset id, or a local .jsonl, .json or "
             ".parquet file)" for key in reads if getattr(d, key) is None]
+
+
+def sampling_problems(cfg: RunConfig) -> list[str]:
+    """A minimum response length above the maximum, in either sampling section."""
+    return [f"{key}.min_tokens={section.min_tokens} > {key}.max_tokens={section.max_tokens}: a response cannot "
+            f"be longer than max_tokens. Lower {key}.min_tokens or raise {key}.max_tokens"
+            for key, section in (("rollout", cfg.rollout), ("eval", cfg.eval))
+            if section.min_tokens > section.max_tokens]
+
+
+def prompt_problems(cfg: RunConfig) -> list[str]:
+    """User templates that are not format strings, and template names that are unknown or take other fields
+    than their use fills (`trainer.data.prompts.template_problems`)."""
+    problems = []
+    for name, text in cfg.data.templates.items():
+        try:
+            template_fields(text)
+        except ValueError as err:
+            problems.append(f"data.templates.{name} is not a usable format string: {err}")
+    problems += template_problems("data.prompt_template", cfg.data.prompt_template, QUESTION_FIELDS,
+                                  cfg.data.templates)
+    return problems + template_problems("dpo.template", cfg.dpo.template, PAIR_FIELDS, cfg.data.templates)
 
 
 CUDA_DEVICE = re.compile(r"cuda(:\d+)?")

@@ -139,3 +139,54 @@ def test_clip_seed_and_stop_rules_reported_together() -> None:
         validate_for_cluster(ok.model_copy(update={"grpo": ok.grpo.model_copy(update={
             "rollout_batch_size": 1024, "train_batch_size": 1024, "group_size": 4,
             "gradient_accumulation_steps": 2})}), 128, ["cpu"] * 128)  # fmt: skip
+
+
+def test_seed_sampling_lengths_and_templates_checked_when_the_config_loads() -> None:
+    """A seed torch cannot take, min_tokens above max_tokens, and prompt templates that are unknown, not
+    format strings, or filled with other fields than their use provides: each one line naming the key, in
+    one error, before any model loads (they used to be tracebacks after it)."""
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({
+            "model": {"path": "x"}, "seed": -1, "eval": {"max_tokens": 1},
+            "data": {"prompt_template": "t", "templates": {"t": "Solve {problem}", "broken": "oops {", "pos": "Q: {}"}},
+            "dpo": {"template": "r1zero"},
+        })
+    problems = err.value.problems
+    assert len(problems) == 1  # field errors stop pydantic before the cross-field rules: the seed alone
+    assert problems[0].startswith("seed=-1")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({
+            "model": {"path": "x"}, "eval": {"max_tokens": 1},
+            "data": {"prompt_template": "t", "templates": {"t": "Solve {problem}", "broken": "oops {", "pos": "Q: {}"}},
+            "dpo": {"template": "r1zero"},
+        })
+    assert err.value.problems == [
+        "eval.min_tokens=4 > eval.max_tokens=1: a response cannot be longer than max_tokens. Lower "
+        "eval.min_tokens or raise eval.max_tokens",
+        "data.templates.broken is not a usable format string: Single '{' encountered in format string: write a "
+        "literal brace as {{ or }}",
+        "data.templates.pos is not a usable format string: a positional field ({} or {0}) is never filled: name "
+        "it, e.g. {question}",
+        "data.prompt_template='t' has the fields ['problem'], but it is filled with ['question']: choose a "
+        "template with exactly those",
+        "dpo.template='r1zero': no prompt template 'r1zero' (built in: alpaca, question_only, r1_zero, chat, "
+        "chat:<template>, or a name under data.templates)",
+    ]
+
+
+@pytest.mark.parametrize(("key", "name", "ok"), [
+    ("data.prompt_template", "chat", True), ("data.prompt_template", "chat:r1_zero", True),
+    ("data.prompt_template", "chat:mine", True), ("data.prompt_template", "mine", True),
+    ("data.prompt_template", "chat:pair", False), ("data.prompt_template", "alpaca", False),
+    ("data.prompt_template", "chat:nothere", False), ("dpo.template", "chat:pair", True),
+    ("dpo.template", "alpaca", True), ("dpo.template", "r1_zero", False),
+])  # fmt: skip
+def test_template_names_and_their_fields(key: str, name: str, ok: bool) -> None:
+    section, field = key.split(".")
+    raw = {"model": {"path": "x"}, "data": {"templates": {"mine": "Solve: {question}"}}}
+    raw.setdefault(section, {})[field] = name
+    if ok:
+        assert getattr(getattr(config_from_dict(raw), section), field) == name
+    else:
+        with pytest.raises(ConfigError, match=f"{key}='{name}'"):
+            config_from_dict(raw)

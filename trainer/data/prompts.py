@@ -18,6 +18,8 @@ Users add their own through the config (`register_template`).
 
 from __future__ import annotations
 
+import string
+from collections.abc import Mapping
 from typing import Any
 
 R1_ZERO = (
@@ -44,6 +46,8 @@ CHAT_PARTS: dict[str, tuple[str | None, str, str]] = {
     "chat:r1_zero": (R1_ZERO_SYSTEM, QUESTION_ONLY, "<think>"),
     "chat:pair": (None, "{instruction}", "{response}"),  # SFT/DPO pairs (fields of `ALPACA`)
 }
+QUESTION_FIELDS = frozenset({"question"})  # what GRPO, EI, the warm start and evaluation fill
+PAIR_FIELDS = frozenset({"instruction", "response"})  # what SFT and DPO pairs fill
 _SLOT = "\u241fUSER\u241f"  # stands for the user message while the chat template renders
 
 
@@ -69,6 +73,42 @@ def format_prompt(name: str, **fields: str) -> str:
         return template.format(**fields)
     except KeyError as err:
         raise KeyError(f"prompt template {name!r} needs field {err.args[0]!r}; got {sorted(fields)}") from None
+
+
+def template_fields(template: str) -> set[str]:
+    """The named fields of a format string, e.g. ``{"question"}``; `ValueError` if it is not one (an unmatched
+    brace) or uses a positional field (``{}``, ``{0}``), which no caller fills."""
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError as err:
+        raise ValueError(f"{err}: write a literal brace as {{{{ or }}}}") from None
+    names = {field.split(".")[0].split("[")[0] for field in fields}
+    if any(not name or name.isdigit() for name in names):
+        raise ValueError("a positional field ({} or {0}) is never filled: name it, e.g. {question}")
+    return names
+
+
+def template_problems(key: str, name: str, fields: frozenset[str], user: Mapping[str, str]) -> list[str]:
+    """Why template `name` (a config value at `key`) cannot be filled with exactly `fields`, given the user
+    templates `user` (``data.templates``): an unknown name, or other fields than its use provides. Checked
+    when the config loads, so a typo is a config error before any model loads. Messages hold no "; "."""
+    known = {**TEMPLATES, **user}
+    choices = f"built in: {', '.join(sorted(TEMPLATES))}, chat, chat:<template>, or a name under data.templates"
+    inner = name.partition(":")[2] if is_chat_template(name) else name
+    if name in CHAT_PARTS:
+        text = CHAT_PARTS[name][1] + CHAT_PARTS[name][2]
+    elif inner in known:
+        text = known[inner]
+    else:
+        return [f"{key}={name!r}: no prompt template {inner!r} ({choices})"]
+    try:
+        used = template_fields(text)
+    except ValueError:
+        return []  # reported under data.templates
+    if used != fields:
+        return [f"{key}={name!r} has the fields {sorted(used)}, but it is filled with {sorted(fields)}: "
+                "choose a template with exactly those"]
+    return []
 
 
 def is_chat_template(name: str) -> bool:
