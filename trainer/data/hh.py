@@ -79,6 +79,10 @@ def input_files(source: Path, split: str) -> list[Path]:
     )
     if not found:
         raise FileNotFoundError(f"{source}: no {split}.jsonl or {split}.jsonl.gz below this folder")
+    both = sorted({p.parent for p in found if p.name.endswith(".gz") and p.with_suffix("") in found})
+    if both:
+        raise DatasetFormatError(f"{both[0]}: holds both {split}.jsonl and {split}.jsonl.gz, which would read "
+                                 "every pair twice: keep one")
     return found
 
 
@@ -88,14 +92,17 @@ def _open(path: Path) -> IO[str]:
 
 def read_hh(path: Path) -> Iterator[tuple[int, str, str]]:
     """(line number, chosen, rejected) of each non-blank line; bad lines raise `DatasetFormatError`."""
-    for lineno, record in read_jsonl(path, opener=_open):
-        for key in ("chosen", "rejected"):
-            if not isinstance(record.get(key), str):
-                raise DatasetFormatError(
-                    f"{path}:{lineno}: missing or non-string key {key!r} (HH lines have 'chosen' and "
-                    f"'rejected'; found {sorted(record)})"
-                )
-        yield lineno, record["chosen"], record["rejected"]
+    try:
+        for lineno, record in read_jsonl(path, opener=_open):
+            for key in ("chosen", "rejected"):
+                if not isinstance(record.get(key), str):
+                    raise DatasetFormatError(
+                        f"{path}:{lineno}: missing or non-string key {key!r} (HH lines have 'chosen' and "
+                        f"'rejected'; found {sorted(record)})"
+                    )
+            yield lineno, record["chosen"], record["rejected"]
+    except (OSError, EOFError) as err:  # gzip: a truncated download, or not gzip at all
+        raise DatasetFormatError(f"{path}: cannot be read ({err}); download it again") from None
 
 
 def convert(source: str | Path, out: str | Path, split: str = "train") -> Counter[str]:

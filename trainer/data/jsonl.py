@@ -52,6 +52,8 @@ def _decoded_lines(path: Path, handle: IO[Any], binary: bool) -> Iterator[tuple[
                 ) from None
             return
     for lineno, raw in enumerate(raw_handle, start=1):
+        if lineno == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)  # what some editors write first; not part of the record
         try:
             yield lineno, raw.decode(encoding, errors)
         except UnicodeDecodeError as err:

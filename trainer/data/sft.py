@@ -61,6 +61,8 @@ def _gold_of(record: dict[str, Any], where: str) -> str | None:
     if isinstance(gold, str):
         return gold
     if isinstance(gold, int | float) and not isinstance(gold, bool):
+        if not math.isfinite(gold):
+            raise DatasetFormatError(f"{where}: {key!r} is {gold}, not a finite number")
         return str(gold)
     raise DatasetFormatError(f"{where}: {key!r} must be a string or a number, got {type(gold).__name__}")
 

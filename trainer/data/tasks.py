@@ -19,6 +19,7 @@ File order is kept; ``limit`` takes the first examples. ``seed`` only affects ge
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Callable
@@ -143,6 +144,8 @@ def _text(record: dict[str, Any], key: str, where: str, numbers: bool = False) -
     """The non-empty string in `record[key]` (a number too, as its ``str``, where `numbers`)."""
     value = record.get(key)
     if numbers and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise DatasetFormatError(f"{where}: field {key!r} is {value}, not a finite number")
         return str(value)
     if not isinstance(value, str) or not value.strip():
         got = "missing" if key not in record else f"{type(value).__name__} {value!r:.60}"
@@ -168,7 +171,7 @@ def _example(record: dict[str, Any], cols: Columns, where: str) -> Example:
             raise DatasetFormatError(f"{where}: field {column!r} is not GSM8K-style: {err}") from None
         missing = "".join(f"no {c!r} field and " for c, _ in cols.answers[: cols.answers.index((column, parser))])
         raise DatasetFormatError(f"{where}: {missing}{err} in {column!r}") from None
-    solution = record.get(cols.solution, "") if cols.solution else (text if parser != "plain" else "")
+    solution = (record.get(cols.solution) or "") if cols.solution else (text if parser != "plain" else "")
     if not isinstance(solution, str):
         raise DatasetFormatError(f"{where}: field {cols.solution!r} must be a string, got {type(solution).__name__}")
     return Example(question=question.strip(), answer=gold, solution=solution.strip())

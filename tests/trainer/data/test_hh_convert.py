@@ -97,3 +97,30 @@ def test_bad_input_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFix
         convert(empty, tmp_path / "out.jsonl")
     assert main([str(tmp_path / "missing"), str(tmp_path / "o.jsonl")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_truncated_or_non_gzip_file_and_a_folder_with_both_forms(tmp_path: Path) -> None:
+    """A half-downloaded or mislabelled ``.gz`` is one error naming the file (it was EOFError or
+    BadGzipFile); a folder holding both ``train.jsonl`` and ``train.jsonl.gz`` would convert every pair twice,
+    so it is refused. An existing output file is left as it was in both cases."""
+    out = tmp_path / "out.jsonl"
+    out.write_text("kept\n")
+    whole = tmp_path / "whole" / "train.jsonl.gz"
+    write_hh(whole, HELPFUL * 200)
+    truncated = tmp_path / "truncated" / "train.jsonl.gz"
+    truncated.parent.mkdir()
+    truncated.write_bytes(whole.read_bytes()[: len(whole.read_bytes()) // 2])
+    with pytest.raises(DatasetFormatError, match=rf"{truncated}: cannot be read \(Compressed file ended"):
+        convert(truncated.parent, out)
+    plain = tmp_path / "plain" / "train.jsonl.gz"
+    write_hh(plain.with_suffix(""), HELPFUL)
+    plain.with_suffix("").rename(plain)  # plain text under a .gz name
+    with pytest.raises(DatasetFormatError, match=rf"{plain}: cannot be read \(Not a gzipped file"):
+        convert(plain, out)
+    both = tmp_path / "both"
+    write_hh(both / "train.jsonl", HELPFUL)
+    write_hh(both / "train.jsonl.gz", HELPFUL)
+    with pytest.raises(DatasetFormatError, match=rf"{both}: holds both train\.jsonl and train\.jsonl\.gz"):
+        convert(tmp_path / "both", out)
+    assert out.read_text() == "kept\n"
+    assert convert(tmp_path / "whole", out)["kept"] == 200

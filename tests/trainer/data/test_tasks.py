@@ -197,3 +197,21 @@ def test_load_task_arithmetic() -> None:
 def test_load_task_errors(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
     with pytest.raises(error, match=message):
         load_task(**kwargs)  # type: ignore[arg-type]
+
+
+def test_byte_order_mark_null_solution_and_non_finite_answers(tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark (what some editors write first) is not part of the first record; a null
+    ``solution`` is an absent one (as a null ``answer`` is); ``NaN`` / ``Infinity`` golds are refused with
+    file and line, where they would have become the answers "nan" and "inf"."""
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"question": "q", "answer": "#### 1,234"}\n')
+    assert [e.answer for e in load_gsm8k(bom)] == ["1234"]
+    null = tmp_path / "null.jsonl"
+    null.write_text('{"problem": "p", "answer": "5", "solution": null}\n')
+    assert load_math(null) == [Example(question="p", answer="5", solution="")]
+    for constant in ("NaN", "Infinity", "-Infinity"):
+        bad = tmp_path / "custom.jsonl"
+        bad.write_text(f'{{"question": "q", "answer": 3}}\n{{"question": "q", "answer": {constant}}}\n')
+        value = float(constant)
+        with pytest.raises(DatasetFormatError, match=rf"custom\.jsonl:2: field 'answer' is {value}, not a finite"):
+            load_task("custom", source=bad)
