@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # torch is imported where a checkpoint is written, not by the
     import torch
 
 _PREFIX = "step_"
+_STEP = re.compile(_PREFIX + r"\d+")
 _MB = 1024 * 1024
 # What the writers raise for a failed write: OSError (Python's own files), RuntimeError (torch.save's C++ zip
 # writer: "unexpected pos", "iostream error", "cannot be opened"), SafetensorError ("... (os error 28)").
@@ -56,14 +57,17 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"{_PREFIX}{step:06d}"
 
 
+class ResumeError(ValueError):
+    """A checkpoint that cannot be resumed as it is (damaged, or saved over other training data)."""
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary ``.tmp`` directories are ignored)."""
+    """Complete checkpoints, oldest first by step (``step_N.tmp`` and ``step_N.old`` folders are ignored)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir()
-            if p.name.startswith(_PREFIX) and p.suffix != ".tmp" and (p / "trainer_state.json").exists()]
-    return sorted(done, key=lambda p: p.name)
+    done = [p for p in root.iterdir() if _STEP.fullmatch(p.name) and (p / "trainer_state.json").exists()]
+    return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -127,8 +131,7 @@ def save_checkpoint(accelerator: Any, model: torch.nn.Module, tokenizer: Any, ru
         tokenizer.save_pretrained(tmp / "hf")
         save_config(config, tmp / "config.yaml")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=2))
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_folder(tmp, final)
 
     _phase(accelerator, prepare if main else None, tmp, run_dir, previous, needed)
     with _tied_head_notice_dropped(accelerator.unwrap_model(model)):
@@ -182,6 +185,18 @@ def _tied_head_notice_dropped(model: torch.nn.Module) -> Iterator[None]:
         accelerate_log.removeFilter(notice)
 
 
+def replace_folder(new: Path, final: Path) -> None:
+    """Rename the complete folder `new` to `final`. An existing `final` is first renamed to ``FINAL.old`` and
+    removed only after, so a crash at any point leaves the old or the new folder complete under one of the
+    two names (never only a partial one)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_model_folder(accelerator: Any, model: torch.nn.Module, write: Callable[[Path], None], final: Path,
                       what: str) -> None:
     """Write a model folder (the warm start's, DPO's ``best/``) atomically on the main process: `write` fills
@@ -193,8 +208,7 @@ def save_model_folder(accelerator: Any, model: torch.nn.Module, write: Callable[
     def run() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         write(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        replace_folder(tmp, final)
 
     def describe(err: Exception) -> str:
         return _failure_message(err, tmp, lambda: _model_bytes(model), what)
@@ -332,6 +346,15 @@ def load_checkpoint(accelerator: Any, path: str | Path) -> dict[str, Any]:
     state_file = path / "trainer_state.json"
     if not state_file.exists():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+    try:
+        state: dict[str, Any] = json.loads(state_file.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("not an object with an integer 'step'")
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        found = list_checkpoints(path.parent.parent)
+        older = found[: found.index(path)] if path in found else []
+        fallback = f"to resume from {older[-1].name}" if older else "(there is no older checkpoint)"
+        raise ResumeError(f"{state_file} is damaged ({err}): move {path.name} out of {path.parent} "
+                          f"{fallback}") from None
     accelerator.load_state(str(path / "state"))
-    state: dict[str, Any] = json.loads(state_file.read_text())
     return state

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import StorageError
+from trainer.checkpoint import ResumeError, StorageError
 from trainer.config import ConfigError, RunConfig
 from trainer.config_io import load_config
 from trainer.data.tasks import DatasetFormatError
@@ -59,6 +59,10 @@ def _load_train(args: argparse.Namespace) -> RunConfig:
     saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise FileNotFoundError(f"--resume {run_dir}: no config.yaml there (not a reasonrl run directory?)")
+    moved = [o for o in args.overrides if o.split("=", 1)[0] == "output_dir"]
+    if moved:
+        raise ConfigError([f"--resume {run_dir} writes into the run it continues: {moved[0]} cannot move it (copy "
+                           "the run directory and resume the copy instead)"], "command line")
     cfg = load_config(saved, [*args.overrides, f"output_dir={run_dir}"])
     before = load_config(saved, [f"output_dir={run_dir}"]).model_dump()
     for key, (old, new) in _changed(before, cfg.model_dump()).items():
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_cpu_threads()
     try:
         code: int = args.fn(args)
-    except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError, ResumeError) as err:
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 2
     except (StorageError, HubError) as err:  # a failed write under the run directory or upload: no traceback

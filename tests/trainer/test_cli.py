@@ -52,6 +52,9 @@ def test_resume_takes_the_runs_config_not_another(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "no config.yaml there" in proc.stderr
     none = reasonrl("train")
     assert none.returncode == 2 and "train needs --config FILE" in none.stderr
+    moved = reasonrl("train", "--resume", str(tmp_path), f"output_dir={tmp_path / 'elsewhere'}")
+    assert moved.returncode == 2  # it was silently replaced by the run directory
+    assert f"output_dir={tmp_path / 'elsewhere'} cannot move it" in moved.stderr
 
 
 @pytest.mark.slow

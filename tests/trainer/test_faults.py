@@ -189,6 +189,25 @@ def test_dpo_pairs_with_chosen_equal_to_rejected(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("n", "identical", "message"), [
+    (2, 2, "all 2 pairs with chosen == rejected (no preference) ({data}:1, {data}:2): nothing left to use; fix the "
+           "data"),
+    (2, 1, "{data}: 1 usable pair(s): DPO needs at least 2 (a share is held out to validate, "
+           "dpo.validation_fraction)"),
+])  # fmt: skip
+def test_dpo_with_too_few_usable_pairs(tmp_path: Path, n: int, identical: int, message: str) -> None:
+    """Even where data.max_skipped_fraction allows every pair to be skipped, a run with nothing (or one pair,
+    which the held-out split takes) left is one error before loading; they were a ZeroDivisionError and a
+    `torch.cat` of nothing deep in training."""
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(data, n, identical=identical)
+    with pytest.raises(DatasetFormatError) as err:
+        train_dpo(load_config(DPO, ["model.path=/nowhere/model", f"output_dir={tmp_path / 'run'}",
+                                    f"data.preference_path={data}", "data.max_skipped_fraction=1.0"]))
+    assert message.format(data=data) in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_dpo_identical_pair_is_skipped_and_counted(tmp_path: Path, tiny_qwen2_path: str) -> None:
     data = tmp_path / "pairs.jsonl"

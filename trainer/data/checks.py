@@ -58,7 +58,11 @@ def check_data(cfg: RunConfig) -> None:
     if cfg.mode == "dpo":
         if not d.preference_path:
             raise FileNotFoundError('mode "dpo" needs data.preference_path (JSONL of {"prompt","chosen","rejected"})')
-        drop_identical_pairs(read_preference_pairs(d.preference_path), d.max_skipped_fraction, d.preference_path)
+        usable, _ = drop_identical_pairs(read_preference_pairs(d.preference_path), d.max_skipped_fraction,
+                                         d.preference_path)
+        if len(usable) < 2:
+            raise DatasetFormatError(f"{d.preference_path}: {len(usable)} usable pair(s): DPO needs at least 2 (a "
+                                     "share is held out to validate, dpo.validation_fraction)")
     evaluates = cfg.mode in ("grpo", "ei") or (cfg.mode == "sft" and cfg.sft.eval_generation)
     if evaluates and d.task != "arithmetic":
         load_task(task_name(cfg), d.eval_source, "test", cfg.eval.limit or d.eval_limit, cfg.seed, task_columns(cfg))
@@ -77,6 +81,8 @@ def skip_unusable(items: Sequence[T], unusable: Callable[[T], bool], what: str, 
     first = ", ".join(w for w in (where(x) for x in skipped[:3]) if w)
     first = f" ({first}{', ...' if len(skipped) > 3 else ''})" if first else ""
     fraction = len(skipped) / len(items)
+    if not usable:
+        raise DatasetFormatError(f"{source}: all {len(items)} {what}{first}: nothing left to use; fix the data")
     if fraction > max_fraction:
         raise DatasetFormatError(
             f"{source}: {len(skipped)} of {len(items)} {what}{first}: more than data.max_skipped_fraction="

@@ -11,6 +11,8 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Generic, TypeVar
 
+from trainer.checkpoint import ResumeError
+
 T = TypeVar("T")
 
 
@@ -46,9 +48,20 @@ class QuestionSampler(Generic[T]):
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        return {"epoch": self.epoch, "cursor": self.cursor, "size": len(self.items)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from a saved position. The order is a function of the number of items, so a state saved
+        over another number (the training data changed: its file, ``data.train_limit``, the prompts dropped as
+        too long) would silently draw other questions: `ValueError` (states saved before ``size`` was kept are
+        checked by their cursor only): `ResumeError`."""
+        size = state.get("size", len(self.items))
+        if size != len(self.items) or not 0 <= state["cursor"] <= len(self.items):
+            raise ResumeError(
+                f"the checkpoint's question order was drawn over {size} training questions (position "
+                f"{state['cursor']} of epoch {state['epoch']}), this run has {len(self.items)}: the training data "
+                "changed since the checkpoint (its file, data.train_limit, data.train_source, or the prompts "
+                "dropped as too long). Resume with the data the run trained on, or start a new run")
         self.epoch, self.cursor = state["epoch"], state["cursor"]
         self._order = self._shuffle()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from trainer.checkpoint import ResumeError
 from trainer.data.batching import micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.data.sampler import QuestionSampler
 from trainer.data.tokenization import tokenize_prompt_and_output
@@ -24,6 +25,21 @@ def test_sampler_covers_each_epoch_without_replacement_and_resumes() -> None:
     assert b.draw(9) == expected
     with pytest.raises(ValueError, match="empty"):
         QuestionSampler([], seed=0)
+
+
+def test_resuming_over_other_training_data_is_refused() -> None:
+    """The order depends on how many questions there are: a state saved over 20 would draw other questions
+    (and skip the rest of the epoch) over 10. A state saved before the size was kept still loads."""
+    saved = QuestionSampler(list(range(20)), seed=3)
+    saved.draw(15)
+    with pytest.raises(ResumeError, match=r"drawn over 20 training questions \(position 15 of epoch 0\), this run "
+                                          r"has 10: the training data changed"):
+        QuestionSampler(list(range(10)), seed=3).load_state_dict(saved.state_dict())
+    with pytest.raises(ResumeError, match="position 15"):
+        QuestionSampler(list(range(10)), seed=3).load_state_dict({"epoch": 0, "cursor": 15})
+    old = QuestionSampler(list(range(20)), seed=3)
+    old.load_state_dict({"epoch": 0, "cursor": 15})
+    assert old.draw(5) == saved.draw(5)
 
 
 def test_pack_token_ids_hand_example() -> None:
