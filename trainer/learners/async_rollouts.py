@@ -22,6 +22,9 @@ stale-weight probe checks the newest weights, as after any push between batches.
 Resume: `checkpoint_state` after step t saves the batches t+1 … t+k (sampled by weights older than the
 checkpoint) with the sampler position after them; a resumed producer serves them first. A producer failure
 (a dead server; a hung one after the engine's request timeout) reaches the learner as `RolloutProducerError`.
+
+Shutdown: `RolloutProducer.close` stops the producer before anything queued and between two generation rounds
+of a batch, and returns once its thread has ended, so the engine and scorer never close under it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -47,12 +51,18 @@ from trainer.lora import weight_stream
 from trainer.sync import GENERATION, StaleWeightProbe, learner_logprobs
 from trainer.timing import PhaseTimer
 
+logger = logging.getLogger("reasonrl")
 T = TypeVar("T")
 POLL_S = 0.5  # how often a waiting learner checks that the producer is alive
 
 
 class RolloutProducerError(RuntimeError):
     """The rollout producer failed; the message names what it was doing and the cause."""
+
+
+class ProducerStopped(Exception):
+    """Raised on the producer thread between two generation rounds of a batch once `RolloutProducer.close` has
+    asked it to stop: the batch is abandoned, the thread ends without an error."""
 
 
 @dataclass
@@ -130,6 +140,12 @@ class RolloutSide:
     engine: RolloutEngine
     scorer: RewardScorer
     timer: PhaseTimer
+    stop: threading.Event = field(default_factory=threading.Event)  # set by `RolloutProducer.close`
+
+    def stop_if_asked(self) -> None:
+        """Between generation rounds (DAPO refills): raise `ProducerStopped` once the producer is closing."""
+        if self.stop.is_set():
+            raise ProducerStopped("the rollout producer was closed")
 
 
 SampleFn = Callable[[RolloutSide, QuestionSampler[Example], int], tuple[list[Sample], torch.Tensor, torch.Tensor,
@@ -197,8 +213,21 @@ class RolloutProducer:
         return {"sampler": sampler, "pending_rollouts": [b.to_json() for b in pending]}
 
     def close(self, timeout_s: float = 30.0) -> None:
-        self._put(("stop", None))
+        """Stop the producer and return once its thread has ended, so the caller may close the engine and the
+        reward scorer after it. The stop comes before any queued item; the thread finishes what it is doing
+        (a generation round and its scoring, a weight push, a call) and starts nothing else: a batch stops
+        between two generation rounds (`RolloutSide.stop_if_asked`), its rollouts dropped. Past `timeout_s` a
+        warning names what it is still doing and the wait goes on: the engine's own request timeout
+        (``rollout.request_timeout_s``) and the scorer's per-answer timeout bound it, and closing the engine
+        under a live request would fail it mid-call (a second interrupt ends the wait)."""
+        with self._cond:
+            self.side.stop.set()
+            self._cond.notify_all()
         self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            logger.warning("the rollout producer is still %s %.0f s after it was asked to stop: waiting for it "
+                           "to finish before the rollout engine and reward scorer close", self._doing, timeout_s)
+            self._thread.join()
 
     def _put(self, item: tuple[str, Any]) -> None:
         with self._cond:
@@ -221,14 +250,19 @@ class RolloutProducer:
         try:
             while self._serve_one():
                 pass
+        except ProducerStopped:
+            pass
         except BaseException as err:
             with self._cond:
                 self.error = err
                 self._cond.notify_all()
 
     def _serve_one(self) -> bool:
-        """Run a queued call, else generate the next batch if its weights are loaded, else wait for an item."""
+        """False once asked to stop (`close`); else run a queued call, else generate the next batch if its
+        weights are loaded, else wait for an item (or the stop)."""
         with self._cond:
+            if self.side.stop.is_set():
+                return False
             head = self._inbox[0][0] if self._inbox else None
             loaded = self.engine_step - self.need(self._next)  # > 0 only after weights taken in flight
             can_generate = self._next <= self.total and (loaded == 0 or (self.inflight and loaded > 0))
@@ -238,8 +272,10 @@ class RolloutProducer:
                 waiting = self._next <= self.total
                 self._doing = "waiting for the learner's weights" if waiting else "idle"
                 with self.side.timer("wait_weights") if waiting else contextlib.nullcontext():
-                    while not self._inbox:
+                    while not self._inbox and not self.side.stop.is_set():
                         self._cond.wait()
+                if self.side.stop.is_set():
+                    return False
                 head = self._inbox[0][0]
             item: Any = self._inbox.popleft()[1] if head != "generate" else None
         if head == "generate":
@@ -248,10 +284,11 @@ class RolloutProducer:
             self._push(item)
         elif head == "call":
             self._run_call(*item)
-        return head != "stop"
+        return True
 
     def _generate(self, step: int) -> None:
         self._doing = f"generating the rollouts of step {step}"
+        self.side.stop_if_asked()
         live = LivePushes(self) if self.inflight else None
         try:
             samples, rewards, advantages, metrics = self._sample(self.side, self.sampler, step)

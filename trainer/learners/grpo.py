@@ -84,13 +84,16 @@ def sample_and_score(s: Rollouts, sampler: QuestionSampler[Example], step: int) 
     ``max_refill_rounds`` rounds; every rank draws the same number of questions each round (so samplers
     stay in step) and any still-missing groups are filled back with dropped ones, keeping batch shapes
     fixed. Reward and rollout statistics cover every group generated in the step, dropped ones included:
-    the policy's reward, not the filtered batch's.
+    the policy's reward, not the filtered batch's. On the producer thread a round starts only while the
+    producer is not closing (`RolloutSide.stop_if_asked`).
     """
     g = s.cfg.grpo
     n_questions = g.rollout_batch_size // g.group_size // s.accelerator.num_processes
     empty: Groups = ([], torch.zeros(0), [])
     kept, dropped, generated = empty, empty, empty
     for round_ in range(1 + (g.max_refill_rounds if g.dynamic_sampling else 0)):
+        if isinstance(s, RolloutSide):
+            s.stop_if_asked()
         missing = n_questions - len(kept[0]) // g.group_size
         most_missing = _global_max(s, missing)
         if most_missing == 0:
