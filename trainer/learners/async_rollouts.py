@@ -292,10 +292,12 @@ class RolloutProducer:
         live = LivePushes(self) if self.inflight else None
         try:
             samples, rewards, advantages, metrics = self._sample(self.side, self.sampler, step)
-        finally:
-            if live is not None:
-                live.stop()
+        except BaseException:
+            if live is not None:  # the generation's error is the one raised; a failed push's is logged
+                live.stop(raise_error=False)
+            raise
         if live is not None:
+            live.stop()
             metrics |= live.metrics()
             if live.last is not None:  # check the newest weights once nothing is in flight
                 self._doing = f"checking the weights of step {live.last.step} taken in flight"
@@ -343,15 +345,19 @@ class LivePushes:
         self._thread = threading.Thread(target=self._run, name="rollout-inflight-push", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """Take no more snapshots, wait for a push under way, and raise its error, if any."""
+    def stop(self, raise_error: bool = True) -> None:
+        """Take no more snapshots, wait for a push under way, and raise its error, if any (with `raise_error`
+        false, where the batch failed too and its error is the one raised: log it)."""
         p = self.producer
         with p._cond:
             self._done = True
             p._cond.notify_all()
         self._thread.join()
-        if self.error is not None:
+        if self.error is not None and raise_error:
             raise self.error
+        if self.error is not None:
+            logger.warning("rollout producer: %s (the batch's generation failed as well: its error is raised)",
+                           self.error)
 
     def metrics(self) -> dict[str, float]:
         return {"rollout/inflight_pushes": float(self.count), "rollout/inflight_push_s": self.seconds}

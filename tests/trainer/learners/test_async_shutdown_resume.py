@@ -121,3 +121,40 @@ def test_a_stop_ends_dynamic_sampling_between_rounds(tmp_path: Path) -> None:
     with pytest.raises(ProducerStopped):
         grpo.sample_and_score(side, QuestionSampler([Example(f"{i} + 1 =", "1") for i in range(10)], 0), 1)
     assert side.engine.calls == 1  # type: ignore[attr-defined]
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+class FailingLiveEngine:
+    """In-flight pushes fail (after setting `pushed`), as a server refusing the weights would."""
+
+    policy_version = 0
+
+    def __init__(self) -> None:
+        self.pushed = threading.Event()
+
+    def update_weights_live(self, snapshot: Any) -> None:
+        self.pushed.set()
+        raise ConnectionError("weights refused")
+
+
+def test_a_failed_batch_is_the_error_raised_when_its_inflight_push_failed_too(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Step 1's batch fails after the in-flight push of step 1's weights failed: the learner gets the batch's
+    error as the cause; the push's error is logged, not raised in its place."""
+    from trainer.learners.async_rollouts import RolloutProducerError
+
+    engine = FailingLiveEngine()
+
+    def sample(side: RolloutSide, sampler: QuestionSampler[Any], step: int) -> Any:
+        assert engine.pushed.wait(WAIT_S)
+        raise ValueError("generation failed")
+
+    p = producer(sample, k=1, side=fake_side(engine=engine), inflight=True)
+    p.hand_weights(type("Snapshot", (), {"step": 1, "version": 1})())  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="reasonrl"), pytest.raises(RolloutProducerError) as failure:
+        p.take(1)
+    p.close()
+    assert isinstance(failure.value.__cause__, ValueError), failure.value
+    assert "generating the rollouts of step 1" in str(failure.value)
+    assert "loading the weights of step 1 into the rollout engine in flight: ConnectionError: weights refused" \
+        in caplog.text
