@@ -15,8 +15,9 @@ Added last, it is the outermost middleware, so it sees every request before vLLM
   their shapes (`rollout.reload_check.check_update_info`; 422 otherwise, before any tensor moves);
 - a reload or update that vLLM itself fails after those checks leaves the served weights incomplete: from
   then on ``/health`` answers 503 with the reason and generation routes are refused (503) instead of
-  crashing the engine, until a reload (or a whole update) succeeds. An engine that died is reported 503 by
-  vLLM's own ``/health``.
+  crashing the engine, until a reload (or a whole update) succeeds; vLLM raising instead of answering (a
+  worker failed midway; its outer error handler answers 500) counts as such a failure. An engine that died
+  is reported 503 by vLLM's own ``/health``.
 """
 
 from __future__ import annotations
@@ -154,7 +155,14 @@ class RolloutGuard:
                 logger.warning("rollout server: refused update_weights: %s", err)
                 await _refuse(scope, send, err.status, str(err))
                 return
-        status = await self._forward(scope, body, receive, send)
+        status = 500  # vLLM raising (a worker failed midway): answered 500 outside the guard
+        try:
+            status = await self._forward(scope, body, receive, send)
+        finally:
+            self._track_update(path, status)
+
+    def _track_update(self, path: str, status: int) -> None:
+        """Bookkeeping after the update request to `path` was answered `status` (`_update`)."""
         if path == "/start_weight_update":
             self._updated = False
         elif status >= 400:

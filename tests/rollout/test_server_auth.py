@@ -46,6 +46,8 @@ from rollout.reload_check import (
     served_model_layout,
 )
 from rollout.server import GUARD, RolloutServer, free_port, main
+from rollout.transfer import update_info
+from rollout.weights import TensorMeta
 
 TOKEN = "s3cret-" + "x" * 25
 WRONG = "s3cret-" + "y" * 25
@@ -240,15 +242,19 @@ def test_read_header_rejects_data_that_does_not_tile_the_file(tmp_path: Path) ->
 
 # ---- the guard in front of a fake vLLM app -----------------------------------------------------------------
 class FakeVLLM:
-    """Records what reaches it and answers `status`."""
+    """Records what reaches it and answers `status`; raises on the path `raises` (as vLLM does when a worker
+    fails an update: its outermost error handler, outside the guard, then answers 500)."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[str, bytes, dict[bytes, bytes]]] = []
         self.status = 200
+        self.raises: str | None = None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         body = (await receive()).get("body", b"") if scope["type"] == "http" else b""
         self.seen.append((scope["path"], body, dict(scope["headers"])))
+        if scope["path"] == self.raises:
+            raise RuntimeError("a worker failed")
         await send({"type": "http.response.start", "status": self.status, "headers": []})
         await send({"type": "http.response.body", "body": b"fake"})
 
@@ -372,6 +378,31 @@ def test_a_reload_that_fails_after_the_checks_marks_the_server_unhealthy(
     assert call(guard, "/pause")[0] == 200
     assert call(guard, "/collective_rpc", body)[0] == 200
     assert call(guard, "/health")[0] == 200 and call(guard, "/v1/completions", {"prompt": [1]})[0] == 200
+
+
+def whole_update(guard: RolloutGuard, info: dict[str, Any]) -> list[int]:
+    """The statuses of one collective update's requests (start, announce, finish), in order."""
+    return [call(guard, path, body)[0] for path, body in
+            (("/start_weight_update", None), ("/update_weights", info), ("/finish_weight_update", None))]  # fmt: skip
+
+
+@pytest.mark.parametrize("failing", ["/update_weights", "/finish_weight_update"])
+def test_an_update_that_vllm_raises_on_marks_the_server_unhealthy(
+    guarded: Any, state: dict[str, torch.Tensor], failing: str
+) -> None:
+    """vLLM raising during a checked collective update (not answering 500 itself) counts as a failed update: the
+    guard re-raises it and /health answers 503 with the reason until a whole update succeeds."""
+    guard, app = guarded.guard, guarded.app
+    info = {"update_info": update_info([TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in state.items()])}
+    app.raises = failing
+    with pytest.raises(RuntimeError, match="a worker failed"):
+        whole_update(guard, info)
+    status, answer = call(guard, "/health")
+    assert status == 503 and f"failed at {failing} (HTTP 500)" in answer["error"], answer
+    assert call(guard, "/v1/completions", {"prompt": [1]})[0] == 503
+    app.raises = None
+    assert whole_update(guard, info) == [200, 200, 200]
+    assert call(guard, "/health")[0] == 200
 
 
 # ---- a real server -----------------------------------------------------------------------------------------
