@@ -162,17 +162,23 @@ def check_update_info(info: object, layout: ModelLayout) -> None:
         raise ReloadRefused(
             "update_weights: update_info needs names, dtype_names and shapes, lists of one length", 400
         )
+    for field, values in (("names", names), ("dtype_names", dtypes)):
+        for i, value in enumerate(values):
+            if not isinstance(value, str):
+                raise ReloadRefused(
+                    f"update_weights: update_info.{field}[{i}] must be a string, not {_short(value)}", 422
+                )
     found: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
         if (
             dtype not in TORCH_DTYPES
             or not isinstance(shape, list)
-            or not all(isinstance(d, int) for d in shape)
+            or not all(type(d) is int for d in shape)  # not bool: True would pass as a dimension of 1
         ):
             raise ReloadRefused(f"update_weights: {name!r} has dtype {dtype!r} and shape {shape!r}", 422)
         if name in found:
             raise ReloadRefused(f"update_weights: tensor {name!r} is announced twice", 422)
-        found[str(name)] = (dtype, tuple(shape))
+        found[name] = (dtype, tuple(shape))
     check_tensors(found, {d for d, floating in TORCH_DTYPES.items() if floating}, layout, "update_weights")
 
 
@@ -195,6 +201,12 @@ def check_tensors(
         problems.append(f"{len(missing)} of the served model's parameters missing: {_few(missing)}")
     if problems:
         raise ReloadRefused(f"{what} does not match the served model: " + "; ".join(problems[:5]), 422)
+
+
+def _short(value: object, limit: int = 80) -> str:
+    """`value`'s repr, cut to `limit` characters (a request's value quoted in a refusal)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _few(names: Iterable[str], limit: int = 5) -> str:

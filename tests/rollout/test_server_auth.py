@@ -358,6 +358,17 @@ def test_guard_refuses_bodies_it_cannot_read(guarded: Any) -> None:
     assert app.seen == []
 
 
+def test_guard_refuses_a_malformed_update_info(guarded: Any) -> None:
+    """Names or dtype names that are not strings: 422 naming the field (was a 500 traceback); nothing reaches
+    vLLM and the server stays healthy."""
+    guard, app = guarded.guard, guarded.app
+    for field, value in (("names", [["x"]]), ("dtype_names", [{"x": 1}])):
+        info = {"names": ["x"], "dtype_names": ["float32"], "shapes": [[1]], field: value}
+        status, answer = call(guard, "/update_weights", {"update_info": info})
+        assert (status, f"update_info.{field}[0] must be a string" in answer["error"]) == (422, True), answer
+    assert app.seen == [] and call(guard, "/health")[0] == 200
+
+
 def test_a_reload_that_fails_after_the_checks_marks_the_server_unhealthy(
     guarded: Any, state: dict[str, torch.Tensor]
 ) -> None:

@@ -46,6 +46,11 @@ def edited(**changes: Any) -> dict[str, Any]:
         (edited(names=["embed.weight", "other.weight"]), 422, "unknown tensors: other.weight"),
         (edited(names=["lm_head.weight", "bias"], shapes=[[10, 4], [4]]), 422, "1 of the served model's "
          "parameters missing: norm.weight"),
+        (edited(dtype_names=[["x"], "float32"]), 422, "update_info.dtype_names[0] must be a string, not ['x']"),
+        (edited(dtype_names=["bfloat16", {"x": 1}]), 422, "update_info.dtype_names[1] must be a string"),
+        (edited(names=[["embed.weight"], "norm.weight"]), 422, "update_info.names[0] must be a string"),
+        (edited(names=["embed.weight", {"n": 1}]), 422, "update_info.names[1] must be a string, not {'n': 1}"),
+        (edited(shapes=[[10, 4], [True]]), 422, "'norm.weight' has dtype 'float32' and shape [True]"),
     ],
 )
 def test_update_info_refused(info: Any, status: int, message: str) -> None:
