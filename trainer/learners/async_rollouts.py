@@ -20,7 +20,10 @@ that took weights in flight, the prefix cache is reset (its blocks were computed
 stale-weight probe checks the newest weights, as after any push between batches.
 
 Resume: `checkpoint_state` after step t saves the batches t+1 … t+k (sampled by weights older than the
-checkpoint) with the sampler position after them; a resumed producer serves them first. A producer failure
+checkpoint) with the sampler position after them, and with k, t and the sampler position before them
+(``pending_rollouts_info``); a resumed producer serves them first. `restore_pending` takes them out of the
+resumed state (no later checkpoint carries them) and keeps those the resumed run's k allows: a changed
+``grpo.max_staleness`` (0 included) drops the rest and draws their questions again. A producer failure
 (a dead server; a hung one after the engine's request timeout) reaches the learner as `RolloutProducerError`.
 
 Shutdown: `RolloutProducer.close` stops the producer before anything queued and between two generation rounds
@@ -44,7 +47,7 @@ import torch
 from rollout.engines.protocol import RolloutEngine, Sample
 from rollout.reward.pool import RewardScorer
 from rollout.weights import TensorMeta, WeightStream
-from trainer.config import RunConfig
+from trainer.config import ConfigError, RunConfig
 from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.lora import weight_stream
@@ -52,6 +55,7 @@ from trainer.sync import GENERATION, StaleWeightProbe, learner_logprobs
 from trainer.timing import PhaseTimer
 
 logger = logging.getLogger("reasonrl")
+PENDING_INFO = "pending_rollouts_info"  # beside "pending_rollouts": what `restore_pending` checks them by
 T = TypeVar("T")
 POLL_S = 0.5  # how often a waiting learner checks that the producer is alive
 
@@ -166,6 +170,9 @@ class RolloutProducer:
         self.side, self.sampler, self._sample, self._check = side, sampler, sample, check
         self.start_step, self.total, self.k, self.inflight = start, total, max_staleness, inflight
         self.engine_step = start  # the learner step whose weights the engine holds
+        if [b.step for b in pending] != list(range(start + 1, start + 1 + len(pending))) or len(pending) > self.k:
+            raise ValueError(f"rollout producer: pending batches of steps {[b.step for b in pending]} after step "
+                             f"{start} with max_staleness={self.k} (`restore_pending` keeps only usable ones)")
         self._ready: dict[int, ProducedBatch] = {b.step: b for b in pending}
         self._next = start + len(pending) + 1  # the next step to generate
         self._last_taken: ProducedBatch | None = None
@@ -210,7 +217,10 @@ class RolloutProducer:
         pending = [self._ready[u] for u in range(step + 1, last + 1)]
         newest = pending[-1] if pending else self._last_taken
         sampler = newest.sampler_state if newest is not None else self.sampler.state_dict()
-        return {"sampler": sampler, "pending_rollouts": [b.to_json() for b in pending]}
+        taken = self._last_taken
+        before = taken.sampler_state if taken is not None and taken.step == step else None
+        info = {"after_step": step, "max_staleness": self.k, "sampler_before": before}
+        return {"sampler": sampler, "pending_rollouts": [b.to_json() for b in pending], PENDING_INFO: info}
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the producer and return once its thread has ended, so the caller may close the engine and the
@@ -409,3 +419,62 @@ def probe_check(probe: StaleWeightProbe) -> Check:
         return metrics
 
     return check
+
+
+def restore_pending(state: dict[str, Any], sampler: QuestionSampler[Any], k: int, total: int) -> list[ProducedBatch]:
+    """The batches a checkpoint saved for the steps after it (`RolloutProducer.checkpoint_state`) that this run,
+    with ``grpo.max_staleness = k``, can train on; taken out of the resumed `state`, so no later checkpoint
+    carries them. Kept: the longest run of them for steps start+1, start+2, … (at most k of them, none past
+    `total`) whose every token is 0..k versions behind the learner that trains on it (at step u: the
+    checkpoint's policy version + u − 1 − start). The rest are dropped and `sampler` goes back to the position
+    after the last batch kept (before the first, where none is), so their questions are drawn again; the
+    synchronous loop (k = 0) keeps none. Batches of other steps (an earlier checkpoint's, carried by a
+    synchronous run's save) are dropped with the sampler as the checkpoint left it. A checkpoint that did not
+    record the position before its batches, where none can be kept: `ConfigError` naming the k that works."""
+    batches = [ProducedBatch.from_json(b) for b in state.pop("pending_rollouts", [])]
+    info = state.pop(PENDING_INFO, {})
+    if not batches:
+        return []
+    start, version = int(state["step"]), int(state["policy_version"])
+    steps = f"{batches[0].step}..{batches[-1].step}"
+    if info.get("after_step", start) != start or batches[0].step != start + 1:
+        logger.warning("resume: dropped the rollouts of steps %s saved with the checkpoint of step %d: they belong "
+                       "to the checkpoint of step %s", steps, start, info.get("after_step", batches[0].step - 1))
+        return []
+    kept = usable_pending(batches, start, version, k, total)
+    if len(kept) == len(batches):
+        return kept
+    position = kept[-1].sampler_state if kept else info.get("sampler_before")
+    if position is None:
+        need = max(len(batches), *(pending_lag(b, start, version) for b in batches))
+        raise ConfigError([f"the checkpoint of step {start} holds the rollouts of steps {steps}, which "
+                           f"grpo.max_staleness={k} cannot train on, and predates the saved sampler position "
+                           f"needed to draw them again: resume with grpo.max_staleness={need} or more"], "--resume")
+    sampler.load_state_dict(position)
+    logger.warning("resume: the checkpoint of step %d holds the rollouts of steps %s (sampled with "
+                   "grpo.max_staleness=%s); with grpo.max_staleness=%d this run trains on %d of them and draws the "
+                   "questions of steps %d..%d again", start, steps, info.get("max_staleness", "?"), k, len(kept),
+                   start + len(kept) + 1, batches[-1].step)
+    return kept
+
+
+def usable_pending(batches: list[ProducedBatch], start: int, version: int, k: int,
+                   total: int) -> list[ProducedBatch]:
+    """The longest prefix of `batches` for steps start+1, start+2, … that a run with max_staleness `k` and
+    `total` steps trains on: at most k batches, every token 0..k versions behind (`restore_pending`)."""
+    kept: list[ProducedBatch] = []
+    for b in batches:
+        step = start + len(kept) + 1
+        if b.step != step or len(kept) == k or step > total or not 0 <= pending_lag(b, start, version) <= k:
+            break
+        kept.append(b)
+    return kept
+
+
+def pending_lag(batch: ProducedBatch, start: int, version: int) -> int:
+    """Versions between the learner at the batch's step (resumed after `start` at policy `version`) and the
+    batch's oldest token; negative if a token is ahead of it."""
+    learner = version + batch.step - 1 - start
+    versions = [v for x in batch.samples for v in (x.policy_version, *x.token_versions())]
+    oldest, newest = min(versions, default=learner), max(versions, default=learner)
+    return learner - oldest if newest <= learner else -1

@@ -49,6 +49,7 @@ from trainer.learners.async_rollouts import (
     RolloutSide,
     WeightSnapshot,
     probe_check,
+    restore_pending,
 )
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
@@ -360,12 +361,15 @@ def staleness(learner_version: int, samples: list[Sample], max_staleness: int) -
 
 
 def train_grpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
-    """Run GRPO as configured; returns the final evaluation metrics."""
+    """Run GRPO as configured; returns the final evaluation metrics. On resume the asynchronous checkpoint's
+    pending batches go through `restore_pending` in either loop: served where this run's
+    ``grpo.max_staleness`` allows them, else dropped with the sampler back before them."""
     with Session(cfg, resume, before_load=functools.partial(refuse_under_deepspeed, cfg.warmstart.steps)) as s:
         sampler = start_rollouts(s)
+        pending = restore_pending(s.trainer_state, sampler, cfg.grpo.max_staleness, cfg.grpo.n_grpo_steps)
         ref_model = _reference_model(s) if cfg.grpo.kl_coef > 0 else None
         if cfg.grpo.max_staleness:
-            return _train_async(s, sampler, ref_model)
+            return _train_async(s, sampler, ref_model, pending)
         return run(s, Mode(
             name="grpo", total_steps=cfg.grpo.n_grpo_steps, step=lambda step: grpo_step(s, sampler, step, ref_model),
             evaluate=s.evaluate, postfix=_postfix, checkpoint_state=lambda: {"sampler": sampler.state_dict()},
@@ -376,12 +380,13 @@ def _postfix(m: dict[str, float]) -> dict[str, str]:
     return {"reward": f"{m['reward/reward_mean']:.3f}", "loss": f"{m['train/loss']:.3f}"}
 
 
-def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch.nn.Module | None) -> dict[str, float]:
-    """The loop with a `RolloutProducer` generating ahead; evaluation runs on its thread (the engine's)."""
+def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch.nn.Module | None,
+                 pending: list[ProducedBatch]) -> dict[str, float]:
+    """The loop with a `RolloutProducer` generating ahead (first serving the checkpoint's `pending` batches);
+    evaluation runs on its thread (the engine's)."""
     total, start = s.cfg.grpo.n_grpo_steps, int(s.trainer_state["step"])
     probe = make_probe(s.cfg, s.learner)
     side = RolloutSide(s.cfg, s.accelerator, s.engine, s.scorer, PhaseTimer())
-    pending = [ProducedBatch.from_json(b) for b in s.trainer_state.pop("pending_rollouts", [])]
     producer = RolloutProducer(side, sampler, _sample_for_producer, probe_check(probe), start=start, total=total,
                                max_staleness=s.cfg.grpo.max_staleness, pending=pending,
                                inflight=s.cfg.grpo.inflight_weight_updates)
