@@ -15,8 +15,10 @@ second thread loads each snapshot the learner hands over into the server at once
 (`rollout.engines.remote.RemoteEngine.update_weights_live`), instead of after the batch. A batch still starts
 no earlier than the schedule above allows (so no token is more than k versions behind), but its later tokens
 come from newer weights: lower lag, at the price of run-to-run reproducibility (which tokens each version
-draws depends on timing). Each sample records its tokens' versions (`Sample.version_spans`). After a batch
-that took weights in flight, the prefix cache is reset (its blocks were computed by older weights) and the
+draws depends on timing). Each sample records its tokens' versions (`Sample.version_spans`). Within a batch,
+a request that starts after a live swap may reuse prefix-cache blocks computed by the older weights before it
+(its tokens are labelled with the new version); the importance weights stay right, as the behaviour log-probs
+are the engine's own. After a batch that took weights in flight, the prefix cache is reset and the
 stale-weight probe checks the newest weights, as after any push between batches.
 
 Resume: `checkpoint_state` after step t saves the batches t+1 … t+k (sampled by weights older than the

@@ -243,7 +243,9 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
         cliprange_low=g.cliprange, cliprange_high=g.cliprange_high or g.cliprange,
     )
     rollout_lp = batch.rollout_log_probs[index].to(device)
-    metrics = mismatch_metrics(old, rollout_lp, mask)  # engine vs learner at the sampling weights
+    # engine vs learner: synchronous, at the sampling weights (numerics only); asynchronous, `old` is the current
+    # (proximal) policy, so train/mismatch_kl_* measures the policy lag plus the numerics
+    metrics = mismatch_metrics(old, rollout_lp, mask)
     if g.tis_cap is not None or g.max_staleness:
         per_token = per_token * behaviour_weight(old, rollout_lp, g.tis_cap)
     if ref_model is not None and g.kl_coef > 0:
