@@ -15,8 +15,10 @@ what runs on CPU. The server is started with the same backend (``reasonrl rollou
 
 Failure is bounded: each broadcast is awaited while watching the ``/update_weights`` request, so a server
 that refuses the update (its guard checks names and shapes first) or dies ends the sync with that error
-instead of a hang; the group is then rebuilt at the next sync. Naive twin: the filesystem transfer
-(`rollout.weights.write_safetensors_shards` + ``reload_weights``); tests check both give the same weights.
+instead of a hang; the group is then rebuilt at the next sync. A server that refuses to join the group (one
+started without the same ``--weight-transfer``) fails the first sync as soon as it answers, not after the
+rendezvous timeout. Naive twin: the filesystem transfer (`rollout.weights.write_safetensors_shards` +
+``reload_weights``); tests check both give the same weights.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import socket
+import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
 
 import torch
@@ -144,14 +147,34 @@ class CollectiveSender:
             _quietly(self.client.post, "/shutdown_weight_transfer_engine")  # vLLM 0.32; 404 on 0.26
 
     def _connect(self) -> None:
+        """Open the group: this learner's rendezvous and the server's request to join it, concurrently. An
+        error answer from the server ends the wait at once (the rendezvous would wait `timeout_s` for workers
+        that never come); the rendezvous is then left to time out in the background."""
         workers = int(self.client.get("/get_world_size")["world_size"])
         port = free_port(self.host)
         init = {"master_address": self.host, "master_port": port, "rank_offset": 1, "world_size": 1 + workers}
-        with ThreadPoolExecutor(1, thread_name_prefix="weight-rendezvous") as pool:
-            joined = pool.submit(self.client.post, "/init_weight_transfer_engine", {"init_info": init})
-            self.group = self._join(init)
-            joined.result()
+        joined = _in_background(self.client.post, "/init_weight_transfer_engine", {"init_info": init})
+        group = _in_background(self._join, init)
+        wait([joined, group], return_when=FIRST_EXCEPTION)
+        error = joined.exception() if joined.done() else None
+        if error is not None:
+            if group.done() and group.exception() is None:
+                self._abandoned.append(group.result())
+            raise self._refused(error)
+        self.group = group.result()
+        joined.result()
         self.connects += 1
+
+    def _refused(self, error: BaseException) -> BaseException:
+        """The error to raise when the server's join request failed with `error`: an HTTP error answer (it has
+        a ``status``), most likely from a server started without this backend, says how to start it."""
+        if getattr(error, "status", None) is None:
+            return error  # no answer (ConnectionError, TimeoutError): the request's own error says so
+        return RuntimeError(
+            f"weight transfer ({self.backend}): the rollout server did not join the learner's group: {error} "
+            f"-- start the rollout server with --weight-transfer {self.backend} (the learner's "
+            "rollout.weight_transfer)"
+        )
 
     def _join(self, init: dict[str, Any]) -> Any:
         if self.backend == BACKEND_GLOO:
@@ -224,6 +247,21 @@ def _listed(weights: Pairs) -> tuple[list[TensorMeta], Iterator[tuple[str, torch
         return weights.metadata(), iter(weights)
     pairs = list(weights)
     return [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in pairs], iter(pairs)
+
+
+def _in_background(call: Callable[..., Any], *args: Any) -> Future[Any]:
+    """`call(*args)` in a daemon thread: a wait that is given up on (a rendezvous whose peer never comes, a
+    request to a server that has already failed otherwise) blocks neither the caller nor the process's exit."""
+    future: Future[Any] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call(*args))
+        except BaseException as err:  # handed to whoever waits on the future
+            future.set_exception(err)
+
+    threading.Thread(target=run, name="weight-rendezvous", daemon=True).start()
+    return future
 
 
 def _quietly(call: Callable[[str], Any], path: str) -> None:
