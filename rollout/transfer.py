@@ -115,14 +115,15 @@ class CollectiveSender:
         self.connects = 0
         self.settle_s = 10.0  # a send's completion after the server confirmed the update (`_await`)
         self._abandoned: list[Any] = []  # groups with a send in flight: destroying one waits out its timeout
+        # (released by `close`)
 
     def send(self, weights: Pairs) -> int:
         """One full update (start, announce + broadcast, finish); the bytes sent."""
         if self.group is None:
             self._connect()
         listing, tensors = _listed(weights)
-        self.client.post("/start_weight_update")
         try:
+            self.client.post("/start_weight_update")  # failed, it may still have begun the server's update
             with ThreadPoolExecutor(1, thread_name_prefix="weight-update") as pool:
                 announced = pool.submit(
                     self.client.post, "/update_weights", {"update_info": update_info(listing)}
@@ -142,6 +143,11 @@ class CollectiveSender:
         self.group = None
 
     def close(self) -> None:
+        """End the transfer: the server's side (best effort), and the groups given up after failed syncs,
+        released in a background thread (destroying one with a send in flight waits out its timeout)."""
+        abandoned, self._abandoned = self._abandoned, []
+        if abandoned:
+            threading.Thread(target=abandoned.clear, name="weight-group-release", daemon=True).start()
         if self.group is not None:
             self.group = None
             _quietly(self.client.post, "/shutdown_weight_transfer_engine")  # vLLM 0.32; 404 on 0.26

@@ -1,11 +1,14 @@
 """`rollout.transfer.CollectiveSender` against servers that fail, without vLLM: a fake HTTP server (a server
-started without the matching ``--weight-transfer``), so each failure's wait is checked in seconds."""
+started without the matching ``--weight-transfer``) and a recording client (requests that fail), so each
+failure's cleanup and wait are checked in seconds."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, ClassVar
@@ -72,3 +75,55 @@ def test_a_server_without_the_backend_fails_the_first_sync_at_once(no_transfer_s
     assert NoTransferServer.seen == ["/get_world_size", "/init_weight_transfer_engine"]
     assert sender.group is None and sender.connects == 0
     http.close()
+
+
+class Recorder:
+    """A client that records its requests and raises `fail[path]` for a path listed there."""
+
+    def __init__(self, fail: dict[str, BaseException]) -> None:
+        self.fail = fail
+        self.posts: list[str] = []
+
+    def get(self, path: str) -> Any:
+        raise AssertionError(f"unexpected GET {path}")
+
+    def post(self, path: str, body: Any = None) -> Any:
+        self.posts.append(path)
+        if path in self.fail:
+            raise self.fail[path]
+        return None
+
+
+def test_a_failed_start_still_ends_the_servers_update() -> None:
+    """A start whose answer is lost may have begun the update on the server, which then refuses every later
+    start: the sender ends it with /finish_weight_update, as after any other failed update."""
+    client = Recorder({"/start_weight_update": TimeoutError("no answer")})
+    sender = CollectiveSender(client, "http://127.0.0.1:1", "gloo", timeout_s=5, host="127.0.0.1")
+    sender.group = object()  # connected
+    with pytest.raises(TimeoutError, match="no answer"):
+        sender.send(WEIGHTS)
+    assert client.posts == ["/start_weight_update", "/finish_weight_update"]
+    assert sender.group is None  # rebuilt at the next sync
+
+
+class SlowToDestroy:
+    """Stands for a gloo group with a send in flight: destroying it waits out that send's timeout."""
+
+    def __del__(self) -> None:
+        time.sleep(2)
+
+
+def test_close_releases_abandoned_groups_without_waiting() -> None:
+    sender = CollectiveSender(Recorder({}), "http://127.0.0.1:1", "gloo", timeout_s=5, host="127.0.0.1")
+    group = SlowToDestroy()
+    released = weakref.ref(group)
+    sender._abandoned.append(group)
+    del group
+    start = time.monotonic()
+    sender.close()
+    assert time.monotonic() - start < 1 and sender._abandoned == []
+    deadline = time.monotonic() + 10
+    while released() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert released() is None
