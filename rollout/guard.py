@@ -7,6 +7,9 @@ Added last, it is the outermost middleware, so it sees every request before vLLM
 - every HTTP and websocket request, ``/health`` included, needs ``Authorization: Bearer <secret>``
   (`rollout.auth`; 401 otherwise). Without a secret the server is bound to loopback and answers only
   loopback clients;
+- only the routes in `ALLOWED_ROUTES` are served: the learner's (`rollout.engines.remote`,
+  `rollout.transfer`), OpenAI-style generation, health and metrics; vLLM's other development and admin routes
+  (``/weight_checker``, ``/start_profile``, ``/release_kv_cache_memory``, LoRA loading...) get 403;
 - ``POST /collective_rpc`` runs only ``reload_weights(weights_path=..., is_checkpoint_format=true)`` (403 for
   any other method), and only after `rollout.reload_check` has accepted the directory (4xx otherwise; the
   old weights keep serving). vLLM receives the resolved path;
@@ -60,6 +63,14 @@ WHILE_BROKEN = frozenset({
 })  # fmt: skip
 # the routes of a collective weight update (`rollout.transfer`), checked and tracked by the guard
 UPDATE_ROUTES = frozenset({"/start_weight_update", "/update_weights", "/finish_weight_update"})
+# every route the server answers: what the learner calls (`rollout.engines.remote`, `rollout.transfer`), OpenAI-style
+# generation, health and metrics. Any other (vLLM's development and admin routes: weight reset, profiling, LoRA
+# loading, scaling...) is refused
+ALLOWED_ROUTES = WHILE_BROKEN | UPDATE_ROUTES | {
+    "/health", "/metrics", "/version", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize",
+    "/inference/v1/generate", "/inference/v1/abort_requests", "/v1/completions/render",
+    "/v1/chat/completions/render",
+}  # fmt: skip
 
 
 def guard_settings(model: str, weights_dir: str | None, trust_remote_code: bool = False) -> str:
@@ -99,7 +110,10 @@ class RolloutGuard:
             await _refuse(scope, send, 401, reason)
             return
         path = route_path(scope)
-        if path == "/collective_rpc" and scope["type"] == "http":
+        if path not in ALLOWED_ROUTES:
+            logger.warning("rollout server: refused %s %s (not an allowed route)", scope["type"], path)
+            await _refuse(scope, send, 403, not_served(path))
+        elif path == "/collective_rpc" and scope["type"] == "http":
             await self._rpc(scope, receive, send)
         elif path in UPDATE_ROUTES and scope["type"] == "http":
             await self._update(path, scope, receive, send)
@@ -212,6 +226,14 @@ class RolloutGuard:
         scope = dict(scope, headers=[*headers, (b"content-length", str(len(body)).encode())])
         await self.app(scope, replay, watch)
         return status
+
+
+def not_served(path: str) -> str:
+    """The refusal of a route outside `ALLOWED_ROUTES`."""
+    return (
+        f"route {path} is not served by this rollout server: it answers generation, health, metrics and the "
+        "learner's weight-sync routes only (rollout.guard.ALLOWED_ROUTES)"
+    )
 
 
 def too_large(what: str) -> ReloadRefused:

@@ -32,6 +32,10 @@ whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands
 ``POST /sleep`` ``/wake_up``    sleep mode (GPU servers started with ``--enable-sleep-mode``)
 ==============================  ===================================================================
 
+Besides those, only ``/metrics``, ``/version`` and OpenAI-style generation (``/v1/chat/completions``...) are
+served: the guard refuses every other route (403; `rollout.guard.ALLOWED_ROUTES`), vLLM's other development
+and admin routes included (``/weight_checker`` would zero the weights, ``/start_profile``, LoRA loading...).
+
 Security (the shared secret from the environment, loopback-only without one, the reload checks):
 `rollout.guard`, `rollout.auth`, `rollout.reload_check`. Weight transfer (``--weight-transfer``):
 ``filesystem`` (the default): the learner writes safetensors shards to ``weights_dir/v{version:06d}`` on

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -37,7 +38,7 @@ from rollout.auth import (
     token_matches,
 )
 from rollout.engines.remote import RemoteEngine, ServerError, health
-from rollout.guard import GUARD_ENV, MAX_RPC_BODY, RolloutGuard, guard_settings
+from rollout.guard import ALLOWED_ROUTES, GUARD_ENV, MAX_RPC_BODY, RolloutGuard, guard_settings
 from rollout.reload_check import (
     ReloadRefused,
     check_reload_dir,
@@ -302,6 +303,41 @@ def test_guard_needs_the_secret_on_every_route(guarded: Any) -> None:
     assert call(guard, "/v1/realtime", token=WRONG, kind="websocket")[0] == 1008
     assert app.seen == []
     assert call(guard, "/health")[0] == 200 and app.seen[0][0] == "/health"
+
+
+# vLLM's development and admin routes (VLLM_SERVER_DEV_MODE and others), docs, and routes vLLM does not have
+REFUSED = [
+    "/weight_checker", "/start_draft_weight_update", "/release_kv_cache_memory", "/start_profile",
+    "/stop_profile", "/abort_requests", "/server_info", "/reset_mm_cache", "/reset_encoder_cache",
+    "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/scale_elastic_ep", "/is_scaling_elastic_ep",
+    "/fault_tolerance/apply", "/kv_event_sources", "/docs", "/openapi.json", "/no_such_route",
+    "/v1/completions/", "//collective_rpc",
+]  # fmt: skip
+
+
+def client_routes() -> set[str]:
+    """Every route path written in the project's clients (`rollout.engines.remote`, `rollout.transfer`)."""
+    root = Path(__file__).resolve().parents[2] / "rollout"
+    text = (root / "engines" / "remote.py").read_text() + (root / "transfer.py").read_text()
+    return set(re.findall(r'"(/[a-z_][a-z0-9_/]*)"', text))
+
+
+def test_guard_serves_only_the_routes_the_project_uses(guarded: Any) -> None:
+    """Deny by default: any route but generation, health, metrics and the learner's (`ALLOWED_ROUTES`) is
+    refused (403, naming it) before vLLM sees it; every route the project's clients call gets through."""
+    guard, app = guarded.guard, guarded.app
+    for path in REFUSED:
+        status, answer = call(guard, path, {"action": "reset"})
+        refused = f"route {path} is not served" in answer.get("error", "")
+        assert (status, refused) == (403, True), (path, answer)
+    assert call(guard, "/v1/realtime", kind="websocket")[0] == 1008
+    assert call(guard, "/api/weight_checker", root_path="/api")[0] == 403
+    assert app.seen == []
+    used = client_routes()
+    assert {"/v1/completions", "/pause", "/update_weights", "/init_weight_transfer_engine"} <= used
+    for path in sorted(used - {"/collective_rpc", "/update_weights"} | {"/v1/chat/completions", "/metrics"}):
+        assert call(guard, path)[0] == 200, path
+    assert used <= ALLOWED_ROUTES
 
 
 def test_guard_without_a_secret_serves_loopback_clients_only(
