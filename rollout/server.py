@@ -257,7 +257,7 @@ class RolloutServer:
         env: dict[str, str] | None = None,
     ) -> None:
         args = build_parser().parse_args(list(argv)[: _cut(argv)])
-        self.url = f"http://{args.host}:{args.port}"
+        self.url = server_url(args.host, args.port)
         self.argv = list(argv)
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -326,6 +326,11 @@ class RolloutServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def server_url(host: str, port: int) -> str:
+    """The URL of a server listening on `host` and `port`: an IPv6 address goes in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _cut(argv: Sequence[str]) -> int:

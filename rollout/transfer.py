@@ -64,14 +64,20 @@ def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
 def address_towards(url: str) -> str:
     """This machine's address on the route to the server at `url` (what the server dials back to)."""
     parsed = urllib.parse.urlsplit(url)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:  # UDP connect: no packet is sent
-        sock.connect((parsed.hostname or "127.0.0.1", parsed.port or 80))
+    host = parsed.hostname or "127.0.0.1"
+    with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:  # UDP connect: no packet is sent
+        sock.connect((host, parsed.port or 80))
         return str(sock.getsockname()[0])
+
+
+def _family(host: str) -> socket.AddressFamily:
+    """The socket family for `host`: IPv6 for an IPv6 address, else IPv4 (host names resolve to IPv4)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nobody listens on at `host` now (the rendezvous port; a server's port in tests)."""
-    with socket.socket() as sock:
+    with socket.socket(_family(host)) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -21,6 +21,7 @@ from rollout.engines.hf import HFEngine
 from rollout.engines.protocol import RolloutEngine, SamplingConfig
 from rollout.engines.remote import RemoteEngine, _Http, health
 from rollout.server import VLLM_SERVER_MODULES, RolloutServer, cpu_build, free_port, main, vllm_server_module
+from rollout.transfer import address_towards
 from rollout.weights import WeightStream, iter_state_dict
 from trainer.sync import StaleWeightProbe, StaleWeightsError
 
@@ -147,6 +148,20 @@ def test_a_client_that_does_not_send_only_reads_the_stream(tmp_path: Path) -> No
     assert read == ["a", "b"] and engine.policy_version == 4 and list(tmp_path.iterdir()) == []
     engine.update_weights(WeightStream(torch.nn.Linear(2, 2), version=9))
     assert engine.policy_version == 9
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("127.0.0.1", "http://127.0.0.1:8000"), ("localhost", "http://localhost:8000"), ("::1", "http://[::1]:8000"),
+     ("fd00::5", "http://[fd00::5]:8000")],
+)  # fmt: skip
+def test_server_url_brackets_ipv6_hosts(host: str, url: str) -> None:
+    assert RolloutServer(["--model", "/m", "--host", host, "--port", "8000"]).url == url
+
+
+def test_the_learners_rendezvous_address_towards_an_ipv6_server_is_ipv6() -> None:
+    assert address_towards("http://[::1]:8000") == "::1" and free_port("::1") > 0
+    assert address_towards("http://127.0.0.1:8000") == "127.0.0.1"
 
 
 def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
