@@ -37,7 +37,8 @@ served: the guard refuses every other route (403; `rollout.guard.ALLOWED_ROUTES`
 and admin routes included (``/weight_checker`` would zero the weights, ``/start_profile``, LoRA loading...).
 
 Security (the shared secret from the environment, loopback-only without one, the reload checks):
-`rollout.guard`, `rollout.auth`, `rollout.reload_check`. Weight transfer (``--weight-transfer``):
+`rollout.guard`, `rollout.auth`, `rollout.reload_check`. The collective transfers' rendezvous port, opened by
+the learner, listens on all its interfaces without a secret: firewall it like the server's port. Weight transfer (``--weight-transfer``):
 ``filesystem`` (the default): the learner writes safetensors shards to ``weights_dir/v{version:06d}`` on
 storage both machines see, asks the server to reload from there, and after a successful sync deletes the
 other version directories. ``gloo`` (TCP, CPU) and ``nccl`` (GPU): the learner broadcasts the tensors to the

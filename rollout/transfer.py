@@ -54,7 +54,10 @@ class Client(Protocol):
 
 def gloo_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
     """A gloo process group of `world_size` ranks that meet at ``host:port`` (rank 0 listens there), outside
-    ``torch.distributed``'s global state; every operation fails after `timeout_s`."""
+    ``torch.distributed``'s global state; every operation fails after `timeout_s`.
+
+    Rank 0's rendezvous store listens on ``port`` on all interfaces, whatever `host`, and takes no secret:
+    firewall the learner's port range like the rollout server's port."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)  # type: ignore[attr-defined]
     prefixed = dist.PrefixStore("reasonrl-weights", store)  # type: ignore[attr-defined]
