@@ -9,7 +9,8 @@ Added last, it is the outermost middleware, so it sees every request before vLLM
   loopback clients;
 - only the routes in `ALLOWED_ROUTES` are served: the learner's (`rollout.engines.remote`,
   `rollout.transfer`), OpenAI-style generation, health and metrics; vLLM's other development and admin routes
-  (``/weight_checker``, ``/start_profile``, ``/release_kv_cache_memory``, LoRA loading...) get 403;
+  (``/weight_checker``, ``/start_profile``, ``/release_kv_cache_memory``, LoRA loading...) get 404, as a
+  route vLLM lacks would (which the client reads as an older server's missing route);
 - ``POST /collective_rpc`` runs only ``reload_weights(weights_path=..., is_checkpoint_format=true)`` (403 for
   any other method), and only after `rollout.reload_check` has accepted the directory (4xx otherwise; the
   old weights keep serving). vLLM receives the resolved path;
@@ -112,7 +113,7 @@ class RolloutGuard:
         path = route_path(scope)
         if path not in ALLOWED_ROUTES:
             logger.warning("rollout server: refused %s %s (not an allowed route)", scope["type"], path)
-            await _refuse(scope, send, 403, not_served(path))
+            await _refuse(scope, send, 404, not_served(path))
         elif path == "/collective_rpc" and scope["type"] == "http":
             await self._rpc(scope, receive, send)
         elif path in UPDATE_ROUTES and scope["type"] == "http":

@@ -33,7 +33,7 @@ whole protocol used here; `rollout.guard.RolloutGuard` (``--middleware``) stands
 ==============================  ===================================================================
 
 Besides those, only ``/metrics``, ``/version`` and OpenAI-style generation (``/v1/chat/completions``...) are
-served: the guard refuses every other route (403; `rollout.guard.ALLOWED_ROUTES`), vLLM's other development
+served: the guard refuses every other route (404; `rollout.guard.ALLOWED_ROUTES`), vLLM's other development
 and admin routes included (``/weight_checker`` would zero the weights, ``/start_profile``, LoRA loading...).
 
 Security (the shared secret from the environment, loopback-only without one, the reload checks):

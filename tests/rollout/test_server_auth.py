@@ -324,14 +324,15 @@ def client_routes() -> set[str]:
 
 def test_guard_serves_only_the_routes_the_project_uses(guarded: Any) -> None:
     """Deny by default: any route but generation, health, metrics and the learner's (`ALLOWED_ROUTES`) is
-    refused (403, naming it) before vLLM sees it; every route the project's clients call gets through."""
+    refused (404, naming it, as vLLM answers a route it lacks) before vLLM sees it; every route the project's
+    clients call gets through."""
     guard, app = guarded.guard, guarded.app
     for path in REFUSED:
         status, answer = call(guard, path, {"action": "reset"})
         refused = f"route {path} is not served" in answer.get("error", "")
-        assert (status, refused) == (403, True), (path, answer)
+        assert (status, refused) == (404, True), (path, answer)
     assert call(guard, "/v1/realtime", kind="websocket")[0] == 1008
-    assert call(guard, "/api/weight_checker", root_path="/api")[0] == 403
+    assert call(guard, "/api/weight_checker", root_path="/api")[0] == 404
     assert app.seen == []
     used = client_routes()
     assert {"/v1/completions", "/pause", "/update_weights", "/init_weight_transfer_engine"} <= used
