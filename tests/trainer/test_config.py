@@ -10,6 +10,7 @@ from helpers import REPO
 from trainer.cluster import validate_for_cluster
 from trainer.config import ConfigError
 from trainer.config_io import config_from_dict, load_config, save_config
+from trainer.data import prompts
 
 
 def test_every_config_under_configs_loads() -> None:
@@ -171,6 +172,20 @@ def test_seed_sampling_lengths_and_templates_checked_when_the_config_loads() -> 
         "template with exactly those",
         "dpo.template='r1zero': no prompt template 'r1zero' (built in: alpaca, question_only, r1_zero, chat, "
         "chat:<template>, or a name under data.templates)",
+    ]
+
+
+def test_templates_registered_by_an_earlier_run_in_the_process_are_not_choices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run registers its data.templates in the process-wide table (as a test suite or notebook running two
+    configs does). The next config is checked against the built-ins and its own templates only: a name only
+    the earlier run defined is unknown, and the message lists the same built-ins (CI once saw them grow)."""
+    monkeypatch.setattr(prompts, "TEMPLATES", dict(prompts.TEMPLATES))
+    prompts.register_template("arith", "User: {question}")
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"model": {"path": "x"}, "data": {"prompt_template": "arith"}})
+    assert err.value.problems == [
+        "data.prompt_template='arith': no prompt template 'arith' (built in: alpaca, question_only, r1_zero, "
+        "chat, chat:<template>, or a name under data.templates)",
     ]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import string
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 R1_ZERO = (
@@ -35,7 +36,8 @@ ALPACA = (
     "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n{response}"
 )
 
-TEMPLATES: dict[str, str] = {"r1_zero": R1_ZERO, "question_only": QUESTION_ONLY, "alpaca": ALPACA}
+BUILT_IN: Mapping[str, str] = MappingProxyType({"r1_zero": R1_ZERO, "question_only": QUESTION_ONLY, "alpaca": ALPACA})
+TEMPLATES: dict[str, str] = dict(BUILT_IN)  # grows as sessions register user and chat templates
 
 CHAT_PREFIX = "chat"
 R1_ZERO_SYSTEM = R1_ZERO.split("\nUser:")[0]
@@ -92,8 +94,8 @@ def template_problems(key: str, name: str, fields: frozenset[str], user: Mapping
     """Why template `name` (a config value at `key`) cannot be filled with exactly `fields`, given the user
     templates `user` (``data.templates``): an unknown name, or other fields than its use provides. Checked
     when the config loads, so a typo is a config error before any model loads. Messages hold no "; "."""
-    known = {**TEMPLATES, **user}
-    choices = f"built in: {', '.join(sorted(TEMPLATES))}, chat, chat:<template>, or a name under data.templates"
+    known = {**BUILT_IN, **user}  # not TEMPLATES: what earlier runs in this process registered is no choice
+    choices = f"built in: {', '.join(sorted(BUILT_IN))}, chat, chat:<template>, or a name under data.templates"
     inner = name.partition(":")[2] if is_chat_template(name) else name
     if name in CHAT_PARTS:
         text = CHAT_PARTS[name][1] + CHAT_PARTS[name][2]
