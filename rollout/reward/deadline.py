@@ -34,14 +34,18 @@ class _Watchdog:
     """Armed deadlines of this process and the thread that enforces them."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
+        # Entered by late threads, where the exception may land at any bytecode boundary: `disarm` holds the
+        # lock through ``with self.lock`` (C enter and exit, nothing in between where it can land), never
+        # through the Condition's Python ``__enter__``, which an exception could leave with the lock taken.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.armed: dict[int, tuple[float, int]] = {}  # token -> (deadline, thread ident)
         self.fired: set[int] = set()
         self.next_token = 0
         self.thread: threading.Thread | None = None
 
     def arm(self, seconds: float) -> int:
-        with self.cond:
+        with self.lock:
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="grading-deadline", daemon=True)
                 self.thread.start()
@@ -52,7 +56,7 @@ class _Watchdog:
 
     def disarm(self, token: int) -> None:
         """After this returns no exception for `token` is pending or will be raised."""
-        with self.cond:
+        with self.lock:
             self.armed.pop(token, None)
             if token in self.fired:
                 self.fired.discard(token)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from rollout.reward import deadline
 from rollout.reward.deadline import DeadlineExceeded, call_with_deadline
 from rollout.reward.grading import (
     MAX_SLOW_PATH_CHARS,
@@ -314,3 +315,37 @@ def test_deadline_interrupts_a_python_loop_and_never_fires_late() -> None:
     thread.join(timeout=30)
     assert len(outcome) == 2 and outcome[1] == "clean", outcome
     assert 0.2 <= outcome[0] < 1.0  # type: ignore[operator]
+
+
+def test_deadlines_landing_as_calls_return_never_leave_the_watchdog_locked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Limits of 1 ms around calls that end about then put the exception everywhere in `disarm`, including
+    just after it took the watchdog's lock. It must not leave with the lock held: another thread's deadline
+    then never fired and every later `arm` hung (seen within the first thousand calls; the pool's reward
+    workers each run one grading thread)."""
+
+    def busy(seconds: float) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            pass
+
+    def hammer() -> None:
+        for i in range(1_500):
+            with contextlib.suppress(DeadlineExceeded):
+                call_with_deadline(functools.partial(busy, 0.0005 * (i % 5)), 0.001)
+
+    def probe(outcome: list[str]) -> None:
+        try:
+            call_with_deadline(functools.partial(busy, 5.0), 0.05)
+        except DeadlineExceeded:
+            outcome.append("fired")
+
+    for _ in range(3):  # a fresh watchdog each round, as a forked reward worker starts one
+        monkeypatch.setattr(deadline, "_watchdog", deadline._Watchdog())
+        late = threading.Thread(target=hammer, daemon=True)
+        late.start()
+        late.join(timeout=30)
+        outcome: list[str] = []
+        other = threading.Thread(target=probe, args=(outcome,), daemon=True)
+        other.start()
+        other.join(timeout=3)
+        assert not late.is_alive() and outcome == ["fired"], "a deadline on another thread never fired"
