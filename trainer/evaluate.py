@@ -60,7 +60,7 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
     times = [time.perf_counter()]
     samples = engine.generate(prompts, sampling)
     times.append(time.perf_counter())
-    scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples])
+    scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples], tally=False)
     times.append(time.perf_counter())
     entropies = response_entropy(policy, samples, pad_id) if policy is not None else [float("nan")] * len(samples)
     times.append(time.perf_counter())

@@ -145,8 +145,10 @@ class RewardScorer:
 
     # -- public API --------------------------------------------------------------------------------
 
-    def score(self, responses: Sequence[str], golds: Sequence[str]) -> list[RewardResult]:
-        """Scores of each (response, gold) pair, in order; failed samples score all zeros."""
+    def score(self, responses: Sequence[str], golds: Sequence[str], tally: bool = True) -> list[RewardResult]:
+        """Scores of each (response, gold) pair, in order; failed samples score all zeros. With ``tally=False``
+        (held-out evaluation) the samples, and their timeouts, errors, restarts and latencies, stay out of
+        `metrics`, which then describe the training samples only."""
         if len(responses) != len(golds):
             raise ValueError(f"score() got {len(responses)} responses but {len(golds)} golds")
         for what, values in (("response", responses), ("gold", golds)):
@@ -156,23 +158,31 @@ class RewardScorer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("RewardScorer.score() called after close()")
-            results: list[RewardResult | None] = [None] * len(responses)
-            if self.num_workers == 0:
-                self._score_in_process(responses, golds, results)
-            else:
-                try:
-                    self._score_in_pool(responses, golds, results)
-                except BaseException:
-                    for w in list(self._procs.workers):  # leave no half-finished chunk behind
-                        if w.inflight:
-                            self._replace(w)
-                    raise
-            out = [r if r is not None else _ZERO for r in results]
-            for r in out:
-                self._stats.rewards.append(r.reward)
-                self._stats.formats.append(r.format_reward)
-                self._stats.answers.append(r.answer_reward)
-            return out
+            counted = self._stats
+            self._stats = counted if tally else _Stats()
+            try:
+                return self._score_all(responses, golds)
+            finally:
+                self._stats = counted
+
+    def _score_all(self, responses: Sequence[str], golds: Sequence[str]) -> list[RewardResult]:
+        results: list[RewardResult | None] = [None] * len(responses)
+        if self.num_workers == 0:
+            self._score_in_process(responses, golds, results)
+        else:
+            try:
+                self._score_in_pool(responses, golds, results)
+            except BaseException:
+                for w in list(self._procs.workers):  # leave no half-finished chunk behind
+                    if w.inflight:
+                        self._replace(w)
+                raise
+        out = [r if r is not None else _ZERO for r in results]
+        for r in out:
+            self._stats.rewards.append(r.reward)
+            self._stats.formats.append(r.format_reward)
+            self._stats.answers.append(r.answer_reward)
+        return out
 
     def metrics(self, reset: bool = True) -> dict[str, float]:
         """Statistics of the samples scored since the last reset, named for logging as they are:

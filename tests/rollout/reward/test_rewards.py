@@ -244,6 +244,21 @@ def test_in_process_mode_counts_errors_without_isolation() -> None:
     assert m["reward/errors"] == 2 and m["reward/timeouts"] == 0
 
 
+def test_untallied_scores_stay_out_of_the_training_metrics() -> None:
+    """Held-out evaluation grades with ``tally=False``: its samples, timeouts, errors and restarts are not
+    counted in `metrics`, which describe the training samples scored around it (an evaluation between two
+    expert-iteration steps used to add its answers to the next step's reward/* values)."""
+    with RewardScorer(misbehaving_reward, timeout_s=0.5, num_workers=1) as s:
+        s.score(["ok", "no"], ["ok"] * 2)
+        held_out = s.score(["ok", "hang", "raise", "ok"], ["ok"] * 4, tally=False)
+        s.score(["ok"], ["ok"])
+        m = s.metrics()
+    assert [r.answer_reward for r in held_out] == [1.0, 0.0, 0.0, 1.0]  # still graded, failures still zero
+    assert (m["reward/samples"], m["reward/answer_rate"]) == (3.0, 2 / 3)
+    assert (m["reward/timeouts"], m["reward/errors"], m["reward/worker_restarts"]) == (0.0, 0.0, 0.0)
+    assert m["reward/latency_p99_ms"] < 500  # the held-out hang's 0.5 s is not among the latencies
+
+
 def test_bad_reward_functions_are_refused_up_front() -> None:
     with pytest.raises(ValueError, match="cannot be sent to worker processes"):
         RewardScorer(lambda r, g: {"reward": 0.0}, num_workers=1)
