@@ -42,7 +42,7 @@ from trainer.learner import Learner, make_accelerator
 from trainer.rank_metrics import combine_rank_metrics
 from trainer.sync import StaleWeightProbe
 from trainer.timing import PhaseTimer
-from trainer.tracking import NullTracker, Tracker, make_tracker
+from trainer.tracking import NullTracker, Tracker, make_tracker, trim_metrics
 
 logger = logging.getLogger("reasonrl")
 
@@ -86,7 +86,7 @@ class Session:
         if checkpoint is not None:
             self.trainer_state = load_checkpoint(self.accelerator, checkpoint)
             logger.info("resumed from %s (step %d)", checkpoint, self.trainer_state["step"])
-        self.tracker = self._make_tracker()
+        self.tracker = self._make_tracker(checkpoint is not None)
         self._scorer: RewardScorer | None = None
         self._engine: RolloutEngine | None = None
         self._train_examples: list[Example] | None = None
@@ -94,11 +94,16 @@ class Session:
         self._probe: StaleWeightProbe | None = None
 
     # ---- set-up -------------------------------------------------------------------------------------
-    def _make_tracker(self) -> Tracker:
+    def _make_tracker(self, resumed: bool) -> Tracker:
         if not self.accelerator.is_main_process:
             return NullTracker()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / "config.yaml")
+        if resumed:
+            dropped = trim_metrics(self.run_dir, int(self.trainer_state["step"]))
+            if dropped:
+                logger.info("metrics.jsonl: dropped %d record(s) logged after the checkpoint (logged again now)",
+                            dropped)
         log = self.cfg.logging
         return make_tracker(self.run_dir, log.wandb_mode, log.project, log.run_name,
                             self.cfg.model_dump(mode="json"), self.trainer_state.get("wandb_run_id"))

@@ -137,9 +137,45 @@ def make_tracker(run_dir: str | Path, mode: str, project: str = "reasonrl", name
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """All records of a run's metrics.jsonl (for plotting and tests)."""
+    """All records of a run's metrics.jsonl (for plotting and tests). A torn last line (the run was killed
+    while writing it) is left out; an undecodable line elsewhere is a `ValueError` naming it."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            if line.strip():
+                records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if number < len(lines):
+                raise ValueError(f"{path}:{number}: not a JSON record ({err})") from None
+    return records
+
+
+def trim_metrics(run_dir: str | Path, last_step: int) -> int:
+    """Before a run resumes from its step-`last_step` checkpoint: drop the records the interrupted run logged
+    for later steps (the resumed run logs those steps again) and a torn last line, so that each step is in
+    metrics.jsonl once and appends start on a fresh line. Other lines stay as they are. Returns how many
+    records were dropped."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = [line for number, line in enumerate(lines, 1) if _kept(line, number == len(lines), last_step)]
+    if len(kept) < len(lines) or not path.read_bytes().endswith(b"\n"):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+    return len(lines) - len(kept)
+
+
+def _kept(line: str, last: bool, last_step: int) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return not last  # a torn write ends the file; anything else is left for a reader to report
+    step = record.get("step") if isinstance(record, dict) else None
+    return not (isinstance(step, int) and step > last_step)
 
 
 def _jsonable(value: Any) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from trainer.tools.plot import plot_run
-from trainer.tracking import NullTracker, Tracker, WandbTracker, make_tracker, read_metrics
+from trainer.tracking import NullTracker, Tracker, WandbTracker, make_tracker, read_metrics, trim_metrics
 
 
 def test_disabled_mode_writes_jsonl_only(tmp_path: Path) -> None:
@@ -67,3 +67,23 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     tracker.log({"eval/accuracy": 0.5, "eval/format_rate": 0.9, "eval/mean_length": 11.0}, 2)
     path = plot_run(tmp_path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_trims_records_after_the_checkpoint_and_a_torn_line(tmp_path: Path) -> None:
+    """A run killed after its step-2 checkpoint had logged step 3 and half of a step-3 line. Resuming from
+    step 2 drops both (step 3 is logged again), keeps everything else byte for byte, and the next record
+    starts on its own line; the reader skips a torn last line but names an undecodable one elsewhere."""
+    path = tmp_path / "metrics.jsonl"
+    kept = ['{"step": 0, "eval/accuracy": 0.1}', '{"step": 2, "train/loss": 1.0}', "[1, 2]",
+            '{"step": "x"}', '{"step": 2, "time/log": 0.5}']
+    path.write_text("\n".join([*kept[:2], '{"step": 3, "train/loss": 0.9}', *kept[2:]]) + '\n{"step": 3, "tr')
+    assert [r["step"] for r in read_metrics(tmp_path) if isinstance(r, dict)] == [0, 2, 3, "x", 2]
+    assert trim_metrics(tmp_path, 2) == 2
+    assert path.read_text() == "\n".join(kept) + "\n"
+    assert trim_metrics(tmp_path, 2) == 0 and trim_metrics(tmp_path / "none", 2) == 0
+    tracker = Tracker(tmp_path)
+    tracker.log({"train/loss": 0.8}, step=3)
+    assert read_metrics(tmp_path)[-1]["train/loss"] == 0.8
+    path.write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics(tmp_path)

@@ -109,6 +109,8 @@ def test_resume_gives_the_same_parameters(tiny_qwen2_path: str, tmp_path: Path) 
     train_grpo(straight)
     halves = small_config(tiny_qwen2_path, tmp_path / "halves", *extra)
     train_grpo(halves.model_copy(update={"grpo": halves.grpo.model_copy(update={"n_grpo_steps": 2})}))
+    with (tmp_path / "halves" / "metrics.jsonl").open("a") as f:  # as if killed after logging step 3, mid-line
+        f.write(json.dumps({"step": 3, "train/loss": 9.0}) + '\n{"step": 3, "eval/acc')
     train_grpo(halves, resume=True)
     a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "halves")
     assert a.keys() == b.keys()
@@ -117,7 +119,7 @@ def test_resume_gives_the_same_parameters(tiny_qwen2_path: str, tmp_path: Path) 
     initial = load_file(Path(tiny_qwen2_path) / "model.safetensors")
     assert any(not torch.equal(initial[n], a[n]) for n in initial), "training changed nothing"
     steps = [r["step"] for r in read_metrics(tmp_path / "halves") if "train/loss" in r]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4]  # the killed run's step 3 and torn line were dropped on resume
     versions = [json.loads((run / "checkpoints" / "step_000004" / "trainer_state.json").read_text())["policy_version"]
                 for run in (tmp_path / "straight", tmp_path / "halves")]  # fmt: skip
     assert versions == [5, 5], "the initial sync + one per step; a resume continues the count"
