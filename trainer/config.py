@@ -156,7 +156,9 @@ class RolloutConfig(SamplingSection):
 class RewardConfig(_Section):
     fn: RewardFnSpec = Field("r1_zero", description='r1_zero | question_only | "package.module:function" | a list '
                              "of {fn, weight}: reward summed with the weights, format/answer of the first entry")
-    timeout_s: float = Field(1.0, gt=0.0)
+    timeout_s: float = Field(2.0, gt=0.0, description="wall-clock limit per sample; past it the sample scores 0 "
+                             "and its worker is killed and replaced. Keep it above the grader's own 1.5 s limit "
+                             "(rollout.reward.grading.TIME_LIMIT_S), which ends a slow answer without a kill")
     num_workers: int = Field(2, ge=1)
 
 

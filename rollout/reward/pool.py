@@ -110,7 +110,7 @@ class RewardScorer:
     def __init__(
         self,
         reward_fn: str | RewardFn | Sequence[object] = "r1_zero",
-        timeout_s: float = 1.0,
+        timeout_s: float = 2.0,
         num_workers: int = 2,
         *,
         max_chunk: int = 32,

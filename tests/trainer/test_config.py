@@ -21,6 +21,22 @@ def test_every_config_under_configs_loads() -> None:
         assert cfg.model.path, f
 
 
+def test_reward_timeouts_leave_the_grader_its_own_limit() -> None:
+    """A slow symbolic comparison ends inside the worker at `TIME_LIMIT_S` (scored wrong, worker kept); the
+    pool's per-sample kill must come later, or every such answer costs a worker restart (the default was
+    1.0 s, below the 1.5 s limit). The default, the scorer's own default and every shipped config."""
+    import inspect
+
+    from rollout.reward.grading import TIME_LIMIT_S
+    from rollout.reward.pool import RewardScorer
+    from trainer.config import RewardConfig
+
+    assert RewardConfig().timeout_s > TIME_LIMIT_S
+    assert inspect.signature(RewardScorer).parameters["timeout_s"].default > TIME_LIMIT_S
+    for f in sorted((REPO / "configs").rglob("*.yaml")):
+        assert load_config(f).reward.timeout_s > TIME_LIMIT_S, f.name
+
+
 def test_low_precision_engines_get_a_probe_threshold_above_their_noise() -> None:
     """vLLM in bf16 (fp16) and the HF learner differ by ~1e-2 log-prob per token (README "stale-weight
     probe"), so a fp32-level threshold (1e-3) raises StaleWeightsError at the step-0 sync. Every config whose
