@@ -22,9 +22,13 @@ from typing import Any
 __all__ = ["parse_gsm8k_response", "parse_mmlu_response"]
 
 # A number: optional minus (not after a digit, letter or ")" so "3-5" yields 5, not -5), then either
-# digits grouped by thousands separators or plain ASCII digits, then an optional decimal part.
-# Unicode digits (e.g. "١٨", "１８") are deliberately not numbers: graders compare ASCII answers.
-_NUMBER = re.compile(r"(?<![0-9A-Za-z)\]}])-?(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?")
+# digits grouped by thousands separators or plain ASCII digits, then an optional decimal part; or a
+# decimal part alone (".75", "$.50": not 75 and 50). A decimal point right after a digit starts no number
+# ("1.2.3" yields 3). Unicode digits (e.g. "١٨", "１８") are deliberately not numbers: graders compare
+# ASCII answers.
+_NUMBER = re.compile(
+    r"(?<![0-9A-Za-z)\]}])-?(?:(?:[0-9]{1,3}(?:,[0-9]{3})+(?![0-9])|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)"
+)
 
 _MMLU_LETTER = re.compile(r"[Tt]he correct answer is\s*[:\-]?\s*\(?([ABCD])(?![A-Za-z0-9])")
 _MMLU_TEXT = re.compile(r"[Tt]he correct answer is\s*[:\-]?\s*(.+)")

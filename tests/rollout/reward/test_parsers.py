@@ -29,6 +29,9 @@ MMLU_EXAMPLE = {
         ("12,34", "34"),  # not a thousands group: two numbers
         ("first 7 then 8", "8"),
         ("0.5", "0.5"),
+        ("Each costs $.75.", ".75"),  # a decimal part alone is that number, not 75
+        ("a drop of -.5 degrees", "-.5"),
+        ("version 1.2.3", "3"),  # a point after a digit starts no number
         ("answer: 007", "007"),
         ("\\boxed{18}", "18"),
         ("no numbers here", None),
