@@ -26,6 +26,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.config_io import load_config
 from trainer.data.tasks import DatasetFormatError
 from trainer.hub import HubError
+from trainer.tools.plot import PlotError
 
 TRAINERS = {"grpo": "trainer.learners.grpo:train_grpo", "sft": "trainer.learners.sft:train_sft", "dpo": "trainer.learners.dpo:train_dpo",
             "ei": "trainer.learners.ei:train_ei"}
@@ -153,8 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(fn=cmd_eval)
 
     plot = sub.add_parser("plot", help="PNG of reward, accuracy and length curves of a run")
-    plot.add_argument("run_dir")
-    plot.add_argument("--out", help="PNG path (default RUN_DIR/curves.png)")
+    plot.add_argument("run_dir", help="a run directory (the one holding metrics.jsonl)")
+    plot.add_argument("--out", help="PNG path, or a folder to write curves.png into (default RUN_DIR/curves.png)")
     plot.set_defaults(fn=cmd_plot)
 
     tiny = sub.add_parser("tiny", help="build the tiny local test models")
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         configure_cpu_threads()
     try:
         code: int = args.fn(args)
-    except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError, ResumeError) as err:
+    except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError, ResumeError, PlotError) as err:
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 2
     except (StorageError, HubError) as err:  # a failed write under the run directory or upload: no traceback

@@ -84,3 +84,51 @@ def test_rollout_server_command_passes_its_arguments_through() -> None:
     proc = reasonrl("rollout-server", "--model", "/models/x", "--port", "8123", "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "vllm.entrypoints" in proc.stdout and "--model /models/x" in proc.stdout and "--port 8123" in proc.stdout
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-2000:]
+    [line] = proc.stderr.splitlines()
+    return line
+
+
+def test_plot_refuses_what_it_cannot_read_in_one_line(tmp_path: Path) -> None:
+    """A run directory `plot` cannot read is one error line naming it, exit 2: an undecodable record before the
+    last line, a file given as RUN_DIR and non-UTF-8 bytes were Python tracebacks (exit 1)."""
+    runs = {"torn_middle": '{"step": 1}\nnot json\n{"step": 2}\n', "not_utf8": '{"step": 1}\n\udcff\n',
+            "no_step": '[1, 2]\n{"step": 2}\n', "empty": ""}
+    for name, text in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_bytes(text.encode("utf-8", "surrogateescape"))
+    (tmp_path / "no_metrics").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    expected = {"torn_middle": "torn_middle/metrics.jsonl:2: not a JSON record",
+                "not_utf8": "not_utf8/metrics.jsonl: not UTF-8 text",
+                "no_step": "no_step/metrics.jsonl: not reasonrl metrics",
+                "empty": "empty/metrics.jsonl has no records to plot",
+                "no_metrics": "no_metrics/metrics.jsonl: not found",
+                "a_file": "a_file: not a directory",
+                "missing": "missing: no such run directory"}
+    for name, words in expected.items():
+        line = _one_error_line(reasonrl("plot", name, cwd=tmp_path))
+        assert line.startswith("reasonrl: error: ") and words in line, (name, line)
+
+
+def test_plot_prints_the_path_it_wrote(tmp_path: Path) -> None:
+    """`plot --out` prints the file it wrote: matplotlib added .png to a path without a suffix (and wrote
+    DIR.png for a folder) while the command printed the path as given; a panel with no data no longer
+    prints matplotlib's empty-legend warning; a missing parent folder is created; a format matplotlib cannot
+    write is one error line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "reward/reward_mean": 0.5}\n{"step": 2, "reward/reward_mean": 0.7}\n')
+    for out, written in [("curves", "curves.png"), ("run", "run/curves.png"), ("new/x.png", "new/x.png"),
+                         ("x.svg", "x.svg")]:
+        proc = reasonrl("plot", "run", "--out", out, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.strip() == written and proc.stderr == ""
+        assert (tmp_path / written).stat().st_size > 0
+    assert not (tmp_path / "run.png").exists() and not (tmp_path / "curves").exists()
+    line = _one_error_line(reasonrl("plot", "run", "--out", "x.v2", cwd=tmp_path))
+    assert "--out x.v2: matplotlib cannot write .v2 files" in line and not (tmp_path / "x.v2").exists()

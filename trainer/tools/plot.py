@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from trainer.tracking import read_metrics
 
@@ -13,6 +14,45 @@ PANELS = [
 ]
 
 
+class PlotError(ValueError):
+    """A run that cannot be plotted (no run directory, no metrics.jsonl, an undecodable record) or a PNG path
+    that matplotlib cannot write."""
+
+
+def run_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of ``RUN_DIR/metrics.jsonl``; whatever keeps them from being read is a `PlotError` naming
+    the path."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not Path(run_dir).exists():
+        raise PlotError(f"{run_dir}: no such run directory")
+    if not Path(run_dir).is_dir():
+        raise PlotError(f"{run_dir}: not a directory (give the run directory that holds metrics.jsonl)")
+    if not path.is_file():
+        raise PlotError(f"{path}: not found (not a reasonrl run directory, or no step logged yet)")
+    try:
+        records = read_metrics(run_dir)
+    except UnicodeDecodeError:
+        raise PlotError(f"{path}: not UTF-8 text") from None
+    except ValueError as err:  # an undecodable line, which read_metrics names
+        raise PlotError(str(err)) from None
+    if not records:
+        raise PlotError(f"{path} has no records to plot")
+    if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in records):
+        raise PlotError(f"{path}: not reasonrl metrics (every record needs an integer \"step\")")
+    return records
+
+
+def png_path(run_dir: str | Path, out: str | Path | None) -> Path:
+    """Where the PNG goes: `out`, inside it when it is a directory, with ``.png`` added when it has no suffix
+    (matplotlib picks the format from the suffix and adds ``.png`` itself otherwise)."""
+    if not out:
+        return Path(run_dir) / "curves.png"
+    path = Path(out)
+    if path.is_dir():
+        return path / "curves.png"
+    return path if path.suffix else path.with_suffix(".png")
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Plot the run's metrics.jsonl; returns the PNG path."""
     import matplotlib
@@ -20,9 +60,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    if not records:
-        raise FileNotFoundError(f"{run_dir}/metrics.jsonl has no records to plot")
+    records = run_records(run_dir)
+    path = png_path(run_dir, out)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     for ax, (title, keys) in zip(axes, PANELS, strict=True):
         for key in keys:
@@ -32,10 +71,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
                         label=key, markersize=3)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.lines:  # a panel with no data has no legend (matplotlib warns about an empty one)
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(out) if out else Path(run_dir) / "curves.png"
+    if path.suffix[1:].lower() not in fig.canvas.get_supported_filetypes():
+        plt.close(fig)
+        raise PlotError(f"--out {out}: matplotlib cannot write {path.suffix} files (use .png)")
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
