@@ -132,3 +132,29 @@ def test_plot_prints_the_path_it_wrote(tmp_path: Path) -> None:
     assert not (tmp_path / "run.png").exists() and not (tmp_path / "curves").exists()
     line = _one_error_line(reasonrl("plot", "run", "--out", "x.v2", cwd=tmp_path))
     assert "--out x.v2: matplotlib cannot write .v2 files" in line and not (tmp_path / "x.v2").exists()
+
+
+def test_demo_refuses_an_out_folder_it_would_delete(tmp_path: Path) -> None:
+    """`demo` deletes its run directory before it starts: `--out` of a folder holding anything but a reasonrl
+    run deleted it, and so did a run whose override had a typo (the config was read after the delete). Now
+    such a folder is refused before anything is deleted, the overrides are checked first, and output_dir= (which
+    moved the run away from where the demo then read it) is refused."""
+    tiny = tmp_path / ".tiny" / "tiny-qwen2"
+    tiny.mkdir(parents=True)
+    (tiny / "config.json").write_text("{}")  # the demo does not build its tiny model again
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")
+    proc = reasonrl("demo", "--out", "notes", "grpo.n_grpo_steps=abc", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "reasonrl: error: --out notes: not a reasonrl run directory (no config.yaml)" in proc.stderr
+    assert (notes / "thesis.txt").read_text() == "years of work"
+    earlier = tmp_path / "runs" / "demo"
+    earlier.mkdir(parents=True)
+    (earlier / "config.yaml").write_text("mode: grpo\n")
+    typo = reasonrl("demo", "grpo.n_grpo_step=5", cwd=tmp_path)
+    assert typo.returncode == 2 and "grpo.n_grpo_step: unknown key" in typo.stderr, typo.stderr[-2000:]
+    assert (earlier / "config.yaml").is_file()
+    moved = reasonrl("demo", "output_dir=elsewhere", cwd=tmp_path)
+    assert moved.returncode == 2 and "output_dir=elsewhere: the demo's run directory is --out" in moved.stderr
+    assert (earlier / "config.yaml").is_file() and not (tmp_path / "elsewhere").exists()

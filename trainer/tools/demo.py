@@ -11,6 +11,7 @@ import shutil
 import time
 from pathlib import Path
 
+from trainer.config import ConfigError
 from trainer.config_io import load_config
 from trainer.learners.grpo import train_grpo
 from trainer.tools.plot import plot_run
@@ -32,12 +33,26 @@ def before_after_table(run_dir: str | Path) -> str:
     return "\n".join(lines)
 
 
+def check_demo_out(out: str | Path) -> None:
+    """The demo deletes its run directory before it starts: refuse any `out` other than a new or empty folder
+    or a reasonrl run (one with a ``config.yaml``, such as an earlier demo), before anything is deleted."""
+    path = Path(out)
+    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or (path / "config.yaml").is_file())):
+        return
+    raise FileExistsError(f"--out {out}: not a reasonrl run directory (no config.yaml), and the demo deletes its "
+                          "run directory first: give a new or empty folder")
+
+
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, tiny_root: str | Path = ".tiny") -> str:
+    check_demo_out(out)
+    moved = [o for o in overrides or [] if o.split("=", 1)[0] == "output_dir"]
+    if moved:
+        raise ConfigError([f"{moved[0]}: the demo's run directory is --out (default runs/demo)"], "command line")
     tiny = Path(tiny_root) / "tiny-qwen2"
+    cfg = load_config(DEMO_CONFIG, [f"output_dir={out}", f"model.path={tiny}", *(overrides or [])])  # typos first
     if not (tiny / "config.json").exists():
         build_tiny(tiny_root)
-    shutil.rmtree(out, ignore_errors=True)  # the demo owns its run directory
-    cfg = load_config(DEMO_CONFIG, [f"output_dir={out}", f"model.path={tiny}", *(overrides or [])])
+    shutil.rmtree(out, ignore_errors=True)  # the demo owns its run directory (check_demo_out)
     start = time.perf_counter()
     train_grpo(cfg)
     table = before_after_table(out)
