@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set (zero-shot baseline too)")
     ev.add_argument("--config", required=True)
     ev.add_argument("--checkpoint", help="HF model dir or a run checkpoint dir; default: config model.path")
-    ev.add_argument("--out", help="per-sample JSONL path")
+    ev.add_argument("--out", help="also copy the per-sample JSONL records to this path")
     ev.add_argument("overrides", nargs="*", metavar="section.key=value")
     ev.set_defaults(fn=cmd_eval)
 

@@ -61,7 +61,7 @@ def test_resume_takes_the_runs_config_not_another(tmp_path: Path) -> None:
 def test_eval_checkpoint_and_plot(tiny_qwen2_path: str, tmp_path: Path) -> None:
     """`reasonrl eval` on a model dir (the zero-shot baseline path) writes per-sample JSONL, and its results
     beside the model (MODEL/eval/<time>/), printing where; `plot` a PNG."""
-    out = tmp_path / "samples.jsonl"
+    out = tmp_path / "samples" / "eval.jsonl"  # its folder is created
     model = tmp_path / "model"
     shutil.copytree(tiny_qwen2_path, model)  # results are written beside it: keep the shared tiny model clean
     proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", str(model), "--out", str(out),
@@ -158,3 +158,21 @@ def test_demo_refuses_an_out_folder_it_would_delete(tmp_path: Path) -> None:
     moved = reasonrl("demo", "output_dir=elsewhere", cwd=tmp_path)
     assert moved.returncode == 2 and "output_dir=elsewhere: the demo's run directory is --out" in moved.stderr
     assert (earlier / "config.yaml").is_file() and not (tmp_path / "elsewhere").exists()
+
+
+def test_eval_refuses_a_folder_as_out_and_a_run_dir_as_checkpoint_before_evaluating(tmp_path: Path) -> None:
+    """`eval --out FOLDER` evaluated everything, then failed copying the records with a Python traceback
+    (IsADirectoryError, exit 1); now it is one error line before anything loads. `--checkpoint RUN_DIR` (the run,
+    not one of its checkpoints) says which folder holds the checkpoints."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # never loaded: the command stops before
+    proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", str(model), "--out", str(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"reasonrl: error: --out {tmp_path}: a directory; give the path of the JSONL file" in proc.stderr
+    assert not (model / "eval").exists()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000040").mkdir(parents=True)
+    proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", str(run), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--checkpoint {run}: a run directory; give one of its checkpoints ({run / 'checkpoints'}/step_N)" in proc.stderr

@@ -23,7 +23,16 @@ def resolve_checkpoint(path: str) -> str:
         return str(p / "hf")
     if (p / "config.json").exists():
         return str(p)
+    if (p / "checkpoints").is_dir():
+        raise FileNotFoundError(f"--checkpoint {path}: a run directory; give one of its checkpoints "
+                                f"({p / 'checkpoints'}/step_N)")
     raise FileNotFoundError(f"--checkpoint {path}: neither an HF model dir nor a run checkpoint (no config.json)")
+
+
+def check_out(out: str | None) -> None:
+    """``--out`` must be a file path; checked before anything is evaluated (a folder failed after the work)."""
+    if out and Path(out).is_dir():
+        raise FileExistsError(f"--out {out}: a directory; give the path of the JSONL file to write")
 
 
 def results_dir(cfg: RunConfig, checkpoint: str | None) -> Path:
@@ -38,6 +47,7 @@ def results_dir(cfg: RunConfig, checkpoint: str | None) -> Path:
 
 
 def run_eval(cfg: RunConfig, checkpoint: str | None, out: str | None) -> dict[str, float]:
+    check_out(out)
     if checkpoint:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": resolve_checkpoint(checkpoint)})})
     cfg = cfg.model_copy(update={"output_dir": str(results_dir(cfg, checkpoint))})
@@ -46,6 +56,7 @@ def run_eval(cfg: RunConfig, checkpoint: str | None, out: str | None) -> dict[st
         samples = s.run_dir / "eval" / "step_000000_eval.jsonl"
         if s.is_main:
             if out:
+                Path(out).parent.mkdir(parents=True, exist_ok=True)
                 Path(out).write_text(samples.read_text())
             print(f"eval results: {s.run_dir} (metrics.jsonl; per-sample records: {samples}"
                   f"{f', copied to {out}' if out else ''})", flush=True)
