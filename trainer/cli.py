@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trainer.checkpoint import ResumeError, StorageError
+from trainer.checkpoint import ResumeError, StorageError, latest_checkpoint
 from trainer.config import ConfigError, RunConfig
 from trainer.config_io import load_config
 from trainer.data.tasks import DatasetFormatError
@@ -64,6 +64,9 @@ def _load_train(args: argparse.Namespace) -> RunConfig:
     if moved:
         raise ConfigError([f"--resume {run_dir} writes into the run it continues: {moved[0]} cannot move it (copy "
                            "the run directory and resume the copy instead)"], "command line")
+    if latest_checkpoint(run_dir) is None:  # found before the model loads, not after
+        raise FileNotFoundError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}, nothing "
+                                f"to continue: start the run again with --config {saved} and another output_dir")
     cfg = load_config(saved, [*args.overrides, f"output_dir={run_dir}"])
     before = load_config(saved, [f"output_dir={run_dir}"]).model_dump()
     for key, (old, new) in _changed(before, cfg.model_dump()).items():

@@ -176,3 +176,16 @@ def test_eval_refuses_a_folder_as_out_and_a_run_dir_as_checkpoint_before_evaluat
     proc = reasonrl("eval", "--config", str(TINY), "--checkpoint", str(run), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"--checkpoint {run}: a run directory; give one of its checkpoints ({run / 'checkpoints'}/step_N)" in proc.stderr
+
+
+def test_resume_without_a_checkpoint_stops_before_loading(tmp_path: Path) -> None:
+    """`--resume RUN_DIR` of a run stopped before its first checkpoint loaded the whole model before it found
+    nothing to resume; now that is the first thing checked (here the model does not even exist)."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_000010.tmp").mkdir(parents=True)  # an unfinished save is no checkpoint
+    (run / "config.yaml").write_text(TINY.read_text().replace(".tiny/tiny-qwen2", str(tmp_path / "no_model")))
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    proc = reasonrl("train", "--resume", str(run), cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"reasonrl: error: --resume {run}: no complete checkpoint under {run / 'checkpoints'}" in proc.stderr
+    assert "no_model" not in proc.stderr
