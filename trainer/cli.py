@@ -186,12 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _server_args(argv: list[str]) -> list[str] | None:
+    """The arguments after ``rollout-server`` when it is the command (``-v`` may come before it), else None."""
+    head = 0
+    while argv[head:head + 1] in (["-v"], ["--verbose"]):
+        head += 1
+    return argv[head + 1:] if argv[head:head + 1] == ["rollout-server"] else None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["rollout-server"]:  # every further argument belongs to the server's own parser
+    server_args = _server_args(argv)
+    if server_args is not None:  # every further argument belongs to the server's own parser
         from rollout.server import main as server_main
 
-        server_main(argv[1:])
+        server_main(server_args)
         return 0
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -189,3 +189,14 @@ def test_resume_without_a_checkpoint_stops_before_loading(tmp_path: Path) -> Non
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert f"reasonrl: error: --resume {run}: no complete checkpoint under {run / 'checkpoints'}" in proc.stderr
     assert "no_model" not in proc.stderr
+
+
+def test_rollout_server_after_verbose_flag() -> None:
+    """`reasonrl -v rollout-server ...` went to the main parser: its options were 'unrecognized', and with none
+    it was a Python traceback (AttributeError: no 'fn')."""
+    proc = reasonrl("-v", "rollout-server", "--model", "/models/x", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "vllm.entrypoints" in proc.stdout and "--model /models/x" in proc.stdout
+    bare = reasonrl("--verbose", "rollout-server")
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr, bare.stderr[-2000:]
+    assert "reasonrl rollout-server: error: the following arguments are required: --model" in bare.stderr
