@@ -86,8 +86,17 @@ def _changed(before: dict[str, Any], after: dict[str, Any], prefix: str = "") ->
     return out
 
 
+def _cpu_threads() -> None:
+    """Before any engine starts (trainer.threads); after the config is read, so a config error is the only
+    line its command prints."""
+    from trainer.threads import configure_cpu_threads
+
+    configure_cpu_threads()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_train(args)
+    _cpu_threads()
     result = _import(TRAINERS[cfg.mode])(cfg, resume=bool(args.resume))
     if isinstance(result, dict) and result:
         print("final:", " ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
@@ -97,7 +106,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from trainer.tools.eval_cli import run_eval
 
-    metrics = run_eval(_load(args), args.checkpoint, args.out)
+    cfg = _load(args)
+    _cpu_threads()
+    metrics = run_eval(cfg, args.checkpoint, args.out)
     for k, v in sorted(metrics.items()):
         print(f"{k:32s} {v:.4f}")
     return 0
@@ -120,6 +131,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from trainer.tools.demo import run_demo
 
+    _cpu_threads()
     run_demo(args.out, args.overrides)
     return 0
 
@@ -207,10 +219,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.command in ("train", "eval", "demo"):  # before any engine starts (trainer.threads)
-        from trainer.threads import configure_cpu_threads
-
-        configure_cpu_threads()
     try:
         code: int = args.fn(args)
     except (ConfigError, DatasetFormatError, FileNotFoundError, FileExistsError, ResumeError, PlotError) as err:

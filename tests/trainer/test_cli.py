@@ -200,3 +200,15 @@ def test_rollout_server_after_verbose_flag() -> None:
     bare = reasonrl("--verbose", "rollout-server")
     assert bare.returncode == 2 and "Traceback" not in bare.stderr, bare.stderr[-2000:]
     assert "reasonrl rollout-server: error: the following arguments are required: --model" in bare.stderr
+
+
+def test_config_errors_are_the_only_lines_printed(tmp_path: Path) -> None:
+    """A config error of `train` or `eval` is all the command prints: the CPU thread choice was logged first
+    (and torch imported for it) before the config was even read."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # else no thread choice is logged
+    for command in (["train", "--config", "nope.yaml"], ["eval", "--config", str(TINY), "grpo.n_grpo_steps=abc"]):
+        proc = subprocess.run([sys.executable, "-m", "trainer", *command], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.startswith("reasonrl: error: "), proc.stderr[-2000:]
+        assert all(line.startswith(("reasonrl: error: ", "  - ")) for line in proc.stderr.splitlines()), proc.stderr
