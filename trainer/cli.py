@@ -174,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(fn=cmd_plot)
 
     tiny = sub.add_parser("tiny", help="build the tiny local test models")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("out_dir", help="directory to write tiny-gpt2/, tiny-qwen2/ and the tiny SFT/DPO data into")
+    tiny.add_argument("--seed", type=int, default=0, help="seed of the weights and tokenizer (default 0)")
     tiny.set_defaults(fn=cmd_tiny)
 
     demo = sub.add_parser("demo", help="the CPU demo: tiny model, SFT warm start, GRPO with vLLM, plot")

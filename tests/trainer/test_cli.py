@@ -212,3 +212,17 @@ def test_config_errors_are_the_only_lines_printed(tmp_path: Path) -> None:
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert proc.stderr.startswith("reasonrl: error: "), proc.stderr[-2000:]
         assert all(line.startswith(("reasonrl: error: ", "  - ")) for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_tiny_into_a_file_is_one_error_line(tmp_path: Path) -> None:
+    """`reasonrl tiny FILE` (or a folder under a file) trained the tokenizer, then ended in a Python traceback
+    (NotADirectoryError from save_pretrained); now a file is refused up front (exit 2) and a failed write is
+    one line naming the folder (exit 1)."""
+    (tmp_path / "notes.txt").write_text("x")
+    proc = reasonrl("tiny", "notes.txt", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "reasonrl tiny: error: notes.txt is a file, not a directory" in proc.stderr
+    proc = reasonrl("tiny", "notes.txt/models", cwd=tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("reasonrl tiny: error: cannot write under notes.txt/models: ")
+    assert (tmp_path / "notes.txt").read_text() == "x"

@@ -171,9 +171,15 @@ def write_tiny_data(out_dir: str | Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="reasonrl tiny", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write tiny-gpt2/, tiny-qwen2/ and the tiny SFT/DPO data into")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokenizer (default 0)")
     args = parser.parse_args(argv)
-    for name, path in (build_tiny(args.out_dir, args.seed) | write_tiny_data(args.out_dir)).items():
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        parser.error(f"{args.out_dir} is a file, not a directory")
+    try:
+        written = build_tiny(args.out_dir, args.seed) | write_tiny_data(args.out_dir)
+    except OSError as err:  # unwritable: one line, not a traceback
+        parser.exit(1, f"{parser.prog}: error: cannot write under {args.out_dir}: {err}\n")
+    for name, path in written.items():
         print(f"{name}: {path}")
 
 
