@@ -193,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="write a real pretrained model as an HF checkpoint (offline; "
                             "from an installed package, e.g. SmolLM2-135M-Instruct)")
     models.add_argument("name", choices=["smollm2"])
-    models.add_argument("out_dir")
+    models.add_argument("out_dir", help="directory to write the HF checkpoint to (kept when already complete)")
     models.set_defaults(fn=cmd_models)
     return parser
 

@@ -52,6 +52,17 @@ def is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / COMPLETE_MARKER).is_file()
 
 
+def check_out_dir(out_dir: str | Path) -> None:
+    """`convert` replaces `out_dir` with the new checkpoint: refuse, before anything loads, a file or a
+    folder that holds anything (it would be deleted) other than an earlier complete conversion."""
+    out = Path(out_dir).resolve()
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out_dir}: not empty and not a model this command wrote (no {COMPLETE_MARKER}); "
+                              "it would be replaced: give a new or empty folder")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out_dir}: a file, not a folder for the checkpoint")
+
+
 def _plain_model(gguf_model: Any) -> Any:
     """A non-quantized copy of a GGUF-loaded model: same config minus its quantization entries."""
     import torch
@@ -90,6 +101,7 @@ def convert(name: str, out_dir: str | Path) -> Path:
     if is_complete(out):
         print(f"{out}: already holds {name} (delete it to convert again)")
         return out
+    check_out_dir(out)
     gguf = find_gguf(name)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -42,6 +42,24 @@ def test_cli_reports_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert not (tmp_path / "m").exists()
 
 
+def test_cli_refuses_an_out_dir_it_would_replace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The conversion replaces DIR with the new checkpoint: a folder holding other files was deleted after a
+    minute of converting, and a file given as DIR ended in a traceback. Both are now refused before
+    anything loads (the package is found or not either way)."""
+    from trainer.cli import main
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "other-model.safetensors").write_text("weights")
+    assert main(["models", "smollm2", str(folder)]) == 2
+    assert f"reasonrl: error: {folder}: not empty and not a model this command wrote" in capsys.readouterr().err
+    assert (folder / "other-model.safetensors").read_text() == "weights"
+    assert main(["models", "smollm2", str(folder / "other-model.safetensors")]) == 2
+    assert "other-model.safetensors: a file, not a folder for the checkpoint" in capsys.readouterr().err
+    assert (folder / "other-model.safetensors").read_text() == "weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no DIR.tmp left
+
+
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models.convert("smollm2", tmp_path_factory.mktemp("models") / "smollm2")
