@@ -149,23 +149,26 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor_main()
 
 
+OVERRIDES_HELP = "changes to the config, e.g. grpo.n_grpo_steps=50 optim.learning_rate=3e-4"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reasonrl", description="RL post-training for reasoning LLMs")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (give it before the command)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train with a config (mode: grpo, sft, dpo, ei)")
     train.add_argument("--config", help="the run's YAML config (not with --resume)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its newest checkpoint, with its saved config.yaml + overrides")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value")
+    train.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     train.set_defaults(fn=cmd_train)
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on the held-out set (zero-shot baseline too)")
-    ev.add_argument("--config", required=True)
+    ev.add_argument("--config", required=True, help="the YAML config whose held-out set and eval settings to use")
     ev.add_argument("--checkpoint", help="HF model dir or a run checkpoint dir; default: config model.path")
     ev.add_argument("--out", help="also copy the per-sample JSONL records to this path")
-    ev.add_argument("overrides", nargs="*", metavar="section.key=value")
+    ev.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     ev.set_defaults(fn=cmd_eval)
 
     plot = sub.add_parser("plot", help="PNG of reward, accuracy and length curves of a run")

@@ -59,10 +59,12 @@ def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloa
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.tools.shaped", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-math-1.5b")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("out_dir", help="directory to write the model and its tokenizer to")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-math-1.5b",
+                        help="whose dimensions (default qwen2.5-math-1.5b)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                        help="weight dtype (default bfloat16)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokenizer (default 0)")
     args = parser.parse_args(argv)
     print(build_shaped(args.out_dir, SHAPES[args.shape], args.dtype, args.seed))
 
