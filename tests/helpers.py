@@ -7,8 +7,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from http.server import HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +171,15 @@ def vllm_at_least(major: int, minor: int) -> bool:
     from packaging.version import Version
 
     return Version(vllm.__version__).release[:2] >= (major, minor)
+
+
+@contextmanager
+def serving(server: HTTPServer) -> Iterator[str]:
+    """`server` answering on a daemon thread while the block runs, then shut down; yields its base URL."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://{server.server_address[0]}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

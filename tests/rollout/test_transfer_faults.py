@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import json
-import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -15,6 +14,7 @@ from typing import Any, ClassVar
 
 import pytest
 import torch
+from helpers import serving
 
 from rollout.engines.remote import _Http
 from rollout.transfer import CollectiveSender
@@ -50,14 +50,8 @@ class NoTransferServer(BaseHTTPRequestHandler):
 @pytest.fixture
 def no_transfer_server() -> Iterator[str]:
     NoTransferServer.seen = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), NoTransferServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), NoTransferServer)) as url:
+        yield url
 
 
 def test_a_server_without_the_backend_fails_the_first_sync_at_once(no_transfer_server: str) -> None:

@@ -11,14 +11,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO
+from helpers import REPO, serving
 from huggingface_hub import constants as hub_constants
 
 from trainer.hub import HubError, check_hub
@@ -89,11 +88,8 @@ class _Handler(BaseHTTPRequestHandler):
 @pytest.fixture
 def fake_hub() -> Iterator[FakeHub]:
     hub = FakeHub()
-    thread = threading.Thread(target=hub.serve_forever, daemon=True)
-    thread.start()
-    yield hub
-    hub.shutdown()
-    hub.server_close()
+    with serving(hub):
+        yield hub
 
 
 def train(tiny_qwen2_path: str, out: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pytest
+from helpers import serving
 
 from rollout.auth import TOKEN_ENV
 from rollout.engines.remote import ServerError, _Http
@@ -63,14 +63,8 @@ class _Server(ThreadingHTTPServer):
 @pytest.fixture
 def url() -> Iterator[str]:
     _Handler.seen = []
-    server = _Server(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_Server(("127.0.0.1", 0), _Handler)) as served:
+        yield served
 
 
 def test_json_both_ways_with_the_secret(url: str) -> None:
