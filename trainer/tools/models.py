@@ -55,6 +55,8 @@ def is_complete(out_dir: str | Path) -> bool:
 def check_out_dir(out_dir: str | Path) -> None:
     """`convert` replaces `out_dir` with the new checkpoint: refuse, before anything loads, a file or a
     folder that holds anything (it would be deleted) other than an earlier complete conversion."""
+    if Path(out_dir).name in ("", ".", ".."):  # the new checkpoint is written beside DIR, then renamed to it
+        raise FileExistsError(f"{out_dir}: name the checkpoint's own folder (e.g. .models/smollm2), not . or ..")
     out = Path(out_dir).resolve()
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out_dir}: not empty and not a model this command wrote (no {COMPLETE_MARKER}); "

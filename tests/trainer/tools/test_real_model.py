@@ -42,9 +42,10 @@ def test_cli_reports_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert not (tmp_path / "m").exists()
 
 
-def test_cli_refuses_an_out_dir_it_would_replace(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_an_out_dir_it_would_replace(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The conversion replaces DIR with the new checkpoint: a folder holding other files was deleted after a
-    minute of converting, and a file given as DIR ended in a traceback. Both are now refused before
+    minute of converting, and a file, . or .. given as DIR ended in a traceback. All are now refused before
     anything loads (the package is found or not either way)."""
     from trainer.cli import main
 
@@ -58,6 +59,13 @@ def test_cli_refuses_an_out_dir_it_would_replace(tmp_path: Path, capsys: pytest.
     assert "other-model.safetensors: a file, not a folder for the checkpoint" in capsys.readouterr().err
     assert (folder / "other-model.safetensors").read_text() == "weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no DIR.tmp left
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    monkeypatch.chdir(empty / "sub")  # an empty current folder: converted, then a traceback ('.' has no name)
+    for name in (".", ".."):
+        assert main(["models", "smollm2", name]) == 2
+        assert f"{name}: name the checkpoint's own folder" in capsys.readouterr().err
+    assert [p.name for p in empty.iterdir()] == ["sub"] and list((empty / "sub").iterdir()) == []
 
 
 @pytest.fixture(scope="module")
