@@ -3,8 +3,9 @@ instruction tuning (assignment 5 supplement); its step `sft_update` is expert it
 
 1. Data (`trainer.data.sft`): reasoning pairs at ``data.sft_path`` (prompt already formatted; loss on the
    response tokens), a seeded ``sft.validation_fraction`` held out first; on the training part
-   ``sft.filter_correct`` keeps the responses the reward grades correct and ``sft.max_examples`` a seeded
-   subset. Or, with ``sft.packed``, Alpaca blocks of ``sft.seq_length`` tokens, every token a target.
+   an empty response (no target token) is skipped (``data/sft_empty_responses``), ``sft.filter_correct``
+   keeps the responses the reward grades correct and ``sft.max_examples`` a seeded subset. Or, with
+   ``sft.packed``, Alpaca blocks of ``sft.seq_length`` tokens, every token a target.
 2. Optimizer batches of ``sft.batch_size`` (seeded shuffle per epoch; the last may be short) in
    ``sft.gradient_accumulation_steps`` micro-batches; loss: token-mean NLL over the whole optimizer batch
    (all micro-batches and ranks: `aggregate_loss` ``"token"``), so the split does not change the gradient.
@@ -17,6 +18,7 @@ instruction tuning (assignment 5 supplement); its step `sft_update` is expert it
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -34,6 +36,8 @@ from trainer.logprobs import forward_log_probs, real_lengths
 from trainer.losses import sft_loss
 from trainer.session import Session
 
+logger = logging.getLogger("reasonrl")
+
 
 # ---- data ---------------------------------------------------------------------------------------
 def filter_correct(s: Session, examples: list[SFTExample]) -> list[SFTExample]:
@@ -48,6 +52,19 @@ def filter_correct(s: Session, examples: list[SFTExample]) -> list[SFTExample]:
     return [ex for ex, sc in zip(examples, scores, strict=True) if sc.answer_reward > 0]
 
 
+def drop_empty_responses(s: Session, examples: list[SFTExample]) -> list[SFTExample]:
+    """The examples with a response. An empty one has no target token: it adds nothing to the token-mean
+    NLL, and an optimizer batch of only such examples would have no token to average over. The count is
+    logged (``data/sft_empty_responses``) with a warning naming the first few lines."""
+    kept = [ex for ex in examples if ex.response]
+    empty = [ex.where for ex in examples if not ex.response]
+    if empty:
+        logger.warning("skipping %d training example(s) with an empty 'response' (%s%s)", len(empty),
+                       ", ".join(empty[:3]), ", ..." * (len(empty) > 3))
+        s.tracker.log({"data/sft_empty_responses": float(len(empty))}, int(s.trainer_state["step"]))
+    return kept
+
+
 def load_sft_data(s: Session) -> SFTData:
     """Reasoning pairs or packed blocks as configured (module docstring, item 1)."""
     cfg, sft = s.cfg, s.cfg.sft
@@ -60,7 +77,7 @@ def load_sft_data(s: Session) -> SFTData:
             raise ValueError("sft.filter_correct needs graded reasoning pairs; set sft.packed: false")
         return packed_data(s.learner.tokenizer, cfg.data.sft_path, sft, cfg.seed, rank, world)
     train_idx, held_idx = split_heldout(len(examples), sft.validation_fraction, cfg.seed)
-    train, held = [examples[i] for i in train_idx], [examples[i] for i in held_idx]
+    train, held = drop_empty_responses(s, [examples[i] for i in train_idx]), [examples[i] for i in held_idx]
     if sft.filter_correct:
         kept = filter_correct(s, train)
         s.tracker.log({"data/sft_examples_before_filter": float(len(train)),
