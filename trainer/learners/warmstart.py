@@ -4,8 +4,10 @@ Warm start: a short SFT on the training questions' worked solutions before RL, s
 policy already produces the answer format (the CPU demo). With ``warmstart.sloppy_fraction`` that fraction
 of the demonstrations leave out the ``<answer>`` tags (a sloppy demonstrator), so the warm-started policy
 often answers in a form the reward does not accept: a gap RL can close within minutes on a CPU.
-Response-only loss (`sft_loss`, CS336 §4.3), its own AdamW at ``warmstart.learning_rate``; the
-result is saved to ``RUN_DIR/warmstart`` (the KL reference when ``grpo.kl_coef > 0``).
+Response-only loss (`sft_loss`, CS336 §4.3), its own AdamW at ``warmstart.learning_rate``, clipped by
+torch's ``clip_grad_norm_`` (accelerate's would unscale the learner optimizer's fp16 loss scaler, which this
+loop never scales: an error under ``--mixed_precision fp16``); the result is saved to ``RUN_DIR/warmstart``
+(the KL reference when ``grpo.kl_coef > 0``).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def warm_start(s: Session) -> dict[str, float]:
             mask = tokens["response_mask"]
             loss = sft_loss(log_probs, mask, "constant", normalize_constant=float(mask.sum(-1).max()))
             torch.autograd.backward(loss)
-            s.accelerator.clip_grad_norm_(s.learner.model.parameters(), s.cfg.optim.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(s.learner.model.parameters(), s.cfg.optim.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))

@@ -6,7 +6,9 @@ Runs single-threaded (`one_torch_thread`), as the other learner tests do on the 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +20,17 @@ from trainer.tracking import read_metrics
 SFT_CONFIG = REPO / "configs" / "tiny" / "sft_tiny_cpu.yaml"
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture
+def fresh_accelerator_state() -> Iterator[None]:
+    """accelerate's state is a process-wide singleton that refuses a second mixed-precision setting: start
+    from none and leave none behind."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_sft_batch_of_empty_responses_only(tmp_path: Path, tiny_qwen2_path: str) -> None:
@@ -41,3 +54,35 @@ def test_sft_batch_of_empty_responses_only(tmp_path: Path, tiny_qwen2_path: str)
     assert logged["data/sft_train_examples"] == 3
     losses = [r["train/loss"] for r in records if "train/loss" in r]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+@pytest.mark.usefixtures("fresh_accelerator_state")
+def test_warm_start_leaves_the_learners_loss_scaler_alone(tmp_path: Path, tiny_qwen2_path: str) -> None:
+    """Under ``--mixed_precision fp16`` on a GPU accelerate keeps a loss scaler over the learner's optimizer.
+    The warm start (its own AdamW, a plain backward) clipped through `Accelerator.clip_grad_norm_`, which
+    unscales that optimizer's gradients: never scaled, so the first step failed (``_scale is None``), and a
+    second unscale before the learner's own update is an error too. Here the CPU accelerator gets such a
+    scaler by hand: the warm start must run, leave the scaler unused and move the weights."""
+    from accelerate import Accelerator
+
+    from trainer.config import ModelConfig, OptimConfig
+    from trainer.data.tasks import make_arithmetic
+    from trainer.learner import Learner
+    from trainer.learners.warmstart import warm_start
+    from trainer.timing import PhaseTimer
+    from trainer.tracking import NullTracker
+
+    accelerator = Accelerator(mixed_precision="fp16", cpu=True)
+    learner = Learner(ModelConfig(path=tiny_qwen2_path, dtype="float32"), OptimConfig(learning_rate=1e-3),
+                      accelerator)
+    accelerator.native_amp, accelerator.scaler = True, torch.amp.GradScaler("cpu")
+    cfg = load_config(SFT_CONFIG, [f"model.path={tiny_qwen2_path}", "warmstart.steps=3", "warmstart.batch_size=4"])
+    examples = make_arithmetic(8, seed=0, level=1)
+    s = SimpleNamespace(cfg=cfg, learner=learner, accelerator=accelerator, timer=PhaseTimer(), progress_enabled=False,
+                        is_main=True, run_dir=tmp_path, tracker=NullTracker(), train_examples=lambda: examples)
+    before = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
+    metrics = warm_start(s)  # type: ignore[arg-type]
+    assert torch.isfinite(torch.tensor(metrics["warmstart/final_loss"]))
+    assert not accelerator.scaler._per_optimizer_states  # the learner's scaler was never asked to unscale
+    moved = [n for n, p in learner.model.named_parameters() if not torch.equal(p, before[n])]
+    assert moved and (tmp_path / "warmstart").is_dir()
