@@ -126,10 +126,10 @@ def convert(source: str | Path, out: str | Path, split: str = "train") -> Counte
             raise DatasetFormatError(
                 f"{source}: no single-turn preference pair found (counts: {dict(counts)})"
             )
+        tmp.rename(out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    tmp.rename(out)
     return counts
 
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         counts = convert(args.source, args.out, args.split)
-    except (DatasetFormatError, FileNotFoundError) as err:
+    except (DatasetFormatError, OSError) as err:  # OSError: a missing input, an OUT that cannot be written
         print(f"hh_to_jsonl: error: {err}", file=sys.stderr)
         return 2
     print(

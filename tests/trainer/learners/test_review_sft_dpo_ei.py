@@ -86,3 +86,18 @@ def test_warm_start_leaves_the_learners_loss_scaler_alone(tmp_path: Path, tiny_q
     assert not accelerator.scaler._per_optimizer_states  # the learner's scaler was never asked to unscale
     moved = [n for n, p in learner.model.named_parameters() if not torch.equal(p, before[n])]
     assert moved and (tmp_path / "warmstart").is_dir()
+
+
+def test_hh_convert_to_an_unwritable_out_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT an existing folder: the final rename fails. Before, `main` let the OSError out as a traceback and
+    left ``OUT.tmp`` behind; now it is one ``error:`` line naming OUT, exit status 2, and no ``.tmp``."""
+    from trainer.data.hh import main
+
+    source = tmp_path / "train.jsonl"
+    source.write_text(json.dumps({"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
+                                  "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}) + "\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([str(source), str(out)]) == 2
+    assert f"{out}" in capsys.readouterr().err
+    assert not (tmp_path / "out.tmp").exists()
