@@ -7,8 +7,8 @@ recursively for ``{split}.jsonl[.gz]`` (the ``Anthropic/hh-rlhf`` layout). OUT g
 ``{"prompt", "chosen", "rejected", "source"}`` (``source``: the file's folder). As in the CS336 assignment 5
 supplement, only single-turn conversations are kept: the prompt is the human message (raw; ``mode: dpo``
 applies the template and EOS), the responses the two stripped assistant replies. A pair is dropped, and
-counted, when a conversation is multi-turn or malformed, the human messages differ, a reply is empty, or
-the replies are identical. A line that is not a JSON object with string ``chosen``/``rejected`` is an
+counted, when a conversation is multi-turn or malformed, the human messages differ, a message is empty,
+or the replies are identical. A line that is not a JSON object with string ``chosen``/``rejected`` is an
 error naming file and line; so is an input with no kept pair.
 
 Written here rather than with `datasets` because the work is the conversation parsing (splitting

@@ -90,7 +90,7 @@ class PairOutput:
 def preference_loss(
     policy: tuple[torch.Tensor, torch.Tensor], ref: tuple[torch.Tensor, torch.Tensor] | None, cfg: DPOConfig
 ) -> PairOutput:
-    """Per-pair loss of ``cfg.loss`` and the implicit rewards (module docstring, items 4 and 6)."""
+    """Per-pair loss of ``cfg.loss`` and the implicit rewards (module docstring, items 3 and 4)."""
     (pw, pl), beta = policy, cfg.beta
     if cfg.loss == "simpo":
         return PairOutput(

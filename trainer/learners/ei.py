@@ -8,7 +8,7 @@ CS336 assignment 5 §5). For each of ``ei.n_ei_steps`` steps:
    NLL, optimizer batches of ``ei.batch_size`` in ``ei.gradient_accumulation_steps`` micro-batches) on the
    kept samples, from the current policy (CS336), not the base model as in STaR; no correct sample, no
    update; 5. weight sync; 6. log ``ei/kept``, ``ei/kept_fraction``, ``ei/questions_solved`` and the mean
-   token entropy of all sampled responses (``ei/response_entropy``).
+   over all sampled responses of each one's mean token entropy (``ei/response_entropy``).
 
 An optional warm start (`trainer.learners.warmstart`) runs before step 1. Data parallel: every rank draws
 the same questions and samples its share; the kept samples are gathered, and every rank trains on its rows

@@ -92,11 +92,12 @@ def load_sft_data(s: Session) -> SFTData:
 
 # ---- the SFT step (shared with expert iteration) ------------------------------------------------
 def sft_update(learner: Learner, micro_batches: Sequence[TokenBatch]) -> dict[str, float]:
-    """One optimizer step of response-only SFT over this rank's micro-batches (module docstring, 3-4).
+    """One optimizer step of response-only SFT over this rank's micro-batches (module docstring, items 2-3).
 
     Loss of a micro-batch: ``W · Σ_{i,t} m_it (−log π_θ(y_it)) / N`` with ``N`` the response tokens of the
     whole optimizer batch over all ranks (`sft_loss` ``"token"``); the micro-batch losses sum to the
-    token-mean NLL of the optimizer batch. Returns ``train/loss`` (that mean on this rank's data),
+    token-mean NLL of the optimizer batch. Returns ``train/loss`` (this rank's share of that mean, times
+    ``W``: on one process the mean, and the ranks' average is the mean of the whole batch),
     ``train/grad_norm`` (before clipping), ``train/lr``, ``train/response_tokens``.
     """
     world = learner.accelerator.num_processes
@@ -132,7 +133,7 @@ def heldout_loss(model: torch.nn.Module, micro_batches: Sequence[TokenBatch], de
 
 
 def evaluate_sft(s: Session, data: SFTData, step: int) -> dict[str, float]:
-    """Held-out loss and, with ``sft.eval_generation``, held-out generation metrics (module docstring, 5)."""
+    """Held-out loss and, with ``sft.eval_generation``, held-out generation metrics (module docstring, item 4)."""
     metrics: dict[str, float] = {}
     if data.heldout:
         with s.timer("eval"):
