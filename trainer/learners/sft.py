@@ -81,7 +81,7 @@ def load_sft_data(s: Session) -> SFTData:
     if sft.filter_correct:
         kept = filter_correct(s, train)
         s.tracker.log({"data/sft_examples_before_filter": float(len(train)),
-                       "data/sft_examples_correct": float(len(kept))}, 0)
+                       "data/sft_examples_correct": float(len(kept))}, int(s.trainer_state["step"]))
         train = kept
     if sft.max_examples is not None and len(train) > sft.max_examples:
         train = random.Random(cfg.seed + 1).sample(train, sft.max_examples)

@@ -101,3 +101,25 @@ def test_hh_convert_to_an_unwritable_out_is_one_error(tmp_path: Path, capsys: py
     assert main([str(source), str(out)]) == 2
     assert f"{out}" in capsys.readouterr().err
     assert not (tmp_path / "out.tmp").exists()
+
+
+def test_resumed_sft_logs_its_data_counts_at_the_resumed_step(tmp_path: Path, tiny_qwen2_path: str) -> None:
+    """With ``sft.filter_correct`` the data counts were logged at step 0 on every start: a resumed run wrote a
+    step-0 record after the records of the steps already done (steps must not go back: wandb drops such a
+    record). Now they are logged at the step the run starts from, like ``data/sft_train_examples``."""
+    from trainer.cli import main as cli_main
+
+    data = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"What is {i} + 1? <think>", "response": f" {i} plus 1 </think> <answer> {i + 1} </answer>",
+             "answer": str(i + 1)} for i in range(8)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    common = [f"model.path={tiny_qwen2_path}", f"data.sft_path={data}", "sft.filter_correct=true",
+              "sft.batch_size=4", "sft.gradient_accumulation_steps=1", "sft.eval_generation=false"]
+    assert cli_main(["train", "--config", str(SFT_CONFIG), *common, f"output_dir={out}", "sft.max_steps=1"]) == 0
+    assert cli_main(["train", "--resume", str(out), "sft.max_steps=2"]) == 0
+    records = read_metrics(out)
+    steps = [r["step"] for r in records]
+    assert steps == sorted(steps), steps
+    counted = [r["step"] for r in records if "data/sft_examples_correct" in r]
+    assert counted == [0, 1] and [r["step"] for r in records if "train/loss" in r] == [1, 2]
