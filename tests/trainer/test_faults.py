@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from trainer.config import ConfigError, RunConfig
 from trainer.config_io import config_from_dict, load_config
 from trainer.data.tasks import DatasetFormatError
+from trainer.learner import local_path_problem
 from trainer.learners.dpo import train_dpo
 from trainer.learners.grpo import train_grpo
 from trainer.learners.sft import train_sft
@@ -108,6 +109,24 @@ def test_config_that_is_not_utf8_or_is_a_directory(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert one_error_line(proc) == (f"reasonrl: error: {tmp_path} has 1 problem(s):\n  - {tmp_path} is a directory, "
                                     "not a config file: give a YAML file (e.g. configs/*.yaml)")
+
+
+def test_model_path_that_is_no_model_folder(tmp_path: Path, tiny_qwen2_path: str) -> None:
+    """A local model.path that is missing, a file or a folder without config.json is one line naming it
+    (transformers took the missing folder for a malformed hub id: 'Repo id must use alphanumeric chars')."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    cases = {
+        str(tmp_path / ".tiny" / "tiny-qwen2"): ": no such folder (build the test models with `reasonrl tiny DIR`",
+        str(tmp_path / "file"): " is a file: give the model's folder",
+        str(tmp_path / "empty"): " holds no config.json: not a model folder",
+    }
+    for path, message in cases.items():
+        proc = reasonrl("train", "--config", str(GRPO), f"model.path={path}", f"output_dir={tmp_path / 'run'}")
+        assert proc.returncode != 0 and one_error_line(proc).startswith(
+            f"reasonrl: error: model.path={path!r}{message}"), proc.stderr[-800:]
+    assert local_path_problem(tiny_qwen2_path) is None and local_path_problem("Qwen/Qwen2.5-Math-1.5B") is None
+    assert local_path_problem("./tiny") is not None and local_path_problem("a/b/c") is not None
 
 
 # ---- data: errors before the model is loaded ----------------------------------------------------
