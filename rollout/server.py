@@ -69,6 +69,7 @@ from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV, TokenError, check_bind, load
 from rollout.engines.remote import health
 from rollout.engines.vllm import CPU_MAX_BATCHED_TOKENS
 from rollout.guard import GUARD_ENV, guard_settings
+from rollout.model_path import local_path_problem
 from rollout.transfer import BACKENDS
 from rollout.transfer import free_port as free_port  # re-exported: launchers and tests pick ports here
 
@@ -105,19 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve rollouts with vLLM's OpenAI-compatible server (dev + RL endpoints on).",
         epilog="Arguments after `--` go to vLLM's server unchanged.",
     )
-    parser.add_argument("--model", required=True, help="checkpoint path (weights are replaced by syncs)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--model", required=True, help="checkpoint folder or hub id (weights are replaced by syncs)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1); any other needs the secret")
+    parser.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
+    parser.add_argument("--dtype", default="auto", help="vLLM's weight dtype (default auto: the checkpoint's)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + response in tokens (default 2048)")
     parser.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
-        help="fraction of the GPU (of host RAM on CPU) vLLM may take",
+        help="fraction of the GPU (of host RAM on CPU) vLLM may take (default 0.9)",
     )
     parser.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="fixed KV cache size instead")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="vLLM's random seed (default 0)")
     parser.add_argument(
         "--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs (fast start)"
     )
@@ -136,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
         "this machine sees it); without it reloads are refused",
     )
     parser.add_argument("--enable-sleep-mode", action="store_true", help="GPU only")
-    parser.add_argument("--logprobs-mode", choices=["processed", "raw"], default="processed")
-    parser.add_argument("--dry-run", action="store_true", help="print the vLLM command instead of running it")
+    parser.add_argument("--logprobs-mode", choices=["processed", "raw"], default="processed",
+                        help="log-probs after (processed, the default) or before (raw) temperature and penalties")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the vLLM command instead of running it (--model is not checked)")
     return parser
 
 
@@ -209,9 +212,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (TokenError, ValueError) as err:
         parser.error(str(err))
     cmd = serve_command(args, extra)
-    if args.dry_run:
+    if args.dry_run:  # the command for any machine: its --model need not exist here
         print(" ".join(cmd))
         return
+    problem = local_path_problem(args.model, "--model")
+    if problem is not None:
+        parser.error(problem)
     if token is None:
         print(f"rollout server: no secret set ({TOKEN_ENV}): serving loopback clients only", file=sys.stderr)
     if args.weights_dir is None and args.weight_transfer == "filesystem":

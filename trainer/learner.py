@@ -16,13 +16,13 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+from rollout.model_path import local_path_problem
 from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from trainer.data.batching import TokenBatch
 from trainer.logprobs import forward_log_probs
@@ -83,26 +83,8 @@ def compile_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def local_path_problem(path: str) -> str | None:
-    """Why `path` (``model.path``) cannot be a model folder, when it names a local path: one that exists, or
-    reads as one (``/``, ``.`` or ``~`` first, more than one ``/``, or a first part that is a local folder).
-    A hub id (``org/name``) is left to the hub. Without this, transformers takes a missing folder for a
-    malformed hub id ("Repo id must use alphanumeric chars...")."""
-    folder = Path(path).expanduser()
-    if folder.is_dir():
-        return None if (folder / "config.json").is_file() else (
-            f"model.path={path!r} holds no config.json: not a model folder (save one with save_pretrained)")
-    if folder.exists():
-        return f"model.path={path!r} is a file: give the model's folder (config.json, weights, tokenizer)"
-    first = path.split("/")[0]
-    if path.startswith(("/", ".", "~")) or path.count("/") > 1 or (first != path and Path(first).is_dir()):
-        return (f"model.path={path!r}: no such folder (build the test models with `reasonrl tiny DIR`, or give "
-                "a hub id such as Qwen/Qwen2.5-Math-1.5B)")
-    return None
-
-
 def load_tokenizer(path: str) -> Any:
-    problem = local_path_problem(path)
+    problem = local_path_problem(path, "model.path")
     if problem is not None:
         raise FileNotFoundError(problem)
     try:

@@ -194,6 +194,16 @@ def test_start_command(capsys: pytest.CaptureFixture[str]) -> None:
     assert '--weight-transfer-config {"backend": "gloo"}' in capsys.readouterr().out
 
 
+def test_a_model_folder_that_is_not_there_is_refused_before_vllm_starts(capsys: pytest.CaptureFixture[str],
+                                                                       tmp_path: Path) -> None:
+    """Not a vLLM traceback about a malformed repo id after its start-up: one usage error naming --model."""
+    for model, says in ((tmp_path / "nope", ": no such folder"), (tmp_path, " holds no config.json")):
+        with pytest.raises(SystemExit) as err:
+            main(["--model", str(model), "--port", "1"])
+        assert err.value.code == 2
+        assert f"error: --model={str(model)!r}{says}" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("files", "want"),
     [

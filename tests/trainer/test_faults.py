@@ -15,6 +15,7 @@ The rest of the fault-and-abuse cases live beside the code they exercise:
 
 from __future__ import annotations
 
+import doctest
 import json
 import os
 import subprocess
@@ -27,10 +28,11 @@ import pytest
 from helpers import REPO
 from pydantic import BaseModel
 
+from rollout import model_path
+from rollout.model_path import local_path_problem
 from trainer.config import ConfigError, RunConfig
 from trainer.config_io import config_from_dict, load_config
 from trainer.data.tasks import DatasetFormatError
-from trainer.learner import local_path_problem
 from trainer.learners.dpo import train_dpo
 from trainer.learners.grpo import train_grpo
 from trainer.learners.sft import train_sft
@@ -125,8 +127,9 @@ def test_model_path_that_is_no_model_folder(tmp_path: Path, tiny_qwen2_path: str
         proc = reasonrl("train", "--config", str(GRPO), f"model.path={path}", f"output_dir={tmp_path / 'run'}")
         assert proc.returncode != 0 and one_error_line(proc).startswith(
             f"reasonrl: error: model.path={path!r}{message}"), proc.stderr[-800:]
-    assert local_path_problem(tiny_qwen2_path) is None and local_path_problem("Qwen/Qwen2.5-Math-1.5B") is None
-    assert local_path_problem("./tiny") is not None and local_path_problem("a/b/c") is not None
+    assert local_path_problem(tiny_qwen2_path, "k") is None and local_path_problem("Qwen/Qwen2.5-Math-1.5B", "k") is None
+    assert local_path_problem("./tiny", "k") is not None and local_path_problem("a/b/c", "k") is not None
+    assert doctest.testmod(model_path).failed == 0
 
 
 # ---- data: errors before the model is loaded ----------------------------------------------------
