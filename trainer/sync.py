@@ -70,10 +70,17 @@ def broadcast_from_main(value: int) -> int:
 
 
 def make_probe(cfg: RunConfig, learner: Learner) -> StaleWeightProbe:
-    """The probe's default thresholds follow the engine's dtype (bf16 kernels differ from the learner's)."""
+    """The probe's default thresholds follow `probe_dtype` (bf16 kernels differ from the learner's)."""
     return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=cfg.rollout.probe_threshold,
                             mean_threshold=cfg.rollout.probe_mean_threshold,
-                            dtype=DTYPES[engine_dtype(cfg)], on_mismatch=cfg.rollout.probe_action)
+                            dtype=probe_dtype(cfg), on_mismatch=cfg.rollout.probe_action)
+
+
+def probe_dtype(cfg: RunConfig) -> torch.dtype:
+    """The less precise of the learner's (``model.dtype``) and the engine's dtype: the probe compares the two
+    sides, so a bf16 learner against a float32 engine differs by bf16 rounding (~1e-3 on the tiny model),
+    more than the float32 thresholds allow."""
+    return max((DTYPES[cfg.model.dtype], DTYPES[engine_dtype(cfg)]), key=default_thresholds)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from rollout.engines.hf import HFEngine, score_sequences
 from rollout.engines.vllm import VLLMEngine
 from rollout.weights import iter_state_dict
+from trainer.config_io import config_from_dict
 from trainer.sync import (
     PROBE_TEXT,
     ProbeResult,
@@ -22,6 +24,7 @@ from trainer.sync import (
     compare_logprobs,
     default_thresholds,
     learner_logprobs,
+    make_probe,
     probe_token_ids,
 )
 
@@ -200,3 +203,22 @@ def test_probe_sees_a_stale_prefix_cache(
     result = probe(engine, learner)
     assert result.ok and result.generation_abs_diff is not None and result.generation_abs_diff < 1e-4
     assert result.metrics()["rollout/probe_generation_abs_diff"] == result.generation_abs_diff
+
+
+@pytest.mark.vllm
+def test_default_thresholds_follow_a_bf16_learner_of_a_float32_engine(
+    engine: VLLMEngine, tiny_qwen2_path: str
+) -> None:
+    """model.dtype bfloat16 with rollout.dtype float32: the engine computes in float32, the learner in bf16, so
+    a correct sync differs by bf16 rounding (above float32's 1e-3). `make_probe` takes the less precise side's
+    thresholds, and the probe passes (it used the engine's float32 ones alone and raised `StaleWeightsError`)."""
+    learner = perturbed(tiny_qwen2_path, seed=6).to(torch.bfloat16)
+    engine.update_weights(iter_state_dict(learner))
+    cfg = config_from_dict({"model": {"path": "m", "dtype": "bfloat16"}, "rollout": {"dtype": "float32"}})
+    probe = make_probe(cfg, SimpleNamespace(tokenizer=engine.tokenizer))  # type: ignore[arg-type]
+    assert (probe.max_threshold, probe.mean_threshold) == default_thresholds(torch.bfloat16)
+    result = probe(engine, learner)
+    assert result.ok and result.max_abs_diff > default_thresholds(torch.float32)[0]
+    fp32 = config_from_dict({"model": {"path": "m", "dtype": "float32"}, "rollout": {"dtype": "float32"}})
+    strict = make_probe(fp32, SimpleNamespace(tokenizer=engine.tokenizer))  # type: ignore[arg-type]
+    assert (strict.max_threshold, strict.mean_threshold) == default_thresholds(torch.float32)
