@@ -180,29 +180,34 @@ class VLLMEngine:
         with self._on_device():
             outputs = self._llm.generate(inputs, per_prompt, use_tqdm=False)
         seconds = time.perf_counter() - start
-        samples = self.to_samples(outputs)
+        samples = self.to_samples(outputs, copies=params.n if _greedy(params) else 1)
         self.metrics.update(rollout_metrics(samples, seconds))
         return samples
 
     def _sampling_params(self, params: SamplingConfig, seed: int | None) -> Any:
+        """vLLM's ``SamplingParams``; greedy asks for one sample (vLLM refuses ``n > 1`` with greedy sampling)
+        and `to_samples` copies it ``n`` times."""
         return self._sampling_params_cls(
-            n=params.n, temperature=params.temperature, top_p=params.top_p, max_tokens=params.max_tokens,
-            min_tokens=params.min_tokens, stop=list(params.stop), include_stop_str_in_output=True, seed=seed,
-            logprobs=0, skip_special_tokens=True,
+            n=1 if _greedy(params) else params.n, temperature=params.temperature, top_p=params.top_p,
+            max_tokens=params.max_tokens, min_tokens=params.min_tokens, stop=list(params.stop),
+            include_stop_str_in_output=True, seed=seed, logprobs=0, skip_special_tokens=True,
         )  # fmt: skip
 
-    def to_samples(self, outputs: Sequence[Any]) -> list[Sample]:
-        """vLLM ``RequestOutput``s (one per prompt) to grouped `Sample`s."""
-        samples = []
+    def to_samples(self, outputs: Sequence[Any], copies: int = 1) -> list[Sample]:
+        """vLLM ``RequestOutput``s (one per prompt) to grouped `Sample`s, each `copies` times (greedy ``n``)."""
+        samples: list[Sample] = []
         for i, request in enumerate(outputs):
-            prompt_ids = list(request.prompt_token_ids)
             for out in sorted(request.outputs, key=lambda o: o.index):
                 ids = list(out.token_ids)
                 if out.logprobs is None or len(out.logprobs) != len(ids):
                     raise RuntimeError(f"vLLM returned no log-prob for some tokens of prompt {i}")
                 logprobs = [float(out.logprobs[j][tok].logprob) for j, tok in enumerate(ids)]
                 reason = _finish_reason(out.finish_reason)
-                samples.append(Sample(i, prompt_ids, ids, out.text, logprobs, reason, self._policy_version))
+                samples.extend(
+                    Sample(i, list(request.prompt_token_ids), list(ids), out.text, list(logprobs), reason,
+                           self._policy_version)
+                    for _ in range(copies)
+                )  # fmt: skip
         return samples
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -437,6 +442,11 @@ def set_weight_version(llm: Any, version: int) -> bool:
         return False
     update(str(version))
     return True
+
+
+def _greedy(params: SamplingConfig) -> bool:
+    """Whether vLLM samples greedily (temperature below its ``_SAMPLING_EPS``, 1e-5)."""
+    return params.temperature < 1e-5
 
 
 def _as_vllm_prompt(prompt: Prompt) -> Any:

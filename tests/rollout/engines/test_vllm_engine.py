@@ -83,6 +83,25 @@ def test_max_tokens_and_n_grouping(engine: VLLMEngine, tiny_qwen2_path: str) -> 
     assert all(lp <= 0 and math.isfinite(lp) for s in samples for lp in s.logprobs)
 
 
+def test_greedy_with_n_gives_n_equal_samples_like_hf(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """temperature 0 with n=3 (e.g. a GRPO group sampled greedily): 3 samples per prompt, each the greedy one,
+    as the HF engine gives (vLLM itself refuses n > 1 with greedy sampling: it raised VLLMValidationError)."""
+    learner = perturbed(tiny_qwen2_path, seed=7)
+    engine.update_weights(iter_state_dict(learner))
+    hf = HFEngine(learner, tiny_qwen2_path)
+    params = SamplingConfig(max_tokens=6, temperature=0.0, min_tokens=0, stop=(), n=3, seed=1)
+    ours, ref = engine.generate([[5, 6, 7], "What is"], params), hf.generate([[5, 6, 7], "What is"], params)
+    assert [s.prompt_index for s in ours] == [s.prompt_index for s in ref] == [0, 0, 0, 1, 1, 1]
+    for a, b in zip(ours, ref, strict=True):
+        assert (a.prompt_ids, a.response_ids, a.text, a.finish_reason) == (
+            b.prompt_ids, b.response_ids, b.text, b.finish_reason,
+        )  # fmt: skip
+        assert max_diff(a.logprobs, b.logprobs) < 1e-4
+    ours[0].response_ids.append(-1)  # each sample owns its lists
+    assert ours[1].response_ids == ref[1].response_ids
+    assert engine.metrics["rollout/samples"] == 6 and engine.metrics["rollout/output_tokens"] == 36
+
+
 def test_group_samples_differ_and_seed_reproduces(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
     """Identical prompts with one seed: all 2 × 4 samples differ; the same seed gives the same samples."""
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
