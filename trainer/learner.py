@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rollout.model_path import local_path_problem
 from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
@@ -57,10 +58,34 @@ def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> to
     except OSError as err:
         raise FileNotFoundError(f"model.path={cfg.path!r} could not be loaded: {err}") from err
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = False
+        enable_checkpointing(model)
     module: torch.nn.Module = model
     return module.to(device) if device is not None else module
+
+
+def enable_checkpointing(model: Any) -> int:
+    """Gradient checkpointing of every transformer block of HF `model`, while the model stays in eval mode;
+    the number of blocks. transformers checkpoints a block only while that block's ``training`` flag is set
+    (``GradientCheckpointingLayer``), and the learner never leaves eval mode (dropout off: the log-probs that
+    scored a sample and those of its update are one function). So before each forward the blocks alone, not
+    their dropout or attention, take the flag from grad mode: recomputed in the backward where one follows,
+    plain under ``no_grad``/``inference_mode``. Naive twin: the same model without it (equal log-probs and
+    gradients; tests/trainer/test_compile.py)."""
+    model.gradient_checkpointing_enable()
+    model.config.use_cache = False
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if not blocks:
+        raise ValueError(f"model.gradient_checkpointing: {type(model).__name__} has no checkpointable blocks")
+
+    def follow_grad_mode(module: torch.nn.Module, args: Any) -> None:
+        for block in blocks:
+            block.training = torch.is_grad_enabled()
+
+    # on the decoder stack (``model.model``, ``model.transformer``), which the LM head's forward calls as a
+    # module: a peft wrapper calls the LM's ``forward`` directly, past the LM's own hooks
+    decoder = getattr(model, "base_model", None)
+    (decoder if isinstance(decoder, torch.nn.Module) else model).register_forward_pre_hook(follow_grad_mode)
+    return len(blocks)
 
 
 def compile_blocks(model: torch.nn.Module) -> int:

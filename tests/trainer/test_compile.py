@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from trainer.config import LoraConfig, ModelConfig, OptimConfig
 from trainer.data.batching import TokenBatch, pack_token_ids
-from trainer.learner import Learner, compile_blocks
+from trainer.learner import Learner, compile_blocks, enable_checkpointing
 from trainer.logprobs import forward_log_probs
 from trainer.lora import apply_lora
 
@@ -44,10 +44,9 @@ def log_probs_and_grads(model: torch.nn.Module, tokens: TokenBatch) -> tuple[dic
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_compiled_blocks_equal_the_eager_model(tiny_qwen2_path: str, checkpointing: bool) -> None:
     eager, compiled = (AutoModelForCausalLM.from_pretrained(tiny_qwen2_path) for _ in range(2))
-    if checkpointing:
+    if checkpointing:  # as the learner does it: blocks recomputed in the backward, the model in eval mode
         for m in (eager, compiled):
-            m.gradient_checkpointing_enable()
-            m.config.use_cache = False
+            enable_checkpointing(m)
     names = list(compiled.state_dict())
     assert compile_blocks(compiled) == compiled.config.num_hidden_layers
     assert list(compiled.state_dict()) == names  # no "_orig_mod." prefix: checkpoints and syncs unchanged
