@@ -1,4 +1,4 @@
-"""Config checks that need the launched cluster: GRPO batch sharding over the learner ranks and the
+"""Config checks that need the launched cluster: GRPO batch and EI question sharding over the learner ranks and the
 rollout engine's placement against the learner devices of this node. Run once the process group exists
 (`Session`); the checks that need no cluster run when the config loads (`trainer.config`)."""
 
@@ -47,6 +47,12 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[s
                 "100·round + rank, so ranks beyond 100 would reuse another round's seeds; turn dynamic "
                 "sampling off or use at most 100 ranks"
             )
+    if config.mode == "ei" and config.ei.questions_per_step % world_size:
+        problems.append(
+            f"ei.questions_per_step={config.ei.questions_per_step} cannot be split evenly across {world_size} "
+            "ranks: each rank generates for an equal share (a rank with none had nothing to average, and "
+            f"under ZeRO-3 unequal shares run unequal collective forwards). Use a multiple of {world_size}"
+        )
     rollout = config.rollout
     if rollout.placement == "dedicated" and rollout.device is not None and CUDA_DEVICE.fullmatch(rollout.device):
         problems += _dedicated_problems(rollout.device, world_size, devices, cuda_devices)

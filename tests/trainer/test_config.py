@@ -131,6 +131,16 @@ def test_cluster_checks_reject_impossible_placement_and_sharding() -> None:
     assert "micro-batch size train_batch_size/gradient_accumulation_steps=3 is not divisible by world size 2" in text
 
 
+def test_expert_iteration_questions_split_evenly_over_the_ranks() -> None:
+    """Fewer questions than ranks left a rank with none, and its metrics divided by zero (ei/kept_fraction)."""
+    cfg = config_from_dict({"model": {"path": "m"}, "mode": "ei", "ei": {"questions_per_step": 3}})
+    validate_for_cluster(cfg, 3, ["cpu"] * 3)
+    for world in (2, 4):
+        with pytest.raises(ConfigError, match=f"ei.questions_per_step=3 cannot be split evenly across {world} ranks"):
+            validate_for_cluster(cfg, world, ["cpu"] * world)
+    validate_for_cluster(load_config(REPO / "configs" / "ei_qwen2.5_math_1.5b_gsm8k.yaml"), 8, ["cuda"] * 8)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 @pytest.mark.parametrize("name", ["grpo_qwen2.5_math_1.5b_gsm8k.yaml", "grpo_qwen2.5_math_1.5b_gsm8k_offpolicy.yaml"])
 def test_gpu_grpo_configs_shard_over_up_to_8_gpus(name: str, world: int) -> None:
