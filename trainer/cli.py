@@ -99,8 +99,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     _cpu_threads()
     result = _import(TRAINERS[cfg.mode])(cfg, resume=bool(args.resume))
     if isinstance(result, dict) and result:
-        print("final:", " ".join(f"{k}={v:.4f}" for k, v in sorted(result.items())))
+        print("final:", " ".join(f"{k}={_shown(v)}" for k, v in sorted(result.items())))
     return 0
+
+
+def _shown(value: float) -> str:
+    """A metric as printed: counts as integers (eval/n=400), other values to 4 decimals."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else f"{value:.4f}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -110,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _cpu_threads()
     metrics = run_eval(cfg, args.checkpoint, args.out)
     for k, v in sorted(metrics.items()):
-        print(f"{k:32s} {v:.4f}")
+        print(f"{k:32s} {_shown(v)}")
     return 0
 
 

@@ -226,3 +226,10 @@ def test_tiny_into_a_file_is_one_error_line(tmp_path: Path) -> None:
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[-1].startswith("reasonrl tiny: error: cannot write under notes.txt/models: ")
     assert (tmp_path / "notes.txt").read_text() == "x"
+
+
+def test_printed_metrics_show_counts_as_integers() -> None:
+    """`train`'s final line and `eval`'s table: eval/n=400, not 400.0000; fractions to 4 decimals."""
+    from trainer.cli import _shown
+
+    assert [_shown(v) for v in (400.0, 0.228, -0.00712, 1e20, 2.0)] == ["400", "0.2280", "-0.0071", "100000000000000000000.0000", "2"]
