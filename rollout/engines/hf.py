@@ -8,7 +8,9 @@ against, with vLLM's sampling semantics:
   in ``response_ids``; ``text`` skips special tokens;
 - a stop string ends a sample with ``finish_reason="stop"`` and the text is cut right after it
   (``include_stop_str_in_output=True``); the token ids are all tokens generated;
-- ``Sample.logprobs`` follow `LogprobsMode` (``processed`` by default: the distribution sampled from).
+- ``Sample.logprobs`` follow `LogprobsMode` (``processed`` by default: the distribution sampled from);
+- the model's positions are its ``max_model_len``: a sample ends with ``finish_reason="length"`` when prompt
+  and response fill them, and a prompt that leaves no room for one token is refused, as vLLM refuses it.
 
 Rows (prompt × sample) are left-padded in batches of ``batch_size`` and decoded with a KV cache; meant for
 tiny models, tests and debugging, not throughput.
@@ -164,8 +166,11 @@ class HFEngine:
 
     @property
     def max_model_len(self) -> int | None:
-        """No limit of its own (the model's position embeddings are the limit)."""
-        return None
+        """The model's positions (``max_position_embeddings`` / ``n_positions``), the prompt + response token
+        limit; None where its config names none."""
+        config = getattr(self.model, "config", None)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return int(limit) if isinstance(limit, int) else None
 
     @property
     def cache_block_size(self) -> int | None:
@@ -179,6 +184,8 @@ class HFEngine:
             self.wake()
         start = time.perf_counter()
         prompt_ids = [self._encode(p) for p in prompts]
+        for i, ids in enumerate(prompt_ids):
+            self._check_prompt(i, ids)
         rows = [(i, k) for i in range(len(prompt_ids)) for k in range(params.n)]
         samples: list[Sample] = []
         for lo in range(0, len(rows), self.batch_size):
@@ -210,6 +217,8 @@ class HFEngine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, s)
         generators = [self._generator(sample_seed(params.seed, i, params.n, k)) for i, k in rows]
+        limit = self.max_model_len
+        budgets = [params.max_tokens if limit is None else min(params.max_tokens, limit - len(p)) for p in prompts]
         greedy = params.temperature < _GREEDY_EPS  # vLLM samples greedily below this
         responses: list[list[int]] = [[] for _ in range(b)]
         logprobs: list[list[float]] = [[] for _ in range(b)]
@@ -236,10 +245,13 @@ class HFEngine:
                 responses[r].append(tok)
                 logprobs[r].append(float(chosen[r]))
                 finish[r], texts[r] = self._check_stop(responses[r], tok, params)
+                if finish[r] is None and len(responses[r]) == budgets[r]:  # the context is full
+                    finish[r], texts[r] = "length", self._decode_text(responses[r])
             if all(f is not None for f in finish):
                 break
             mask = torch.cat([mask, mask.new_ones(b, 1)], dim=-1)
-            positions = positions[:, -1:] + 1
+            positions = positions[:, -1:] + 1  # (b, 1); a finished row's may pass the limit: clamped, unused
+            positions = positions if limit is None else positions.clamp(max=limit - 1)
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions,
                              past_key_values=cache, use_cache=True)
             cache = out.past_key_values
@@ -284,6 +296,23 @@ class HFEngine:
     def _decode_text(self, response: list[int]) -> str:
         """Detokenised response; a trailing incomplete UTF-8 sequence is dropped, as vLLM's detokenizer does."""
         return str(self.tokenizer.decode(response, skip_special_tokens=True)).rstrip("\ufffd")
+
+    def _check_prompt(self, index: int, ids: list[int]) -> None:
+        """ValueError for a prompt vLLM would refuse too: empty, a token id outside the model's vocabulary, or
+        no room left for one response token within `max_model_len`."""
+        embeddings: Any = self.model.get_input_embeddings  # a transformers model's (nn.Module types it a Tensor)
+        vocab = int(embeddings().num_embeddings)
+        limit = self.max_model_len
+        if not ids:
+            raise ValueError(f"HFEngine.generate: prompt {index} is empty (no tokens)")
+        if not all(0 <= t < vocab for t in ids):
+            bad = next(t for t in ids if not 0 <= t < vocab)
+            raise ValueError(f"HFEngine.generate: prompt {index} has token id {bad}, outside the vocabulary [0, {vocab})")
+        if limit is not None and len(ids) >= limit:
+            raise ValueError(
+                f"HFEngine.generate: prompt {index} has {len(ids)} tokens, which leaves no room for a response "
+                f"within the model's max_model_len={limit} (prompt + response tokens)"
+            )
 
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):  # the tokenizer's default special tokens, as vLLM encodes text prompts

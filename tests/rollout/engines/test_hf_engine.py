@@ -156,6 +156,50 @@ def test_stop_string_across_min_tokens_boundary_matches_vllm(tiny_qwen2_path: st
         vllm.close()
 
 
+def test_context_limit_ends_samples_and_refuses_full_prompts(tiny_gpt2_path: str) -> None:
+    """The model's positions (GPT-2: n_positions 2048) are `max_model_len`: a 2040-token prompt gets 8 tokens and
+    "length" (it ran past the position table: IndexError), also beside a short prompt that goes on; prompts
+    vLLM refuses (no room for a token, empty, an id outside the vocabulary) are ValueErrors naming the prompt."""
+    engine = HFEngine(tiny_gpt2_path)
+    assert engine.max_model_len == 2048
+    greedy = SamplingConfig(max_tokens=16, temperature=0.0, min_tokens=0, stop=())
+    long, short = engine.generate([[5] * 2040, [5, 6, 7]], greedy)
+    assert (len(long.response_ids), len(long.logprobs), long.finish_reason) == (8, 8, "length")
+    assert long.text == engine.tokenizer.decode(long.response_ids, skip_special_tokens=True)
+    (alone,) = engine.generate([[5, 6, 7]], greedy)
+    assert short.response_ids == alone.response_ids and len(short.response_ids) == 16
+    sampled = engine.generate([[5] * 2047], SamplingConfig(max_tokens=4, min_tokens=4, stop=(), n=2, seed=0))
+    assert [(len(s.response_ids), s.finish_reason) for s in sampled] == [(1, "length")] * 2
+    with pytest.raises(ValueError, match="prompt 1 has 2048 tokens, which leaves no room for a response"):
+        engine.generate([[5], [5] * 2048], greedy)
+    with pytest.raises(ValueError, match="prompt 0 is empty"):
+        engine.generate([[]], greedy)
+    with pytest.raises(ValueError, match=r"prompt 0 has token id 1024, outside the vocabulary \[0, 1024\)"):
+        engine.generate([[5, 1024]], greedy)
+
+
+@pytest.mark.vllm
+def test_context_limit_matches_vllm(tiny_qwen2_path: str) -> None:
+    """Qwen2 (RoPE: no crash past its 2048 positions, it went on generating): prompt + response stop at
+    max_model_len with "length", the same tokens as vLLM with max_model_len 2048."""
+    from rollout.engines.vllm import VLLMEngine
+
+    hf = HFEngine(tiny_qwen2_path)
+    vllm = VLLMEngine(tiny_qwen2_path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+                      max_model_len=2048)  # fmt: skip
+    try:
+        assert hf.max_model_len == vllm.max_model_len == 2048
+        prompts = [[40 + (11 * i) % 900 for i in range(2044)], [5, 6, 7]]
+        greedy = SamplingConfig(max_tokens=10, temperature=0.0, min_tokens=0, stop=())
+        for ours, ref in zip(vllm.generate(prompts, greedy), hf.generate(prompts, greedy), strict=True):
+            assert (ours.response_ids, ours.text, ours.finish_reason) == (
+                ref.response_ids, ref.text, ref.finish_reason,
+            )  # fmt: skip
+        assert [len(s.response_ids) for s in hf.generate(prompts, greedy)] == [4, 10]
+    finally:
+        vllm.close()
+
+
 def test_sampling_config_rejects_a_bare_str_and_empty_stop_strings() -> None:
     with pytest.raises(TypeError, match=r"stop must be a sequence of strings, e\.g\. \('</answer>',\)"):
         SamplingConfig(stop="</answer>")  # type: ignore[arg-type]
