@@ -231,22 +231,23 @@ class RemoteEngine:
         }
         version = self._policy_version
         out = self.http.post("/v1/completions", body)
-        samples = []
+        samples: list[Sample] = []
         for choice in sorted(out["choices"], key=lambda c: c["index"]):
             ids = list(choice["token_ids"])
             logprobs = [float(x) for x in choice["logprobs"]["token_logprobs"]]
             if len(logprobs) != len(ids):
                 raise RuntimeError(f"rollout server returned {len(logprobs)} log-probs for {len(ids)} tokens")
-            samples.append(
+            samples.extend(
                 Sample(
                     index,
                     list(choice["prompt_token_ids"]),
-                    ids,
+                    list(ids),
                     choice["text"],
-                    logprobs,
+                    list(logprobs),
                     _finish_reason(choice["finish_reason"]),
                     version,
                 )
+                for _ in range(_copies(params))
             )
         return samples
 
@@ -261,15 +262,17 @@ class RemoteEngine:
         body = {"model": self.model_name, "token_ids": ids, "sampling_params": _sampling(index, params),
                 "output_mode": "text"}
         out = self.http.post("/inference/v1/generate", body)
-        samples = []
+        samples: list[Sample] = []
         for choice in sorted(out["choices"], key=lambda c: c["index"]):
             tokens = list(choice["token_ids"])
             logprobs = [float(e["logprob"]) for e in (choice.get("logprobs") or {}).get("content") or []]
             if len(logprobs) != len(tokens):
                 raise RuntimeError(f"rollout server returned {len(logprobs)} log-probs for {len(tokens)} tokens")
             spans = version_spans(choice.get("weight_versions"), len(tokens), version)
-            samples.append(Sample(index, list(ids), tokens, choice["text"], logprobs,
-                                  _finish_reason(choice["finish_reason"]), spans[0][0], version_spans=spans))
+            samples.extend(Sample(index, list(ids), list(tokens), choice["text"], list(logprobs),
+                                  _finish_reason(choice["finish_reason"]), spans[0][0],
+                                  version_spans=[list(span) for span in spans])
+                           for _ in range(_copies(params)))  # fmt: skip
         return samples
 
     def prompt_logprobs(self, token_ids: Sequence[Sequence[int]]) -> list[list[float]]:
@@ -394,10 +397,17 @@ def _failed(method: str, url: str, err: Exception) -> str:
     return f"rollout server {method} {url} failed: {type(err).__name__}: {err}"
 
 
+def _copies(params: SamplingConfig) -> int:
+    """How many `Sample`s each returned choice becomes: ``n`` when greedy (vLLM refuses ``n > 1`` with greedy
+    sampling, so `_sampling` asks for one), else 1."""
+    return params.n if params.temperature < 1e-5 else 1
+
+
 def _sampling(index: int, params: SamplingConfig) -> dict[str, Any]:
-    """vLLM sampling fields of prompt `index`'s request (both generation routes take the same ones)."""
+    """vLLM sampling fields of prompt `index`'s request (both generation routes take the same ones); greedy:
+    one sample (`_copies`)."""
     return {
-        "n": params.n,
+        "n": params.n // _copies(params),
         "temperature": params.temperature,
         "top_p": params.top_p,
         "max_tokens": params.max_tokens,
