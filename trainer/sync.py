@@ -3,8 +3,8 @@
 `sync_weights` builds the `rollout.weights.WeightStream` of the learner's module and hands it to the engine
 (which checks and loads it, `rollout.weights`), then `StaleWeightProbe` compares the engine's log-probs of a
 fixed sequence with the learner's own (`learner_logprobs`, the learner's one forward path
-`trainer.logprobs.forward_log_probs`). Two checks: (1) prompt scoring (`RolloutEngine.prompt_logprobs`), and
-(2) one greedy token generated after a prefix that fills ``PREFIX_BLOCKS`` prefix-cache blocks
+`trainer.logprobs.forward_log_probs`). Two checks: (1) prompt scoring (`RolloutEngine.prompt_logprobs`; each
+sequence cut to ``max_model_len - 1``), and (2) one greedy token generated after a prefix that fills ``PREFIX_BLOCKS`` prefix-cache blocks
 (`RolloutEngine.cache_block_size`; the probe sequence alone where there is none), cut to ``max_model_len - 1``.
 (2) exists because vLLM never reads its prefix cache for prompt log-probs, so only a generation sees KV cached
 under the old weights (a prefix cache not reset after the sync); it is blind once the probe's blocks were
@@ -225,18 +225,26 @@ class StaleWeightProbe:
 
     def __call__(self, engine: RolloutEngine, model: torch.nn.Module) -> ProbeResult:
         """Compare `engine` with the learner `model` (under ZeRO-3, call on every rank: the forward gathers)."""
-        learner = learner_logprobs(model, self.token_ids)
+        sequences = self.scored_sequences(engine)
+        learner = learner_logprobs(model, sequences)
         if not self.generation_check:
-            return self.check(learner, engine.prompt_logprobs(self.token_ids), engine.policy_version)
+            return self.check(learner, engine.prompt_logprobs(sequences), engine.policy_version)
         # generation first: it must read the cache the previous probe left, before this probe's prompt
         # scoring (which writes fresh blocks for the probe sequence) touches it
         prefix = self.generation_prefix(engine)
         (sample,) = engine.generate([prefix], GENERATION)
-        scored = engine.prompt_logprobs(self.token_ids)
+        scored = engine.prompt_logprobs(sequences)
         (generated,) = learner_logprobs(model, [[*prefix, sample.response_ids[0]]])
         return self.check(
             [*learner, generated[-1:]], [*scored, sample.logprobs[:1]], engine.policy_version, generation=True
         )
+
+    def scored_sequences(self, engine: RolloutEngine) -> list[list[int]]:
+        """The probe sequences as scored: each cut to `max_model_len` - 1 tokens (vLLM refuses a prompt that
+        leaves no room for one generated token, prompt log-probs included)."""
+        if not engine.max_model_len:
+            return self.token_ids
+        return [seq[: engine.max_model_len - 1] for seq in self.token_ids]
 
     def generation_prefix(self, engine: RolloutEngine) -> list[int]:
         """The generation check's prompt: the first probe sequence repeated to `prefix_len` tokens, by default

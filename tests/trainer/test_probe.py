@@ -222,3 +222,25 @@ def test_default_thresholds_follow_a_bf16_learner_of_a_float32_engine(
     fp32 = config_from_dict({"model": {"path": "m", "dtype": "float32"}, "rollout": {"dtype": "float32"}})
     strict = make_probe(fp32, SimpleNamespace(tokenizer=engine.tokenizer))  # type: ignore[arg-type]
     assert (strict.max_threshold, strict.mean_threshold) == default_thresholds(torch.float32)
+
+
+@pytest.mark.vllm
+def test_probe_fits_an_engine_context_shorter_than_the_probe_text(tiny_qwen2_path: str) -> None:
+    """rollout.max_model_len 64 (the config allows 16): the default probe text (about 180 tiny-tokenizer
+    tokens) is scored cut to 63 tokens, on both sides; it was sent whole and vLLM refused it at the first sync."""
+    from rollout.engines.vllm import VLLMEngine
+
+    short = VLLMEngine(tiny_qwen2_path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20,
+                       max_model_len=64)  # fmt: skip
+    try:
+        learner = perturbed(tiny_qwen2_path, seed=7)
+        short.update_weights(iter_state_dict(learner))
+        probe = StaleWeightProbe(tokenizer=short.tokenizer)
+        assert len(probe.token_ids[0]) > 64
+        result = probe(short, learner)
+        assert result.ok and result.num_tokens == 62 + 1 and result.max_abs_diff < 1e-4
+        assert [len(s) for s in probe.scored_sequences(short)] == [63]
+        prompt_only = StaleWeightProbe(tokenizer=short.tokenizer, generation_check=False)(short, learner)
+        assert prompt_only.ok and prompt_only.num_tokens == 62
+    finally:
+        short.close()
