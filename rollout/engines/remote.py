@@ -182,7 +182,9 @@ class RemoteEngine:
         self._asleep = False
         self.metrics: dict[str, float] = {}
         self.http.check_health(timeout_s=min(timeout_s, 10))
-        self.model_name = self.http.get("/v1/models")["data"][0]["id"]
+        card = self.http.get("/v1/models")["data"][0]
+        self.model_name = card["id"]
+        self._max_model_len = int(card["max_model_len"]) if card.get("max_model_len") else None
         self.server_versions = True
         info = self._version_route("GET", "/weight_info") or {}
         version = str(info.get("weight_version") or "0")
@@ -202,8 +204,9 @@ class RemoteEngine:
 
     @property
     def max_model_len(self) -> int | None:
-        """Not known to the client (the server rejects over-long requests itself)."""
-        return None
+        """The server's prompt + response token limit, from its model card (``GET /v1/models``); None where the
+        card has none (the server then rejects over-long requests itself)."""
+        return self._max_model_len
 
     @property
     def cache_block_size(self) -> int | None:
