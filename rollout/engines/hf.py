@@ -31,6 +31,7 @@ from rollout.engines.protocol import (
     Prompt,
     Sample,
     SamplingConfig,
+    check_prompts,
     rollout_metrics,
     sample_seed,
 )
@@ -180,6 +181,7 @@ class HFEngine:
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
         """`params.n` samples per prompt, grouped: samples of prompt i are at [i*n, (i+1)*n)."""
+        check_prompts(prompts)
         if self._sleeping:
             self.wake()
         start = time.perf_counter()

@@ -154,6 +154,25 @@ def normalize_device(device: str | torch.device, current_cuda: int | None = None
     return parsed
 
 
+def check_prompts(prompts: Sequence[Prompt]) -> None:
+    """TypeError where one prompt was passed for the list of prompts: every engine would take each character of a
+    bare str, or each id of a flat token-id list, as a prompt of its own.
+
+    >>> check_prompts(["What is 2 + 3?", [5, 6, 7]])
+    >>> check_prompts("What is 2 + 3?")
+    Traceback (most recent call last):
+    ...
+    TypeError: prompts must be a list of prompts, e.g. ['What is 2 + 3?'], got a bare str
+    """
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of prompts, e.g. [{prompts[:40]!r}], got a bare str")
+    if any(isinstance(p, int) for p in prompts):
+        raise TypeError(
+            f"prompts must be a list of prompts (str or token-id lists), e.g. [{list(prompts)[:8]!r}], got a flat "
+            "list of token ids"
+        )
+
+
 def sample_seed(seed: int | None, prompt_index: int, n: int, k: int) -> int | None:
     """Seed of sample k of prompt i in a batch sampled with `seed`: ``mix(seed, i) + k``, or None.
 

@@ -40,6 +40,7 @@ from rollout.engines.protocol import (
     Prompt,
     Sample,
     SamplingConfig,
+    check_prompts,
     rollout_metrics,
     sample_seed,
 )
@@ -216,6 +217,7 @@ class RemoteEngine:
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
         """`params.n` samples per prompt, grouped; one request per prompt with seed ``sample_seed(seed, i, n, 0)``."""
+        check_prompts(prompts)
         self.wake()
         start = time.perf_counter()
         one = self._generate_tokens if self.inflight else self._complete

@@ -36,6 +36,7 @@ from rollout.engines.protocol import (
     Prompt,
     Sample,
     SamplingConfig,
+    check_prompts,
     normalize_device,
     rollout_metrics,
     sample_seed,
@@ -171,6 +172,7 @@ class VLLMEngine:
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
         """`params.n` samples per prompt, grouped: samples of prompt i are at [i*n, (i+1)*n)."""
+        check_prompts(prompts)
         self._check_usable()
         self.wake()
         inputs = [_as_vllm_prompt(p) for p in prompts]

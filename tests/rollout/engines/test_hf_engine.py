@@ -200,6 +200,16 @@ def test_context_limit_matches_vllm(tiny_qwen2_path: str) -> None:
         vllm.close()
 
 
+def test_one_prompt_for_the_list_of_prompts_is_refused(engine: HFEngine) -> None:
+    """A bare str was generated for character by character (one sample per character); a flat id list failed
+    as "'int' object is not iterable". Both are TypeErrors that show the list of prompts wanted."""
+    params = SamplingConfig(max_tokens=2, min_tokens=0, stop=(), seed=0)
+    with pytest.raises(TypeError, match=r"e\.g\. \['What is'\], got a bare str"):
+        engine.generate("What is", params)
+    with pytest.raises(TypeError, match=r"e\.g\. \[\[5, 6, 7\]\], got a flat list of token ids"):
+        engine.generate([5, 6, 7], params)
+
+
 def test_sampling_config_rejects_a_bare_str_and_empty_stop_strings() -> None:
     with pytest.raises(TypeError, match=r"stop must be a sequence of strings, e\.g\. \('</answer>',\)"):
         SamplingConfig(stop="</answer>")  # type: ignore[arg-type]

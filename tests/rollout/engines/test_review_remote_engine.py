@@ -70,3 +70,16 @@ def test_the_servers_context_limit_is_known(server: RolloutServer, tiny_qwen2_pa
         assert result.ok and result.num_tokens == MAX_MODEL_LEN - 2 + 1
     finally:
         remote.close()
+
+
+def test_one_prompt_for_the_list_of_prompts_is_refused(server: RolloutServer, tmp_path: Path) -> None:
+    """A bare str was sent character by character (one request per character), a flat id list id by id."""
+    remote = RemoteEngine(server.url, weights_dir=tmp_path, timeout_s=60)
+    try:
+        params = SamplingConfig(max_tokens=2, min_tokens=0, stop=(), seed=0)
+        with pytest.raises(TypeError, match="got a bare str"):
+            remote.generate("What is", params)
+        with pytest.raises(TypeError, match="got a flat list of token ids"):
+            remote.generate([5, 6, 7], params)
+    finally:
+        remote.close()

@@ -102,6 +102,17 @@ def test_greedy_with_n_gives_n_equal_samples_like_hf(engine: VLLMEngine, tiny_qw
     assert engine.metrics["rollout/samples"] == 6 and engine.metrics["rollout/output_tokens"] == 36
 
 
+def test_one_prompt_for_the_list_of_prompts_is_refused(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
+    """A bare str was generated for character by character, a flat id list id by id (one sample per id): both
+    are TypeErrors now, as in the HF engine."""
+    engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
+    params = SamplingConfig(max_tokens=2, min_tokens=0, stop=(), seed=0)
+    with pytest.raises(TypeError, match="got a bare str"):
+        engine.generate("What is", params)
+    with pytest.raises(TypeError, match="got a flat list of token ids"):
+        engine.generate([5, 6, 7], params)
+
+
 def test_group_samples_differ_and_seed_reproduces(engine: VLLMEngine, tiny_qwen2_path: str) -> None:
     """Identical prompts with one seed: all 2 × 4 samples differ; the same seed gives the same samples."""
     engine.update_weights(iter_state_dict(load(tiny_qwen2_path)))
