@@ -242,5 +242,12 @@ def test_probe_fits_an_engine_context_shorter_than_the_probe_text(tiny_qwen2_pat
         assert [len(s) for s in probe.scored_sequences(short)] == [63]
         prompt_only = StaleWeightProbe(tokenizer=short.tokenizer, generation_check=False)(short, learner)
         assert prompt_only.ok and prompt_only.num_tokens == 62
+        # the asynchronous loop's probe (expectation taken at hand-over, checked after the push) cuts them too
+        from trainer.learners.async_rollouts import ProbeExpectation, probe_check
+
+        snapshot = SimpleNamespace(version=short.policy_version, step=1,
+                                   expected=ProbeExpectation.of(probe, short, learner))
+        metrics = probe_check(probe)(short, snapshot)  # type: ignore[arg-type]
+        assert metrics["rollout/probe_ok"] == 1.0 and metrics["rollout/probe_max_abs_diff"] < 1e-4
     finally:
         short.close()

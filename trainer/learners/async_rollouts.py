@@ -92,7 +92,8 @@ class ProbeExpectation:
             logits = model(torch.tensor([prefix], device=device)).logits[0, -1]  # (vocab,)
         finally:
             model.train(was_training)
-        return cls(learner_logprobs(model, probe.token_ids), prefix, logits.float().log_softmax(-1).cpu())
+        return cls(learner_logprobs(model, probe.scored_sequences(engine)), prefix,
+                   logits.float().log_softmax(-1).cpu())
 
 
 class WeightSnapshot(WeightStream):
@@ -413,7 +414,7 @@ def probe_check(probe: StaleWeightProbe) -> Check:
                                f"{engine.policy_version}, expected {snapshot.version}")
         expected = snapshot.expected
         (sample,) = engine.generate([expected.prefix], GENERATION)
-        scored = engine.prompt_logprobs(probe.token_ids)
+        scored = engine.prompt_logprobs(probe.scored_sequences(engine))
         learner = [*expected.scored, [float(expected.next_token[sample.response_ids[0]])]]
         result = probe.check(learner, [*scored, sample.logprobs[:1]], engine.policy_version, generation=True)
         sync = {k: float(v) for k, v in engine.metrics.items() if k.startswith("rollout/sync")}
