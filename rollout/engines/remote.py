@@ -86,10 +86,13 @@ class _Http:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.headers = {"Content-Type": "application/json", **bearer(token or load_token())}
-        # No cap on connections (`RemoteEngine.max_concurrency` bounds them; a pool wait would be a timeout).
-        # Idle connections are dropped after 2 s, before the server's own keep-alive timeout (uvicorn: 5 s)
-        # can close one just as a request reuses it.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=2.0)
+        # No cap on connections (`RemoteEngine.max_concurrency` bounds them; a pool wait would be a timeout),
+        # and none kept alive: each request opens its own. With idle connections kept, the sync pool of
+        # several threads can close an expired idle connection it has just handed to another thread's request
+        # (encode/httpcore#1110): a rollout failed with 'ReadError: [Errno 9] Bad file descriptor' after
+        # the learner's step had left its connections idle. A connection costs well under a millisecond
+        # beside a generation, and a closed one can never be reused as the server's keep-alive closes it.
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
         self._client = httpx.Client(headers=self.headers, follow_redirects=False, limits=limits)
 
     def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
