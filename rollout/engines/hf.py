@@ -39,7 +39,6 @@ from rollout.weights import WeightCheck, iter_state_dict, next_version, sync_met
 
 logger = logging.getLogger(__name__)
 
-_GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this sample greedily
 _PARTIAL = " (the valid tensors sent before the first problem were copied: the model may be partly updated)"
 
 
@@ -71,7 +70,7 @@ def process_logits(
     raw = torch.log_softmax(logits, dim=-1)
     if step < params.min_tokens:
         logits = logits.index_fill(-1, eos, float("-inf"))
-    if params.temperature >= _GREEDY_EPS:
+    if not params.greedy:
         logits = top_p_mask(logits / params.temperature, params.top_p)
     return raw, torch.log_softmax(logits, dim=-1)
 
@@ -221,7 +220,7 @@ class HFEngine:
         generators = [self._generator(sample_seed(params.seed, i, params.n, k)) for i, k in rows]
         limit = self.max_model_len
         budgets = [params.max_tokens if limit is None else min(params.max_tokens, limit - len(p)) for p in prompts]
-        greedy = params.temperature < _GREEDY_EPS  # vLLM samples greedily below this
+        greedy = params.greedy  # vLLM samples greedily below GREEDY_EPS
         responses: list[list[int]] = [[] for _ in range(b)]
         logprobs: list[list[float]] = [[] for _ in range(b)]
         finish: list[FinishReason | None] = [None] * b

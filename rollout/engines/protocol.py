@@ -21,6 +21,9 @@ from: logits with the min-tokens EOS mask, divided by the temperature, top-p tru
 (greedy, temperature < 1e-5: no temperature). ``raw``: ``log_softmax(logits)`` of the model, untouched."""
 
 
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS: temperatures below this sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Sampling parameters; `n` is the group size (samples per prompt).
@@ -57,6 +60,12 @@ class SamplingConfig:
             problems.append(f"n={self.n} must be >= 1")
         if problems:
             raise ValueError("invalid SamplingConfig: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        """Whether vLLM samples greedily: temperature below its ``_SAMPLING_EPS`` (`GREEDY_EPS`). It then
+        refuses ``n > 1``, so the engines ask for one sample and copy it ``n`` times."""
+        return self.temperature < GREEDY_EPS
 
 
 @dataclass

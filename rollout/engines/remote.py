@@ -408,7 +408,7 @@ def _failed(method: str, url: str, err: Exception) -> str:
 def _copies(params: SamplingConfig) -> int:
     """How many `Sample`s each returned choice becomes: ``n`` when greedy (vLLM refuses ``n > 1`` with greedy
     sampling, so `_sampling` asks for one), else 1."""
-    return params.n if params.temperature < 1e-5 else 1
+    return params.n if params.greedy else 1
 
 
 def _sampling(index: int, params: SamplingConfig) -> dict[str, Any]:

@@ -182,7 +182,7 @@ class VLLMEngine:
         with self._on_device():
             outputs = self._llm.generate(inputs, per_prompt, use_tqdm=False)
         seconds = time.perf_counter() - start
-        samples = self.to_samples(outputs, copies=params.n if _greedy(params) else 1)
+        samples = self.to_samples(outputs, copies=params.n if params.greedy else 1)
         self.metrics.update(rollout_metrics(samples, seconds))
         return samples
 
@@ -190,7 +190,7 @@ class VLLMEngine:
         """vLLM's ``SamplingParams``; greedy asks for one sample (vLLM refuses ``n > 1`` with greedy sampling)
         and `to_samples` copies it ``n`` times."""
         return self._sampling_params_cls(
-            n=1 if _greedy(params) else params.n, temperature=params.temperature, top_p=params.top_p,
+            n=1 if params.greedy else params.n, temperature=params.temperature, top_p=params.top_p,
             max_tokens=params.max_tokens, min_tokens=params.min_tokens, stop=list(params.stop),
             include_stop_str_in_output=True, seed=seed, logprobs=0, skip_special_tokens=True,
         )  # fmt: skip
@@ -444,11 +444,6 @@ def set_weight_version(llm: Any, version: int) -> bool:
         return False
     update(str(version))
     return True
-
-
-def _greedy(params: SamplingConfig) -> bool:
-    """Whether vLLM samples greedily (temperature below its ``_SAMPLING_EPS``, 1e-5)."""
-    return params.temperature < 1e-5
 
 
 def _as_vllm_prompt(prompt: Prompt) -> Any:
