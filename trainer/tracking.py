@@ -160,9 +160,10 @@ def trim_metrics(run_dir: str | Path, last_step: int) -> int:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return 0
-    lines = path.read_text().splitlines()
+    text = path.read_text()
+    lines = text.splitlines()
     kept = [line for number, line in enumerate(lines, 1) if _kept(line, number == len(lines), last_step)]
-    if len(kept) < len(lines) or not path.read_bytes().endswith(b"\n"):
+    if len(kept) < len(lines) or not text.endswith("\n"):
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(path)
