@@ -152,8 +152,10 @@ class Session:
 
     def usable_prompts(self, examples: list[Example], source: str | None, metric: str) -> list[Example]:
         """`examples` whose prompt leaves the rollout engine room for a response, checked before the engine sees
-        them (`trainer.data.checks.drop_long_prompts`); the skipped are counted in `metric`."""
-        engine_limit = self._engine.max_model_len if self._engine is not None else None
+        them (`trainer.data.checks.drop_long_prompts`); the skipped are counted in `metric`. A remote server's
+        limit is its own (``--max-model-len``), known only from the server: its (cheap) client is built first."""
+        known = self._engine is not None or self.cfg.rollout.placement == "remote"
+        engine_limit = self.engine.max_model_len if known else None
         limit = context_limit(self.cfg, self.learner.unwrapped.config, engine_limit)
         kept, skipped = drop_long_prompts(examples, self.cfg.data.prompt_template, self.learner.tokenizer, limit,
                                           self.cfg.data.max_skipped_fraction, source or task_name(self.cfg))

