@@ -18,6 +18,9 @@ global batch on the tiny GPT-2 (fp32) and run, through the real code:
 For each step it records the parameters after the step, the gradient seen by the optimizer (after the DDP
 all-reduce and clipping), the pre-clip gradient norm, and every rank's metrics. Rank 0 writes
 ``OUT/results.pt``. Usage: ``python tests/dp_worker.py MODEL_DIR OUT_DIR WORLD``.
+
+With ``dpo PAIRS_JSONL`` after WORLD it runs instead a whole DPO run, `trainer.learners.dpo.train_dpo`
+(`dpo_run_config`: steps that split unevenly over 2 ranks), which writes ``OUT_DIR/run/metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -366,5 +369,41 @@ def main(model_path: str, out_dir: str, world: int) -> None:
     os._exit(0)
 
 
+# ---- a whole DPO run ----------------------------------------------------------------------------
+DPO_PAIRS_PER_STEP = 3  # over 2 ranks: 2 pairs on rank 0, 1 on rank 1
+
+
+def dpo_run_config(model_path: str, pairs_path: str, out_dir: Path) -> Any:
+    """DPO on the tiny model, 1 pair per micro-batch (no padding: the same forward shapes in every world),
+    an evaluation every 2 steps, every step logged."""
+    from trainer.config_io import config_from_dict
+
+    return config_from_dict({
+        "mode": "dpo", "seed": 0, "output_dir": str(out_dir / "run"),
+        "model": {"path": model_path, "dtype": "float32"},
+        "data": {"preference_path": pairs_path},
+        "reward": {"num_workers": 1},
+        "optim": {"optimizer": "rmsprop", "learning_rate": 1e-3, "warmup_steps": 0},
+        "dpo": {"loss": "dpo", "beta": 0.1, "template": "alpaca", "max_steps": 4,
+                "pairs_per_step": DPO_PAIRS_PER_STEP, "micro_batch_pairs": 1, "validation_fraction": 0.25},
+        "eval": {"every": 2},
+        "logging": {"wandb_mode": "disabled", "progress": False, "every": 1},
+        "checkpoint": {"save_every": 0, "keep_last": 1},
+    })  # fmt: skip
+
+
+def dpo_main(model_path: str, out_dir: str, pairs_path: str) -> None:
+    """`train_dpo` as configured by `dpo_run_config` (its `Session` refuses a torchrun world of 1 process)."""
+    from trainer.learners.dpo import train_dpo
+
+    train_dpo(dpo_run_config(model_path, pairs_path, Path(out_dir)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as `main`: no exit-time teardown left to hang
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    if sys.argv[4:5] == ["dpo"]:
+        dpo_main(sys.argv[1], sys.argv[2], sys.argv[5])
+    else:
+        main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -318,6 +318,15 @@ def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
     return float(acc.reduce(count, "sum")) if acc.num_processes > 1 else float(count)
 
 
+def sum_over_ranks(learner: Learner, values: torch.Tensor) -> torch.Tensor:
+    """`values` summed elementwise over all ranks (every rank must call it), on the CPU; itself on one process."""
+    acc = learner.accelerator
+    if acc.num_processes == 1:
+        return values
+    summed: torch.Tensor = acc.reduce(values.to(acc.device), "sum")
+    return summed.cpu()
+
+
 def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """The policy's mixed-precision autocast, for the reference's forward pass on `device`.
 

@@ -17,7 +17,9 @@ docstring for the cases). Checked here:
   a plain mean over ranks;
 - only rank 0 writes the run directory (config, metrics, HF checkpoint); other ranks write only their
   own RNG state (accelerate's ``random_states_<rank>.pkl``);
-- both launches finish within a bounded time and leave no process behind.
+- both launches finish within a bounded time and leave no process behind;
+- a whole DPO run (`train_dpo`) whose steps split 2 + 1 (and 1 + 0) pairs over the ranks logs the same
+  ``train/*`` and ``eval/*`` metrics as the 1-process run: means over the step's pairs, not over ranks.
 
 Regression tests for two bugs this file found: `test_lr_schedule_matches_single_process` (accelerate's
 prepared LR scheduler stepped once per rank) and `test_checkpoint_is_complete_when_a_rank_is_slow` (no
@@ -34,12 +36,18 @@ parameters and gradients agree to ~1e-7.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from dp_worker import DPO_PAIRS_PER_STEP, dpo_run_config
 from helpers import REPO, launch_worlds
+
+from trainer.data.batching import deal_micro_batches
+from trainer.data.sampler import epoch_batches, split_heldout
+from trainer.tracking import read_metrics
 
 WORKER = REPO / "tests" / "dp_worker.py"
 RTOL = 1e-6
@@ -178,3 +186,62 @@ def test_checkpoint_is_complete_when_a_rank_is_slow(runs: dict[int, dict[str, An
     files = case["listing"]
     assert "checkpoints/step_000001/state/random_states_1.pkl" in files, files
     assert not [f for f in files if ".tmp" in f], files
+
+
+# ---- DPO: the metrics a whole run logs ----------------------------------------------------------
+DPO_PAIRS = 13  # 3 held out, 10 trained on: optimizer steps of 3, 3, 3 and 1 pairs
+DPO_TOL = 1e-4  # see test_dpo_logged_metrics_match_single_process
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[int, dict[str, float]]]:
+    """`train_dpo` in world 1 and world 2 (`dp_worker.dpo_main`): each world's logged records, merged by step."""
+    out = tmp_path_factory.mktemp("dpo")
+    pairs = out / "pairs.jsonl"
+    pairs.write_text("".join(
+        json.dumps({"prompt": f"What is {a} + 3?", "chosen": f"{a} + 3 = {a + 3}", "rejected": f"{a} + 3 = {a + 13}"})
+        + "\n" for a in range(DPO_PAIRS)))  # fmt: skip
+    launch_worlds(WORKER, lambda world: [tiny_qwen2_path, str(out / f"w{world}"), str(world), "dpo", str(pairs)],
+                  out, TIMEOUT_S)
+    runs: dict[int, dict[int, dict[str, float]]] = {}
+    for world in (1, 2):
+        for record in read_metrics(out / f"w{world}" / "run"):
+            runs.setdefault(world, {}).setdefault(record["step"], {}).update(record)
+    return runs
+
+
+def test_dpo_steps_split_unevenly_over_two_ranks(tmp_path: Path) -> None:
+    """The run below is not vacuous: its ranks hold 2 and 1 real pairs in steps 1-3, 1 and 0 in step 4."""
+    d = dpo_run_config("unused", "unused", tmp_path).dpo
+    train, held = split_heldout(DPO_PAIRS, d.validation_fraction, 0)
+    assert (len(train), len(held)) == (10, 3)
+    steps = epoch_batches(len(train), DPO_PAIRS_PER_STEP, 0)  # seed 0 · 100_003 + epoch 0
+    grad_accum = -(-DPO_PAIRS_PER_STEP // 2 // d.micro_batch_pairs)
+    split = [[sum(len(m.rows) for m in deal_micro_batches(rows, grad_accum, r, 2) if not m.dummy) for r in (0, 1)]
+             for rows in steps]  # fmt: skip
+    assert split == [[2, 1], [2, 1], [2, 1], [1, 0]]
+
+
+def test_dpo_logged_metrics_match_single_process(dpo_runs: dict[int, dict[int, dict[str, float]]]) -> None:
+    """Every logged ``train/*`` and ``eval/*`` value of the 2-rank run equals the 1-process one.
+
+    Tolerance 1e-4 absolute (relative where the value is above 1). Both worlds compute each pair's log-probs
+    with the same shapes (1 pair per micro-batch); they differ by the float32 summation order of the
+    gradient (rank 0's two pairs, then the all-reduce, against three pairs in a row), which RMSprop's
+    nearly sign-like first updates amplify on near-zero gradient components: the held-out rewards (~1-2)
+    differ by 1e-6 after one step and 5e-6 after four, the step-4 training rewards by 1.5e-5. Before the
+    fix (rank 0 logged the mean of the two ranks' means) step 2 logged accuracy 0.25 for 1/3, loss 0.71449
+    for 0.71159 and reward_rejected -0.2651 for -0.2503; step 3 accuracy 0.75 for 2/3 and reward_margin
+    0.127 for 0.069: off by 2.8e-3 or more, at least 28x the tolerance."""
+    one, two = dpo_runs[1], dpo_runs[2]
+    assert sorted(one) == sorted(two) == [0, 1, 2, 3, 4]
+    assert [s for s in one if "train/loss" in one[s]] == [1, 2, 3, 4]
+    assert [s for s in one if "eval/loss" in one[s]] == [0, 2, 4]
+    assert any(abs(one[s]["train/reward_margin"]) > 1e-3 for s in (2, 3, 4)), "the policy never moved"
+    wrong = []
+    for step, want in one.items():
+        keys = sorted(k for k in want if k.startswith(("train/", "eval/")))
+        assert keys == sorted(k for k in two[step] if k.startswith(("train/", "eval/"))), step
+        wrong += [f"step {step} {k}: world 2 {two[step][k]!r}, world 1 {want[k]!r}"
+                  for k in keys if abs(two[step][k] - want[k]) > DPO_TOL * max(1.0, abs(want[k]))]  # fmt: skip
+    assert not wrong, "\n".join(wrong)

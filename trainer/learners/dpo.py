@@ -34,7 +34,7 @@ from trainer.data.preference import PreferencePair, read_preference_pairs
 from trainer.data.prompts import get_template
 from trainer.data.sampler import epoch_batches, split_heldout, step_stream, steps_per_epoch
 from trainer.data.tokenization import pad_token_id_of
-from trainer.learner import Learner, global_token_count, load_frozen_reference
+from trainer.learner import Learner, global_token_count, load_frozen_reference, sum_over_ranks
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.logprobs import format_pair, get_response_log_probs, sequence_logp
 from trainer.lora import save_hf
@@ -103,15 +103,35 @@ def preference_loss(
     return PairOutput(fn(pw, pl, rw, rl, beta), beta * (pw - rw).detach(), beta * (pl - rl).detach())
 
 
-def reward_metrics(out: PairOutput, prefix: str) -> dict[str, float]:
+PAIR_METRICS = ("loss", "accuracy", "reward_margin", "reward_chosen", "reward_rejected")  # means over pairs
+
+
+def pair_sums(out: PairOutput) -> torch.Tensor:
+    """(1 + len(PAIR_METRICS),) float64: the pair count, then each of `PAIR_METRICS` summed over the pairs."""
     margin = out.reward_chosen - out.reward_rejected
-    return {
-        f"{prefix}/loss": float(out.loss.detach().mean()),
-        f"{prefix}/accuracy": float(((margin > 0).double() + 0.5 * (margin == 0).double()).mean()),
-        f"{prefix}/reward_margin": float(margin.mean()),
-        f"{prefix}/reward_chosen": float(out.reward_chosen.mean()),
-        f"{prefix}/reward_rejected": float(out.reward_rejected.mean()),
-    }
+    accuracy = (margin > 0).double() + 0.5 * (margin == 0).double()  # ties count one half
+    per_pair = (out.loss.detach(), accuracy, margin, out.reward_chosen, out.reward_rejected)
+    return torch.stack([torch.tensor(float(len(margin)), dtype=torch.float64),
+                        *(x.double().sum() for x in per_pair)])  # fmt: skip
+
+
+def metrics_from_sums(sums: torch.Tensor, prefix: str) -> dict[str, float]:
+    """``{prefix}/<metric>``: each sum of `pair_sums` divided by the pair count."""
+    n, *totals = sums.tolist()
+    return {f"{prefix}/{name}": total / n for name, total in zip(PAIR_METRICS, totals, strict=True)}
+
+
+def reward_metrics(out: PairOutput, prefix: str) -> dict[str, float]:
+    """Means over the pairs of `out`: loss, implicit-reward accuracy, margin and rewards."""
+    return metrics_from_sums(pair_sums(out), prefix)
+
+
+def global_reward_metrics(learner: Learner, outs: Sequence[PairOutput], prefix: str) -> dict[str, float]:
+    """`reward_metrics` over every rank's pairs: exact means over all of them (the ranks' sums and pair counts
+    are added up before dividing), the same on every rank; {} if no rank has a pair. Every rank must call it."""
+    local = pair_sums(_cat(outs)) if outs else torch.zeros(1 + len(PAIR_METRICS), dtype=torch.float64)
+    total = sum_over_ranks(learner, local)
+    return metrics_from_sums(total, prefix) if total[0] > 0 else {}
 
 
 # ---- update and validation ------------------------------------------------------------------------
@@ -126,7 +146,8 @@ def dpo_update(
 
     ``dummies[i]`` marks a zero-weight micro-batch (`trainer.data.batching.deal_micro_batches`): it runs its
     forward and backward, so every rank makes the same passes, but adds nothing to loss, gradient, pair
-    count or metrics."""
+    count or metrics. The ``train/<PAIR_METRICS>`` are exact means over the real pairs of all ranks
+    (`global_reward_metrics`), equal on every rank: global already for `Session.reduce_metrics`."""
     template, world = get_template(cfg.dpo.template), learner.accelerator.num_processes
     dummies = list(dummies) if dummies is not None else [False] * len(micro_batches)
     real_pairs = sum(len(mb) for mb, dummy in zip(micro_batches, dummies, strict=True) if not dummy)
@@ -142,7 +163,7 @@ def dpo_update(
             learner.backward(aggregate_loss(per_pair, weight, "token", global_token_count=n_pairs, world_size=world))
             if not dummy:
                 outs.append(out)
-    metrics = reward_metrics(_cat(outs), "train") if outs else {}
+    metrics = global_reward_metrics(learner, outs, "train")
     metrics["train/grad_norm"] = learner.step()
     metrics["train/lr"] = float(learner.scheduler.get_last_lr()[0])
     return metrics
@@ -236,6 +257,7 @@ def reference_model(cfg: RunConfig, learner: Learner) -> torch.nn.Module | None:
 
 # ---- the mode ------------------------------------------------------------------------------------
 Step = tuple[list[list[PreferencePair]], list[bool]]  # this rank's micro-batches, which are stand-ins
+TRAIN_GLOBAL_KEYS = tuple(f"train/{name}" for name in PAIR_METRICS)  # `dpo_update`'s means over all ranks
 
 
 def preference_epochs(s: Session, train: Sequence[PreferencePair]) -> Callable[[int], Iterator[Step]]:
@@ -271,7 +293,7 @@ def train_dpo(cfg: RunConfig, resume: bool = False) -> dict[str, float]:
         def step(_: int) -> StepResult:
             micro_batches, dummies = next(batches)
             with s.timer("train"):
-                return dpo_update(s.learner, ref_model, cfg, micro_batches, dummies), ()
+                return dpo_update(s.learner, ref_model, cfg, micro_batches, dummies), TRAIN_GLOBAL_KEYS
 
         def evaluate(step: int) -> dict[str, float]:
             with s.timer("eval"):
