@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.set_defaults(fn=cmd_tiny)
 
     demo = sub.add_parser("demo", help="the CPU demo: tiny model, SFT warm start, GRPO with vLLM, plot")
-    demo.add_argument("--out", default="runs/demo", help="run directory, replaced when it holds an earlier run "
-                      "(default runs/demo)")
+    demo.add_argument("--out", default="runs/demo", help="run directory: new, empty or an earlier demo's, which "
+                      "is replaced (default runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="section.key=value",
                       help="changes to configs/grpo_tiny_cpu.yaml, e.g. grpo.n_grpo_steps=10")
     demo.set_defaults(fn=cmd_demo)

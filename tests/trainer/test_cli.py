@@ -147,17 +147,41 @@ def test_demo_refuses_an_out_folder_it_would_delete(tmp_path: Path) -> None:
     (notes / "thesis.txt").write_text("years of work")
     proc = reasonrl("demo", "--out", "notes", "grpo.n_grpo_steps=abc", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "reasonrl: error: --out notes: not a reasonrl run directory (no config.yaml)" in proc.stderr
+    assert "reasonrl: error: --out notes: a folder holding other files; the demo deletes" in proc.stderr
     assert (notes / "thesis.txt").read_text() == "years of work"
     earlier = tmp_path / "runs" / "demo"
     earlier.mkdir(parents=True)
     (earlier / "config.yaml").write_text("mode: grpo\n")
+    (earlier / "reasonrl_demo.json").write_text("{}")  # an earlier demo's
     typo = reasonrl("demo", "grpo.n_grpo_step=5", cwd=tmp_path)
     assert typo.returncode == 2 and "grpo.n_grpo_step: unknown key" in typo.stderr, typo.stderr[-2000:]
     assert (earlier / "config.yaml").is_file()
     moved = reasonrl("demo", "output_dir=elsewhere", cwd=tmp_path)
     assert moved.returncode == 2 and "output_dir=elsewhere: the demo's run directory is --out" in moved.stderr
     assert (earlier / "config.yaml").is_file() and not (tmp_path / "elsewhere").exists()
+
+
+def test_demo_refuses_a_training_run_as_out(tmp_path: Path) -> None:
+    """`demo --out RUN` of a training run of your own (config.yaml, metrics, checkpoints: hours of work) deleted
+    it, since the demo took any reasonrl run for an earlier demo; now only a folder a demo wrote (it holds
+    reasonrl_demo.json) is replaced, and anything else is one error line, before anything is deleted."""
+    tiny = tmp_path / ".tiny" / "tiny-qwen2"
+    tiny.mkdir(parents=True)
+    (tiny / "config.json").write_text("{}")  # the demo does not build its tiny model again
+    run = tmp_path / "runs" / "mine"
+    (run / "checkpoints" / "step_000400").mkdir(parents=True)
+    (run / "config.yaml").write_text("mode: grpo\noutput_dir: runs/mine\n")
+    (run / "metrics.jsonl").write_text('{"step": 400}\n')
+    (run / "checkpoints" / "step_000400" / "model.safetensors").write_text("weights")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    proc = reasonrl("demo", "--out", "runs/mine", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        "reasonrl: error: --out runs/mine: a reasonrl run that no demo wrote; the demo deletes its run directory "
+        "before it starts and deletes only one an earlier demo wrote (it holds reasonrl_demo.json): give a new or "
+        "empty folder")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (run / "checkpoints" / "step_000400" / "model.safetensors").read_text() == "weights"
 
 
 def test_eval_refuses_a_folder_as_out_and_a_run_dir_as_checkpoint_before_evaluating(tmp_path: Path) -> None:

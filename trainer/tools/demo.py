@@ -7,6 +7,7 @@ GRPO as a table, a plot of the curves, and the wall time with the torch thread c
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"
+DEMO_MARKER = "reasonrl_demo.json"  # in a run directory a demo wrote: the next demo may replace it
 
 
 def before_after_table(run_dir: str | Path) -> str:
@@ -34,25 +36,44 @@ def before_after_table(run_dir: str | Path) -> str:
 
 
 def check_demo_out(out: str | Path) -> None:
-    """The demo deletes its run directory before it starts: refuse any `out` other than a new or empty folder
-    or a reasonrl run (one with a ``config.yaml``, such as an earlier demo), before anything is deleted."""
+    """The demo replaces its run directory: refuse, before anything is deleted, any `out` other than a new or
+    empty folder or one an earlier demo wrote (it holds ``DEMO_MARKER``). A training run of your own (one with a
+    ``config.yaml`` and checkpoints) is refused like any other folder."""
     path = Path(out)
-    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or (path / "config.yaml").is_file())):
+    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or (path / DEMO_MARKER).is_file())):
         return
-    raise FileExistsError(f"--out {out}: not a reasonrl run directory (no config.yaml), and the demo deletes its "
-                          "run directory first: give a new or empty folder")
+    if not path.is_dir():
+        what = "a file"
+    elif (path / "config.yaml").is_file():
+        what = "a reasonrl run that no demo wrote"
+    else:
+        what = "a folder holding other files"
+    raise FileExistsError(f"--out {out}: {what}; the demo deletes its run directory before it starts and deletes "
+                          f"only one an earlier demo wrote (it holds {DEMO_MARKER}): give a new or empty folder")
+
+
+def claim_demo_out(out: str | Path, demo: str) -> None:
+    """Replace `out` (which `check_demo_out` accepted) with an empty folder marked as a demo's, so the next demo
+    may replace it; marked before training starts, so an interrupted demo is replaced too."""
+    shutil.rmtree(out, ignore_errors=True)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / DEMO_MARKER).write_text(json.dumps({"written_by": demo}) + "\n")
+
+
+def check_demo_overrides(overrides: list[str] | None) -> None:
+    moved = [o for o in overrides or [] if o.split("=", 1)[0] == "output_dir"]
+    if moved:
+        raise ConfigError([f"{moved[0]}: the demo's run directory is --out"], "command line")
 
 
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, tiny_root: str | Path = ".tiny") -> str:
     check_demo_out(out)
-    moved = [o for o in overrides or [] if o.split("=", 1)[0] == "output_dir"]
-    if moved:
-        raise ConfigError([f"{moved[0]}: the demo's run directory is --out (default runs/demo)"], "command line")
+    check_demo_overrides(overrides)
     tiny = Path(tiny_root) / "tiny-qwen2"
     cfg = load_config(DEMO_CONFIG, [f"output_dir={out}", f"model.path={tiny}", *(overrides or [])])  # typos first
     if not (tiny / "config.json").exists():
         build_tiny(tiny_root)
-    shutil.rmtree(out, ignore_errors=True)  # the demo owns its run directory (check_demo_out)
+    claim_demo_out(out, "reasonrl demo")
     start = time.perf_counter()
     train_grpo(cfg)
     table = before_after_table(out)

