@@ -17,6 +17,8 @@ Added last, it is the outermost middleware, so it sees every request before vLLM
 - a collective weight update (`rollout.transfer`: ``/start_weight_update``, ``/update_weights``,
   ``/finish_weight_update``) goes on only if ``/update_weights`` announces the served model's tensors with
   their shapes (`rollout.reload_check.check_update_info`; 422 otherwise, before any tensor moves);
+- ``/sleep`` and ``/wake_up`` get 409 on a server started without ``--enable-sleep-mode`` (its memory is then
+  not in vLLM's sleep allocator, so a sleep would free nothing);
 - a reload or update that vLLM itself fails after those checks leaves the served weights incomplete: from
   then on ``/health`` answers 503 with the reason and generation routes are refused (503) instead of
   crashing the engine, until a reload (or a whole update) succeeds; vLLM raising instead of answering (a
@@ -74,9 +76,23 @@ ALLOWED_ROUTES = WHILE_BROKEN | UPDATE_ROUTES | {
 }  # fmt: skip
 
 
-def guard_settings(model: str, weights_dir: str | None, trust_remote_code: bool = False) -> str:
-    """The ``REASONRL_ROLLOUT_GUARD`` value for a server of `model` reloading from `weights_dir`."""
-    return json.dumps({"model": model, "weights_dir": weights_dir, "trust_remote_code": trust_remote_code})
+SLEEP_ROUTES = frozenset({"/sleep", "/wake_up"})
+
+
+def guard_settings(model: str, weights_dir: str | None, trust_remote_code: bool = False,
+                   sleep_mode: bool = False) -> str:
+    """The ``REASONRL_ROLLOUT_GUARD`` value for a server of `model` reloading from `weights_dir`, started with
+    ``--enable-sleep-mode`` or not (`sleep_mode`)."""
+    return json.dumps({"model": model, "weights_dir": weights_dir, "trust_remote_code": trust_remote_code,
+                       "sleep_mode": sleep_mode})
+
+
+def no_sleep_mode() -> str:
+    """The refusal of ``/sleep`` and ``/wake_up`` by a server started without ``--enable-sleep-mode``."""
+    return (
+        "this rollout server was started without --enable-sleep-mode, so sleeping would free no memory: restart "
+        "it with --enable-sleep-mode (GPU), or set rollout.sleep_between_rollouts=false"
+    )
 
 
 class RolloutGuard:
@@ -91,6 +107,7 @@ class RolloutGuard:
         self.model: str = settings["model"]
         self.weights_dir: str | None = settings.get("weights_dir")
         self.trust_remote_code = bool(settings.get("trust_remote_code", False))
+        self.sleep_mode = bool(settings.get("sleep_mode", False))
         self.token = load_token()
         self.broken: str | None = None  # why the served weights cannot generate, while they cannot
         self._layout: ModelLayout | None = None
@@ -114,6 +131,8 @@ class RolloutGuard:
         if path not in ALLOWED_ROUTES:
             logger.warning("rollout server: refused %s %s (not an allowed route)", scope["type"], path)
             await _refuse(scope, send, 404, not_served(path))
+        elif path in SLEEP_ROUTES and not self.sleep_mode:
+            await _refuse(scope, send, 409, no_sleep_mode())
         elif path == "/collective_rpc" and scope["type"] == "http":
             await self._rpc(scope, receive, send)
         elif path in UPDATE_ROUTES and scope["type"] == "http":

@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the only directory weight reloads may come from (the learner's rollout.weight_transfer_dir as "
         "this machine sees it); without it reloads are refused",
     )
-    parser.add_argument("--enable-sleep-mode", action="store_true", help="GPU only")
+    parser.add_argument("--enable-sleep-mode", action="store_true",
+                        help="GPU only: let learners with rollout.sleep_between_rollouts=true free its memory "
+                        "between rollouts (without it, /sleep and /wake_up are refused with 409)")
     parser.add_argument("--logprobs-mode", choices=["processed", "raw"], default="processed",
                         help="log-probs after (processed, the default) or before (raw) temperature and penalties")
     parser.add_argument("--dry-run", action="store_true",
@@ -224,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("rollout server: no --weights-dir: weight reloads will be refused", file=sys.stderr)
     weights_dir = str(Path(args.weights_dir).resolve()) if args.weights_dir else None
     env = dict(os.environ, VLLM_SERVER_DEV_MODE="1")
-    env[GUARD_ENV] = guard_settings(args.model, weights_dir, trust_remote_code="--trust-remote-code" in extra)
+    env[GUARD_ENV] = guard_settings(args.model, weights_dir, trust_remote_code="--trust-remote-code" in extra,
+                                    sleep_mode=args.enable_sleep_mode)
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server wants vLLM's default engine process
     env.pop("VLLM_API_KEY", None)  # vLLM's own key check (``/v1/*`` only) would demand a second secret
     sys.stdout.flush()

@@ -140,7 +140,9 @@ class RolloutConfig(SamplingSection):
     gpu_memory_utilization: float = Field(0.3, gt=0.0, le=1.0)
     max_model_len: int = Field(2048, ge=16)
     enforce_eager: bool = False
-    sleep_between_rollouts: bool = True
+    sleep_between_rollouts: bool = Field(
+        True, description="free the engine's accelerator memory between rollouts (colocated on CUDA; remote: a "
+        "server started with --enable-sleep-mode, else an error at start); false with grpo.max_staleness >= 1")
     sync_bucket_mb: int = Field(256, ge=1)
     probe_threshold: float | None = Field(
         None, gt=0.0, description="max |Δ log-prob| learner vs engine; None = by dtype (fp32 1e-3, bf16 1.0)")
@@ -321,6 +323,12 @@ class RunConfig(_Section):
                 "generates while the learner trains, and a colocated engine shares the learner's device and "
                 "process (one device cannot generate and train at once). Use rollout.placement=remote (a "
                 "`reasonrl rollout-server`) or dedicated (vLLM on its own GPU), or grpo.max_staleness=0"
+            )
+        if self.grpo.max_staleness and self.rollout.placement == "remote" and self.rollout.sleep_between_rollouts:
+            problems.append(
+                f"grpo.max_staleness={self.grpo.max_staleness} with rollout.sleep_between_rollouts=true: the rollout "
+                "server generates the next batches while the learner trains, so it never idles: a sleep "
+                "between rollouts would abort those requests. Set rollout.sleep_between_rollouts=false"
             )
         if self.grpo.inflight_weight_updates and (not self.grpo.max_staleness or self.rollout.placement != "remote"):
             problems.append(

@@ -143,7 +143,8 @@ class RemoteEngine:
         bucket_mb: shard size of weight syncs (MiB).
         timeout_s: per-request timeout (a generation request included).
         max_concurrency: prompts in flight at once (one request per prompt, so each gets its own seed).
-        sleep_between_rollouts: call the server's ``/sleep`` / ``/wake_up`` (GPU servers in sleep mode).
+        sleep_between_rollouts: call the server's ``/sleep`` / ``/wake_up`` (GPU servers in sleep mode). Checked
+            here by a ``/wake_up``, which a server started without ``--enable-sleep-mode`` refuses (409).
         sends_weights: False for a client of a server that another learner rank syncs: its `update_weights`
             only reads the stream (a ZeRO-3 `WeightStream` gathers collectively) and takes its version.
         token: the server's secret; default: from the environment, as the server reads it (`rollout.auth`).
@@ -189,6 +190,8 @@ class RemoteEngine:
         card = self.http.get("/v1/models")["data"][0]
         self.model_name = card["id"]
         self._max_model_len = int(card["max_model_len"]) if card.get("max_model_len") else None
+        if sleep_between_rollouts:
+            self.http.post("/wake_up")  # a server without sleep mode refuses (rollout.guard), before any rollout
         self.server_versions = True
         info = self._version_route("GET", "/weight_info") or {}
         version = str(info.get("weight_version") or "0")

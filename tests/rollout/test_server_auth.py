@@ -38,7 +38,7 @@ from rollout.auth import (
     token_matches,
 )
 from rollout.engines.remote import RemoteEngine, ServerError, health
-from rollout.guard import ALLOWED_ROUTES, GUARD_ENV, MAX_RPC_BODY, RolloutGuard, guard_settings
+from rollout.guard import ALLOWED_ROUTES, GUARD_ENV, MAX_RPC_BODY, SLEEP_ROUTES, RolloutGuard, guard_settings
 from rollout.reload_check import (
     ReloadRefused,
     check_reload_dir,
@@ -336,9 +336,27 @@ def test_guard_serves_only_the_routes_the_project_uses(guarded: Any) -> None:
     assert app.seen == []
     used = client_routes()
     assert {"/v1/completions", "/pause", "/update_weights", "/init_weight_transfer_engine"} <= used
-    for path in sorted(used - {"/collective_rpc", "/update_weights"} | {"/v1/chat/completions", "/metrics"}):
+    checked_elsewhere = {"/collective_rpc", "/update_weights"} | SLEEP_ROUTES  # (the sleep test below)
+    for path in sorted(used - checked_elsewhere | {"/v1/chat/completions", "/metrics"}):
         assert call(guard, path)[0] == 200, path
     assert used <= ALLOWED_ROUTES
+
+
+def test_guard_lets_only_a_sleep_mode_server_sleep(guarded: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  tiny_qwen2_path: str) -> None:
+    """A server started without --enable-sleep-mode refuses /sleep and /wake_up (409, naming the option and the
+    setting to turn off) before vLLM sees them; started with it, both go through. /is_sleeping always does."""
+    guard, app = guarded.guard, guarded.app
+    for path in sorted(SLEEP_ROUTES):
+        status, answer = call(guard, path)
+        assert status == 409, (path, answer)
+        assert "--enable-sleep-mode" in answer["error"] and "rollout.sleep_between_rollouts=false" in answer["error"]
+    assert app.seen == []
+    assert call(guard, "/is_sleeping")[0] == 200
+    monkeypatch.setenv(GUARD_ENV, guard_settings(tiny_qwen2_path, str(guarded.weights), sleep_mode=True))
+    sleeper = RolloutGuard(app)
+    assert [call(sleeper, path)[0] for path in sorted(SLEEP_ROUTES)] == [200, 200]
+    assert [seen[0] for seen in app.seen] == ["/is_sleeping", *sorted(SLEEP_ROUTES)]
 
 
 def test_guard_without_a_secret_serves_loopback_clients_only(
@@ -577,6 +595,19 @@ def test_remote_engine_syncs_with_the_secret(
     remote.update_weights(iter(state.items()))
     assert greedy(server) == before
     remote.close()
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_a_client_that_would_sleep_a_server_without_sleep_mode_fails_at_once(server: Any,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rollout.sleep_between_rollouts` against a server started without --enable-sleep-mode: the client's
+    construction fails with the guard's reason, before any rollout; the server never slept."""
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
+    with pytest.raises(ServerError, match=r"HTTP 409.*without --enable-sleep-mode.*sleep_between_rollouts=false"):
+        RemoteEngine(server.url, weights_dir=server.weights, timeout_s=60, sleep_between_rollouts=True)
+    assert request(server.url, "GET", "/is_sleeping")[1] == b'{"is_sleeping":false}'
+    RemoteEngine(server.url, weights_dir=server.weights, timeout_s=60).close()
 
 
 @pytest.mark.vllm

@@ -151,6 +151,20 @@ def test_remote_with_several_ranks_must_not_sleep_the_shared_server() -> None:
     validate_for_cluster(config(**remote), 1, ["cuda:0"])
 
 
+def test_asynchronous_grpo_must_not_sleep_the_remote_server() -> None:
+    """The server generates while the learner trains: a sleep between rollouts would abort the producer's
+    requests. The default (sleep on) is refused with the setting to change; off, or synchronous, loads."""
+    remote = {"placement": "remote", "server_url": "http://h:8000", "weight_transfer_dir": "/w"}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": {"path": "m"}, "grpo": GRPO | {"max_staleness": 1}, "rollout": remote})
+    (problem,) = info.value.problems
+    assert "grpo.max_staleness=1 with rollout.sleep_between_rollouts=true" in problem
+    assert problem.endswith("Set rollout.sleep_between_rollouts=false")
+    config_from_dict({"model": {"path": "m"}, "grpo": GRPO | {"max_staleness": 1},
+                      "rollout": remote | {"sleep_between_rollouts": False}})
+    config(**remote)
+
+
 # ---- learner devices and the shared-engine sync ------------------------------------------------------------
 def test_node_learner_devices(monkeypatch: pytest.MonkeyPatch) -> None:
     single: Any = SimpleNamespace(device=torch.device("cuda"), num_processes=1)
