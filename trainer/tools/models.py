@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,15 @@ def check_out_dir(out_dir: str | Path) -> None:
                               "it would be replaced: give a new or empty folder")
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out_dir}: a file, not a folder for the checkpoint")
+
+
+def _new_sibling(out: Path) -> Path:
+    """A new, empty folder beside `out` to write the checkpoint into before it is renamed to `out`. Its name is
+    unique (``DIR.<random>.tmp``) and made by mkdir, which fails rather than reuse a folder: no folder of the
+    user's (``DIR.tmp`` or any other) is written into or deleted."""
+    tmp = out.parent / f"{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()  # the usual permissions (umask), unlike tempfile.mkdtemp's 0o700
+    return tmp
 
 
 def _plain_model(gguf_model: Any) -> Any:
@@ -117,14 +127,17 @@ def convert(name: str, out_dir: str | Path) -> Path:
     plain = _plain_model(gguf_model)
     gap = _check_same_logits(gguf_model, plain, tokenizer)
     print(f"{out}: saving ...", flush=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
     record = {"model": name, "source": f"{MODELS[name][0]}/{gguf.name}", "dtype": "float32", "max_logit_gap": gap}
-    (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling(out)
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=1) + "\n")
+        tmp.rename(out)  # replaces an empty DIR (check_out_dir); one that filled meanwhile is an error, kept
+    except BaseException:  # Ctrl-C included: no half-written folder is left beside DIR
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     print(f"{out}: {name} written ({sum(p.numel() for p in plain.parameters()) / 1e6:.0f}M parameters, float32, "
           f"logits match the GGUF model within {gap:.1e})")
     return out

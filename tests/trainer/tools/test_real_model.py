@@ -68,6 +68,61 @@ def test_cli_refuses_an_out_dir_it_would_replace(tmp_path: Path, capsys: pytest.
     assert [p.name for p in empty.iterdir()] == ["sub"] and list((empty / "sub").iterdir()) == []
 
 
+def _stub_conversion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, fail: BaseException | None = None) -> None:
+    """`convert` with the GGUF reading and the model replaced by stand-ins that write one file each when saved
+    (the tokenizer's save raises `fail`): what is left is the writing of DIR."""
+    import transformers
+
+    class Saves:
+        chat_template = "{{ messages }}"
+
+        def __init__(self, file: str, fail: BaseException | None = None) -> None:
+            self.file, self.fail = file, fail
+
+        def save_pretrained(self, path: Path) -> None:
+            Path(path).mkdir(parents=True, exist_ok=True)  # as transformers' own
+            Path(path, self.file).write_text("x")
+            if self.fail is not None:
+                raise self.fail
+
+        def parameters(self) -> list[torch.Tensor]:
+            return [torch.zeros(3)]
+
+    class Auto:
+        def __init__(self, made: Saves) -> None:
+            self.made = made
+
+        def from_pretrained(self, *args: object, **kwargs: object) -> Saves:
+            return self.made
+
+    monkeypatch.setattr(models, "find_gguf", lambda name: tmp_path / "package" / "model.gguf")
+    monkeypatch.setattr(transformers, "AutoTokenizer", Auto(Saves("tokenizer.json", fail)))
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Auto(Saves("unused")))
+    monkeypatch.setattr(models, "_plain_model", lambda gguf_model: Saves("model.safetensors"))
+    monkeypatch.setattr(models, "_check_same_logits", lambda a, b, tokenizer: 0.0)
+
+
+def test_conversion_leaves_a_folder_named_dir_tmp_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint was written into DIR.tmp after deleting whatever a folder of that name held (a user's
+    folder named so was lost), and a failed or interrupted save left DIR.tmp behind. Now it goes to a new folder
+    of a unique name, renamed to DIR when complete and removed when the save fails or is interrupted."""
+    mine = tmp_path / "smollm2.tmp"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    _stub_conversion(monkeypatch, tmp_path)
+    assert models.convert("smollm2", tmp_path / "smollm2") == tmp_path / "smollm2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2.tmp"]
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "smollm2").iterdir()) == sorted([models.COMPLETE_MARKER,
+                                                                               "model.safetensors", "tokenizer.json"])
+    for fail in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+        _stub_conversion(monkeypatch, tmp_path, fail)
+        with pytest.raises(type(fail)):
+            models.convert("smollm2", tmp_path / "other")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2", "smollm2.tmp"], fail
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
 @pytest.fixture(scope="module")
 def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return models.convert("smollm2", tmp_path_factory.mktemp("models") / "smollm2")
