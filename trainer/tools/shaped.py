@@ -11,6 +11,7 @@ that of the real model; the text is meaningless, so only speed and memory are me
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,24 @@ def padded_tokenizer(vocab_size: int, seed: int = 0) -> Any:
     return tokenizer
 
 
+def check_out_dir(out_dir: str | Path) -> None:
+    """Refuse, before anything is built, an `out_dir` that cannot take the checkpoint: a file (transformers only
+    logs a warning then, and nothing is written), a path under a file, or a folder this process cannot write."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out_dir}: a file, not a folder for the checkpoint")
+    existing = next(p for p in (out, *out.parents) if p.exists())  # the folder that mkdir would create it in
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{out_dir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out_dir}: cannot write under {existing} (permission denied)")
+
+
 def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloat16", seed: int = 0) -> Path:
     """Write a random `Qwen2ForCausalLM` of `shape` and its padded tokenizer to `out_dir`; returns it.
 
     Weights are initialised on the GPU when there is one (seconds instead of a minute for 1.5B)."""
+    check_out_dir(out_dir)
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -66,7 +81,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="weight dtype (default bfloat16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokenizer (default 0)")
     args = parser.parse_args(argv)
-    print(build_shaped(args.out_dir, SHAPES[args.shape], args.dtype, args.seed))
+    try:
+        check_out_dir(args.out_dir)
+    except OSError as err:
+        parser.error(str(err))
+    try:
+        print(build_shaped(args.out_dir, SHAPES[args.shape], args.dtype, args.seed))
+    except OSError as err:  # a failed write (disk full): one line, not a traceback
+        parser.exit(1, f"{parser.prog}: error: cannot write {args.out_dir}: {err}\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ shape written and loaded back through `from_pretrained` like a user checkpoint."
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,28 @@ def test_cli_rejects_unknown_shape(tmp_path: Path, capsys: pytest.CaptureFixture
         main([str(tmp_path / "unused"), "--shape", "llama-70b"])
     assert "invalid choice: 'llama-70b'" in capsys.readouterr().err
     assert not (tmp_path / "unused").exists()
+
+
+def test_unusable_out_dir_is_refused_before_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT_DIR a file: the 1.5B model was built (a minute on CPU), then transformers only logged "should be a
+    directory, not a file", nothing was written, and the command printed the path and exited 0; a path under a
+    file was a NotADirectoryError traceback after the build. Now both are one error line (exit 2) before
+    anything is built."""
+    import trainer.tools.shaped as shaped
+
+    def no_build(*args: object) -> None:
+        raise AssertionError("built before OUT_DIR was checked")
+
+    monkeypatch.setattr(shaped, "padded_tokenizer", no_build)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    for out, why in ((notes, f"{notes}: a file, not a folder for the checkpoint"),
+                     (notes / "m", f"{notes / 'm'}: {notes} is a file, not a folder")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(out)])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"python -m trainer.tools.shaped: error: {why}"
+        with pytest.raises(NotADirectoryError, match=re.escape(why)):
+            build_shaped(out, QWEN25_MATH_15B)
+    assert notes.read_text() == "x"
