@@ -215,7 +215,14 @@ def _server_args(argv: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 128 + SIGINT, so the caller sees it was stopped
+        print("reasonrl: interrupted", file=sys.stderr)  # what was written stays (checkpoints are atomic)
+        return 130
+
+
+def _dispatch(argv: list[str]) -> int:
     server_args = _server_args(argv)
     if server_args is not None:  # every further argument belongs to the server's own parser
         from rollout.server import main as server_main

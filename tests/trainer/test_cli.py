@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,36 @@ def test_printed_metrics_show_counts_as_integers() -> None:
     from trainer.cli import _shown
 
     assert [_shown(v) for v in (400.0, 0.228, -0.00712, 1e20, 2.0)] == ["400", "0.2280", "-0.0071", "100000000000000000000.0000", "2"]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """Ctrl-C during a command (here `train`, in its SFT warm start) printed a Python traceback from wherever it
+    was (torch's backward) and the process died of SIGINT; now it is one line, "reasonrl: interrupted", exit 130,
+    and what the run wrote stays. The signal goes to the whole process group, as a terminal's Ctrl-C does."""
+    run = tmp_path / "run"
+    env = dict(os.environ, WANDB_MODE="disabled", CI="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "train", "--config", str(TINY), f"output_dir={run}",
+         f"model.path={tiny_qwen2_path}", "rollout.engine=hf", "logging.progress=false"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner that ignores SIGINT: not here
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # at work: the warm start's first progress line
+            seen.append(line)
+            if "warm start (SFT) step" in line:
+                break
+        else:
+            raise AssertionError("train ended before its warm start logged a step:\n" + "".join(seen)[-2000:])
+        os.killpg(proc.pid, signal.SIGINT)
+        rest = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = "".join(seen) + rest
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "reasonrl: interrupted"
+    assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()
