@@ -5,7 +5,8 @@ Run as a plain process (world 1, the reference) and under ``ACCELERATE_USE_CPU=t
 the tiny Qwen2 `VLLMEngine` (vLLM's CPU backend, in-process) *after* the default group exists, so vLLM adopts
 it, then syncs the same perturbed weights. What each rank generates:
 
-- ``A``: rank 0 alone (as `Session.evaluate` does) while rank 1 waits in a barrier of the learner's group;
+- ``A``: rank 0 alone (as `Session.evaluate` with ranks sharing a server, or fewer questions than ranks) while rank 1
+  waits in a barrier of the learner's group;
 - ``B``: rank 1 alone, rank 0 waiting;
 - ``C``: both ranks, the same prompts.
 

@@ -55,6 +55,16 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
              scorer: RewardScorer, out_path: str | Path | None = None, policy: torch.nn.Module | None = None,
              pad_id: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Evaluate `engine` on `examples`; returns (``eval/…`` metrics, per-sample records)."""
+    records, seconds = sample_records(engine, examples, template, sampling, scorer, policy, pad_id)
+    return report(records, out_path, seconds), records
+
+
+def sample_records(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
+                   scorer: RewardScorer, policy: torch.nn.Module | None = None,
+                   pad_id: int = 0) -> tuple[list[dict[str, Any]], list[float]]:
+    """Generate, grade and (with a `policy`) score the entropy of one sample per question: the per-sample
+    records, and the seconds of those three phases. A data-parallel rank passes its share of the questions,
+    with ``sampling.first_index`` at the share's start."""
     prompts = [format_prompt(template, question=ex.question) for ex in examples]
     logger.info("evaluation: %d questions (generate, score%s) ...", len(prompts), ", entropy" * (policy is not None))
     times = [time.perf_counter()]
@@ -69,12 +79,32 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
          "entropy": h, "finish_reason": s.finish_reason}
         for p, s, ex, sc, h in zip(prompts, samples, examples, scores, entropies, strict=True)
     ]
+    return records, [b - a for a, b in pairwise(times)]
+
+
+def report(records: Sequence[dict[str, Any]], out_path: str | Path | None, seconds: Sequence[float]) -> dict[str, float]:
+    """Write the records to `out_path` (if given), log the result line; the ``eval/…`` metrics."""
     if out_path is not None:
         write_samples(Path(out_path), records)
     metrics = summarize(records)
     logger.info("evaluation: accuracy %.3f, format rate %.3f (generate %.1f s, score %.1f s, entropy %.1f s)",
-                metrics["eval/accuracy"], metrics["eval/format_rate"], *(b - a for a, b in pairwise(times)))
-    return metrics, records
+                metrics["eval/accuracy"], metrics["eval/format_rate"], *seconds)
+    return metrics
+
+
+def eval_share(n_questions: int, world: int, rank: int, shared_engine: bool) -> range:
+    """The questions rank `rank` of `world` evaluates: a contiguous share, the first ``n mod world`` ranks one
+    more (so the shares, gathered rank by rank, are the questions in order); all on rank 0 where the ranks
+    share one engine (a remote server: it samples them all at once anyway).
+
+    >>> [eval_share(7, 2, r, False) for r in range(2)], eval_share(7, 2, 1, True)
+    ([range(0, 4), range(4, 7)], range(0, 0))
+    """
+    if shared_engine or world == 1:
+        return range(n_questions) if rank == 0 else range(0)
+    base, extra = divmod(n_questions, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
 
 
 def write_samples(path: Path, records: Sequence[dict[str, Any]]) -> None:

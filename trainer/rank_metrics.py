@@ -1,6 +1,6 @@
 """One record from every rank's metrics: what rank 0 logs in a data-parallel run.
 
-Ranks do not all measure the same things (evaluation and checkpoint times exist on rank 0 only), so
+Ranks do not all measure the same things (a rank with no share of the evaluation has no evaluation time), so
 values are matched by name, never by position. Each metric is combined by what it is:
 
 - totals of the job: counts, token counts and throughputs (ranks work in parallel, so the job's tokens/s

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Collection
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,8 @@ from trainer.config_io import save_config
 from trainer.data.checks import check_data, context_limit, drop_long_prompts, task_columns, task_name
 from trainer.data.prompts import is_chat_template, register_chat_template, register_template
 from trainer.data.tasks import Example, load_task
-from trainer.engines import node_learner_devices
-from trainer.evaluate import evaluate, sampling_config
+from trainer.engines import node_learner_devices, shares_engine
+from trainer.evaluate import eval_share, report, sample_records, sampling_config
 from trainer.flops import FlopCounter
 from trainer.hub import check_hub_on_every_rank
 from trainer.learner import Learner, make_accelerator
@@ -183,31 +184,45 @@ class Session:
             self._engine.sleep()
 
     def evaluate(self, step: int, tag: str = "") -> dict[str, float]:
-        """Held-out evaluation on the main process; per-sample JSONL under run_dir/eval/. Token entropy
-        needs a learner forward pass, which rank 0 alone cannot run under ZeRO-3: there it is NaN."""
-        metrics: dict[str, float] = {}
-        policy = None if self.learner.sharded else self.learner.unwrapped
+        """Held-out evaluation, logged by the main process, with per-sample JSONL under run_dir/eval/. Ranks with
+        engines of their own each sample a contiguous share of the questions, seeded as one process would
+        (`eval_share`); ranks sharing one rollout server leave it to rank 0. Token entropy needs a learner
+        forward pass, which one rank alone cannot run under ZeRO-3: there it is NaN."""
         _ = self.engine  # built on every rank: a vLLM engine's start-up is collective over the learner's ranks
-        failure = None
+        world = self.accelerator.num_processes
+        share = eval_share(len(self.eval_examples()), world, self.accelerator.process_index,
+                           shares_engine(self.cfg, world))
+        records, seconds = self._eval_records(share, step)
+        metrics, failure = {}, None
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            records = [r for rank_records in gather_object([records]) for r in rank_records]  # rank-major
         if self.is_main:
             try:
-                with self.timer("eval"), torch.inference_mode():
-                    metrics, records = evaluate(
-                        self.engine, self.eval_examples(), self.cfg.data.prompt_template,
-                        sampling_config(self.cfg.eval, self.cfg.seed + step), self.scorer,
-                        self.run_dir / "eval" / f"step_{step:06d}{tag}.jsonl", policy,
-                        self.learner.tokenizer.pad_token_id,
-                    )
+                metrics = report(records, self.run_dir / "eval" / f"step_{step:06d}{tag}.jsonl", seconds)
             except StorageError as err:  # every rank raises it (no rank left waiting at the barrier)
                 failure = str(err)
             else:
-                self.rollouts_done()
                 self.tracker.log(metrics, step)
                 self.tracker.log_table("eval/samples", records[: self.cfg.eval.log_samples], step)
         failures = gather_failures(self.accelerator, failure)  # also the barrier after evaluation
         if failures:
             raise StorageError(failures[0])
         return metrics
+
+    def _eval_records(self, share: range, step: int) -> tuple[list[dict[str, Any]], list[float]]:
+        """This rank's records for the questions in `share` (none: nothing sampled) and its phase seconds."""
+        if not share:
+            return [], [0.0, 0.0, 0.0]
+        policy = None if self.learner.sharded else self.learner.unwrapped
+        sampling = replace(sampling_config(self.cfg.eval, self.cfg.seed + step), first_index=share.start)
+        examples = self.eval_examples()[share.start : share.stop]
+        with self.timer("eval"), torch.inference_mode():
+            out = sample_records(self.engine, examples, self.cfg.data.prompt_template, sampling, self.scorer,
+                                 policy, self.learner.tokenizer.pad_token_id)
+        self.rollouts_done()
+        return out
 
     def reduce_metrics(self, metrics: dict[str, float], already_global: Collection[str] = ()) -> dict[str, float]:
         """Every rank's metrics combined into one record (`trainer.rank_metrics`: totals summed, the rest

@@ -30,6 +30,10 @@ class SamplingConfig:
 
     `stop` is a sequence of non-empty stop strings (stored as a tuple); a bare str is rejected, since both
     engines would otherwise treat each of its characters as a stop string.
+
+    `first_index`: where the call's prompts start in a larger batch split over several calls (a data-parallel
+    rank's shard): prompt i of the call is seeded as prompt ``first_index + i`` (`sample_seed`), so each shard
+    samples exactly what the whole batch in one call would.
     """
 
     temperature: float = 1.0
@@ -39,6 +43,7 @@ class SamplingConfig:
     stop: tuple[str, ...] = ("</answer>",)
     n: int = 1
     seed: int | None = None
+    first_index: int = 0
 
     def __post_init__(self) -> None:
         # a bare str would be iterated as one stop string per character
@@ -58,6 +63,8 @@ class SamplingConfig:
             problems.append(f"min_tokens={self.min_tokens} must be in [0, max_tokens={self.max_tokens}]")
         if self.n < 1:
             problems.append(f"n={self.n} must be >= 1")
+        if self.first_index < 0:
+            problems.append(f"first_index={self.first_index} must be >= 0")
         if problems:
             raise ValueError("invalid SamplingConfig: " + "; ".join(problems))
 

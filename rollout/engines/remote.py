@@ -425,7 +425,7 @@ def _sampling(index: int, params: SamplingConfig) -> dict[str, Any]:
         "min_tokens": params.min_tokens,
         "stop": list(params.stop),
         "include_stop_str_in_output": True,
-        "seed": sample_seed(params.seed, index, params.n, 0),
+        "seed": sample_seed(params.seed, params.first_index + index, params.n, 0),
         "logprobs": 0,
         "skip_special_tokens": True,
     }

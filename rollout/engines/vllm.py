@@ -176,7 +176,7 @@ class VLLMEngine:
         self._check_usable()
         self.wake()
         inputs = [_as_vllm_prompt(p) for p in prompts]
-        seeds = [sample_seed(params.seed, i, params.n, 0) for i in range(len(prompts))]
+        seeds = [sample_seed(params.seed, params.first_index + i, params.n, 0) for i in range(len(prompts))]
         per_prompt = [self._sampling_params(params, seed) for seed in seeds]
         start = time.perf_counter()
         with self._on_device():

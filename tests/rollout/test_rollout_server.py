@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import time
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -274,6 +275,8 @@ def test_server_generate_sync_probe_and_clean_shutdown(
         assert len(set(group)) == 6
         assert [tuple(s.response_ids) for s in remote.generate([[5, 6, 7], [5, 6, 7]], params)] == group
         assert remote.metrics["rollout/output_tokens"] == 36
+        shard = remote.generate([[5, 6, 7]], replace(params, first_index=1))  # the batch's second prompt, alone
+        assert [tuple(s.response_ids) for s in shard] == group[3:]
 
         # filesystem weight sync, then the probe and greedy decoding agree with the learner
         learner = perturbed(tiny_qwen2_path)

@@ -63,6 +63,8 @@ def test_group_samples_differ_and_seed_reproduces(engine: HFEngine) -> None:
     first = [s.response_ids for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)]
     assert len({tuple(r) for r in first}) == 6
     assert [s.response_ids for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)] == first
+    shard = engine.generate([[5, 6, 7]], replace(params, first_index=1))  # the batch's second prompt, alone
+    assert [s.response_ids for s in shard] == first[3:]
     other = [
         s.response_ids
         for s in engine.generate([[5, 6, 7], [5, 6, 7]], SamplingConfig(max_tokens=8, n=3, seed=8))

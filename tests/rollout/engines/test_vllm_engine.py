@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,8 @@ def test_group_samples_differ_and_seed_reproduces(engine: VLLMEngine, tiny_qwen2
     assert len(set(first)) == 8
     again = [tuple(s.response_ids) for s in engine.generate([[5, 6, 7], [5, 6, 7]], params)]
     assert again == first
+    shard = engine.generate([[5, 6, 7]], replace(params, first_index=1))  # the batch's second prompt, alone
+    assert [tuple(s.response_ids) for s in shard] == first[4:]
     other = [
         tuple(s.response_ids)
         for s in engine.generate([[5, 6, 7], [5, 6, 7]], SamplingConfig(max_tokens=8, n=4, seed=12))
