@@ -20,7 +20,10 @@ all-reduce and clipping), the pre-clip gradient norm, and every rank's metrics. 
 ``OUT/results.pt``. Usage: ``python tests/dp_worker.py MODEL_DIR OUT_DIR WORLD``.
 
 With ``dpo PAIRS_JSONL`` after WORLD it runs instead a whole DPO run, `trainer.learners.dpo.train_dpo`
-(`dpo_run_config`: steps that split unevenly over 2 ranks), which writes ``OUT_DIR/run/metrics.jsonl``.
+(`dpo_run_config`: steps that split unevenly over 2 ranks), which writes ``OUT_DIR/run/metrics.jsonl``;
+with ``sft SFT_JSONL`` a whole SFT run, `trainer.learners.sft.train_sft` (`sft_run_config`). Both record
+the held-out forward passes each rank ran (``OUT_DIR/heldout_forwards_<rank>.json``,
+`record_heldout_forwards`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import sys
 import time
 import weakref
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -392,18 +395,92 @@ def dpo_run_config(model_path: str, pairs_path: str, out_dir: Path) -> Any:
     })  # fmt: skip
 
 
+def record_heldout_forwards(out_dir: str) -> Callable[[], None]:
+    """Record each held-out forward pass of the policy this rank runs (`Validator` / `global_heldout_loss`,
+    the only forwards under ``inference_mode``), stand-ins included, by the batch it was given: DPO the
+    prompts, SFT the token ids. The returned function writes them to ``OUT_DIR/heldout_forwards_<rank>.json``."""
+    import json
+
+    from trainer.learners import dpo, sft
+
+    forwards: list[Any] = []
+    refs: list[Any] = []
+    reference_model, pair_logps, forward_log_probs = dpo.reference_model, dpo.pair_logps, sft.forward_log_probs
+
+    def reference_model_recorded(cfg: Any, learner: Any) -> Any:
+        refs.append(reference_model(cfg, learner))
+        return refs[-1]
+
+    def pair_logps_recorded(model: Any, tokenizer: Any, pairs: Any, template: str, loss: str) -> Any:
+        if torch.is_inference_mode_enabled() and not any(model is r for r in refs):
+            forwards.append([p.prompt for p in pairs])
+        return pair_logps(model, tokenizer, pairs, template, loss)
+
+    def forward_log_probs_recorded(model: Any, tokens: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            forwards.append(tokens.input_ids.tolist())
+        return forward_log_probs(model, tokens, **kwargs)
+
+    dpo.reference_model, dpo.pair_logps = reference_model_recorded, pair_logps_recorded
+    sft.forward_log_probs = forward_log_probs_recorded
+
+    def write() -> None:
+        Path(out_dir, f"heldout_forwards_{os.environ.get('RANK', '0')}.json").write_text(json.dumps(forwards))
+
+    return write
+
+
 def dpo_main(model_path: str, out_dir: str, pairs_path: str) -> None:
     """`train_dpo` as configured by `dpo_run_config` (its `Session` refuses a torchrun world of 1 process)."""
     from trainer.learners.dpo import train_dpo
 
+    write_forwards = record_heldout_forwards(out_dir)
     train_dpo(dpo_run_config(model_path, pairs_path, Path(out_dir)))
+    write_forwards()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # as `main`: no exit-time teardown left to hang
 
 
+# ---- a whole SFT run ----------------------------------------------------------------------------
+SFT_BATCH = 3  # over 2 ranks: 2 examples on rank 0, 1 on rank 1
+
+
+def sft_run_config(model_path: str, sft_path: str, out_dir: Path) -> Any:
+    """Reasoning SFT on the tiny model, 1 example per micro-batch (held-out ones too: no padding, the same
+    forward shapes in every world), an evaluation every 2 steps, every step logged."""
+    from trainer.config_io import config_from_dict
+
+    return config_from_dict({
+        "mode": "sft", "seed": 0, "output_dir": str(out_dir / "run"),
+        "model": {"path": model_path, "dtype": "float32"},
+        "data": {"sft_path": sft_path},
+        "reward": {"num_workers": 1},
+        "optim": {"optimizer": "rmsprop", "learning_rate": 1e-3, "warmup_steps": 0},
+        "sft": {"max_steps": 4, "batch_size": SFT_BATCH, "gradient_accumulation_steps": SFT_BATCH,
+                "validation_fraction": 0.25},
+        "eval": {"every": 2},
+        "logging": {"wandb_mode": "disabled", "progress": False, "every": 1},
+        "checkpoint": {"save_every": 0, "keep_last": 1},
+    })  # fmt: skip
+
+
+def sft_main(model_path: str, out_dir: str, sft_path: str) -> None:
+    """`train_sft` as configured by `sft_run_config`, as `dpo_main`."""
+    from trainer.learners.sft import train_sft
+
+    write_forwards = record_heldout_forwards(out_dir)
+    train_sft(sft_run_config(model_path, sft_path, Path(out_dir)))
+    write_forwards()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     if sys.argv[4:5] == ["dpo"]:
         dpo_main(sys.argv[1], sys.argv[2], sys.argv[5])
+    elif sys.argv[4:5] == ["sft"]:
+        sft_main(sys.argv[1], sys.argv[2], sys.argv[5])
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rollout.model_path import local_path_problem
 from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
-from trainer.data.batching import TokenBatch
+from trainer.data.batching import TokenBatch, deal_micro_batches
 from trainer.logprobs import forward_log_probs
 from trainer.lora import apply_lora
 
@@ -325,6 +325,19 @@ def sum_over_ranks(learner: Learner, values: torch.Tensor) -> torch.Tensor:
         return values
     summed: torch.Tensor = acc.reduce(values.to(acc.device), "sum")
     return summed.cpu()
+
+
+def heldout_share(learner: Learner, n_batches: int) -> list[tuple[int, bool]]:
+    """This rank's share of `n_batches` held-out micro-batches (the same on every rank), as (index, stand-in).
+
+    The rank evaluates batches ``rank::world``, then repeats one as a stand-in (its forward runs, its result
+    is dropped) up to ``ceil(n_batches / world)``, so every rank runs the same number of forward passes, also
+    a rank with no batch of its own (`deal_micro_batches`, one batch per micro-batch). They must: under
+    ZeRO-3 every forward gathers the parameters from all ranks, and under DDP the first forward after a
+    training one broadcasts the buffers. On one process: every batch, in order, and no stand-in."""
+    acc = learner.accelerator
+    micro = deal_micro_batches(range(n_batches), max(1, n_batches), acc.process_index, acc.num_processes)
+    return [(m.rows[0], m.dummy) for m in micro]
 
 
 def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.AbstractContextManager[Any]:

@@ -19,7 +19,10 @@ docstring for the cases). Checked here:
   own RNG state (accelerate's ``random_states_<rank>.pkl``);
 - both launches finish within a bounded time and leave no process behind;
 - a whole DPO run (`train_dpo`) whose steps split 2 + 1 (and 1 + 0) pairs over the ranks logs the same
-  ``train/*`` and ``eval/*`` metrics as the 1-process run: means over the step's pairs, not over ranks.
+  ``train/*`` and ``eval/*`` metrics as the 1-process run: means over the step's pairs, not over ranks;
+- the held-out evaluation of whole DPO and SFT runs is sharded: of 3 held-out micro-batches each rank
+  evaluates its own 2 or 1 (plus a stand-in forward, so both run 2 passes), not all 3, and the logged
+  ``eval/*`` values still equal the 1-process ones.
 
 Regression tests for two bugs this file found: `test_lr_schedule_matches_single_process` (accelerate's
 prepared LR scheduler stepped once per rank) and `test_checkpoint_is_complete_when_a_rank_is_slow` (no
@@ -42,7 +45,7 @@ from typing import Any
 
 import pytest
 import torch
-from dp_worker import DPO_PAIRS_PER_STEP, dpo_run_config
+from dp_worker import DPO_PAIRS_PER_STEP, dpo_run_config, sft_run_config
 from helpers import REPO, launch_worlds
 
 from trainer.data.batching import deal_micro_batches
@@ -193,21 +196,40 @@ DPO_PAIRS = 13  # 3 held out, 10 trained on: optimizer steps of 3, 3, 3 and 1 pa
 DPO_TOL = 1e-4  # see test_dpo_logged_metrics_match_single_process
 
 
-@pytest.fixture(scope="module")
-def dpo_runs(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[int, dict[str, float]]]:
-    """`train_dpo` in world 1 and world 2 (`dp_worker.dpo_main`): each world's logged records, merged by step."""
-    out = tmp_path_factory.mktemp("dpo")
-    pairs = out / "pairs.jsonl"
-    pairs.write_text("".join(
-        json.dumps({"prompt": f"What is {a} + 3?", "chosen": f"{a} + 3 = {a + 3}", "rejected": f"{a} + 3 = {a + 13}"})
-        + "\n" for a in range(DPO_PAIRS)))  # fmt: skip
-    launch_worlds(WORKER, lambda world: [tiny_qwen2_path, str(out / f"w{world}"), str(world), "dpo", str(pairs)],
+Records = dict[int, dict[int, dict[str, float]]]  # world -> step -> that step's logged metrics, merged
+Forwards = dict[int, dict[int, list[Any]]]  # world -> rank -> its held-out forward passes' batches
+HELD_OUT = 3  # held-out items of both whole runs, 1 per micro-batch: 2 + 1 over 2 ranks
+EVALS = 3  # evaluations of both whole runs: before step 1, after steps 2 and 4
+
+
+def whole_runs(tiny_qwen2_path: str, out: Path, mode: str, lines: list[dict[str, str]]) -> tuple[Records, Forwards]:
+    """`tests/dp_worker.py MODE` in world 1 and world 2: each world's logged records, merged by step, and
+    each rank's held-out forward passes (`dp_worker.record_heldout_forwards`)."""
+    data = out / "data.jsonl"
+    data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    launch_worlds(WORKER, lambda world: [tiny_qwen2_path, str(out / f"w{world}"), str(world), mode, str(data)],
                   out, TIMEOUT_S)
-    runs: dict[int, dict[int, dict[str, float]]] = {}
+    runs: Records = {}
+    forwards: Forwards = {}
     for world in (1, 2):
         for record in read_metrics(out / f"w{world}" / "run"):
             runs.setdefault(world, {}).setdefault(record["step"], {}).update(record)
-    return runs
+        forwards[world] = {rank: json.loads((out / f"w{world}" / f"heldout_forwards_{rank}.json").read_text())
+                           for rank in range(world)}  # fmt: skip
+    return runs, forwards
+
+
+@pytest.fixture(scope="module")
+def dpo_whole(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Records, Forwards]:
+    """`train_dpo` in world 1 and world 2 (`dp_worker.dpo_main`)."""
+    lines = [{"prompt": f"What is {a} + 3?", "chosen": f"{a} + 3 = {a + 3}", "rejected": f"{a} + 3 = {a + 13}"}
+             for a in range(DPO_PAIRS)]  # fmt: skip
+    return whole_runs(tiny_qwen2_path, tmp_path_factory.mktemp("dpo"), "dpo", lines)
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(dpo_whole: tuple[Records, Forwards]) -> Records:
+    return dpo_whole[0]
 
 
 def test_dpo_steps_split_unevenly_over_two_ranks(tmp_path: Path) -> None:
@@ -245,3 +267,52 @@ def test_dpo_logged_metrics_match_single_process(dpo_runs: dict[int, dict[int, d
         wrong += [f"step {step} {k}: world 2 {two[step][k]!r}, world 1 {want[k]!r}"
                   for k in keys if abs(two[step][k] - want[k]) > DPO_TOL * max(1.0, abs(want[k]))]  # fmt: skip
     assert not wrong, "\n".join(wrong)
+
+
+def assert_heldout_sharded(forwards: Forwards) -> None:
+    """Each rank of world 2 ran its held-out forward passes on its own share only (2 and 1 of the 3
+    micro-batches, disjoint, together all of them), and as many passes as the other rank (rank 1 repeats
+    its batch as a stand-in): 2 per evaluation where world 1 runs 3. Before the sharding every rank ran all
+    3 batches per evaluation (9 passes per rank over the run)."""
+    key = json.dumps
+    (whole,) = forwards[1].values()
+    assert len(whole) == EVALS * HELD_OUT and len({key(b) for b in whole}) == HELD_OUT
+    shares = [{key(b) for b in forwards[2][rank]} for rank in (0, 1)]
+    assert [len(f) for f in forwards[2].values()] == [EVALS * 2, EVALS * 2], forwards[2]
+    assert [len(share) for share in shares] == [2, 1], shares
+    assert shares[0] | shares[1] == {key(b) for b in whole}
+
+
+def test_dpo_validation_is_sharded_over_ranks(dpo_whole: tuple[Records, Forwards]) -> None:
+    """`Validator`: each rank evaluates only its share of the held-out pairs (`heldout_share`); the exact
+    global means it logs are checked by `test_dpo_logged_metrics_match_single_process`."""
+    assert_heldout_sharded(dpo_whole[1])
+
+
+# ---- SFT: the held-out loss of a whole run ------------------------------------------------------
+SFT_EXAMPLES = 13  # 3 held out, 10 trained on
+
+
+@pytest.fixture(scope="module")
+def sft_whole(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Records, Forwards]:
+    """`train_sft` in world 1 and world 2 (`dp_worker.sft_main`)."""
+    lines = [{"prompt": f"What is {a} + 3? ", "response": f"{a} + 3 = {a + 3}"} for a in range(SFT_EXAMPLES)]
+    return whole_runs(tiny_qwen2_path, tmp_path_factory.mktemp("sft"), "sft", lines)
+
+
+def test_sft_heldout_loss_is_sharded_and_matches_single_process(sft_whole: tuple[Records, Forwards]) -> None:
+    """`global_heldout_loss`: each rank evaluates its share of the 3 held-out examples, and the logged
+    ``eval/loss`` (token sums added over the ranks, then divided) equals the 1-process one, as does
+    ``train/loss``; tolerance as `test_dpo_logged_metrics_match_single_process` (the same float32
+    summation-order drift under RMSprop). An average of the two ranks' means would be off (rank 0 holds 2
+    of the held-out examples, rank 1 one)."""
+    one, two = sft_whole[0][1], sft_whole[0][2]
+    train, held = split_heldout(SFT_EXAMPLES, sft_run_config("unused", "unused", Path()).sft.validation_fraction, 0)
+    assert (len(train), len(held)) == (10, 3)
+    assert [s for s in one if "eval/loss" in one[s]] == [s for s in two if "eval/loss" in two[s]] == [0, 2, 4]
+    assert one[4]["eval/loss"] < one[0]["eval/loss"] - 1e-3, "the policy never moved"
+    wrong = [f"step {step} {k}: world 2 {two[step][k]!r}, world 1 {want[k]!r}"
+             for step, want in one.items() for k in ("eval/loss", "train/loss")
+             if k in want and abs(two[step][k] - want[k]) > DPO_TOL * max(1.0, abs(want[k]))]  # fmt: skip
+    assert not wrong, "\n".join(wrong)
+    assert_heldout_sharded(sft_whole[1])

@@ -11,8 +11,10 @@
    π(y_w|x) − β/|y_l| log π(y_l|x) − γ)`` (Meng et al. 2024, eq. 6). Mean over the optimizer batch's pairs
    (`aggregate_loss`, one "token" per pair); clip, then RMSprop (the paper) or AdamW.
 4. Validation before training, every ``eval.every`` steps and at the end: loss, implicit-reward accuracy
-   (ties count one half, so the untrained policy scores 0.5) and margin; the best model by accuracy (the
-   first of equals) goes to ``RUN_DIR/best/`` with ``best.json``. Resume restores the best-so-far too.
+   (ties count one half, so the untrained policy scores 0.5) and margin, each rank evaluating its share of
+   the held-out micro-batches (`Validator`) and the means taken over all of them; the best model by
+   accuracy (the first of equals) goes to ``RUN_DIR/best/`` with ``best.json``, decided on every rank from
+   those global means. Resume restores the best-so-far too.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from trainer.data.preference import PreferencePair, read_preference_pairs
 from trainer.data.prompts import get_template
 from trainer.data.sampler import epoch_batches, split_heldout, step_stream, steps_per_epoch
 from trainer.data.tokenization import pad_token_id_of
-from trainer.learner import Learner, global_token_count, load_frozen_reference, sum_over_ranks
+from trainer.learner import Learner, global_token_count, heldout_share, load_frozen_reference, sum_over_ranks
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.logprobs import format_pair, get_response_log_probs, sequence_logp
 from trainer.lora import save_hf
@@ -197,24 +199,31 @@ def _cat(outs: Sequence[PairOutput]) -> PairOutput:
 
 
 class Validator:
-    """Held-out loss / accuracy; the reference log-probs of the held-out pairs are computed once."""
+    """Held-out loss / accuracy, exact means over all held-out pairs (`global_reward_metrics`), the same on
+    every rank. Each rank evaluates only its share of the held-out micro-batches (`heldout_share`: batches
+    ``rank::world``, and stand-in forwards so that every rank runs as many); the reference log-probs of that
+    share are computed once. One process evaluates every batch in order, as before the sharding."""
 
     def __init__(self, pairs: list[PreferencePair], micro: int) -> None:
         self.batches = [pairs[i : i + micro] for i in range(0, len(pairs), micro)]
-        self._ref: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None
+        self._share: list[tuple[int, bool]] | None = None
+        self._ref: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     @torch.inference_mode()
     def __call__(
         self, learner: Learner, ref_model: torch.nn.Module | None, cfg: DPOConfig
     ) -> dict[str, float]:
         template = get_template(cfg.template)
-        if self._ref is None:
-            self._ref = [_ref_logps(ref_model, learner, b, template, cfg.loss) for b in self.batches]
-        outs = [
-            preference_loss(pair_logps(learner.model, learner.tokenizer, b, template, cfg.loss), ref, cfg)
-            for b, ref in zip(self.batches, self._ref, strict=True)
-        ]
-        return reward_metrics(_cat(outs), "eval")
+        if self._share is None:
+            self._share = heldout_share(learner, len(self.batches))
+            self._ref = {i: _ref_logps(ref_model, learner, self.batches[i], template, cfg.loss)
+                         for i, stand_in in self._share if not stand_in}  # fmt: skip
+        outs = []
+        for i, stand_in in self._share:
+            policy = pair_logps(learner.model, learner.tokenizer, self.batches[i], template, cfg.loss)
+            if not stand_in:
+                outs.append(preference_loss(policy, self._ref[i], cfg))
+        return global_reward_metrics(learner, outs, "eval")
 
 
 class BestModel:

@@ -10,7 +10,8 @@ instruction tuning (assignment 5 supplement); its step `sft_update` is expert it
    ``sft.gradient_accumulation_steps`` micro-batches; loss: token-mean NLL over the whole optimizer batch
    (all micro-batches and ranks: `aggregate_loss` ``"token"``), so the split does not change the gradient.
 3. Clip (``optim.max_grad_norm``), the configured optimizer and schedule (`Learner.step`).
-4. Before training, every ``eval.every`` steps and at the end: held-out loss (``eval/loss``) and, with
+4. Before training, every ``eval.every`` steps and at the end: held-out loss (``eval/loss``: each rank
+   evaluates its share of the held-out micro-batches, the token sums are added over the ranks) and, with
    ``sft.eval_generation``, generation accuracy (`Session.evaluate`, after a weight sync). Length:
    ``sft.max_steps`` or ``sft.num_epochs`` epochs; resume skips the batches seen (order = f(seed, epoch)).
 """
@@ -30,7 +31,7 @@ from trainer.data.batching import TokenBatch
 from trainer.data.jsonl import DatasetFormatError
 from trainer.data.sampler import split_heldout
 from trainer.data.sft import GOLD_KEYS, SFTData, SFTExample, packed_data, pair_data, read_sft_examples
-from trainer.learner import Learner, global_token_count
+from trainer.learner import Learner, global_token_count, heldout_share, sum_over_ranks
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.logprobs import forward_log_probs, real_lengths
 from trainer.losses import sft_loss
@@ -120,8 +121,9 @@ def sft_update(learner: Learner, micro_batches: Sequence[TokenBatch]) -> dict[st
 
 
 @torch.inference_mode()
-def heldout_loss(model: torch.nn.Module, micro_batches: Sequence[TokenBatch], device: torch.device) -> float:
-    """Token-mean NLL of the response tokens of `micro_batches`: ``Σ m·(−log p) / Σ m``."""
+def heldout_sums(model: torch.nn.Module, micro_batches: Sequence[TokenBatch],
+                 device: torch.device) -> tuple[float, float]:
+    """``(Σ m·(−log p), Σ m)`` over the response tokens of `micro_batches`, added up batch by batch."""
     total, count = 0.0, 0.0
     for mb in micro_batches:
         mb = mb.to(device)
@@ -129,6 +131,26 @@ def heldout_loss(model: torch.nn.Module, micro_batches: Sequence[TokenBatch], de
         mask = mb.response_mask.to(lp.dtype)
         total += float(-(lp * mask).sum())
         count += float(mask.sum())
+    return total, count
+
+
+def heldout_loss(model: torch.nn.Module, micro_batches: Sequence[TokenBatch], device: torch.device) -> float:
+    """Token-mean NLL of the response tokens of `micro_batches`: ``Σ m·(−log p) / Σ m``."""
+    total, count = heldout_sums(model, micro_batches, device)
+    return total / count if count else math.nan
+
+
+def global_heldout_loss(learner: Learner, micro_batches: Sequence[TokenBatch]) -> float:
+    """`heldout_loss` of all of `micro_batches` (the same list on every rank), each rank evaluating only its
+    share (`heldout_share`: batches ``rank::world``, stand-in forwards so that every rank runs as many) and
+    the ranks' sums added up before dividing: the same value on every rank. Every rank must call it; on
+    one process exactly `heldout_loss`."""
+    total, count = 0.0, 0.0
+    for i, stand_in in heldout_share(learner, len(micro_batches)):
+        t, c = heldout_sums(learner.model, [micro_batches[i]], learner.device)
+        if not stand_in:
+            total, count = total + t, count + c
+    total, count = sum_over_ranks(learner, torch.tensor([total, count], dtype=torch.float64)).tolist()
     return total / count if count else math.nan
 
 
@@ -137,7 +159,7 @@ def evaluate_sft(s: Session, data: SFTData, step: int) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if data.heldout:
         with s.timer("eval"):
-            metrics["eval/loss"] = heldout_loss(s.learner.model, data.heldout, s.learner.device)
+            metrics["eval/loss"] = global_heldout_loss(s.learner, data.heldout)
         s.tracker.log(metrics, step)
     if s.cfg.sft.eval_generation:
         s.sync_weights()
