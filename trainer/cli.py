@@ -217,9 +217,16 @@ def _server_args(argv: list[str]) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 128 + SIGINT, so the caller sees it was stopped
-        print("reasonrl: interrupted", file=sys.stderr)  # what was written stays (checkpoints are atomic)
-        return 130
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written stays (checkpoints are atomic)
+        print("reasonrl: interrupted", file=sys.stderr)
+        sys.excepthook = _quiet_interrupt
+        raise  # Python exits by SIGINT after its cleanup, so a calling shell (a `for` loop) stops too
+
+
+def _quiet_interrupt(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """`sys.excepthook` that prints nothing for the KeyboardInterrupt `main` has already reported."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
 
 
 def _dispatch(argv: list[str]) -> int:
