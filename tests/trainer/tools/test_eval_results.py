@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, launch_env
 
 from trainer.config_io import load_config
 from trainer.tools.eval_cli import results_dir, run_eval
@@ -47,3 +49,22 @@ def test_eval_of_a_run_checkpoint_writes_beside_it(tiny_qwen2_path: str, tmp_pat
     logged = [json.loads(x) for x in (where / "metrics.jsonl").read_text().splitlines()]
     assert any("eval/accuracy" in r for r in logged)
     assert (where / "config.yaml").is_file() and not (tmp_path / "elsewhere").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_eval_writes_one_results_dir(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """`reasonrl eval` launched on 2 ranks (torchrun, gloo): each rank samples a share of the questions and
+    rank 0 writes every record into its results folder and alone prints it."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "trainer",
+           "eval", "--config", str(TINY), f"model.path={tiny_qwen2_path}", f"output_dir={run}", "rollout.engine=hf",
+           "eval.limit=5", "eval.max_tokens=4", "reward.num_workers=1", "logging.progress=false"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, env=launch_env(cpu_ddp=True), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    [where] = (run / "standalone_eval").iterdir()
+    samples = where / "eval" / "step_000000_eval.jsonl"
+    assert len(samples.read_text().splitlines()) == 5
+    printed = [line for line in proc.stdout.splitlines() if line.startswith("eval results:")]
+    assert printed == [f"eval results: {where} (metrics.jsonl; per-sample records: {samples})"]
+    shares = [line for line in proc.stderr.splitlines() if "evaluation: " in line and " questions (" in line]
+    assert sorted(line.split("evaluation: ")[1].split(" questions")[0] for line in shares) == ["2", "3"], shares
