@@ -12,6 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from trainer.config import ConfigError
 from trainer.config_io import load_config
 from trainer.learners.grpo import train_grpo
@@ -40,7 +42,7 @@ def check_demo_out(out: str | Path) -> None:
     empty folder or one an earlier demo wrote (it holds ``DEMO_MARKER``). A training run of your own (one with a
     ``config.yaml`` and checkpoints) is refused like any other folder."""
     path = Path(out)
-    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or (path / DEMO_MARKER).is_file())):
+    if not path.exists() or (path.is_dir() and (not any(path.iterdir()) or written_by_a_demo(path))):
         return
     if not path.is_dir():
         what = "a file"
@@ -50,6 +52,19 @@ def check_demo_out(out: str | Path) -> None:
         what = "a folder holding other files"
     raise FileExistsError(f"--out {out}: {what}; the demo deletes its run directory before it starts and deletes "
                           f"only one an earlier demo wrote (it holds {DEMO_MARKER}): give a new or empty folder")
+
+
+def written_by_a_demo(path: Path) -> bool:
+    """`path` holds ``DEMO_MARKER``, or is an unmarked run of the tiny model that ``make demo`` wrote before
+    the demos marked their folders (its saved config: the demo's built-in ``tiny-qwen2``, ``output_dir`` itself)."""
+    if (path / DEMO_MARKER).is_file():
+        return True
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+        model, out = Path(saved["model"]["path"]), Path(saved["output_dir"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return model.name == "tiny-qwen2" and out.resolve() == path.resolve()
 
 
 def claim_demo_out(out: str | Path, demo: str) -> None:

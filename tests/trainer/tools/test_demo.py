@@ -111,3 +111,21 @@ def test_demo_real_refuses_a_folder_before_converting_or_deleting(tmp_path: Path
     with pytest.raises(Trained):
         demo_real.run_demo_real(str(earlier))
     assert converted == ["smollm2"] and [list(s) for s in seen] == [[demo.DEMO_MARKER]]
+
+
+def test_an_unmarked_demo_run_from_before_the_marker_is_replaced(tmp_path: Path) -> None:
+    """`make demo` folders written before the demos marked theirs: the saved config names the built-in
+    tiny-qwen2 and the folder itself as output_dir. Re-running the demo replaces them; a run of another model,
+    or one saved with another output_dir (copied from elsewhere), is still refused."""
+    old = _user_run(tmp_path / "demo")
+    (old / "config.yaml").write_text(f"mode: grpo\nmodel:\n  path: .tiny/tiny-qwen2\noutput_dir: {old}\n")
+    demo.check_demo_out(old)
+    (old / "config.yaml").write_text(f"mode: grpo\nmodel:\n  path: Qwen/Qwen2.5-Math-1.5B\noutput_dir: {old}\n")
+    with pytest.raises(FileExistsError, match="a reasonrl run that no demo wrote"):
+        demo.check_demo_out(old)
+    (old / "config.yaml").write_text("mode: grpo\nmodel:\n  path: .tiny/tiny-qwen2\noutput_dir: runs/elsewhere\n")
+    with pytest.raises(FileExistsError, match="a reasonrl run that no demo wrote"):
+        demo.check_demo_out(old)
+    (old / "config.yaml").write_text("- not a mapping\n")
+    with pytest.raises(FileExistsError, match="a reasonrl run that no demo wrote"):
+        demo.check_demo_out(old)
