@@ -430,12 +430,17 @@ def record_heldout_forwards(out_dir: str) -> Callable[[], None]:
     return write
 
 
-def dpo_main(model_path: str, out_dir: str, pairs_path: str) -> None:
-    """`train_dpo` as configured by `dpo_run_config` (its `Session` refuses a torchrun world of 1 process)."""
+def run_main(mode: str, model_path: str, out_dir: str, data_path: str) -> None:
+    """A whole run of `mode` (dpo: `train_dpo` as `dpo_run_config` sets it up; sft: `train_sft` as
+    `sft_run_config`), recording the held-out forwards; its `Session` refuses a torchrun world of 1 process."""
     from trainer.learners.dpo import train_dpo
+    from trainer.learners.sft import train_sft
 
     write_forwards = record_heldout_forwards(out_dir)
-    train_dpo(dpo_run_config(model_path, pairs_path, Path(out_dir)))
+    if mode == "dpo":
+        train_dpo(dpo_run_config(model_path, data_path, Path(out_dir)))
+    else:
+        train_sft(sft_run_config(model_path, data_path, Path(out_dir)))
     write_forwards()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -465,22 +470,8 @@ def sft_run_config(model_path: str, sft_path: str, out_dir: Path) -> Any:
     })  # fmt: skip
 
 
-def sft_main(model_path: str, out_dir: str, sft_path: str) -> None:
-    """`train_sft` as configured by `sft_run_config`, as `dpo_main`."""
-    from trainer.learners.sft import train_sft
-
-    write_forwards = record_heldout_forwards(out_dir)
-    train_sft(sft_run_config(model_path, sft_path, Path(out_dir)))
-    write_forwards()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 if __name__ == "__main__":
-    if sys.argv[4:5] == ["dpo"]:
-        dpo_main(sys.argv[1], sys.argv[2], sys.argv[5])
-    elif sys.argv[4:5] == ["sft"]:
-        sft_main(sys.argv[1], sys.argv[2], sys.argv[5])
+    if sys.argv[4:5] in (["dpo"], ["sft"]):
+        run_main(sys.argv[4], sys.argv[1], sys.argv[2], sys.argv[5])
     else:
         main(sys.argv[1], sys.argv[2], int(sys.argv[3]))

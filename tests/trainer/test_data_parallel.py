@@ -221,7 +221,7 @@ def whole_runs(tiny_qwen2_path: str, out: Path, mode: str, lines: list[dict[str,
 
 @pytest.fixture(scope="module")
 def dpo_whole(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Records, Forwards]:
-    """`train_dpo` in world 1 and world 2 (`dp_worker.dpo_main`)."""
+    """`train_dpo` in world 1 and world 2 (`dp_worker.run_main`)."""
     lines = [{"prompt": f"What is {a} + 3?", "chosen": f"{a} + 3 = {a + 3}", "rejected": f"{a} + 3 = {a + 13}"}
              for a in range(DPO_PAIRS)]  # fmt: skip
     return whole_runs(tiny_qwen2_path, tmp_path_factory.mktemp("dpo"), "dpo", lines)
@@ -295,7 +295,7 @@ SFT_EXAMPLES = 13  # 3 held out, 10 trained on
 
 @pytest.fixture(scope="module")
 def sft_whole(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Records, Forwards]:
-    """`train_sft` in world 1 and world 2 (`dp_worker.sft_main`)."""
+    """`train_sft` in world 1 and world 2 (`dp_worker.run_main`)."""
     lines = [{"prompt": f"What is {a} + 3? ", "response": f"{a} + 3 = {a + 3}"} for a in range(SFT_EXAMPLES)]
     return whole_runs(tiny_qwen2_path, tmp_path_factory.mktemp("sft"), "sft", lines)
 
