@@ -26,6 +26,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.config_io import load_config
 from trainer.data.tasks import DatasetFormatError
 from trainer.hub import HubError
+from trainer.stop_signal import Stopped
 from trainer.tools.plot import PlotError
 
 TRAINERS = {"grpo": "trainer.learners.grpo:train_grpo", "sft": "trainer.learners.sft:train_sft", "dpo": "trainer.learners.dpo:train_dpo",
@@ -249,6 +250,9 @@ def _dispatch(argv: list[str]) -> int:
     except (StorageError, HubError) as err:  # a failed write under the run directory or upload: no traceback
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 1
+    except Stopped as stop:  # SIGTERM: a checkpoint after the current step (trainer.stop_signal)
+        print(f"reasonrl: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     return code
 
 

@@ -246,10 +246,13 @@ class Session:
             save_checkpoint(self.accelerator, self.learner.model, self.learner.tokenizer, self.run_dir, step,
                             self.trainer_state, self.cfg, self.cfg.checkpoint.keep_last)
 
-    def maybe_save(self, step: int, last: bool, **state: Any) -> None:
+    def maybe_save(self, step: int, last: bool, **state: Any) -> bool:
+        """A checkpoint at the last step and every ``checkpoint.save_every`` steps; whether this step saved one."""
         every = self.cfg.checkpoint.save_every
-        if last or (every and step % every == 0):
+        due = bool(last or (every and step % every == 0))
+        if due:
             self.save(step, **state)
+        return due
 
     # ---- cleanup ----------------------------------------------------------------------------------
     def close(self) -> None:
