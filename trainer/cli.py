@@ -251,7 +251,8 @@ def _dispatch(argv: list[str]) -> int:
         print(f"reasonrl: error: {err}", file=sys.stderr)
         return 1
     except Stopped as stop:  # SIGTERM: a checkpoint after the current step (trainer.stop_signal)
-        print(f"reasonrl: {stop}", file=sys.stderr)
+        sys.stderr.write(f"reasonrl: {stop}\n")  # one write: the ranks' lines do not run into each other
+        sys.stderr.flush()
         return 128 + stop.signum
     return code
 
