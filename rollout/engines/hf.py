@@ -1,8 +1,7 @@
 """A plain-transformers `RolloutEngine`: the fallback where vLLM is missing, and the reference it is tested
 against, with vLLM's sampling semantics:
 
-- sample k of prompt i (counted from ``SamplingConfig.first_index``) draws from its own ``torch.Generator``
-  seeded ``sample_seed(seed, i, n, k)`` (vLLM's
+- sample k of prompt i draws from its own ``torch.Generator`` seeded ``SamplingConfig.seed_of(i, k)`` (vLLM's
   seed for it; the streams differ from vLLM's, so only greedy decoding matches token for token);
 - ``min_tokens``: EOS is masked for the first ``min_tokens`` tokens, and a stop string counts only if it
   *ends* after their text (vLLM's ``BaseIncrementalDetokenizer.update`` rule); EOS ends a sample and stays
@@ -34,7 +33,6 @@ from rollout.engines.protocol import (
     SamplingConfig,
     check_prompts,
     rollout_metrics,
-    sample_seed,
 )
 from rollout.weights import WeightCheck, iter_state_dict, next_version, sync_metrics
 
@@ -218,7 +216,7 @@ class HFEngine:
             mask[r, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, s)
-        generators = [self._generator(sample_seed(params.seed, params.first_index + i, params.n, k)) for i, k in rows]
+        generators = [self._generator(params.seed_of(i, k)) for i, k in rows]
         limit = self.max_model_len
         budgets = [params.max_tokens if limit is None else min(params.max_tokens, limit - len(p)) for p in prompts]
         greedy = params.greedy  # vLLM samples greedily below GREEDY_EPS

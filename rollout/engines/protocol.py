@@ -74,6 +74,10 @@ class SamplingConfig:
         refuses ``n > 1``, so the engines ask for one sample and copy it ``n`` times."""
         return self.temperature < GREEDY_EPS
 
+    def seed_of(self, prompt_index: int, k: int = 0) -> int | None:
+        """`sample_seed` of sample k of the call's prompt `prompt_index`, counted from `first_index`."""
+        return sample_seed(self.seed, self.first_index + prompt_index, self.n, k)
+
 
 @dataclass
 class Sample:

@@ -42,7 +42,6 @@ from rollout.engines.protocol import (
     SamplingConfig,
     check_prompts,
     rollout_metrics,
-    sample_seed,
 )
 from rollout.transfer import CollectiveSender
 from rollout.weights import MB, next_version, sync_metrics, write_safetensors_shards
@@ -222,7 +221,7 @@ class RemoteEngine:
 
     # ---- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Sample]:
-        """`params.n` samples per prompt, grouped; one request per prompt with seed ``sample_seed(seed, i, n, 0)``."""
+        """`params.n` samples per prompt, grouped; one request per prompt, seeded ``params.seed_of(i)``."""
         check_prompts(prompts)
         self.wake()
         start = time.perf_counter()
@@ -425,7 +424,7 @@ def _sampling(index: int, params: SamplingConfig) -> dict[str, Any]:
         "min_tokens": params.min_tokens,
         "stop": list(params.stop),
         "include_stop_str_in_output": True,
-        "seed": sample_seed(params.seed, params.first_index + index, params.n, 0),
+        "seed": params.seed_of(index),
         "logprobs": 0,
         "skip_special_tokens": True,
     }

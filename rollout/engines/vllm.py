@@ -39,7 +39,6 @@ from rollout.engines.protocol import (
     check_prompts,
     normalize_device,
     rollout_metrics,
-    sample_seed,
 )
 from rollout.engines.vllm_logs import quiet_vllm
 from rollout.weights import (
@@ -176,7 +175,7 @@ class VLLMEngine:
         self._check_usable()
         self.wake()
         inputs = [_as_vllm_prompt(p) for p in prompts]
-        seeds = [sample_seed(params.seed, params.first_index + i, params.n, 0) for i in range(len(prompts))]
+        seeds = [params.seed_of(i) for i in range(len(prompts))]
         per_prompt = [self._sampling_params(params, seed) for seed in seeds]
         start = time.perf_counter()
         with self._on_device():
