@@ -313,9 +313,7 @@ def _configure_deepspeed(accelerator: Accelerator, max_grad_norm: float) -> None
 
 def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
     """Response tokens of the optimizer batch summed over ranks (token-level normalisation needs it)."""
-    acc = learner.accelerator
-    count = mask.sum().to(acc.device, torch.float32)
-    return float(acc.reduce(count, "sum")) if acc.num_processes > 1 else float(count)
+    return float(sum_over_ranks(learner, mask.sum().to(torch.float32)))
 
 
 def sum_over_ranks(learner: Learner, values: torch.Tensor) -> torch.Tensor:
