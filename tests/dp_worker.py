@@ -376,23 +376,29 @@ def main(model_path: str, out_dir: str, world: int) -> None:
 DPO_PAIRS_PER_STEP = 3  # over 2 ranks: 2 pairs on rank 0, 1 on rank 1
 
 
-def dpo_run_config(model_path: str, pairs_path: str, out_dir: Path) -> Any:
-    """DPO on the tiny model, 1 pair per micro-batch (no padding: the same forward shapes in every world),
-    an evaluation every 2 steps, every step logged."""
+def whole_run_config(mode: str, data: dict[str, str], section: dict[str, Any], out_dir: Path, model_path: str) -> Any:
+    """A `mode` run on the tiny model (float32, RMSprop at 1e-3, no warm-up) with `data` and its own config
+    `section`: an evaluation every 2 steps, every step logged, the checkpoint at the end only."""
     from trainer.config_io import config_from_dict
 
     return config_from_dict({
-        "mode": "dpo", "seed": 0, "output_dir": str(out_dir / "run"),
+        "mode": mode, "seed": 0, "output_dir": str(out_dir / "run"),
         "model": {"path": model_path, "dtype": "float32"},
-        "data": {"preference_path": pairs_path},
+        "data": data,
         "reward": {"num_workers": 1},
         "optim": {"optimizer": "rmsprop", "learning_rate": 1e-3, "warmup_steps": 0},
-        "dpo": {"loss": "dpo", "beta": 0.1, "template": "alpaca", "max_steps": 4,
-                "pairs_per_step": DPO_PAIRS_PER_STEP, "micro_batch_pairs": 1, "validation_fraction": 0.25},
+        mode: section,
         "eval": {"every": 2},
         "logging": {"wandb_mode": "disabled", "progress": False, "every": 1},
         "checkpoint": {"save_every": 0, "keep_last": 1},
     })  # fmt: skip
+
+
+def dpo_run_config(model_path: str, pairs_path: str, out_dir: Path) -> Any:
+    """DPO, 1 pair per micro-batch (no padding: the same forward shapes in every world)."""
+    return whole_run_config("dpo", {"preference_path": pairs_path}, {
+        "loss": "dpo", "beta": 0.1, "template": "alpaca", "max_steps": 4, "pairs_per_step": DPO_PAIRS_PER_STEP,
+        "micro_batch_pairs": 1, "validation_fraction": 0.25}, out_dir, model_path)  # fmt: skip
 
 
 def record_heldout_forwards(out_dir: str) -> Callable[[], None]:
@@ -452,22 +458,11 @@ SFT_BATCH = 3  # over 2 ranks: 2 examples on rank 0, 1 on rank 1
 
 
 def sft_run_config(model_path: str, sft_path: str, out_dir: Path) -> Any:
-    """Reasoning SFT on the tiny model, 1 example per micro-batch (held-out ones too: no padding, the same
-    forward shapes in every world), an evaluation every 2 steps, every step logged."""
-    from trainer.config_io import config_from_dict
-
-    return config_from_dict({
-        "mode": "sft", "seed": 0, "output_dir": str(out_dir / "run"),
-        "model": {"path": model_path, "dtype": "float32"},
-        "data": {"sft_path": sft_path},
-        "reward": {"num_workers": 1},
-        "optim": {"optimizer": "rmsprop", "learning_rate": 1e-3, "warmup_steps": 0},
-        "sft": {"max_steps": 4, "batch_size": SFT_BATCH, "gradient_accumulation_steps": SFT_BATCH,
-                "validation_fraction": 0.25},
-        "eval": {"every": 2},
-        "logging": {"wandb_mode": "disabled", "progress": False, "every": 1},
-        "checkpoint": {"save_every": 0, "keep_last": 1},
-    })  # fmt: skip
+    """Reasoning SFT, 1 example per micro-batch (held-out ones too: no padding, the same forward shapes in
+    every world)."""
+    return whole_run_config("sft", {"sft_path": sft_path}, {
+        "max_steps": 4, "batch_size": SFT_BATCH, "gradient_accumulation_steps": SFT_BATCH,
+        "validation_fraction": 0.25}, out_dir, model_path)  # fmt: skip
 
 
 if __name__ == "__main__":
