@@ -26,7 +26,7 @@ from trainer.config import ConfigError, RunConfig
 from trainer.config_io import load_config
 from trainer.data.tasks import DatasetFormatError
 from trainer.hub import HubError
-from trainer.stop_signal import Stopped
+from trainer.stop_signal import Stopped, interrupt_in_one_line
 from trainer.tools.plot import PlotError
 
 TRAINERS = {"grpo": "trainer.learners.grpo:train_grpo", "sft": "trainer.learners.sft:train_sft", "dpo": "trainer.learners.dpo:train_dpo",
@@ -216,18 +216,8 @@ def _server_args(argv: list[str]) -> list[str] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
+    with interrupt_in_one_line():  # Ctrl-C: one line, then death by SIGINT
         return _dispatch(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was written stays (checkpoints are atomic)
-        print("reasonrl: interrupted", file=sys.stderr)
-        sys.excepthook = _quiet_interrupt
-        raise  # Python exits by SIGINT after its cleanup, so a calling shell (a `for` loop) stops too
-
-
-def _quiet_interrupt(kind: type[BaseException], value: BaseException, tb: Any) -> None:
-    """`sys.excepthook` that prints nothing for the KeyboardInterrupt `main` has already reported."""
-    if not issubclass(kind, KeyboardInterrupt):
-        sys.__excepthook__(kind, value, tb)
 
 
 def _dispatch(argv: list[str]) -> int:

