@@ -135,8 +135,9 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainer.tools.demo import run_demo
+    from trainer.tools.demo import demo_config, run_demo
 
+    demo_config(args.out, args.overrides)  # a refused --out or a typo: the only line, not after the thread count
     _cpu_threads()
     run_demo(args.out, args.overrides)
     return 0

@@ -185,6 +185,22 @@ def test_demo_refuses_a_training_run_as_out(tmp_path: Path) -> None:
     assert (run / "checkpoints" / "step_000400" / "model.safetensors").read_text() == "weights"
 
 
+def test_demo_refusal_comes_alone_before_the_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refused `demo --out DIR` (a folder of other files) or a mistyped override logged the CPU thread count
+    ("CPU threads: ...", chosen where OMP_NUM_THREADS is unset) before the refusal. Now --out and the overrides
+    are checked first: the refusal is the only line on stderr."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # unset: the demo would choose the threads and log them
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("years of work")
+    for args, refusal in ((["--out", "notes"], "reasonrl: error: --out notes: a folder holding other files"),
+                          (["--out", "new", "grpo.n_grpo_step=5"], "grpo.n_grpo_step: unknown key")):
+        proc = reasonrl("demo", *args, cwd=tmp_path)
+        assert proc.returncode == 2 and refusal in proc.stderr, proc.stderr[-2000:]
+        assert "CPU threads" not in proc.stderr and proc.stderr.startswith("reasonrl: error: "), proc.stderr[-2000:]
+    assert (notes / "thesis.txt").read_text() == "years of work" and not (tmp_path / "new").exists()
+
+
 def test_eval_refuses_a_folder_as_out_and_a_run_dir_as_checkpoint_before_evaluating(tmp_path: Path) -> None:
     """`eval --out FOLDER` evaluated everything, then failed copying the records with a Python traceback
     (IsADirectoryError, exit 1); now it is one error line before anything loads. `--checkpoint RUN_DIR` (the run,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from trainer.config import ConfigError
+from trainer.config import ConfigError, RunConfig
 from trainer.config_io import load_config
 from trainer.learners.grpo import train_grpo
 from trainer.tools.plot import plot_run
@@ -81,11 +81,18 @@ def check_demo_overrides(overrides: list[str] | None) -> None:
         raise ConfigError([f"{moved[0]}: the demo's run directory is --out"], "command line")
 
 
-def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, tiny_root: str | Path = ".tiny") -> str:
+def demo_config(out: str | Path, overrides: list[str] | None = None, tiny_root: str | Path = ".tiny") -> RunConfig:
+    """The demo's config, after refusing an `out` it may not replace and a mistyped override: nothing is built,
+    deleted or loaded before these checks."""
     check_demo_out(out)
     check_demo_overrides(overrides)
     tiny = Path(tiny_root) / "tiny-qwen2"
-    cfg = load_config(DEMO_CONFIG, [f"output_dir={out}", f"model.path={tiny}", *(overrides or [])])  # typos first
+    return load_config(DEMO_CONFIG, [f"output_dir={out}", f"model.path={tiny}", *(overrides or [])])
+
+
+def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, tiny_root: str | Path = ".tiny") -> str:
+    cfg = demo_config(out, overrides, tiny_root)
+    tiny = Path(tiny_root) / "tiny-qwen2"
     if not (tiny / "config.json").exists():
         build_tiny(tiny_root)
     claim_demo_out(out, "reasonrl demo")
