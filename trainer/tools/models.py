@@ -66,7 +66,7 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise FileExistsError(f"{out_dir}: a file, not a folder for the checkpoint")
 
 
-def _new_sibling(out: Path) -> Path:
+def new_sibling(out: Path) -> Path:
     """A new, empty folder beside `out` to write the checkpoint into before it is renamed to `out`. Its name is
     unique (``DIR.<random>.tmp``) and made by mkdir, which fails rather than reuse a folder: no folder of the
     user's (``DIR.tmp`` or any other) is written into or deleted."""
@@ -129,7 +129,7 @@ def convert(name: str, out_dir: str | Path) -> Path:
     print(f"{out}: saving ...", flush=True)
     record = {"model": name, "source": f"{MODELS[name][0]}/{gguf.name}", "dtype": "float32", "max_logit_gap": gap}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _new_sibling(out)
+    tmp = new_sibling(out)
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -6,15 +6,24 @@
 and random weights, plus the locally trained tiny BPE tokenizer (`trainer.tools.tiny`) padded with added tokens
 ``<|rN|>`` up to the model's vocabulary, so every id the random policy samples decodes. Compute per token is
 that of the real model; the text is meaningless, so only speed and memory are measured with it.
+
+The checkpoint is written into a new folder beside OUT_DIR and renamed to it when complete, with
+``reasonrl_shaped.json`` (shape, dtype, seed) written last. OUT_DIR must be new, empty or such an earlier output:
+one of the same settings is kept as it is, one of other settings is replaced, and any other folder is refused
+before anything is built (as `reasonrl models` and `reasonrl demo` treat theirs).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.tools.models import new_sibling
 from trainer.tools.tiny import build_tokenizer
 
 QWEN25_MATH_15B = {
@@ -23,6 +32,7 @@ QWEN25_MATH_15B = {
     "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "use_sliding_window": False,
 }
 SHAPES: dict[str, dict[str, Any]] = {"qwen2.5-math-1.5b": QWEN25_MATH_15B}
+MARKER = "reasonrl_shaped.json"  # written last: OUT_DIR holds a complete checkpoint of the settings it records
 
 
 def shaped_config(shape: dict[str, Any], tokenizer: Any) -> Any:
@@ -41,11 +51,18 @@ def padded_tokenizer(vocab_size: int, seed: int = 0) -> Any:
 
 def check_out_dir(out_dir: str | Path) -> None:
     """Refuse, before anything is built, an `out_dir` that cannot take the checkpoint: a file (transformers only
-    logs a warning then, and nothing is written), a path under a file, or a folder this process cannot write."""
+    logs a warning then, and nothing is written), a path under a file, a folder holding anything but an earlier
+    output of this command (it would be overwritten), or one whose parent this process cannot write (the
+    checkpoint is written beside `out_dir`, then renamed to it)."""
     out = Path(out_dir)
+    if out.name in ("", ".", ".."):
+        raise FileExistsError(f"{out_dir}: name the checkpoint's own folder (e.g. /tmp/shaped), not . or ..")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out_dir}: a file, not a folder for the checkpoint")
-    existing = next(p for p in (out, *out.parents) if p.exists())  # the folder that mkdir would create it in
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
+        raise FileExistsError(f"{out_dir}: not empty and not a checkpoint this command wrote (no {MARKER}), so it "
+                              "is left as it is: give a new or empty folder")
+    existing = next(p for p in out.parents if p.exists())  # the folder the checkpoint is written in, then renamed
     if not existing.is_dir():
         raise NotADirectoryError(f"{out_dir}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -53,10 +70,16 @@ def check_out_dir(out_dir: str | Path) -> None:
 
 
 def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloat16", seed: int = 0) -> Path:
-    """Write a random `Qwen2ForCausalLM` of `shape` and its padded tokenizer to `out_dir`; returns it.
+    """Write a random `Qwen2ForCausalLM` of `shape` and its padded tokenizer to `out_dir`; returns it. An
+    `out_dir` this command wrote with the same shape, dtype and seed is kept as it is (nothing is built).
 
     Weights are initialised on the GPU when there is one (seconds instead of a minute for 1.5B)."""
     check_out_dir(out_dir)
+    out, record = Path(out_dir), {"shape": shape, "dtype": dtype, "seed": seed}
+    if _recorded(out) == record:
+        print(f"{out}: already holds this checkpoint (same shape, dtype and seed), kept: delete it to build again",
+              file=sys.stderr)
+        return out
     import torch
     from transformers import Qwen2ForCausalLM
 
@@ -66,15 +89,39 @@ def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloa
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = model_cls(shaped_config(shape, tokenizer)).to(getattr(torch, dtype))
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save(out, model, tokenizer, record)
     return out
+
+
+def _recorded(out: Path) -> Any:
+    """The settings an earlier build recorded in `out` (None where it holds no readable marker)."""
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _save(out: Path, model: Any, tokenizer: Any, record: dict[str, Any]) -> None:
+    """Write into a new folder beside `out`, marked last, then rename it to `out` (replacing an earlier output of
+    this command); a failed or interrupted save leaves `out` as it was and nothing beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_sibling(out)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
+        if (out / MARKER).is_file():  # this command's earlier output, of other settings (check_out_dir)
+            shutil.rmtree(out)
+        tmp.rename(out)  # replaces an empty folder; one that filled meanwhile is an error, kept
+    except BaseException:  # Ctrl-C included
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.tools.shaped", description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="directory to write the model and its tokenizer to")
+    parser.add_argument("out_dir", help="directory to write the model and its tokenizer to: new, empty or an "
+                        "earlier output of this command (kept when of the same settings, else replaced)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-math-1.5b",
                         help="whose dimensions (default qwen2.5-math-1.5b)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",

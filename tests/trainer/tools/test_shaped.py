@@ -1,8 +1,9 @@
-"""Shaped random checkpoints (`trainer.tools.shaped`): the 1.5B shape's parameter count by hand, and a small
-shape written and loaded back through `from_pretrained` like a user checkpoint."""
+"""Shaped random checkpoints (`trainer.tools.shaped`): the 1.5B shape's parameter count by hand, a small
+shape written and loaded back through `from_pretrained` like a user checkpoint, and which OUT_DIR it takes."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,7 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
+import trainer.tools.shaped as shaped
 from trainer.tools.shaped import QWEN25_MATH_15B, build_shaped, main, padded_tokenizer, shaped_config
+
+SMALL = {**QWEN25_MATH_15B, "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 def test_qwen25_math_15b_parameter_count() -> None:
@@ -25,9 +30,7 @@ def test_qwen25_math_15b_parameter_count() -> None:
 
 
 def test_small_shape_round_trips(tmp_path: Path) -> None:
-    shape = {**QWEN25_MATH_15B, "vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128,
-             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1}
-    path = build_shaped(tmp_path / "m", shape, dtype="float32")
+    path = build_shaped(tmp_path / "m", SMALL, dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert model.config.vocab_size == len(tokenizer) == 2048
@@ -43,18 +46,21 @@ def test_cli_rejects_unknown_shape(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "unused").exists()
 
 
+def _no_build(*args: object) -> None:
+    raise AssertionError("built before OUT_DIR was checked")
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
 def test_unusable_out_dir_is_refused_before_building(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """OUT_DIR a file: the 1.5B model was built (a minute on CPU), then transformers only logged "should be a
     directory, not a file", nothing was written, and the command printed the path and exited 0; a path under a
     file was a NotADirectoryError traceback after the build. Now both are one error line (exit 2) before
     anything is built."""
-    import trainer.tools.shaped as shaped
-
-    def no_build(*args: object) -> None:
-        raise AssertionError("built before OUT_DIR was checked")
-
-    monkeypatch.setattr(shaped, "padded_tokenizer", no_build)
+    monkeypatch.setattr(shaped, "padded_tokenizer", _no_build)
     notes = tmp_path / "notes.txt"
     notes.write_text("x")
     for out, why in ((notes, f"{notes}: a file, not a folder for the checkpoint"),
@@ -66,3 +72,47 @@ def test_unusable_out_dir_is_refused_before_building(tmp_path: Path, monkeypatch
         with pytest.raises(NotADirectoryError, match=re.escape(why)):
             build_shaped(out, QWEN25_MATH_15B)
     assert notes.read_text() == "x"
+
+
+def test_a_folder_it_did_not_write_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """OUT_DIR holding other files (another model, notes) was written into: its config.json and weights were
+    overwritten, after a minute of building. Now it is one error naming the folder (exit 2), before anything is
+    built, and the folder is left as it was."""
+    monkeypatch.setattr(shaped, "padded_tokenizer", _no_build)
+    mine = tmp_path / "my-model"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "model.safetensors").write_text("weights")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(mine)])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m trainer.tools.shaped: error: {mine}: not empty and not a checkpoint this command wrote (no "
+        f"{shaped.MARKER}), so it is left as it is: give a new or empty folder")
+    assert _files(mine) == {"config.json": b"{}", "model.safetensors": b"weights"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my-model"]
+
+
+def test_its_own_earlier_output_is_kept_or_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Run again onto its own output (it holds the marker, written last), OUT_DIR is kept as it is when shape,
+    dtype and seed are the same (nothing is built) and replaced when they differ, with no file of the earlier
+    checkpoint left in it and nothing left beside it."""
+    monkeypatch.setitem(shaped.SHAPES, "small", SMALL)
+    out = tmp_path / "m"
+    main([str(out), "--shape", "small", "--dtype", "float32"])
+    assert capsys.readouterr().out == f"{out}\n"
+    first = _files(out)
+    assert json.loads(first[shaped.MARKER]) == {"shape": SMALL, "dtype": "float32", "seed": 0}
+    with monkeypatch.context() as patch:
+        patch.setattr(shaped, "padded_tokenizer", _no_build)
+        main([str(out), "--shape", "small", "--dtype", "float32"])
+    assert capsys.readouterr().err.startswith(f"{out}: already holds this checkpoint")
+    assert _files(out) == first
+    (out / "stale.bin").write_bytes(b"from the earlier build")  # as a shard of another dtype would be
+    main([str(out), "--shape", "small", "--dtype", "float32", "--seed", "1"])
+    second = _files(out)
+    assert json.loads(second[shaped.MARKER])["seed"] == 1 and sorted(second) == sorted(first)
+    assert second["model.safetensors"] != first["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
