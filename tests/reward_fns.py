@@ -24,3 +24,10 @@ def misbehaving_reward(response: str, gold: str) -> RewardResult:
     if response == "print":
         print("stray output on stdout must not corrupt the protocol")
     return RewardResult(format_reward=1.0, answer_reward=float(response == gold), reward=1.0)
+
+
+def digit_share_reward(response: str, gold: str) -> RewardResult:
+    """A dense reward a random tiny model already earns in varying amounts, so GRPO's advantages are not all
+    zero: the share of the response's characters that are digits (answer reward: the gold appears)."""
+    share = sum(c.isdigit() for c in response) / max(1, len(response))
+    return RewardResult(format_reward=float(share > 0), answer_reward=float(gold in response), reward=share)

@@ -4,7 +4,9 @@ Placement (``rollout.placement``; the rules are checked by `trainer.config`, see
 
 - ``colocated``: vLLM in the learner's process and device (sleeps between rollouts on CUDA), or the HF
   engine sharing the learner's live module (``rollout.engine: hf``, colocated only; no copy, so a sync only
-  advances the policy version and the probe checks the shared module against itself). One engine per rank.
+  advances the policy version and the probe checks the shared module against itself). Under DeepSpeed
+  ZeRO-3, where each rank holds only a shard of the learner, the HF engine holds a whole copy instead, which
+  every sync fills from the gathered weights. One engine per rank.
 - ``dedicated``: vLLM on its own device (``rollout.device``, e.g. ``cuda:1``; required); world size 1.
 - ``remote``: a rollout server (`reasonrl rollout-server`) at ``rollout.server_url``; weights go through
   ``rollout.weight_transfer_dir`` (shared storage) or, with ``rollout.weight_transfer`` gloo / nccl, are
@@ -18,7 +20,7 @@ from typing import Any
 
 from rollout.engines.protocol import RolloutEngine, normalize_device
 from trainer.config import RunConfig
-from trainer.learner import Learner
+from trainer.learner import Learner, load_model, whole_loading
 
 
 def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
@@ -38,6 +40,9 @@ def build_engine(cfg: RunConfig, learner: Learner) -> RolloutEngine:
     if r.engine == "hf":
         from rollout.engines.hf import HFEngine
 
+        if learner.sharded:  # ZeRO-3: each rank generates alone, so from a whole copy that syncs receive
+            with whole_loading(learner.accelerator):
+                return HFEngine(load_model(cfg.model, learner.device).eval(), learner.tokenizer)
         return HFEngine(learner.unwrapped, learner.tokenizer)
     from rollout.engines.vllm import VLLMEngine
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -30,6 +32,7 @@ from trainer.data.tasks import Example
 from trainer.logprobs import forward_log_probs
 
 logger = logging.getLogger("reasonrl")
+ENTROPY_BATCH = 8  # responses per entropy forward pass
 
 def sampling_config(cfg: SamplingSection, seed: int, n: int = 1) -> SamplingConfig:
     """The sampling parameters of an ``eval`` or ``rollout`` config section, `n` samples per prompt."""
@@ -38,17 +41,40 @@ def sampling_config(cfg: SamplingSection, seed: int, n: int = 1) -> SamplingConf
 
 
 @torch.inference_mode()
-def response_entropy(model: torch.nn.Module, samples: Sequence[Any], pad_id: int, batch_size: int = 8) -> list[float]:
-    """Mean per-token entropy of each sample's response under `model`."""
-    device = next(model.parameters()).device
+def response_entropy(model: torch.nn.Module, samples: Sequence[Any], pad_id: int, batch_size: int = ENTROPY_BATCH,
+                     passes: int = 0) -> list[float]:
+    """Mean per-token entropy of each sample's response under `model`, `batch_size` samples per forward pass.
+
+    With `passes`, at least that many passes run: a stand-in (this rank's first batch again, or one pad token
+    where it has none) makes up the rest and its result is dropped. Under DeepSpeed ZeRO-3 every forward
+    gathers the parameters from all ranks, so every rank must run as many (`entropy_passes`)."""
+    batches = [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+    stand_in = batches[0] if batches else [SimpleNamespace(prompt_ids=[pad_id], response_ids=[pad_id])]
     out: list[float] = []
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        batch = pack_token_ids([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id).to(device)
-        ent = forward_log_probs(model, batch, return_token_entropy=True, response_only=True)["token_entropy"]
-        mask = batch.response_mask.float()
-        out += ((ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    for i in range(max(len(batches), passes)):
+        entropies = _batch_entropy(model, batches[i] if i < len(batches) else stand_in, pad_id)
+        if i < len(batches):
+            out += entropies
     return out
+
+
+def _batch_entropy(model: torch.nn.Module, chunk: Sequence[Any], pad_id: int) -> list[float]:
+    device = next(model.parameters()).device
+    batch = pack_token_ids([s.prompt_ids for s in chunk], [s.response_ids for s in chunk], pad_id).to(device)
+    ent = forward_log_probs(model, batch, return_token_entropy=True, response_only=True)["token_entropy"]  # (b, s)
+    mask = batch.response_mask.float()  # (b, s)
+    entropies: list[float] = ((ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist()
+    return entropies
+
+
+def entropy_passes(n_questions: int, world: int, shared_engine: bool, batch_size: int = ENTROPY_BATCH) -> int:
+    """The most entropy passes any rank runs over its `eval_share` (the same number on every rank).
+
+    >>> entropy_passes(17, 2, False), entropy_passes(17, 2, True), entropy_passes(0, 2, False)
+    (2, 3, 0)
+    """
+    largest = max(len(eval_share(n_questions, world, r, shared_engine)) for r in range(world))
+    return math.ceil(largest / batch_size)
 
 
 def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
@@ -61,10 +87,11 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
 
 def sample_records(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
                    scorer: RewardScorer, policy: torch.nn.Module | None = None,
-                   pad_id: int = 0) -> tuple[list[dict[str, Any]], list[float]]:
+                   pad_id: int = 0, passes: int = 0) -> tuple[list[dict[str, Any]], list[float]]:
     """Generate, grade and (with a `policy`) score the entropy of one sample per question: the per-sample
     records, and the seconds of those three phases. A data-parallel rank passes its share of the questions,
-    with ``sampling.first_index`` at the share's start."""
+    with ``sampling.first_index`` at the share's start (and, under ZeRO-3, every rank's
+    `entropy_passes` as `passes`)."""
     prompts = [format_prompt(template, question=ex.question) for ex in examples]
     logger.info("evaluation: %d questions (generate, score%s) ...", len(prompts), ", entropy" * (policy is not None))
     times = [time.perf_counter()]
@@ -72,7 +99,10 @@ def sample_records(engine: RolloutEngine, examples: Sequence[Example], template:
     times.append(time.perf_counter())
     scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples], tally=False)
     times.append(time.perf_counter())
-    entropies = response_entropy(policy, samples, pad_id) if policy is not None else [float("nan")] * len(samples)
+    if policy is None:
+        entropies = [float("nan")] * len(samples)
+    else:
+        entropies = response_entropy(policy, samples, pad_id, passes=passes)
     times.append(time.perf_counter())
     records = [
         {"prompt": p, "response": s.text, "gold": ex.answer, **sc.as_dict(), "length": len(s.response_ids),

@@ -364,11 +364,33 @@ def reference_autocast(accelerator: Any, device: torch.device) -> contextlib.Abs
 def load_frozen_reference(model_cfg: ModelConfig, device: torch.device | str,
                           accelerator: Accelerator) -> torch.nn.Module:
     """A frozen copy of a model (eval mode, no gradients) whose forward runs under the policy's autocast:
-    the reference of GRPO's KL penalty and of DPO."""
-    ref = load_model(model_cfg, device).eval()
+    the reference of GRPO's KL penalty and of DPO. Whole on every rank, also under ZeRO-3 (`whole_loading`)."""
+    with whole_loading(accelerator):
+        ref = load_model(model_cfg, device).eval()
     for p in ref.parameters():
         p.requires_grad_(False)
     return autocast_like_policy(ref, accelerator)
+
+
+@contextlib.contextmanager
+def whole_loading(accelerator: Accelerator) -> Iterator[None]:
+    """Load models whole inside this context, also under DeepSpeed ZeRO-3.
+
+    accelerate registers the run's DeepSpeed config with transformers, and under ZeRO-3 `from_pretrained` then
+    partitions every model it loads over the ranks (``deepspeed.zero.Init``), whatever the launch file's
+    ``zero3_init_flag``. That suits the learner, which DeepSpeed trains; a frozen reference or an HF engine's
+    copy is a plain module that each rank runs alone, so its parameters would be empty (shape 0) there."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # registers the run's config again
 
 
 def autocast_like_policy(module: torch.nn.Module, accelerator: Accelerator) -> torch.nn.Module:

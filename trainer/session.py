@@ -36,7 +36,14 @@ from trainer.data.checks import check_data, context_limit, drop_long_prompts, ta
 from trainer.data.prompts import is_chat_template, register_chat_template, register_template
 from trainer.data.tasks import Example, load_task
 from trainer.engines import node_learner_devices, shares_engine
-from trainer.evaluate import eval_share, report, sample_records, sampling_config
+from trainer.evaluate import (
+    entropy_passes,
+    eval_share,
+    report,
+    response_entropy,
+    sample_records,
+    sampling_config,
+)
 from trainer.flops import FlopCounter
 from trainer.hub import check_hub_on_every_rank
 from trainer.learner import Learner, make_accelerator
@@ -187,7 +194,7 @@ class Session:
         """Held-out evaluation, logged by the main process, with per-sample JSONL under run_dir/eval/. Ranks with
         engines of their own each sample a contiguous share of the questions, seeded as one process would
         (`eval_share`); ranks sharing one rollout server leave it to rank 0. Token entropy needs a learner
-        forward pass, which one rank alone cannot run under ZeRO-3: there it is NaN."""
+        forward pass; under ZeRO-3 that pass is collective, so every rank runs as many (`entropy_passes`)."""
         _ = self.engine  # built on every rank: a vLLM engine's start-up is collective over the learner's ranks
         world = self.accelerator.num_processes
         share = eval_share(len(self.eval_examples()), world, self.accelerator.process_index,
@@ -213,14 +220,20 @@ class Session:
 
     def _eval_records(self, share: range, step: int) -> tuple[list[dict[str, Any]], list[float]]:
         """This rank's records for the questions in `share` (none: nothing sampled) and its phase seconds."""
+        policy, passes = self.learner.unwrapped, 0  # plain module: no DDP buffer broadcast, ranks independent
+        if self.learner.sharded:  # ZeRO-3: the entropy forwards gather from every rank, an idle one included
+            world = self.accelerator.num_processes
+            policy, passes = self.learner.model, entropy_passes(len(self.eval_examples()), world,
+                                                                shares_engine(self.cfg, world))
         if not share:
+            with torch.inference_mode():
+                response_entropy(policy, [], self.learner.tokenizer.pad_token_id, passes=passes)
             return [], [0.0, 0.0, 0.0]
-        policy = None if self.learner.sharded else self.learner.unwrapped
         sampling = replace(sampling_config(self.cfg.eval, self.cfg.seed + step), first_index=share.start)
         examples = self.eval_examples()[share.start : share.stop]
         with self.timer("eval"), torch.inference_mode():
             out = sample_records(self.engine, examples, self.cfg.data.prompt_template, sampling, self.scorer,
-                                 policy, self.learner.tokenizer.pad_token_id)
+                                 policy, self.learner.tokenizer.pad_token_id, passes)
         self.rollouts_done()
         return out
 

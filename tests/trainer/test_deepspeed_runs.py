@@ -1,0 +1,109 @@
+"""`reasonrl train` under DeepSpeed ZeRO-3 on 2 CPU ranks, every mode, against the same run under plain DDP.
+
+Each mode runs twice from the same shipped config (float32, ``--mixed_precision no``): with
+``launch/zero3.yaml`` (DeepSpeed's CPU accelerator over gloo) and with ``launch/cpu_2proc.yaml`` (DDP). What
+ZeRO-3 changes is exercised end to end: the learner's forwards gather from both ranks (training, the
+stale-weight probe, old log-probs, held-out losses), the weight sync gathers bucket by bucket into one vLLM
+engine per rank (GRPO) or into the HF engine's whole copy (SFT's generation, expert iteration), a frozen
+reference loads whole (GRPO's KL, DPO), and the held-out token entropy runs as a collective pass with
+stand-ins on the rank with fewer questions (17 questions: shares of 9 and 8, two passes on each rank).
+
+The runs must log the same metrics. Measured differences: at most 3.4e-6 relative (GRPO's gradient norm,
+which DeepSpeed sums over its partitions) and 2e-8 absolute in the losses; evaluation samples are identical.
+DPO's separate chosen and rejected rewards drift by about 1e-4 between the two (their margin and the loss
+agree to 1.5e-6): RMSprop's first steps of size lr / sqrt(1 - alpha) amplify the float32 rounding of
+gradients that nearly cancel, in weights that move each log-prob but not the margin the loss sees; those two
+are not compared. A dense test reward (`reward_fns.digit_share_reward`) gives the random model's GRPO groups
+non-zero advantages, so the policy moves.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import REPO, TESTS, launch_env, session_pids
+
+from trainer.tracking import read_metrics
+
+TIMEOUT_S = 300
+REL, ABS = 1e-5, 1e-7
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(2 * TIMEOUT_S + 60)]
+
+COMMON = ["eval.temperature=1.0", "data.eval_limit=17", "logging.progress=false"]
+MODES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {  # config, overrides, metrics compared
+    "grpo": ("grpo_tiny_cpu.yaml",
+             ["warmstart.steps=0", "grpo.n_grpo_steps=3", "eval.every=3", "grpo.kl_coef=0.1",
+              "reward.fn=reward_fns:digit_share_reward"],
+             ("train/loss", "train/kl", "train/entropy", "train/grad_norm", "reward/reward_mean", "eval/accuracy",
+              "eval/reward", "eval/mean_length", "eval/token_entropy")),
+    "sft": ("tiny/sft_tiny_cpu.yaml", ["sft.max_steps=2"],
+            ("train/loss", "eval/loss", "eval/accuracy", "eval/mean_length", "eval/token_entropy")),
+    "dpo": ("tiny/dpo_tiny_cpu.yaml", ["dpo.max_steps=2"],
+            ("train/loss", "train/reward_margin", "train/accuracy", "eval/loss", "eval/accuracy",
+             "eval/reward_margin")),
+    "ei": ("tiny/ei_tiny_cpu.yaml",
+           ["warmstart.steps=0", "ei.n_ei_steps=2", "ei.questions_per_step=8", "eval.every=2",
+            "reward.fn=reward_fns:digit_share_reward"],
+           ("train/loss", "ei/kept_fraction", "ei/response_entropy", "eval/accuracy", "eval/mean_length", "eval/token_entropy")),
+}  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path) -> list[dict[str, Any]]:
+    config, overrides, _ = MODES[mode]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch),
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", "no",
+           "-m", "trainer", "train", "--config", str(REPO / "configs" / config), f"output_dir={out}",
+           f"model.path={model}", f"data.sft_path={data['sft']}", f"data.preference_path={data['dpo']}",
+           *COMMON, *overrides]  # fmt: skip
+    env = launch_env(cpu_ddp=False)  # make_accelerator forms the gloo world itself, DeepSpeed's too
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(TESTS)])  # the test reward's module
+    log = out.parent / f"{out.name}.log"
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        rc = None
+    finally:
+        if session_pids(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    tail = "\n".join(log.read_text().splitlines()[-40:])
+    assert rc == 0, f"{mode} under {launch} exited {rc} (None: hung past {TIMEOUT_S} s); log tail:\n{tail}"
+    return read_metrics(out)
+
+
+def _by_step(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple[int, str], float]:
+    return {(r["step"], k): r[k] for r in records for k in keys if k in r}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_zero3_run_logs_what_ddp_logs(mode: str, tiny_qwen2_path: str, tmp_path: Path) -> None:
+    from trainer.tools.tiny import write_tiny_data
+
+    data = write_tiny_data(tmp_path / "data")
+    zero3 = _by_step(_train("zero3.yaml", mode, tiny_qwen2_path, data, tmp_path / "zero3"), MODES[mode][2])
+    ddp = _by_step(_train("cpu_2proc.yaml", mode, tiny_qwen2_path, data, tmp_path / "ddp"), MODES[mode][2])
+    assert zero3.keys() == ddp.keys()
+    assert {k for _, k in ddp} == set(MODES[mode][2]), "every compared metric was logged"
+    for where, value in zero3.items():
+        assert math.isfinite(value), (where, value)  # token entropy was NaN under ZeRO-3
+        assert value == pytest.approx(ddp[where], rel=REL, abs=ABS), (where, value, ddp[where])
+    if mode == "grpo":
+        moved = [v for (step, k), v in ddp.items() if k == "train/loss" and step > 1]
+        assert any(abs(v) > 1e-4 for v in moved), "the dense reward gives non-zero advantages"
