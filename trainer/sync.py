@@ -71,16 +71,24 @@ def broadcast_from_main(value: int) -> int:
 
 def make_probe(cfg: RunConfig, learner: Learner) -> StaleWeightProbe:
     """The probe's default thresholds follow `probe_dtype` (bf16 kernels differ from the learner's)."""
+    dtype = probe_dtype(cfg, learner.accelerator.mixed_precision)
     return StaleWeightProbe(tokenizer=learner.tokenizer, max_threshold=cfg.rollout.probe_threshold,
                             mean_threshold=cfg.rollout.probe_mean_threshold,
-                            dtype=probe_dtype(cfg), on_mismatch=cfg.rollout.probe_action)
+                            dtype=dtype, on_mismatch=cfg.rollout.probe_action)
 
 
-def probe_dtype(cfg: RunConfig) -> torch.dtype:
-    """The less precise of the learner's (``model.dtype``) and the engine's dtype: the probe compares the two
-    sides, so a bf16 learner against a float32 engine differs by bf16 rounding (~1e-3 on the tiny model),
-    more than the float32 thresholds allow."""
-    return max((DTYPES[cfg.model.dtype], DTYPES[engine_dtype(cfg)]), key=default_thresholds)
+MIXED_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}  # accelerate's --mixed_precision
+
+
+def probe_dtype(cfg: RunConfig, mixed_precision: str = "no") -> torch.dtype:
+    """The least precise of the learner's (``model.dtype``, or the launch's ``--mixed_precision``, under which
+    the learner computes in bf16/fp16 and DeepSpeed even holds its weights so) and the engine's dtype: the probe
+    compares the two sides, so a bf16 learner against a float32 engine differs by bf16 rounding (~1e-3 on the
+    tiny model), more than the float32 thresholds allow."""
+    dtypes = [DTYPES[cfg.model.dtype], DTYPES[engine_dtype(cfg)]]
+    if mixed_precision in MIXED_PRECISION:
+        dtypes.append(MIXED_PRECISION[mixed_precision])
+    return max(dtypes, key=default_thresholds)
 
 
 @torch.no_grad()

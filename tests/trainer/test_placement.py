@@ -98,7 +98,7 @@ def test_probe_mean_threshold_reaches_the_probe() -> None:
     assert config().rollout.probe_mean_threshold is None
     assert any("probe_mean_threshold" in p for p in problems(probe_mean_threshold=0))
     tokenizer = lambda text, add_special_tokens: {"input_ids": [1, 2, 3]}  # noqa: E731
-    learner: Any = SimpleNamespace(tokenizer=tokenizer)
+    learner: Any = SimpleNamespace(tokenizer=tokenizer, accelerator=SimpleNamespace(mixed_precision="no"))
     probe = sync.make_probe(config(probe_threshold=0.7, probe_mean_threshold=0.2), learner)
     assert (probe.max_threshold, probe.mean_threshold) == (0.7, 0.2)
     default = sync.make_probe(config(), learner)  # bf16 engine: the dtype defaults

@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -215,13 +216,23 @@ def test_default_thresholds_follow_a_bf16_learner_of_a_float32_engine(
     learner = perturbed(tiny_qwen2_path, seed=6).to(torch.bfloat16)
     engine.update_weights(iter_state_dict(learner))
     cfg = config_from_dict({"model": {"path": "m", "dtype": "bfloat16"}, "rollout": {"dtype": "float32"}})
-    probe = make_probe(cfg, SimpleNamespace(tokenizer=engine.tokenizer))  # type: ignore[arg-type]
+    probe = make_probe(cfg, _learner(engine, "no"))
     assert (probe.max_threshold, probe.mean_threshold) == default_thresholds(torch.bfloat16)
     result = probe(engine, learner)
     assert result.ok and result.max_abs_diff > default_thresholds(torch.float32)[0]
     fp32 = config_from_dict({"model": {"path": "m", "dtype": "float32"}, "rollout": {"dtype": "float32"}})
-    strict = make_probe(fp32, SimpleNamespace(tokenizer=engine.tokenizer))  # type: ignore[arg-type]
+    strict = make_probe(fp32, _learner(engine, "no"))
     assert (strict.max_threshold, strict.mean_threshold) == default_thresholds(torch.float32)
+    # float32 weights under `accelerate launch --mixed_precision bf16` (every launch/*.yaml for GPUs): the
+    # learner computes in bf16 (and DeepSpeed holds bf16 weights), so the bf16 thresholds apply
+    mixed = make_probe(fp32, _learner(engine, "bf16"))
+    assert (mixed.max_threshold, mixed.mean_threshold) == default_thresholds(torch.bfloat16)
+    assert make_probe(fp32, _learner(engine, "fp16")).mean_threshold == default_thresholds(torch.float16)[1]
+
+
+def _learner(engine: VLLMEngine, mixed_precision: str) -> Any:
+    """What `make_probe` reads of a learner: its tokenizer and its accelerator's mixed precision."""
+    return SimpleNamespace(tokenizer=engine.tokenizer, accelerator=SimpleNamespace(mixed_precision=mixed_precision))
 
 
 @pytest.mark.vllm
