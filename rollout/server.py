@@ -279,6 +279,8 @@ class RolloutServer:
         self._log: IO[bytes] | None = None
 
     def start(self) -> RolloutServer:
+        if self.process is not None:  # a second process would be orphaned: close() knows only the newest
+            raise RuntimeError(f"the rollout server at {self.url} is already started (use it, or close() it first)")
         start = time.perf_counter()
         repo_root = str(Path(__file__).resolve().parents[1])
         env = dict(

@@ -7,6 +7,8 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -99,6 +101,20 @@ def test_start_closes_the_log_when_the_process_cannot_start(tmp_path: Path) -> N
         except OSError:
             continue
     assert str(log) not in open_fds
+
+
+def test_a_started_server_is_not_started_again(tmp_path: Path) -> None:
+    """`with RolloutServer(...).start() as s` started a second process (``__enter__`` starts too) and orphaned
+    the first, which ``close`` never stopped. The second start is refused, and the first process still stops."""
+    server = FakeServer([sys.executable, "-c", "import time; time.sleep(60)"], startup_timeout_s=2)
+    server.process = subprocess.Popen(  # as a successful start leaves it
+[sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    first = server.process.pid
+    with pytest.raises(RuntimeError, match="already started"):
+        server.start()
+    assert server.process.pid == first
+    server.close()
+    assert not alive(first)
 
 
 def test_http_errors_name_the_request() -> None:

