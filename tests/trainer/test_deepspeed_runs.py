@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from helpers import REPO, TESTS, launch_env, session_pids
 
 from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
@@ -66,16 +67,17 @@ def _free_port() -> int:
 
 
 def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path,
-           precision: str = "no", extra: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+           precision: str = "no", extra: tuple[str, ...] = (), resume: bool = False) -> list[dict[str, Any]]:
     config, overrides, _ = MODES[mode]
+    what = ["--resume", str(out)] if resume else [
+        "--config", str(REPO / "configs" / config), f"output_dir={out}", f"model.path={model}",
+        f"data.sft_path={data['sft']}", f"data.preference_path={data['dpo']}", *COMMON, *overrides, *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch),
            "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", precision,
-           "-m", "trainer", "train", "--config", str(REPO / "configs" / config), f"output_dir={out}",
-           f"model.path={model}", f"data.sft_path={data['sft']}", f"data.preference_path={data['dpo']}",
-           *COMMON, *overrides, *extra]  # fmt: skip
+           "-m", "trainer", "train", *what]  # fmt: skip
     env = launch_env(cpu_ddp=False)  # make_accelerator forms the gloo world itself, DeepSpeed's too
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(TESTS)])  # the test reward's module
-    log = out.parent / f"{out.name}.log"
+    log = out.parent / f"{out.name}{'.resume' * resume}.log"
     with log.open("w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -155,3 +157,27 @@ def test_zero3_ranks_share_one_rollout_server(tiny_qwen2_path: str, tmp_path: Pa
                 for launch in ("zero3.yaml", "cpu_2proc.yaml")}  # fmt: skip
     _same(runs["zero3.yaml"], runs["cpu_2proc.yaml"])
     assert {step for step, k in runs["zero3.yaml"] if k == "eval/token_entropy"} == {0, 2}
+
+
+def test_zero3_resume_continues_exactly(tiny_qwen2_path: str, tmp_path: Path) -> None:
+    """`reasonrl train --resume` under ZeRO-3: 4 GRPO steps straight, and the same run stopped after step 2
+    (its step-4 checkpoint removed) and resumed, end with the same weights, bit for bit on CPU (DeepSpeed's
+    partitioned optimizer state, every rank's RNG, the sampler position and the policy version restored)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from trainer.tools.tiny import write_tiny_data
+
+    data = write_tiny_data(tmp_path / "data")
+    steps = ("grpo.n_grpo_steps=4", "eval.every=0", "checkpoint.save_every=2", "checkpoint.keep_last=3")
+    straight = tmp_path / "straight"
+    _train("zero3.yaml", "grpo", tiny_qwen2_path, data, straight, extra=steps)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000004")
+    records = _train("zero3.yaml", "grpo", tiny_qwen2_path, data, resumed, resume=True)
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]  # each step logged once
+    weights = [load_file(run / "checkpoints" / "step_000004" / "hf" / "model.safetensors") for run in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
