@@ -62,6 +62,22 @@ def launch_env(cpu_ddp: bool) -> dict[str, str]:
     return env
 
 
+def run_launch(cmd: Sequence[str], env: dict[str, str], log: Path, timeout_s: float) -> int | None:
+    """Run a launch command in its own session, output to `log`; its exit status (None: still running after
+    `timeout_s`). Whatever it leaves behind (ranks, reward workers, engines) is killed either way."""
+    with log.open("w") as out:
+        proc = subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        if session_pids(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def session_pids(sid: int) -> list[int]:
     """Pids still in session `sid` (the launcher was started in a new session: all its descendants)."""
     alive = []

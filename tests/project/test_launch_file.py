@@ -4,14 +4,11 @@ checked on one GRPO step of the tiny Qwen2 with the HF engine and a linear learn
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, launch_env, session_pids
+from helpers import REPO, launch_env, run_launch
 
 from trainer.tracking import read_metrics
 
@@ -33,16 +30,7 @@ def test_cpu_launch_file_alone_gives_a_two_rank_world(tiny_qwen2_path: str, tmp_
     env = launch_env(cpu_ddp=False)
     assert "ACCELERATE_USE_CPU" not in env
     log = tmp_path / "launch.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        if session_pids(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    rc = run_launch(cmd, env, log, TIMEOUT_S)
     tail = "\n".join(log.read_text().splitlines()[-40:])
     assert rc == 0, f"`accelerate launch --config_file launch/cpu_2proc.yaml` ended with {rc}; log tail:\n{tail}"
     assert "Traceback" not in log.read_text()

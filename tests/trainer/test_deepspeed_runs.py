@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from helpers import REPO, TESTS, launch_env, session_pids
+from helpers import REPO, TESTS, launch_env, run_launch
 
 from rollout.auth import TOKEN_ENV, TOKEN_FILE_ENV
 from rollout.server import RolloutServer, free_port
@@ -78,16 +76,7 @@ def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path,
     env = launch_env(cpu_ddp=False)  # make_accelerator forms the gloo world itself, DeepSpeed's too
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(TESTS)])  # the test reward's module
     log = out.parent / f"{out.name}{'.resume' * resume}.log"
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        rc = proc.wait(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        rc = None
-    finally:
-        if session_pids(proc.pid):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    rc = run_launch(cmd, env, log, TIMEOUT_S)
     tail = "\n".join(log.read_text().splitlines()[-40:])
     assert rc == 0, f"{mode} under {launch} exited {rc} (None: hung past {TIMEOUT_S} s); log tail:\n{tail}"
     return read_metrics(out)

@@ -66,7 +66,27 @@ def check_out_dir(out_dir: str | Path) -> None:
         raise FileExistsError(f"{out_dir}: a file, not a folder for the checkpoint")
 
 
-def new_sibling(out: Path) -> Path:
+def save_beside(out: Path, model: Any, tokenizer: Any, marker: str, record: dict[str, Any],
+                replace_marked: bool = False) -> None:
+    """Write `model` and `tokenizer` into a new folder beside `out`, then `marker` (the `record` as JSON) last,
+    then rename the folder to `out`, which must be missing or empty (`check_out_dir`), or with `replace_marked`
+    may be an earlier output marked so. A failed or interrupted save (Ctrl-C included) leaves `out` as it was and
+    nothing beside it; a folder that filled meanwhile makes the rename fail, and is kept."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _new_sibling(out)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / marker).write_text(json.dumps(record, indent=1) + "\n")
+        if replace_marked and (out / marker).is_file():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _new_sibling(out: Path) -> Path:
     """A new, empty folder beside `out` to write the checkpoint into before it is renamed to `out`. Its name is
     unique (``DIR.<random>.tmp``) and made by mkdir, which fails rather than reuse a folder: no folder of the
     user's (``DIR.tmp`` or any other) is written into or deleted."""
@@ -128,16 +148,7 @@ def convert(name: str, out_dir: str | Path) -> Path:
     gap = _check_same_logits(gguf_model, plain, tokenizer)
     print(f"{out}: saving ...", flush=True)
     record = {"model": name, "source": f"{MODELS[name][0]}/{gguf.name}", "dtype": "float32", "max_logit_gap": gap}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_sibling(out)
-    try:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        tmp.rename(out)  # replaces an empty DIR (check_out_dir); one that filled meanwhile is an error, kept
-    except BaseException:  # Ctrl-C included: no half-written folder is left beside DIR
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_beside(out, plain, tokenizer, COMPLETE_MARKER, record)
     print(f"{out}: {name} written ({sum(p.numel() for p in plain.parameters()) / 1e6:.0f}M parameters, float32, "
           f"logits match the GGUF model within {gap:.1e})")
     return out

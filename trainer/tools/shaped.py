@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from trainer.tools.models import new_sibling
+from trainer.tools.models import save_beside
 from trainer.tools.tiny import build_tokenizer
 
 QWEN25_MATH_15B = {
@@ -89,7 +88,7 @@ def build_shaped(out_dir: str | Path, shape: dict[str, Any], dtype: str = "bfloa
     device = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device(device):
         model = model_cls(shaped_config(shape, tokenizer)).to(getattr(torch, dtype))
-    _save(out, model, tokenizer, record)
+    save_beside(out, model, tokenizer, MARKER, record, replace_marked=True)  # an earlier output of other settings
     return out
 
 
@@ -99,23 +98,6 @@ def _recorded(out: Path) -> Any:
         return json.loads((out / MARKER).read_text())
     except (OSError, ValueError):
         return None
-
-
-def _save(out: Path, model: Any, tokenizer: Any, record: dict[str, Any]) -> None:
-    """Write into a new folder beside `out`, marked last, then rename it to `out` (replacing an earlier output of
-    this command); a failed or interrupted save leaves `out` as it was and nothing beside it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_sibling(out)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(json.dumps(record, indent=1) + "\n")
-        if (out / MARKER).is_file():  # this command's earlier output, of other settings (check_out_dir)
-            shutil.rmtree(out)
-        tmp.rename(out)  # replaces an empty folder; one that filled meanwhile is an error, kept
-    except BaseException:  # Ctrl-C included
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
