@@ -79,6 +79,8 @@ def _main(argv: list[str] | None) -> int:
         run_demo_real(args.out, args.overrides)
     except (ConfigError, FileExistsError) as err:  # e.g. a refused --out or a typo: one message, no traceback
         parser.error(str(err))
+    except FileNotFoundError as err:  # SmolLM2's package not installed: what to install, as `reasonrl models` says
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     return 0
 
 

@@ -119,6 +119,24 @@ def test_demo_real_refuses_a_folder_before_converting_or_deleting(tmp_path: Path
     assert converted == ["smollm2"] and [list(s) for s in seen] == [[demo.DEMO_MARKER]]
 
 
+def test_demo_real_without_smollm2_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo-real` without the package that ships SmolLM2 ended in a FileNotFoundError traceback. Now it is
+    one line naming the package and the install command (`reasonrl models`'s message), exit status 2, and neither
+    the model folder nor --out is written."""
+    monkeypatch.setitem(models.MODELS, "smollm2", ("reasonrl_no_such_package", "x.gguf"))  # as if not installed
+    monkeypatch.setattr(demo_real, "MODEL_DIR", tmp_path / "smollm2")  # not the repo's, which may be converted
+    for name in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM", "VLLM_CPU_KVCACHE_SPACE"):
+        monkeypatch.delenv(name, raising=False)  # main sets them: restored afterwards
+    with pytest.raises(SystemExit) as exit_:
+        demo_real.main(["--out", str(tmp_path / "run")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m trainer.tools.demo_real: error: model 'smollm2' needs the package 'reasonrl_no_such_package', "
+        f"which is not installed: {models.INSTALL_HINT}"]
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_unmarked_demo_run_from_before_the_marker_is_replaced(tmp_path: Path) -> None:
     """`make demo` folders written before the demos marked theirs: the saved config names the built-in
     tiny-qwen2 and the folder itself as output_dir. Re-running the demo replaces them; a run of another model,
