@@ -8,7 +8,7 @@ as torchrun forwards the one its workers got already); `requested` tells every r
 after forwarding it (torchrun: 30 s, then SIGKILL): a step and its checkpoint must fit in it.
 
 Ctrl-C (SIGINT) stops at once instead: `interrupt_in_one_line` turns it into one line for every entry point
-(`reasonrl`, ``python -m trainer.tools.demo_real``).
+(`reasonrl`, ``python -m trainer.tools.demo_real``, ``python -m trainer.tools.shaped``).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.stop_signal import interrupt_in_one_line
 from trainer.tools.models import save_beside
 from trainer.tools.tiny import build_tokenizer
 
@@ -101,6 +102,11 @@ def _recorded(out: Path) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
+    with interrupt_in_one_line():  # Ctrl-C: one line, then death by SIGINT, as `reasonrl` does
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     parser = argparse.ArgumentParser(prog="python -m trainer.tools.shaped", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="directory to write the model and its tokenizer to: new, empty or an "
                         "earlier output of this command (kept when of the same settings, else replaced)")

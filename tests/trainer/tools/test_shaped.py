@@ -1,10 +1,16 @@
 """Shaped random checkpoints (`trainer.tools.shaped`): the 1.5B shape's parameter count by hand, a small
-shape written and loaded back through `from_pretrained` like a user checkpoint, and which OUT_DIR it takes."""
+shape written and loaded back through `from_pretrained` like a user checkpoint, which OUT_DIR it takes, and
+Ctrl-C (a real subprocess)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +122,44 @@ def test_its_own_earlier_output_is_kept_or_replaced(tmp_path: Path, monkeypatch:
     assert json.loads(second[shaped.MARKER])["seed"] == 1 and sorted(second) == sorted(first)
     assert second["model.safetensors"] != first["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def _has_loaded_torch(pid: int) -> bool:
+    """Whether process `pid` has mapped libtorch: it is in `build_shaped`, the only place shaped imports torch."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # gone, or between exec and the first read
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="tells when torch loads from /proc/PID/maps")
+def test_ctrl_c_is_one_line_and_death_by_sigint(tmp_path: Path) -> None:
+    """Ctrl-C in ``python -m trainer.tools.shaped OUT`` printed a KeyboardInterrupt traceback; now it is the line
+    `reasonrl` prints, "reasonrl: interrupted", and the process still dies of SIGINT, so a calling shell stops.
+    The signal goes to the whole process group, as a terminal's Ctrl-C does, once the command is building (it has
+    started loading torch, which it imports there and nowhere else), long before the 1.5B model is allocated.
+    Nothing is written."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    out = tmp_path / "out"
+    with (tmp_path / "stderr.txt").open("w") as stderr_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer.tools.shaped", str(out / "m")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+            stderr=stderr_file, text=True, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner that ignores SIGINT: not here
+    try:
+        deadline = time.monotonic() + 300  # importing torch can take long on a loaded machine
+        while not _has_loaded_torch(proc.pid):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("shaped never started building:\n" + (tmp_path / "stderr.txt").read_text())
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "reasonrl: interrupted" and stdout == ""
+    assert not out.exists()
