@@ -78,6 +78,39 @@ def run_launch(cmd: Sequence[str], env: dict[str, str], log: Path, timeout_s: fl
         proc.wait()
 
 
+def start_interruptible(cmd: Sequence[str], cwd: Path, env: dict[str, str], stdout: Any, stderr: Any) -> subprocess.Popen[str]:
+    """Start an entry point in a process group of its own, with SIGINT at its default action (a test runner may
+    start its children ignoring it), so that `ctrl_c` reaches it as a terminal's Ctrl-C would."""
+    return subprocess.Popen(list(cmd), cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Kill `proc`'s process group at the end if it is still running (a failed wait, a hang)."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def ctrl_c(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """SIGINT to `proc`'s process group; its remaining (stdout, stderr), where piped, once it has ended."""
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    return stdout or "", stderr or ""
+
+
+def assert_interrupted_in_one_line(proc: subprocess.Popen[str], stderr: str) -> None:
+    """Ctrl-C ends every entry point with the one line "reasonrl: interrupted" and death by SIGINT (so a calling
+    shell's loop stops too), never a traceback."""
+    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
+    assert "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.splitlines()[-1] == "reasonrl: interrupted"
+
+
 def session_pids(sid: int) -> list[int]:
     """Pids still in session `sid` (the launcher was started in a new session: all its descendants)."""
     alive = []

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, assert_interrupted_in_one_line, ctrl_c, reaped, start_interruptible
 
 TINY = REPO / "configs" / "grpo_tiny_cpu.yaml"
 
@@ -282,12 +281,11 @@ def test_ctrl_c_is_one_line_and_death_by_sigint(tiny_qwen2_path: str, tmp_path: 
     process still dies of SIGINT (after Python's cleanup), as a calling shell needs to stop its own loop. The signal goes to the whole process group, as a terminal's Ctrl-C does."""
     run = tmp_path / "run"
     env = dict(os.environ, WANDB_MODE="disabled", CI="1")
-    proc = subprocess.Popen(
+    proc = start_interruptible(
         [sys.executable, "-m", "trainer", "train", "--config", str(TINY), f"output_dir={run}",
          f"model.path={tiny_qwen2_path}", "rollout.engine=hf", "logging.progress=false"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner that ignores SIGINT: not here
-    try:
+        tmp_path, env, subprocess.DEVNULL, subprocess.PIPE)
+    with reaped(proc):
         assert proc.stderr is not None
         seen = []
         for line in proc.stderr:  # at work: the warm start's first progress line
@@ -296,14 +294,6 @@ def test_ctrl_c_is_one_line_and_death_by_sigint(tiny_qwen2_path: str, tmp_path: 
                 break
         else:
             raise AssertionError("train ended before its warm start logged a step:\n" + "".join(seen)[-2000:])
-        os.killpg(proc.pid, signal.SIGINT)
-        rest = proc.communicate(timeout=120)[1]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    stderr = "".join(seen) + rest
-    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-2000:]
-    assert stderr.splitlines()[-1] == "reasonrl: interrupted"
+        rest = ctrl_c(proc)[1]
+    assert_interrupted_in_one_line(proc, "".join(seen) + rest)
     assert (run / "config.yaml").is_file() and (run / "metrics.jsonl").is_file()

@@ -9,12 +9,12 @@ import importlib.util
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import assert_interrupted_in_one_line, ctrl_c, reaped, start_interruptible
 
 import trainer.learners.grpo
 from trainer.config import ConfigError
@@ -165,11 +165,9 @@ def test_demo_real_ctrl_c_is_one_line_and_death_by_sigint(tmp_path: Path) -> Non
     (converting SmolLM2, or finding it converted): the conversion is interrupted then, or the start of training."""
     env = dict(os.environ, WANDB_MODE="disabled", CI="1", PYTHONUNBUFFERED="1")
     with (tmp_path / "stderr.txt").open("w") as stderr_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.tools.demo_real", "--out", str(tmp_path / "run")], cwd=tmp_path, env=env,
-            stdout=subprocess.PIPE, stderr=stderr_file, text=True, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner that ignores SIGINT: not here
-    try:
+        proc = start_interruptible([sys.executable, "-m", "trainer.tools.demo_real", "--out", str(tmp_path / "run")],
+                                   tmp_path, env, subprocess.PIPE, stderr_file)
+    with reaped(proc):
         assert proc.stdout is not None
         for line in proc.stdout:  # "DIR: reading ..." or "DIR: already holds smollm2 ..."
             if line.startswith(f"{demo_real.MODEL_DIR}: "):
@@ -177,13 +175,5 @@ def test_demo_real_ctrl_c_is_one_line_and_death_by_sigint(tmp_path: Path) -> Non
         else:
             raise AssertionError("demo_real ended before it reported its model:\n" +
                                  (tmp_path / "stderr.txt").read_text()[-2000:])
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    stderr = (tmp_path / "stderr.txt").read_text()
-    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-2000:]
-    assert stderr.splitlines()[-1] == "reasonrl: interrupted"
+        ctrl_c(proc)
+    assert_interrupted_in_one_line(proc, (tmp_path / "stderr.txt").read_text())

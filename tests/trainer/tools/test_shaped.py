@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_interrupted_in_one_line, ctrl_c, reaped, start_interruptible
 from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 import trainer.tools.shaped as shaped
@@ -142,24 +142,15 @@ def test_ctrl_c_is_one_line_and_death_by_sigint(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     out = tmp_path / "out"
     with (tmp_path / "stderr.txt").open("w") as stderr_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trainer.tools.shaped", str(out / "m")], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-            stderr=stderr_file, text=True, start_new_session=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a runner that ignores SIGINT: not here
-    try:
+        proc = start_interruptible([sys.executable, "-m", "trainer.tools.shaped", str(out / "m")], tmp_path, env,
+                                   subprocess.PIPE, stderr_file)
+    with reaped(proc):
         deadline = time.monotonic() + 300  # importing torch can take long on a loaded machine
         while not _has_loaded_torch(proc.pid):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("shaped never started building:\n" + (tmp_path / "stderr.txt").read_text())
             time.sleep(0.01)
-        os.killpg(proc.pid, signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    stderr = (tmp_path / "stderr.txt").read_text()
-    assert proc.returncode == -signal.SIGINT, stderr[-2000:]
-    assert "Traceback" not in stderr, stderr[-2000:]
-    assert stderr.splitlines()[-1] == "reasonrl: interrupted" and stdout == ""
+        stdout = ctrl_c(proc)[0]
+    assert_interrupted_in_one_line(proc, (tmp_path / "stderr.txt").read_text())
+    assert stdout == ""
     assert not out.exists()
