@@ -26,7 +26,6 @@ Run as a script it is the worker: ``python tests/trainer/test_deepspeed.py train
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +34,8 @@ from typing import Any
 import pytest
 import torch
 from helpers import REPO, TESTS, repo_pythonpath
+
+from rollout.transfer import free_port  # torch only: the GPU learner stage carries no vLLM
 
 TIMEOUT_S = 600
 LR, WARMUP, MAX_GRAD_NORM = 1e-3, 10, 0.5
@@ -109,12 +110,6 @@ def worker(phase: str, model_path: str, out_dir: str, dtype: str) -> None:
 
 
 # ---- the tests --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _launch(phase: str, model: str, out: Path, stage: str, device: str, dtype: str = "bfloat16") -> dict[str, Any]:
     """Run the worker: under ``accelerate launch`` with a DeepSpeed launch file, or (``reference``) alone."""
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +120,7 @@ def _launch(phase: str, model: str, out: Path, stage: str, device: str, dtype: s
         n = 2 if device == "cpu" else min(2, torch.cuda.device_count())
         precision = "bf16" if dtype == "bfloat16" else "no"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / f"{stage}.yaml"),
-               "--num_processes", str(n), "--main_process_port", str(_free_port()), "--mixed_precision", precision,
+               "--num_processes", str(n), "--main_process_port", str(free_port()), "--mixed_precision", precision,
                *script]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = os.pathsep.join([repo_pythonpath(), str(TESTS)])  # the worker imports helpers, dp_worker

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -58,12 +57,6 @@ MODES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {  # config, override
 }  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path,
            precision: str = "no", extra: tuple[str, ...] = (), resume: bool = False,
            processes: int = 2) -> list[dict[str, Any]]:
@@ -72,7 +65,7 @@ def _train(launch: str, mode: str, model: str, data: dict[str, Path], out: Path,
         "--config", str(REPO / "configs" / config), f"output_dir={out}", f"model.path={model}",
         f"data.sft_path={data['sft']}", f"data.preference_path={data['dpo']}", *COMMON, *overrides, *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch" / launch),
-           "--num_processes", str(processes), "--main_process_port", str(_free_port()),
+           "--num_processes", str(processes), "--main_process_port", str(free_port()),
            "--mixed_precision", precision, "-m", "trainer", "train", *what]  # fmt: skip
     env = launch_env(cpu_ddp=False)  # make_accelerator forms the gloo world itself, DeepSpeed's too
     env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(TESTS)])  # the test reward's module
