@@ -225,9 +225,8 @@ class Session:
             world = self.accelerator.num_processes
             policy, passes = self.learner.model, entropy_passes(len(self.eval_examples()), world,
                                                                 shares_engine(self.cfg, world))
-        if not share:
-            with torch.inference_mode():
-                response_entropy(policy, [], self.learner.tokenizer.pad_token_id, passes=passes)
+        if not share:  # (response_entropy runs under inference mode itself)
+            response_entropy(policy, [], self.learner.tokenizer.pad_token_id, passes=passes)
             return [], [0.0, 0.0, 0.0]
         sampling = replace(sampling_config(self.cfg.eval, self.cfg.seed + step), first_index=share.start)
         examples = self.eval_examples()[share.start : share.stop]
