@@ -14,7 +14,8 @@ DPO's separate chosen and rejected rewards drift by about 1e-4 between the two (
 agree to 1.5e-6): RMSprop's first steps of size lr / sqrt(1 - alpha) amplify the float32 rounding of
 gradients that nearly cancel, in weights that move each log-prob but not the margin the loss sees; those two
 are not compared. A dense test reward (`reward_fns.digit_share_reward`) gives the random model's GRPO groups
-non-zero advantages, so the policy moves.
+non-zero advantages, so the policy moves. The ZeRO-3 GRPO run is then resumed from its step-2 checkpoint
+and must end where it did, bit for bit.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ COMMON = ["eval.temperature=1.0", "data.eval_limit=17", "logging.progress=false"
 MODES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {  # config, overrides, metrics compared
     "grpo": ("grpo_tiny_cpu.yaml",
              ["warmstart.steps=0", "grpo.n_grpo_steps=3", "eval.every=3", "grpo.kl_coef=0.1",
-              "reward.fn=reward_fns:digit_share_reward"],
+              "reward.fn=reward_fns:digit_share_reward", "checkpoint.save_every=2", "checkpoint.keep_last=2"],
              ("train/loss", "train/kl", "train/entropy", "train/grad_norm", "reward/reward_mean", "eval/accuracy",
               "eval/reward", "eval/mean_length", "eval/token_entropy")),
     "sft": ("tiny/sft_tiny_cpu.yaml", ["sft.max_steps=2"],
@@ -100,6 +101,27 @@ def test_zero3_run_logs_what_ddp_logs(mode: str, tiny_qwen2_path: str, tmp_path:
     if mode == "grpo":
         moved = [v for (step, k), v in ddp.items() if k == "train/loss" and step > 1]
         assert any(abs(v) > 1e-4 for v in moved), "the dense reward gives non-zero advantages"
+        _resume_continues_exactly(tmp_path / "zero3", data, zero3)
+
+
+def _resume_continues_exactly(straight: Path, data: dict[str, Path], logged: dict[tuple[int, str], float]) -> None:
+    """`reasonrl train --resume` under ZeRO-3: the GRPO run copied with its final (step 3) checkpoint removed
+    and resumed from step 2 ends with the same weights and logs the same metrics, bit for bit on CPU
+    (DeepSpeed's partitioned optimizer state, every rank's RNG, the sampler position, the policy version and
+    the frozen KL reference restored), each step once."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    resumed = straight.parent / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_000003")
+    records = _train("zero3.yaml", "grpo", "unused", data, resumed, resume=True)
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3]
+    assert _by_step(records, MODES["grpo"][2]) == logged
+    weights = [load_file(run / "checkpoints" / "step_000003" / "hf" / "model.safetensors") for run in (straight, resumed)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_zero3_bf16_run_passes_the_default_probe(tiny_qwen2_path: str, tmp_path: Path) -> None:
@@ -147,27 +169,3 @@ def test_zero3_ranks_share_one_rollout_server(tiny_qwen2_path: str, tmp_path: Pa
     lags = [r["rollout/policy_lag"] for r in asynchronous if "rollout/policy_lag" in r]
     assert lags == [0.0, 1.0, 1.0], "the producer ran one version ahead of the learner"
     assert all(r["rollout/probe_ok"] == 1.0 for r in asynchronous if "rollout/probe_ok" in r)
-
-
-def test_zero3_resume_continues_exactly(tiny_qwen2_path: str, tmp_path: Path) -> None:
-    """`reasonrl train --resume` under ZeRO-3: 4 GRPO steps straight, and the same run stopped after step 2
-    (its step-4 checkpoint removed) and resumed, end with the same weights, bit for bit on CPU (DeepSpeed's
-    partitioned optimizer state, every rank's RNG, the sampler position and the policy version restored)."""
-    import shutil
-
-    from safetensors.torch import load_file
-
-    from trainer.tools.tiny import write_tiny_data
-
-    data = write_tiny_data(tmp_path / "data")
-    steps = ("grpo.n_grpo_steps=4", "eval.every=0", "checkpoint.save_every=2", "checkpoint.keep_last=3")
-    straight = tmp_path / "straight"
-    _train("zero3.yaml", "grpo", tiny_qwen2_path, data, straight, extra=steps)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_000004")
-    records = _train("zero3.yaml", "grpo", tiny_qwen2_path, data, resumed, resume=True)
-    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4]  # each step logged once
-    weights = [load_file(run / "checkpoints" / "step_000004" / "hf" / "model.safetensors") for run in (straight, resumed)]
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
