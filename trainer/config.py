@@ -260,6 +260,9 @@ class WarmStartConfig(_Section):
 class EvalConfig(SamplingSection):
     every: int = Field(0, ge=0, description="evaluate every N steps; 0 = only before and after training")
     limit: int | None = Field(None, ge=1)
+    samples_per_question: int = Field(
+        1, ge=1, description="samples drawn per held-out question: accuracy is then their mean (avg@n), and "
+        "eval/pass@k is logged for k = 1, 2, 4, ... up to n (the unbiased estimator of Chen et al. 2021)")
     log_samples: int = Field(16, ge=0)
 
 

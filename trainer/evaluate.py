@@ -1,10 +1,14 @@
 """Held-out evaluation shared by every mode and by `reasonrl eval`.
 
-Generates one sample per question with the eval sampling params (CS336: temperature 1.0, top_p 1.0,
-max 1024 tokens, stop ``</answer>``), grades with the reward module, and reports accuracy (answer
-reward), format rate, mean response length overall / for correct / for incorrect answers and, when a
-policy model is given, mean token entropy of the responses under it. Per-sample JSONL (prompt, response,
-gold, rewards, length, entropy) is written to `out_path`. A log line at the start and one at the end (with
+Generates ``eval.samples_per_question`` samples (n, default 1) per question with the eval sampling params
+(CS336: temperature 1.0, top_p 1.0, max 1024 tokens, stop ``</answer>``), grades with the reward module, and
+reports accuracy (answer reward, the mean over every sample: avg@n), format rate, mean response length
+overall / for correct / for incorrect answers and, when a policy model is given, mean token entropy of the
+responses under it. With n > 1 also pass@k for k = 1, 2, 4, ... up to n: the probability that at least one of k
+samples drawn from a question's n is correct, averaged over questions, with the unbiased estimator
+1 - C(n-c, k) / C(n, k) for c correct of n (Chen et al. 2021, "Evaluating Large Language Models Trained on
+Code", eq. 1). Per-sample JSONL (question index, sample index, prompt, response, gold, rewards, length,
+entropy) is written to `out_path`. A log line at the start and one at the end (with
 the phase times) report progress, terminal or not.
 """
 
@@ -67,14 +71,17 @@ def _batch_entropy(model: torch.nn.Module, chunk: Sequence[Any], pad_id: int) ->
     return entropies
 
 
-def entropy_passes(n_questions: int, world: int, shared_engine: bool, batch_size: int = ENTROPY_BATCH) -> int:
-    """The most entropy passes any rank runs over its `eval_share` (the same number on every rank).
+def entropy_passes(n_questions: int, world: int, shared_engine: bool, batch_size: int = ENTROPY_BATCH,
+                   samples_per_question: int = 1) -> int:
+    """The most entropy passes any rank runs over the samples of its `eval_share` (the same number on every rank).
 
     >>> entropy_passes(17, 2, False), entropy_passes(17, 2, True), entropy_passes(0, 2, False)
     (2, 3, 0)
+    >>> entropy_passes(17, 2, False, samples_per_question=4)  # 9 questions x 4 samples on rank 0
+    5
     """
     largest = max(len(eval_share(n_questions, world, r, shared_engine)) for r in range(world))
-    return math.ceil(largest / batch_size)
+    return math.ceil(largest * samples_per_question / batch_size)
 
 
 def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
@@ -88,15 +95,18 @@ def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, 
 def sample_records(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
                    scorer: RewardScorer, policy: torch.nn.Module | None = None,
                    pad_id: int = 0, passes: int = 0) -> tuple[list[dict[str, Any]], list[float]]:
-    """Generate, grade and (with a `policy`) score the entropy of one sample per question: the per-sample
-    records, and the seconds of those three phases. A data-parallel rank passes its share of the questions,
-    with ``sampling.first_index`` at the share's start (and, under ZeRO-3, every rank's
-    `entropy_passes` as `passes`)."""
+    """Generate, grade and (with a `policy`) score the entropy of ``sampling.n`` samples per question: the
+    per-sample records (question by question), and the seconds of those three phases. A data-parallel rank
+    passes its share of the questions, with ``sampling.first_index`` at the share's start (and, under ZeRO-3,
+    every rank's `entropy_passes` as `passes`)."""
+    n = sampling.n
     prompts = [format_prompt(template, question=ex.question) for ex in examples]
-    logger.info("evaluation: %d questions (generate, score%s) ...", len(prompts), ", entropy" * (policy is not None))
+    logger.info("evaluation: %d questions%s (generate, score%s) ...", len(prompts), f" x {n} samples" * (n > 1),
+                ", entropy" * (policy is not None))
     times = [time.perf_counter()]
     samples = engine.generate(prompts, sampling)
     times.append(time.perf_counter())
+    prompts, examples = [p for p in prompts for _ in range(n)], [ex for ex in examples for _ in range(n)]
     scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples], tally=False)
     times.append(time.perf_counter())
     if policy is None:
@@ -105,9 +115,9 @@ def sample_records(engine: RolloutEngine, examples: Sequence[Example], template:
         entropies = response_entropy(policy, samples, pad_id, passes=passes)
     times.append(time.perf_counter())
     records = [
-        {"prompt": p, "response": s.text, "gold": ex.answer, **sc.as_dict(), "length": len(s.response_ids),
-         "entropy": h, "finish_reason": s.finish_reason}
-        for p, s, ex, sc, h in zip(prompts, samples, examples, scores, entropies, strict=True)
+        {"question": sampling.first_index + i // n, "sample": i % n, "prompt": p, "response": s.text, "gold": ex.answer,
+         **sc.as_dict(), "length": len(s.response_ids), "entropy": h, "finish_reason": s.finish_reason}
+        for i, (p, s, ex, sc, h) in enumerate(zip(prompts, samples, examples, scores, entropies, strict=True))
     ]
     return records, [b - a for a, b in pairwise(times)]
 
@@ -153,7 +163,7 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
 
     correct = [r for r in records if r["answer_reward"] > 0]
     wrong = [r for r in records if r["answer_reward"] <= 0]
-    return {
+    return pass_at_ks(records) | {
         "eval/accuracy": mean([r["answer_reward"] for r in records]),
         "eval/reward": mean([r["reward"] for r in records]),
         "eval/format_rate": mean([r["format_reward"] for r in records]),
@@ -161,5 +171,33 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "eval/mean_length_correct": mean([r["length"] for r in correct]),
         "eval/mean_length_incorrect": mean([r["length"] for r in wrong]),
         "eval/token_entropy": mean([r["entropy"] for r in records]),
-        "eval/n": float(len(records)),
+        "eval/n": float(len({r["question"] for r in records})),
     }
+
+
+def pass_at_ks(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``eval/pass@k`` for k = 1, 2, 4, ... up to n (and n itself) when each question has n > 1 samples: the
+    mean over questions of `pass_at_k` (module docstring). Nothing with one sample per question."""
+    correct: dict[int, list[bool]] = {}
+    for r in records:
+        correct.setdefault(r["question"], []).append(r["answer_reward"] > 0)
+    n = len(next(iter(correct.values()), []))
+    if n < 2:
+        return {}
+    if any(len(c) != n for c in correct.values()):
+        raise ValueError(f"pass@k needs the same number of samples per question: {n} and "
+                         f"{sorted({len(c) for c in correct.values()})}")
+    ks = sorted({2**i for i in range(n.bit_length()) if 2**i <= n} | {n})
+    return {f"eval/pass@{k}": sum(pass_at_k(n, sum(c), k) for c in correct.values()) / len(correct) for k in ks}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that k of n samples, c of them correct, drawn without replacement include a correct one:
+    1 - C(n-c, k) / C(n, k), as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i) (Chen et al. 2021, eq. 1).
+
+    >>> pass_at_k(4, 0, 2), pass_at_k(4, 1, 1), pass_at_k(4, 1, 2), pass_at_k(4, 3, 2)
+    (0.0, 0.25, 0.5, 1.0)
+    """
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

@@ -224,11 +224,13 @@ class Session:
         if self.learner.sharded:  # ZeRO-3: the entropy forwards gather from every rank, an idle one included
             world = self.accelerator.num_processes
             policy, passes = self.learner.model, entropy_passes(len(self.eval_examples()), world,
-                                                                shares_engine(self.cfg, world))
+                                                                shares_engine(self.cfg, world),
+                                                                samples_per_question=self.cfg.eval.samples_per_question)
         if not share:  # (response_entropy runs under inference mode itself)
             response_entropy(policy, [], self.learner.tokenizer.pad_token_id, passes=passes)
             return [], [0.0, 0.0, 0.0]
-        sampling = replace(sampling_config(self.cfg.eval, self.cfg.seed + step), first_index=share.start)
+        sampling = replace(sampling_config(self.cfg.eval, self.cfg.seed + step, self.cfg.eval.samples_per_question),
+                           first_index=share.start)
         examples = self.eval_examples()[share.start : share.stop]
         with self.timer("eval"), torch.inference_mode():
             out = sample_records(self.engine, examples, self.cfg.data.prompt_template, sampling, self.scorer,
