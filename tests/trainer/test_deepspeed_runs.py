@@ -6,7 +6,8 @@ ZeRO-3 changes is exercised end to end: the learner's forwards gather from both 
 stale-weight probe, old log-probs, held-out losses), the weight sync gathers bucket by bucket into one vLLM
 engine per rank (GRPO) or into the HF engine's whole copy (SFT's generation, expert iteration), a frozen
 reference loads whole (GRPO's KL, DPO), and the held-out token entropy runs as a collective pass with
-stand-ins on the rank with fewer questions (17 questions: shares of 9 and 8, two passes on each rank).
+stand-ins on the rank with fewer questions (17 questions: shares of 9 and 8, two passes on each rank; GRPO
+draws 2 samples a question, so 18 and 16 samples, three passes on each rank).
 
 The runs must log the same metrics. Measured differences: at most 3.4e-6 relative (GRPO's gradient norm,
 which DeepSpeed sums over its partitions) and 2e-8 absolute in the losses; evaluation samples are identical.
@@ -43,9 +44,10 @@ COMMON = ["eval.temperature=1.0", "data.eval_limit=17", "logging.progress=false"
 MODES: dict[str, tuple[str, list[str], tuple[str, ...]]] = {  # config, overrides, metrics compared
     "grpo": ("grpo_tiny_cpu.yaml",
              ["warmstart.steps=0", "grpo.n_grpo_steps=3", "eval.every=3", "grpo.kl_coef=0.1",
-              "reward.fn=reward_fns:digit_share_reward", "checkpoint.save_every=2", "checkpoint.keep_last=2"],
+              "reward.fn=reward_fns:digit_share_reward", "checkpoint.save_every=2", "checkpoint.keep_last=2",
+              "eval.samples_per_question=2"],
              ("train/loss", "train/kl", "train/entropy", "train/grad_norm", "reward/reward_mean", "eval/accuracy",
-              "eval/reward", "eval/mean_length", "eval/token_entropy")),
+              "eval/reward", "eval/mean_length", "eval/token_entropy", "eval/pass@2")),
     "sft": ("tiny/sft_tiny_cpu.yaml", ["sft.max_steps=2"],
             ("train/loss", "eval/loss", "eval/accuracy", "eval/mean_length", "eval/token_entropy")),
     "dpo": ("tiny/dpo_tiny_cpu.yaml", ["dpo.max_steps=2"],
