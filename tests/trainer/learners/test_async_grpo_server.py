@@ -32,10 +32,11 @@ from trainer.tracking import read_metrics
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def start_server(model: str, weights: Path, log: Path) -> RolloutServer:
+def server_in(model: str, root: Path) -> RolloutServer:
+    """A server (not started) taking weights under ``root/weights``, logging to ``root/server.log``."""
     argv = ["--model", model, "--port", str(free_port()), "--dtype", "float32", "--enforce-eager",
-            "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", "--weights-dir", str(weights)]
-    return RolloutServer(argv, startup_timeout_s=300, stop_timeout_s=20, log_path=log).start()
+            "--kv-cache-memory-bytes", str(64 << 20), "--max-model-len", "512", "--weights-dir", str(root / "weights")]
+    return RolloutServer(argv, startup_timeout_s=300, stop_timeout_s=20, log_path=root / "server.log")
 
 
 SECRET = "async-test-secret-" + "0" * 16
@@ -50,24 +51,17 @@ def use_secret(monkeypatch: pytest.MonkeyPatch) -> None:
 def own_server(tiny_qwen2_path: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[RolloutServer]:
     """A server of the test's own, for the tests that kill or freeze it."""
     use_secret(monkeypatch)
-    started = start_server(tiny_qwen2_path, tmp_path / "weights", tmp_path / "server.log")
-    try:
+    with server_in(tiny_qwen2_path, tmp_path) as started:
         yield started
-    finally:
-        started.close()
 
 
 @pytest.fixture(scope="module")
 def shared_server(tiny_qwen2_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RolloutServer]:
     """One server for the tests that leave it serving: every run pushes its own weights before it samples."""
-    root = tmp_path_factory.mktemp("shared_server")
     with pytest.MonkeyPatch.context() as monkeypatch:
         use_secret(monkeypatch)
-        started = start_server(tiny_qwen2_path, root / "weights", root / "server.log")
-        try:
+        with server_in(tiny_qwen2_path, tmp_path_factory.mktemp("shared_server")) as started:
             yield started
-        finally:
-            started.close()
 
 
 def weights_dir(server: RolloutServer) -> Path:
