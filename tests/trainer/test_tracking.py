@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.tools.plot import plot_run
+from trainer.tools.plot import panel_keys, plot_run
 from trainer.tracking import NullTracker, Tracker, WandbTracker, make_tracker, read_metrics, trim_metrics
 
 
@@ -64,9 +64,18 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     tracker = Tracker(tmp_path)
     for step in range(3):
         tracker.log({"reward/reward_mean": step / 3, "rollout/response_len_mean": 10.0 + step}, step)
-    tracker.log({"eval/accuracy": 0.5, "eval/format_rate": 0.9, "eval/mean_length": 11.0}, 2)
+    tracker.log({"eval/accuracy": 0.5, "eval/format_rate": 0.9, "eval/mean_length": 11.0, "eval/pass@2": 0.6}, 2)
     path = plot_run(tmp_path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_adds_the_largest_pass_at_k_beside_accuracy() -> None:
+    """With several samples per question the eval panel also draws pass@k of the largest k logged."""
+    records = [{"step": 0, "eval/accuracy": 0.2, "eval/pass@1": 0.2, "eval/pass@2": 0.3, "eval/pass@4": 0.4}]
+    assert panel_keys(["eval/accuracy", "eval/format_rate"], records) == [
+        "eval/accuracy", "eval/format_rate", "eval/pass@4"]
+    assert panel_keys(["reward/reward_mean"], records) == ["reward/reward_mean"]
+    assert panel_keys(["eval/accuracy"], [{"step": 0, "eval/accuracy": 0.2}]) == ["eval/accuracy"]
 
 
 def test_resume_trims_records_after_the_checkpoint_and_a_torn_line(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""`reasonrl plot RUN_DIR`: a PNG of training reward, eval accuracy and response-length curves."""
+"""`reasonrl plot RUN_DIR`: a PNG of training reward, eval accuracy (and the largest k's pass@k, where the
+evaluation drew several samples per question) and response-length curves."""
 
 from __future__ import annotations
 
@@ -12,6 +13,19 @@ PANELS = [
     ("eval accuracy", ["eval/accuracy", "eval/format_rate"]),
     ("response length", ["rollout/response_len_mean", "eval/mean_length"]),
 ]
+
+
+def panel_keys(keys: list[str], records: list[dict[str, Any]]) -> list[str]:
+    """`keys`, and beside ``eval/accuracy`` the run's ``eval/pass@k`` of the largest k (``eval.samples_per_question``).
+
+    >>> panel_keys(["eval/accuracy"], [{"eval/pass@1": 0.2, "eval/pass@2": 0.3}, {"eval/pass@8": 0.5}])
+    ['eval/accuracy', 'eval/pass@8']
+    """
+    if "eval/accuracy" not in keys:
+        return keys
+    ks = [int(k[len("eval/pass@"):]) for r in records for k in r
+          if k.startswith("eval/pass@") and k[len("eval/pass@"):].isdigit()]
+    return [*keys, f"eval/pass@{max(ks)}"] if ks else keys
 
 
 class PlotError(ValueError):
@@ -64,7 +78,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = png_path(run_dir, out)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 3.6))
     for ax, (title, keys) in zip(axes, PANELS, strict=True):
-        for key in keys:
+        for key in panel_keys(keys, records):
             points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), int | float)]
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o" if key.startswith("eval/") else None,
