@@ -264,6 +264,9 @@ class EvalConfig(SamplingSection):
         1, ge=1, description="samples drawn per held-out question: accuracy is then their mean (avg@n), and "
         "eval/pass@k is logged for k = 1, 2, 4, ... up to n (the unbiased estimator of Chen et al. 2021)")
     log_samples: int = Field(16, ge=0)
+    token_entropy: bool = Field(
+        True, description="log eval/token_entropy, the mean entropy of the responses under the policy: one learner "
+        "forward pass per 8 samples (on CPU as long as generating them); false skips it")
 
 
 class LoggingConfig(_Section):

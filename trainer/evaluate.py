@@ -3,13 +3,13 @@
 Generates ``eval.samples_per_question`` samples (n, default 1) per question with the eval sampling params
 (CS336: temperature 1.0, top_p 1.0, max 1024 tokens, stop ``</answer>``), grades with the reward module, and
 reports accuracy (answer reward, the mean over every sample: avg@n), format rate, mean response length
-overall / for correct / for incorrect answers and, when a policy model is given, mean token entropy of the
-responses under it. With n > 1 also pass@k for k = 1, 2, 4, ... up to n: the probability that at least one of k
-samples drawn from a question's n is correct, averaged over questions, with the unbiased estimator
-1 - C(n-c, k) / C(n, k) for c correct of n (Chen et al. 2021, "Evaluating Large Language Models Trained on
-Code", eq. 1). Per-sample JSONL (question index, sample index, prompt, response, gold, rewards, length,
-entropy) is written to `out_path`. A log line at the start and one at the end (with
-the phase times) report progress, terminal or not.
+overall / for correct / for incorrect answers and, when a policy model is given (``eval.token_entropy``, on by
+default), mean token entropy of the responses under it. With n > 1 also pass@k for k = 1, 2, 4, ... up to n:
+the probability that at least one of k samples drawn from a question's n is correct, averaged over questions,
+with the unbiased estimator 1 - C(n-c, k) / C(n, k) for c correct of n (Chen et al. 2021, "Evaluating Large
+Language Models Trained on Code", eq. 1). Per-sample JSONL (question index, sample index, prompt, response,
+gold, rewards, length, entropy or null) is written to `out_path`. A log line at the start and one at the end
+(with the phase times) report progress, terminal or not.
 """
 
 from __future__ import annotations
@@ -84,14 +84,6 @@ def entropy_passes(n_questions: int, world: int, shared_engine: bool, batch_size
     return math.ceil(largest * samples_per_question / batch_size)
 
 
-def evaluate(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
-             scorer: RewardScorer, out_path: str | Path | None = None, policy: torch.nn.Module | None = None,
-             pad_id: int = 0) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Evaluate `engine` on `examples`; returns (``eval/…`` metrics, per-sample records)."""
-    records, seconds = sample_records(engine, examples, template, sampling, scorer, policy, pad_id)
-    return report(records, out_path, seconds), records
-
-
 def sample_records(engine: RolloutEngine, examples: Sequence[Example], template: str, sampling: SamplingConfig,
                    scorer: RewardScorer, policy: torch.nn.Module | None = None,
                    pad_id: int = 0, passes: int = 0) -> tuple[list[dict[str, Any]], list[float]]:
@@ -109,10 +101,9 @@ def sample_records(engine: RolloutEngine, examples: Sequence[Example], template:
     prompts, examples = [p for p in prompts for _ in range(n)], [ex for ex in examples for _ in range(n)]
     scores = scorer.score([s.text for s in samples], [ex.answer for ex in examples], tally=False)
     times.append(time.perf_counter())
-    if policy is None:
-        entropies = [float("nan")] * len(samples)
-    else:
-        entropies = response_entropy(policy, samples, pad_id, passes=passes)
+    entropies: list[float | None] = [None] * len(samples)
+    if policy is not None:
+        entropies = list(response_entropy(policy, samples, pad_id, passes=passes))
     times.append(time.perf_counter())
     records = [
         {"question": sampling.first_index + i // n, "sample": i % n, "prompt": p, "response": s.text, "gold": ex.answer,
@@ -170,9 +161,16 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         "eval/mean_length": mean([r["length"] for r in records]),
         "eval/mean_length_correct": mean([r["length"] for r in correct]),
         "eval/mean_length_incorrect": mean([r["length"] for r in wrong]),
-        "eval/token_entropy": mean([r["entropy"] for r in records]),
         "eval/n": float(len({r["question"] for r in records})),
-    }
+    } | token_entropy(records)
+
+
+def token_entropy(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """``eval/token_entropy``, the mean of the records' response entropies; nothing where they were not
+    scored (``eval.token_entropy: false``: their entropy is None)."""
+    if any(r["entropy"] is None for r in records):
+        return {}
+    return {"eval/token_entropy": sum(r["entropy"] for r in records) / len(records) if records else float("nan")}
 
 
 def pass_at_ks(records: Sequence[dict[str, Any]]) -> dict[str, float]:

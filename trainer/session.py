@@ -220,14 +220,10 @@ class Session:
 
     def _eval_records(self, share: range, step: int) -> tuple[list[dict[str, Any]], list[float]]:
         """This rank's records for the questions in `share` (none: nothing sampled) and its phase seconds."""
-        policy, passes = self.learner.unwrapped, 0  # plain module: no DDP buffer broadcast, ranks independent
-        if self.learner.sharded:  # ZeRO-3: the entropy forwards gather from every rank, an idle one included
-            world = self.accelerator.num_processes
-            policy, passes = self.learner.model, entropy_passes(len(self.eval_examples()), world,
-                                                                shares_engine(self.cfg, world),
-                                                                samples_per_question=self.cfg.eval.samples_per_question)
+        policy, passes = self._entropy_policy()
         if not share:  # (response_entropy runs under inference mode itself)
-            response_entropy(policy, [], self.learner.tokenizer.pad_token_id, passes=passes)
+            if policy is not None:
+                response_entropy(policy, [], self.learner.tokenizer.pad_token_id, passes=passes)
             return [], [0.0, 0.0, 0.0]
         sampling = replace(sampling_config(self.cfg.eval, self.cfg.seed + step, self.cfg.eval.samples_per_question),
                            first_index=share.start)
@@ -237,6 +233,17 @@ class Session:
                                  policy, self.learner.tokenizer.pad_token_id, passes)
         self.rollouts_done()
         return out
+
+    def _entropy_policy(self) -> tuple[torch.nn.Module | None, int]:
+        """The model that scores held-out token entropy (None: ``eval.token_entropy`` is off) and the number of
+        passes every rank must run (0: as many as its own samples need)."""
+        if not self.cfg.eval.token_entropy:
+            return None, 0
+        if not self.learner.sharded:
+            return self.learner.unwrapped, 0  # plain module: no DDP buffer broadcast, ranks independent
+        world = self.accelerator.num_processes  # ZeRO-3: the forwards gather from every rank, an idle one included
+        return self.learner.model, entropy_passes(len(self.eval_examples()), world, shares_engine(self.cfg, world),
+                                                  samples_per_question=self.cfg.eval.samples_per_question)
 
     def reduce_metrics(self, metrics: dict[str, float], already_global: Collection[str] = ()) -> dict[str, float]:
         """Every rank's metrics combined into one record (`trainer.rank_metrics`: totals summed, the rest
