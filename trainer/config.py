@@ -196,6 +196,14 @@ class GRPOConfig(_Section):
     dynamic_sampling: bool = Field(False, description="DAPO: drop zero-std groups and refill")
     max_refill_rounds: int = Field(3, ge=0, le=9, description="at most 9: each round's seed is 100 apart")
     tis_cap: float | None = Field(None, gt=0.0, description="truncated importance sampling cap; None = off")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO overlong reward shaping: the last N tokens before rollout.max_tokens, over "
+        "which a penalty falls linearly from 0 to -overlong_penalty, added to the reward (trainer/overlong.py); "
+        "0 = off")
+    overlong_penalty: float = Field(1.0, gt=0.0, description="the penalty at rollout.max_tokens (DAPO: 1)")
+    mask_truncated: bool = Field(
+        False, description="DAPO overlong filtering: responses cut off at rollout.max_tokens add no loss (their "
+        "rewards still count in their group's advantages)")
     sort_by_length: bool = Field(
         True, description="group rows of similar length into micro-batches (less padding; same gradient)"
     )
@@ -323,6 +331,12 @@ class RunConfig(_Section):
                 "optim.lr_scheduler=constant (with optim.warmup_steps)"
             )
         problems += source_problems(self) + sampling_problems(self) + prompt_problems(self)
+        if self.grpo.overlong_buffer >= self.rollout.max_tokens:
+            problems.append(
+                f"grpo.overlong_buffer={self.grpo.overlong_buffer} >= rollout.max_tokens={self.rollout.max_tokens}: "
+                "the buffer is the last part of the allowed length, where the penalty grows; choose a buffer "
+                "below max_tokens (DAPO: 4096 of 20480), or 0 for no shaping"
+            )
         if self.grpo.max_staleness and self.rollout.placement == "colocated":
             problems.append(
                 f"grpo.max_staleness={self.grpo.max_staleness} with rollout.placement=colocated: asynchronous GRPO "

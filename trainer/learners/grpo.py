@@ -1,14 +1,15 @@
 """GRPO learner (Shao et al. 2024, "DeepSeekMath", §4.1) as specified by CS336 assignment 5. Per step:
 
-1. sample ``rollout_batch_size / group_size`` questions, ``group_size`` samples each; 2. rewards, and
-   group-normalised advantages ``A = (r − mean_g) / (std_g + eps)`` (unbiased std), or ``r − mean_g`` with
-   ``use_std_normalization: false`` (Dr. GRPO); optional DAPO dynamic sampling drops zero-std groups and
-   refills from new questions; 3. old log-probs, once, only when off-policy (``epochs_per_rollout_batch >
+1. sample ``rollout_batch_size / group_size`` questions, ``group_size`` samples each; 2. rewards [+ DAPO
+   overlong shaping, ``overlong_buffer``: `trainer.overlong`], and group-normalised advantages
+   ``A = (r − mean_g) / (std_g + eps)`` (unbiased std), or ``r − mean_g`` with ``use_std_normalization:
+   false`` (Dr. GRPO); optional DAPO dynamic sampling drops zero-std groups and refills from new questions; 3. old log-probs, once, only when off-policy (``epochs_per_rollout_batch >
    1`` or ``train_batch_size < rollout_batch_size``); on-policy the ratio is 1;
 4. ``epochs_per_rollout_batch`` epochs of optimizer batches of ``train_batch_size`` in
    ``gradient_accumulation_steps`` micro-batches; per-token loss = policy-gradient loss (`loss_type`)
    [× truncated importance weight min(π_learner/π_rollout, ``tis_cap``)] [+ ``kl_coef`` · k3 KL to the
-   frozen initial policy] [− ``entropy_coef`` · entropy], aggregated by `aggregate_loss`; 5. clip (1.0),
+   frozen initial policy] [− ``entropy_coef`` · entropy], aggregated by `aggregate_loss` [over responses
+   that were not cut off, ``mask_truncated``: DAPO overlong filtering]; 5. clip (1.0),
    AdamW; 6. weight sync, checked by the stale-weight probe; 7. logging.
 
 Log-probs and entropies use softmax(logits / ``rollout.temperature``), the sampling distribution. No KL by
@@ -55,6 +56,7 @@ from trainer.learners.loop import Mode, StepResult, run
 from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
 from trainer.logprobs import forward_log_probs, length_sorted_order, real_lengths
 from trainer.losses import aggregate_loss, compute_policy_gradient_loss, k3_kl, masked_mean
+from trainer.overlong import mask_truncated, shape_overlong
 from trainer.rollout_table import log_rollout_table
 from trainer.session import Session
 from trainer.sync import StaleWeightProbe, make_probe
@@ -109,6 +111,8 @@ def sample_and_score(s: Rollouts, sampler: QuestionSampler[Example], step: int) 
     samples, rewards, _ = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
     advantages = group_normalize(rewards, g.group_size, g.advantage_eps, g.use_std_normalization)
     metrics = global_reward_metrics(s, generated[2], g.group_size)
+    if g.overlong_buffer:
+        metrics["reward/overlong_penalty_mean"] = global_mean(s, [x.extra["overlong_penalty"] for x in generated[0]])
     metrics |= rollout_metrics(generated[0], s.timer.seconds["generate"])
     if g.dynamic_sampling:
         metrics["rollout/dropped_zero_std_groups"] = float(len(dropped[0]) // g.group_size)
@@ -129,6 +133,14 @@ def global_reward_metrics(s: Rollouts, scores: list[RewardResult], group_size: i
     return {f"reward/{k}": float(v) for k, v in meta.items()}
 
 
+def global_mean(s: Rollouts, values: list[float]) -> float:
+    """The mean of `values` over every rank's entries."""
+    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
+    if s.accelerator.num_processes > 1:
+        total = s.accelerator.reduce(total.to(s.accelerator.device), "sum").cpu()
+    return float(total[0] / total[1])
+
+
 def _sample_groups(s: Rollouts, sampler: QuestionSampler[Example], per_rank: int, n_needed: int, step: int,
                    round_: int) -> Groups:
     """Every rank draws ``per_rank × world`` questions; this rank generates for ``n_needed`` of its slice."""
@@ -144,6 +156,8 @@ def _sample_groups(s: Rollouts, sampler: QuestionSampler[Example], per_rank: int
     golds = [q.answer for q in questions for _ in range(g.group_size)]
     with s.timer("score"):
         scores = s.scorer.score([x.text for x in samples], golds)
+    if g.overlong_buffer:
+        scores = shape_overlong(samples, scores, s.cfg.rollout.max_tokens, g.overlong_buffer, g.overlong_penalty)
     for x, sc in zip(samples, scores, strict=True):
         x.extra |= sc.as_dict()  # the reward parts travel with the sample (`trainer.rollout_table`)
     return samples, torch.tensor([sc.reward for sc in scores], dtype=torch.float32), scores
@@ -169,8 +183,13 @@ def _global_max(s: Rollouts, value: int) -> int:
     return int(s.accelerator.reduce(torch.tensor(value, device=s.accelerator.device), "max"))
 
 
-def to_batch(samples: list[Sample], rewards: torch.Tensor, advantages: torch.Tensor, pad_id: int) -> RolloutBatch:
+def to_batch(samples: list[Sample], rewards: torch.Tensor, advantages: torch.Tensor, pad_id: int,
+             truncated_add_no_loss: bool = False) -> RolloutBatch:
+    """The learner's tensors of `samples`; with `truncated_add_no_loss` (``grpo.mask_truncated``) the rows
+    that hit the length limit have an empty response mask (`mask_truncated`)."""
     tokens = pack_token_ids([x.prompt_ids for x in samples], [x.response_ids for x in samples], pad_id)
+    if truncated_add_no_loss:
+        mask_truncated(tokens, samples)
     rollout_lp = pad_float_rows([x.logprobs for x in samples], [len(x.prompt_ids) - 1 for x in samples],
                                 tokens.labels.shape[1])
     return RolloutBatch(tokens, rewards, advantages, rollout_lp)
@@ -215,7 +234,8 @@ def optimizer_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, opt_sl
     rows = torch.arange(len(batch.tokens))[opt_slice]
     if cfg.grpo.sort_by_length:
         rows = length_sorted_order(batch.tokens, rows)
-    token_count = global_token_count(learner, batch.tokens.response_mask[opt_slice])
+    # at least 1: with grpo.mask_truncated a batch can hold no response token (its loss is 0 in every mode)
+    token_count = max(global_token_count(learner, batch.tokens.response_mask[opt_slice]), 1.0)
     sums: dict[str, float] = {}
     micro = micro_batch_slices(len(rows), micro_bs)
     for i, sl in enumerate(micro):
@@ -306,7 +326,7 @@ def grpo_step(s: Session, sampler: QuestionSampler[Example], step: int,
     log_rollout_table(s, step, samples, rewards, advantages)
     already_global = [k for k in metrics if k.startswith("reward/")]
     metrics |= policy_lag(s, samples) | grading_health(s)
-    batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id)
+    batch = to_batch(samples, rewards, advantages, s.learner.tokenizer.pad_token_id, s.cfg.grpo.mask_truncated)
     metrics |= learn(s, batch, ref_model)
     metrics |= s.sync_weights()
     return metrics, already_global
@@ -335,7 +355,8 @@ def async_grpo_step(s: Session, producer: RolloutProducer, probe: StaleWeightPro
     already_global = [k for k in metrics if k.startswith("reward/")]
     version = int(s.trainer_state["policy_version"])  # the learner's weights: those after step - 1
     metrics |= staleness(version, produced.samples, s.cfg.grpo.max_staleness)
-    batch = to_batch(produced.samples, produced.rewards, produced.advantages, s.learner.tokenizer.pad_token_id)
+    batch = to_batch(produced.samples, produced.rewards, produced.advantages, s.learner.tokenizer.pad_token_id,
+                     s.cfg.grpo.mask_truncated)
     metrics |= learn(s, batch, ref_model)
     with s.timer("sync"):
         expected = ProbeExpectation.of(probe, s.engine, s.learner.unwrapped)  # reads the engine's limits only
