@@ -65,7 +65,7 @@ def run_config(model_path: str, out_dir: Path, mode: str = "sequence_mean") -> A
         "grpo": {
             "rollout_batch_size": ROWS, "group_size": GROUP, "train_batch_size": ROWS,
             "gradient_accumulation_steps": GRAD_ACC, "loss_type": "grpo_clip", "length_normalization": mode,
-            "entropy_coef": 0.01, "tis_cap": 2.0,
+            "entropy_coef": 0.01, "tis_cap": 2.0, "overlong_buffer": MAX_TOKENS - 8,  # sample_and_score only
         },
         "logging": {"wandb_mode": "disabled", "progress": False},
     })  # fmt: skip
@@ -196,7 +196,8 @@ def record(
 
 # ---- rank slicing of rollouts (real sample_and_score, stub engine) ------------------------------
 class StubEngine:
-    """Deterministic 'generation': sample k of a prompt answers ``(crc32(prompt) + k) % 3 + 1``."""
+    """Deterministic 'generation': sample k of a prompt answers ``(crc32(prompt) + k) % 3 + 1`` after 1 to 5
+    words (the same in every world)."""
 
     policy_version = 0
 
@@ -210,7 +211,8 @@ class StubEngine:
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer(prompt)["input_ids"]
             for k in range(params.n):
-                text = f" ok </think> <answer> {(zlib.crc32(prompt.encode()) + k) % 3 + 1} </answer>"
+                crc = zlib.crc32(prompt.encode()) + k  # lengths vary, so the overlong penalty does
+                text = f"{' ok' * (1 + crc % 5)} </think> <answer> {crc % 3 + 1} </answer>"
                 resp = self.tokenizer(text)["input_ids"]
                 out.append(Sample(i, ids, resp, text, [-1.0] * len(resp), "stop", self.policy_version))
         return out

@@ -151,6 +151,9 @@ def test_reward_metrics_mean_over_ranks_is_global(runs: dict[int, dict[str, Any]
         "reward/frac_zero_std_groups",
     ):
         assert sum(m[key] for m in per_rank) / len(per_rank) == pytest.approx(want[key], rel=RTOL), key
+    penalties = [m["reward/overlong_penalty_mean"] for m in per_rank]  # DAPO shaping: reduced over the ranks
+    assert want["reward/overlong_penalty_mean"] < 0
+    assert penalties == pytest.approx([want["reward/overlong_penalty_mean"]] * 2, rel=RTOL)
 
 
 def test_groups_are_not_split_across_ranks(runs: dict[int, dict[str, Any]]) -> None:
