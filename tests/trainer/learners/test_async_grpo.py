@@ -128,13 +128,15 @@ def test_async_lag_is_bounded_and_resume_is_exact(tiny_qwen2_path: str, tmp_path
     """k = 1, 2 for 4 steps: step u trains on rollouts of the weights after step max(0, u−1−k), so the lag is
     min(u−1, k) exactly; a run interrupted in step 3 and resumed from step 2's checkpoint (the pending
     batches, sampled by weights older than the checkpoint, saved with it) ends with the parameters of the
-    run straight through (to 1e-6 relative, as the synchronous resume test)."""
+    run straight through (to 1e-6 relative, as the synchronous resume test). DAPO overlong shaping is on: the
+    producer shapes the rewards, and the saved pending batches keep them."""
     extra = ("checkpoint.save_every=2", "checkpoint.keep_last=3", "grpo.entropy_coef=0.01", "grpo.kl_coef=0.1",
-             f"grpo.max_staleness={k}", "eval.every=2")
+             f"grpo.max_staleness={k}", "eval.every=2", "grpo.overlong_buffer=4")
     straight = remote_config(tiny_qwen2_path, tmp_path / "straight", *extra)
     train_grpo(straight)
     records = [r for r in read_metrics(tmp_path / "straight") if "train/loss" in r]
     assert [r["rollout/policy_lag"] for r in records] == [min(u - 1, k) for u in (1, 2, 3, 4)]
+    assert all(-1 <= r["reward/overlong_penalty_mean"] <= 0 for r in records)  # shaped on the producer's thread
     assert all(r["rollout/policy_lag_mean"] == r["rollout/policy_lag"] for r in records)
     for key in ("time/wait_rollouts", "time/wait_weights", "time/generate", "time/step"):
         assert all(key in r for r in records), key
