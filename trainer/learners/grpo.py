@@ -260,7 +260,7 @@ def micro_step(learner: Learner, cfg: RunConfig, batch: RolloutBatch, index: tor
     per_token, meta = compute_policy_gradient_loss(
         log_probs, g.loss_type, raw_rewards=batch.raw_rewards[index, None].to(device),
         advantages=batch.advantages[index, None].to(device), old_log_probs=old, cliprange=g.cliprange,
-        cliprange_low=g.cliprange, cliprange_high=g.cliprange_high or g.cliprange,
+        cliprange_low=g.cliprange, cliprange_high=g.cliprange_high or g.cliprange, response_mask=mask,
     )
     rollout_lp = batch.rollout_log_probs[index].to(device)
     # engine vs learner: synchronous, at the sampling weights (numerics only); asynchronous, `old` is the current

@@ -2,7 +2,7 @@
 
 - `aggregate`: masked mean / normalize and `aggregate_loss`, the only way a per-token loss becomes the
   scalar that GRPO, SFT, EI and DPO backpropagate (sequence mean, constant, or token level).
-- `pg`: per-token losses of the policy: REINFORCE, GRPO-Clip / No-Clip, the k3 KL penalty, the SFT NLL.
+- `pg`: per-token losses of the policy: REINFORCE, GRPO-Clip / No-Clip, GSPO, the k3 KL penalty, the SFT NLL.
 - `preference`: per-pair DPO, IPO and SimPO losses from sequence log-probs.
 
 Log-probs themselves come from `trainer.logprobs`, the one forward path.
@@ -20,6 +20,7 @@ from trainer.losses.pg import (
     PolicyLossType,
     compute_grpo_clip_loss,
     compute_grpo_no_clip_loss,
+    compute_gspo_loss,
     compute_naive_policy_gradient_loss,
     compute_policy_gradient_loss,
     k3_kl,
@@ -35,6 +36,7 @@ __all__ = [
     "aggregate_loss",
     "compute_grpo_clip_loss",
     "compute_grpo_no_clip_loss",
+    "compute_gspo_loss",
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
     "dpo_loss_from_logps",

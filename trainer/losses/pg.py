@@ -8,6 +8,8 @@ accepted and reshaped, never silently broadcast along the sequence axis).
 - GRPO-Clip (PPO):     ``ℓ_t = −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A)``, ``ρ_t = π_θ(o_t)/π_old(o_t)``
   (ε_low = ε_high = ε in the paper; DAPO "clip-higher" raises ε_high)
 - GRPO-No-Clip:        ``ℓ_t = −ρ_t A``
+- GSPO (-token):       ``ℓ_t = −min(s_t A, clip(s_t, 1−ε_low, 1+ε_high) A)``, ``s_t = sg[s] · π_θ(o_t)/sg[π_θ(o_t)]``,
+  ``s = (π_θ(o)/π_old(o))^{1/|o|}`` the length-normalised sequence ratio (Zheng et al. 2025, arXiv 2507.18071)
 - k3 KL penalty:       ``ℓ_t = exp(r_t) − r_t − 1``, ``r_t = log π_ref(o_t) − log π_θ(o_t)`` (Schulman 2020)
 - SFT NLL:             ``ℓ_t = −log π_θ(y_t)``, REINFORCE with ``A = 1`` on demonstrations (`sft_loss`)
 """
@@ -20,7 +22,7 @@ import torch
 
 from trainer.losses.aggregate import aggregate_loss
 
-PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
+PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"]
 POLICY_LOSS_TYPES: tuple[str, ...] = get_args(PolicyLossType)
 
 
@@ -111,6 +113,49 @@ def compute_grpo_no_clip_loss(
     return -ratio * adv, {}
 
 
+def compute_gspo_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange_low: float,
+    cliprange_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO-token per-token loss (Zheng et al. 2025, "Group Sequence Policy Optimization", eqs. 13-14).
+
+    ``ℓ_t = −min(s_t A, clip(s_t, 1−ε_low, 1+ε_high) A)`` with ``s_t = sg[s] · π_θ(o_t)/sg[π_θ(o_t)]`` and
+    ``s = exp((1/|o|) Σ_t m_t (log π_θ(o_t) − log π_old(o_t)))`` over the response tokens. Every token of a
+    row has the value ``s`` and the gradient ``s · ∇ log π_θ(o_t)`` (none where the row's clip binds), so
+    with the ``sequence_mean`` aggregation the loss and its gradient are those of GSPO's sequence-level
+    objective (eq. 5; tested against it). The paper clips at ε_low = 3e-4, ε_high = 4e-4: a sequence ratio
+    moves far less than a token's.
+
+    Args:
+        advantages: (batch, 1).
+        policy_log_probs, old_log_probs: (batch, seq); ``old_log_probs`` is treated as a constant.
+        response_mask: (batch, seq) bool or 0/1: the tokens of each response (a row with none has s = 1).
+    Returns:
+        ``(loss (batch, seq), metadata)`` with ``"clipped"`` (batch, seq) bool (the row's clip is active,
+        on every position of the row) and ``"clip_fraction"`` (0-dim, over all positions).
+    """
+    if cliprange_low < 0 or cliprange_high < 0:
+        raise ValueError(f"clip ranges must be >= 0; got low={cliprange_low}, high={cliprange_high}")
+    if not policy_log_probs.shape == old_log_probs.shape == response_mask.shape:
+        raise ValueError(
+            f"policy_log_probs {tuple(policy_log_probs.shape)}, old_log_probs {tuple(old_log_probs.shape)} and "
+            f"response_mask {tuple(response_mask.shape)} disagree"
+        )
+    adv = _per_sequence(advantages, policy_log_probs, "advantages")  # (batch, 1)
+    mask = response_mask.to(policy_log_probs.dtype)  # (batch, seq)
+    log_ratio = (policy_log_probs.detach() - old_log_probs.detach()) * mask  # (batch, seq)
+    seq_log_ratio = log_ratio.sum(-1, keepdim=True) / mask.sum(-1, keepdim=True).clamp(min=1.0)  # (batch, 1)
+    ratio = torch.exp(seq_log_ratio + policy_log_probs - policy_log_probs.detach())  # (batch, seq): value s
+    unclipped = ratio * adv  # (batch, seq)
+    clipped = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high) * adv  # (batch, seq)
+    is_clipped = clipped < unclipped  # (batch, seq) bool
+    return -torch.minimum(unclipped, clipped), {"clipped": is_clipped, "clip_fraction": is_clipped.float().mean()}
+
+
 def compute_policy_gradient_loss(
     policy_log_probs: torch.Tensor,
     loss_type: str,
@@ -121,6 +166,7 @@ def compute_policy_gradient_loss(
     *,
     cliprange_low: float | None = None,
     cliprange_high: float | None = None,
+    response_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Dispatch to the per-token loss of `loss_type` (CS336 §7 ``compute_policy_gradient_loss``).
 
@@ -128,6 +174,7 @@ def compute_policy_gradient_loss(
     - ``"reinforce_with_baseline"``: naive loss with ``A = advantages`` (needs advantages).
     - ``"grpo_clip"``: needs advantages, old_log_probs and cliprange (or both cliprange_low/high).
     - ``"grpo_no_clip"``: needs advantages and old_log_probs.
+    - ``"gspo"``: as ``"grpo_clip"``, and response_mask (the sequence ratio averages over the response).
 
     Returns ``(loss (batch, seq), metadata)``. Raises ValueError naming a missing argument, or listing
     the valid loss types for an unknown one.
@@ -152,12 +199,18 @@ def compute_policy_gradient_loss(
     assert old_log_probs is not None
     if loss_type == "grpo_no_clip":
         return compute_grpo_no_clip_loss(advantages, policy_log_probs, old_log_probs)
-    # grpo_clip
     if cliprange is None and (cliprange_low is None or cliprange_high is None):
         raise ValueError(
-            "loss_type 'grpo_clip' needs cliprange (or both cliprange_low and cliprange_high), "
+            f"loss_type {loss_type!r} needs cliprange (or both cliprange_low and cliprange_high), "
             "which was not given"
         )
+    if loss_type == "gspo":
+        need(response_mask, "response_mask")
+        assert response_mask is not None
+        low = cliprange_low if cliprange_low is not None else cliprange
+        high = cliprange_high if cliprange_high is not None else cliprange
+        assert low is not None and high is not None
+        return compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, low, high)
     return compute_grpo_clip_loss(
         advantages,
         policy_log_probs,

@@ -141,11 +141,12 @@ def test_dynamic_sampling_keeps_batch_shape_and_logs_drops(tiny_qwen2_path: str,
 
 
 @pytest.mark.slow
-def test_off_policy_grpo_clip_with_tis_runs_and_logs(tiny_qwen2_path: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("loss_type", ["grpo_clip", "gspo"])
+def test_off_policy_grpo_clip_with_tis_runs_and_logs(tiny_qwen2_path: str, tmp_path: Path, loss_type: str) -> None:
     """Off-policy (2 epochs × 2 optimizer batches per rollout batch) on packed micro-batches with a KL
-    penalty: old log-probs are computed once, GRPO-Clip reports its clip fraction, the TIS-weighted loss
-    stays finite, 4 optimizer steps happened, and model FLOP/s and MFU (for a configured peak) are logged."""
-    cfg = small_config(tiny_qwen2_path, tmp_path / "run", "grpo.n_grpo_steps=1", "grpo.loss_type=grpo_clip",
+    penalty: old log-probs are computed once, GRPO-Clip (or GSPO) reports its clip fraction, the TIS-weighted
+    loss stays finite, 4 optimizer steps happened, and model FLOP/s and MFU (for a configured peak) are logged."""
+    cfg = small_config(tiny_qwen2_path, tmp_path / "run", "grpo.n_grpo_steps=1", f"grpo.loss_type={loss_type}",
                        "grpo.epochs_per_rollout_batch=2", "grpo.train_batch_size=8",
                        "grpo.gradient_accumulation_steps=2", "grpo.tis_cap=2.0", "grpo.entropy_coef=0.01",
                        "optim.warmup_steps=10", "model.packing=true", "grpo.kl_coef=0.05",

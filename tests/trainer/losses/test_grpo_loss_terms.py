@@ -44,21 +44,28 @@ from trainer.learners.grpo import RolloutBatch, micro_step
 from trainer.losses import k3_kl
 
 TINY_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"
-LOSS_TYPES = ["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
+LOSS_TYPES = ["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"]
 MODES = ["sequence_mean", "constant", "token"]
 TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
 
 
 # ---- the naive twin ------------------------------------------------------------------------------
 def naive_pg(lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, raw: torch.Tensor, loss_type: str,
-             eps_low: float, eps_high: float) -> torch.Tensor:
-    """Per-token policy-gradient loss, (b, s); adv / raw are (b,)."""
+             eps_low: float, eps_high: float, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token policy-gradient loss, (b, s); adv / raw are (b,), mask (b, s) the response tokens."""
     a, r = adv[:, None], raw[:, None]
     if loss_type == "no_baseline":
         return -r * lp
     if loss_type == "reinforce_with_baseline":
         return -a * lp
     ratio = torch.exp(lp - old)
+    if loss_type == "gspo":  # GSPO-token, eqs. 13-14: s_i,t = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)]
+        rows = []
+        for i in range(lp.shape[0]):
+            n = int(mask[i].sum())
+            s_i = math.exp(sum(float(lp[i, t] - old[i, t]) for t in range(lp.shape[1]) if mask[i, t]) / max(n, 1))
+            rows.append(s_i * torch.exp(lp[i] - lp[i].detach()))
+        ratio = torch.stack(rows)
     if loss_type == "grpo_no_clip":
         return -ratio * a
     return -torch.minimum(ratio * a, torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * a)
@@ -81,7 +88,7 @@ def naive_loss(cfg: RunConfig, case: Case, old: torch.Tensor, lp: torch.Tensor, 
     """The whole micro-batch loss from the formulas, on rows `case.index`."""
     g, i = cfg.grpo, case.index
     per_token = naive_pg(lp, old, case.batch.advantages[i], case.batch.raw_rewards[i], g.loss_type,
-                         g.cliprange, g.cliprange_high or g.cliprange)
+                         g.cliprange, g.cliprange_high or g.cliprange, case.batch.tokens.response_mask[i])
     if g.tis_cap is not None:
         weight = torch.exp(old - case.batch.rollout_log_probs[i]).detach()
         per_token = per_token * torch.where(weight > g.tis_cap, torch.full_like(weight, g.tis_cap), weight)
@@ -431,7 +438,7 @@ def test_real_model_gradient_matches_twin(tiny_qwen2_path: str, tmp_path: Path) 
     g = cfg.grpo
     weight = torch.exp(old - rollout)
     assert bool(((weight > g.tis_cap) & mask).any()) and bool(((weight < g.tis_cap) & mask).any())
-    per_token = naive_pg(lp, old, batch.advantages, batch.raw_rewards, g.loss_type, g.cliprange, g.cliprange)
+    per_token = naive_pg(lp, old, batch.advantages, batch.raw_rewards, g.loss_type, g.cliprange, g.cliprange, mask)
     per_token = per_token * weight.clamp(max=g.tis_cap)
     per_token = per_token + g.kl_coef * (torch.exp(ref_lp - lp) - (ref_lp - lp) - 1) - g.entropy_coef * ent
     naive_aggregate(per_token, mask, "sequence_mean", g.gradient_accumulation_steps, 8.0, 0.0).backward()
