@@ -183,9 +183,10 @@ class GRPOConfig(_Section):
     epochs_per_rollout_batch: int = Field(1, ge=1)
     train_batch_size: int = Field(256, ge=1)
     gradient_accumulation_steps: int = Field(128, ge=1)
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"] = Field(
-        "reinforce_with_baseline", description="gspo: GRPO-Clip on the length-normalised sequence ratio (Zheng et "
-        "al. 2025; its paper clips at cliprange=3e-4, cliprange_high=4e-4)")
+    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo", "cispo"] = (
+        Field("reinforce_with_baseline", description="gspo: GRPO-Clip on the length-normalised sequence ratio "
+              "(Zheng et al. 2025; its paper clips at cliprange=3e-4, cliprange_high=4e-4); cispo: REINFORCE "
+              "weighted by the clipped, detached token ratio (MiniMax-M1, 2025)"))
     use_std_normalization: bool = True
     advantage_eps: float = Field(1e-6, ge=0.0)
     length_normalization: Literal["sequence_mean", "constant", "token"] = "sequence_mean"

@@ -2,7 +2,7 @@
 
 - `aggregate`: masked mean / normalize and `aggregate_loss`, the only way a per-token loss becomes the
   scalar that GRPO, SFT, EI and DPO backpropagate (sequence mean, constant, or token level).
-- `pg`: per-token losses of the policy: REINFORCE, GRPO-Clip / No-Clip, GSPO, the k3 KL penalty, the SFT NLL.
+- `pg`: per-token losses of the policy: REINFORCE, GRPO-Clip / No-Clip, GSPO, CISPO, the k3 KL penalty, the SFT NLL.
 - `preference`: per-pair DPO, IPO and SimPO losses from sequence log-probs.
 
 Log-probs themselves come from `trainer.logprobs`, the one forward path.
@@ -18,6 +18,7 @@ from trainer.losses.aggregate import (
 from trainer.losses.pg import (
     POLICY_LOSS_TYPES,
     PolicyLossType,
+    compute_cispo_loss,
     compute_grpo_clip_loss,
     compute_grpo_no_clip_loss,
     compute_gspo_loss,
@@ -34,6 +35,7 @@ __all__ = [
     "LossAggMode",
     "PolicyLossType",
     "aggregate_loss",
+    "compute_cispo_loss",
     "compute_grpo_clip_loss",
     "compute_grpo_no_clip_loss",
     "compute_gspo_loss",

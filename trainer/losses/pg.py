@@ -8,6 +8,7 @@ accepted and reshaped, never silently broadcast along the sequence axis).
 - GRPO-Clip (PPO):     ``ℓ_t = −min(ρ_t A, clip(ρ_t, 1−ε_low, 1+ε_high) A)``, ``ρ_t = π_θ(o_t)/π_old(o_t)``
   (ε_low = ε_high = ε in the paper; DAPO "clip-higher" raises ε_high)
 - GRPO-No-Clip:        ``ℓ_t = −ρ_t A``
+- CISPO:               ``ℓ_t = −sg[clip(ρ_t, 1−ε_low, 1+ε_high)] · A · log π_θ(o_t)`` (MiniMax-M1, arXiv 2506.13585)
 - GSPO (-token):       ``ℓ_t = −min(s_t A, clip(s_t, 1−ε_low, 1+ε_high) A)``, ``s_t = sg[s] · π_θ(o_t)/sg[π_θ(o_t)]``,
   ``s = (π_θ(o)/π_old(o))^{1/|o|}`` the length-normalised sequence ratio (Zheng et al. 2025, arXiv 2507.18071)
 - k3 KL penalty:       ``ℓ_t = exp(r_t) − r_t − 1``, ``r_t = log π_ref(o_t) − log π_θ(o_t)`` (Schulman 2020)
@@ -22,7 +23,7 @@ import torch
 
 from trainer.losses.aggregate import aggregate_loss
 
-PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"]
+PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo", "cispo"]
 POLICY_LOSS_TYPES: tuple[str, ...] = get_args(PolicyLossType)
 
 
@@ -35,6 +36,19 @@ def _per_sequence(values: torch.Tensor, policy_log_probs: torch.Tensor, name: st
             f"{name} must be (batch, 1) with batch={policy_log_probs.shape[0]}; got {tuple(values.shape)}"
         )
     return values.to(policy_log_probs.dtype)
+
+
+def _check_same_shape(policy_log_probs: torch.Tensor, old_log_probs: torch.Tensor) -> None:
+    if policy_log_probs.shape != old_log_probs.shape:
+        raise ValueError(
+            f"policy_log_probs {tuple(policy_log_probs.shape)} and old_log_probs "
+            f"{tuple(old_log_probs.shape)} disagree"
+        )
+
+
+def _check_clip_ranges(low: float, high: float) -> None:
+    if low < 0 or high < 0:
+        raise ValueError(f"clip ranges must be >= 0; got low={low}, high={high}")
 
 
 def compute_naive_policy_gradient_loss(
@@ -78,13 +92,8 @@ def compute_grpo_clip_loss(
     """
     eps_low = cliprange if cliprange_low is None else cliprange_low
     eps_high = cliprange if cliprange_high is None else cliprange_high
-    if eps_low < 0 or eps_high < 0:
-        raise ValueError(f"clip ranges must be >= 0; got low={eps_low}, high={eps_high}")
-    if policy_log_probs.shape != old_log_probs.shape:
-        raise ValueError(
-            f"policy_log_probs {tuple(policy_log_probs.shape)} and old_log_probs "
-            f"{tuple(old_log_probs.shape)} disagree"
-        )
+    _check_clip_ranges(eps_low, eps_high)
+    _check_same_shape(policy_log_probs, old_log_probs)
     adv = _per_sequence(advantages, policy_log_probs, "advantages")  # (batch, 1)
     ratio = torch.exp(policy_log_probs - old_log_probs.detach())  # (batch, seq)
     unclipped = ratio * adv  # (batch, seq)
@@ -103,14 +112,38 @@ def compute_grpo_no_clip_loss(
 
     Args: as `compute_grpo_clip_loss`. Returns ``(loss (batch, seq), {})``.
     """
-    if policy_log_probs.shape != old_log_probs.shape:
-        raise ValueError(
-            f"policy_log_probs {tuple(policy_log_probs.shape)} and old_log_probs "
-            f"{tuple(old_log_probs.shape)} disagree"
-        )
+    _check_same_shape(policy_log_probs, old_log_probs)
     adv = _per_sequence(advantages, policy_log_probs, "advantages")  # (batch, 1)
     ratio = torch.exp(policy_log_probs - old_log_probs.detach())  # (batch, seq)
     return -ratio * adv, {}
+
+
+def compute_cispo_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    cliprange_low: float,
+    cliprange_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO per-token loss (MiniMax-M1, Chen et al. 2025, arXiv 2506.13585, eqs. 4-5).
+
+    ``ℓ_t = −sg[clip(ρ_t, 1−ε_low, 1+ε_high)] · A · log π_θ(o_t)``, ``ρ_t = π_θ(o_t)/π_old(o_t)``: REINFORCE
+    weighted by the clipped, detached importance ratio. Unlike GRPO-Clip no token loses its gradient where
+    the ratio leaves the range; only its weight is bounded. On-policy (ρ = 1) it is
+    ``reinforce_with_baseline``. (MiniMax-M1 bounds only the upper side: set a large ``cliprange``.)
+
+    Args: as `compute_grpo_clip_loss`.
+    Returns:
+        ``(loss (batch, seq), metadata)`` with ``"clipped"`` (batch, seq) bool, where the weight was clipped,
+        and ``"clip_fraction"`` (0-dim, over all positions).
+    """
+    _check_clip_ranges(cliprange_low, cliprange_high)
+    _check_same_shape(policy_log_probs, old_log_probs)
+    adv = _per_sequence(advantages, policy_log_probs, "advantages")  # (batch, 1)
+    ratio = torch.exp(policy_log_probs.detach() - old_log_probs.detach())  # (batch, seq)
+    weight = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)  # (batch, seq), no gradient
+    is_clipped = weight != ratio  # (batch, seq) bool
+    return -weight * adv * policy_log_probs, {"clipped": is_clipped, "clip_fraction": is_clipped.float().mean()}
 
 
 def compute_gspo_loss(
@@ -138,8 +171,7 @@ def compute_gspo_loss(
         ``(loss (batch, seq), metadata)`` with ``"clipped"`` (batch, seq) bool (the row's clip is active,
         on every position of the row) and ``"clip_fraction"`` (0-dim, over all positions).
     """
-    if cliprange_low < 0 or cliprange_high < 0:
-        raise ValueError(f"clip ranges must be >= 0; got low={cliprange_low}, high={cliprange_high}")
+    _check_clip_ranges(cliprange_low, cliprange_high)
     if not policy_log_probs.shape == old_log_probs.shape == response_mask.shape:
         raise ValueError(
             f"policy_log_probs {tuple(policy_log_probs.shape)}, old_log_probs {tuple(old_log_probs.shape)} and "
@@ -175,6 +207,7 @@ def compute_policy_gradient_loss(
     - ``"grpo_clip"``: needs advantages, old_log_probs and cliprange (or both cliprange_low/high).
     - ``"grpo_no_clip"``: needs advantages and old_log_probs.
     - ``"gspo"``: as ``"grpo_clip"``, and response_mask (the sequence ratio averages over the response).
+    - ``"cispo"``: as ``"grpo_clip"``.
 
     Returns ``(loss (batch, seq), metadata)``. Raises ValueError naming a missing argument, or listing
     the valid loss types for an unknown one.
@@ -204,12 +237,14 @@ def compute_policy_gradient_loss(
             f"loss_type {loss_type!r} needs cliprange (or both cliprange_low and cliprange_high), "
             "which was not given"
         )
+    low = cliprange_low if cliprange_low is not None else cliprange
+    high = cliprange_high if cliprange_high is not None else cliprange
+    assert low is not None and high is not None
+    if loss_type == "cispo":
+        return compute_cispo_loss(advantages, policy_log_probs, old_log_probs, low, high)
     if loss_type == "gspo":
         need(response_mask, "response_mask")
         assert response_mask is not None
-        low = cliprange_low if cliprange_low is not None else cliprange
-        high = cliprange_high if cliprange_high is not None else cliprange
-        assert low is not None and high is not None
         return compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, low, high)
     return compute_grpo_clip_loss(
         advantages,

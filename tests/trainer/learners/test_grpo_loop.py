@@ -141,10 +141,10 @@ def test_dynamic_sampling_keeps_batch_shape_and_logs_drops(tiny_qwen2_path: str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss_type", ["grpo_clip", "gspo"])
+@pytest.mark.parametrize("loss_type", ["grpo_clip", "gspo", "cispo"])
 def test_off_policy_grpo_clip_with_tis_runs_and_logs(tiny_qwen2_path: str, tmp_path: Path, loss_type: str) -> None:
     """Off-policy (2 epochs × 2 optimizer batches per rollout batch) on packed micro-batches with a KL
-    penalty: old log-probs are computed once, GRPO-Clip (or GSPO) reports its clip fraction, the TIS-weighted
+    penalty: old log-probs are computed once, GRPO-Clip (GSPO, CISPO) reports its clip fraction, the TIS-weighted
     loss stays finite, 4 optimizer steps happened, and model FLOP/s and MFU (for a configured peak) are logged."""
     cfg = small_config(tiny_qwen2_path, tmp_path / "run", "grpo.n_grpo_steps=1", f"grpo.loss_type={loss_type}",
                        "grpo.epochs_per_rollout_batch=2", "grpo.train_batch_size=8",

@@ -44,7 +44,7 @@ from trainer.learners.grpo import RolloutBatch, micro_step
 from trainer.losses import k3_kl
 
 TINY_CONFIG = REPO / "configs" / "grpo_tiny_cpu.yaml"
-LOSS_TYPES = ["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo"]
+LOSS_TYPES = ["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo", "cispo"]
 MODES = ["sequence_mean", "constant", "token"]
 TOL = {torch.float64: {"rtol": 1e-12, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol": 1e-6}}
 
@@ -59,6 +59,8 @@ def naive_pg(lp: torch.Tensor, old: torch.Tensor, adv: torch.Tensor, raw: torch.
     if loss_type == "reinforce_with_baseline":
         return -a * lp
     ratio = torch.exp(lp - old)
+    if loss_type == "cispo":  # MiniMax-M1 eq. 4: the clipped ratio is a constant weight on REINFORCE
+        return -torch.clamp(ratio, 1 - eps_low, 1 + eps_high).detach() * a * lp
     if loss_type == "gspo":  # GSPO-token, eqs. 13-14: s_i,t = sg[s_i] · π_θ(y_t) / sg[π_θ(y_t)]
         rows = []
         for i in range(lp.shape[0]):

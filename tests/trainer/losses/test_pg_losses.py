@@ -9,6 +9,7 @@ import torch
 
 from trainer.losses import (
     POLICY_LOSS_TYPES,
+    compute_cispo_loss,
     compute_grpo_clip_loss,
     compute_grpo_no_clip_loss,
     compute_naive_policy_gradient_loss,
@@ -145,6 +146,28 @@ def test_grpo_no_clip_hand_values_loop_and_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda lp: compute_grpo_no_clip_loss(adv64, lp, old64)[0], (logp64,))
 
 
+# ---- CISPO ----------------------------------------------------------------------------------------------
+
+
+def test_cispo_hand_values_gradient_and_loop() -> None:
+    """ε = 0.2: ρ = 1.5 → weight 1.2 (clipped), A = 2, log π = ln 1.5 → loss −2.4 · ln 1.5, gradient −2.4;
+    ρ = 0.5 → weight 0.8 (clipped), A = −1 → loss 0.8 · ln 0.5, gradient 0.8; ρ = 1.1 inside the range. Unlike
+    GRPO-Clip, a clipped token keeps its gradient: only its weight is bounded, and no gradient flows through it."""
+    logp = torch.tensor([[LN15], [LN05], [math.log(1.1)]], dtype=torch.float64, requires_grad=True)
+    adv = torch.tensor([[2.0], [-1.0], [1.0]], dtype=torch.float64)
+    loss, meta = compute_cispo_loss(adv, logp, torch.zeros(3, 1, dtype=torch.float64), 0.2, 0.2)
+    want = [-2.4 * LN15, 0.8 * LN05, -1.1 * math.log(1.1)]
+    assert loss[:, 0].tolist() == pytest.approx(want, abs=1e-12)
+    assert meta["clipped"][:, 0].tolist() == [True, True, False]
+    loss.sum().backward()
+    assert logp.grad is not None and logp.grad[:, 0].tolist() == pytest.approx([-2.4, 0.8, -1.1], abs=1e-12)
+    adv, logp, old = _random(9)
+    got, _ = compute_cispo_loss(adv, logp, old, 0.1, 0.3)
+    want_loop = torch.tensor([[-min(max(math.exp(float(logp[i, t] - old[i, t])), 0.9), 1.3) * float(adv[i, 0])
+                               * float(logp[i, t]) for t in range(6)] for i in range(4)])
+    torch.testing.assert_close(got, want_loop, rtol=1e-6, atol=1e-7)
+
+
 # ---- dispatcher -----------------------------------------------------------------------------------------
 
 
@@ -167,6 +190,9 @@ def test_dispatch_matches_direct_calls() -> None:
     torch.testing.assert_close(got, compute_grpo_clip_loss(adv, logp, old, 0.1, cliprange_high=0.3)[0])
     got, _ = compute_policy_gradient_loss(logp, "grpo_no_clip", advantages=adv, old_log_probs=old)
     torch.testing.assert_close(got, compute_grpo_no_clip_loss(adv, logp, old)[0])
+    got, _ = compute_policy_gradient_loss(logp, "cispo", advantages=adv, old_log_probs=old, cliprange=0.2,
+                                          cliprange_high=0.3)
+    torch.testing.assert_close(got, compute_cispo_loss(adv, logp, old, 0.2, 0.3)[0])
 
 
 def test_dispatch_errors_name_missing_args() -> None:
