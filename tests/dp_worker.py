@@ -5,7 +5,8 @@ Run once as a plain process (world 1, the reference) and once under
 global batch on the tiny GPT-2 (fp32) and run, through the real code:
 
 - ``slicing``: `trainer.learners.grpo.sample_and_score` on a real `Session` with a stub rollout engine and the real
-  reward scorer: which questions each rank generates for, its rewards, advantages and reward metrics;
+  reward scorer: which questions each rank generates for, its rewards, advantages and reward metrics
+  (``slicing_batch_std``: the same with advantages over the whole batch's reward std);
 - ``grpo/<mode>``: one optimizer step of `trainer.learners.grpo.update_policy` for each length-normalisation mode,
   each rank given its whole groups (rows ``[r·B/W, (r+1)·B/W)``, packed per rank as `to_batch` does);
 - ``grpo/token_local_count``: a control with `global_token_count` patched to return the rank's own count
@@ -349,6 +350,10 @@ def main(model_path: str, out_dir: str, world: int) -> None:
         results["files"] = files_case(s, writes)  # first: the checkpoint holds only the Session's learner
         results["slow_rank_checkpoint"] = slow_rank_checkpoint_case(s, out / "slow")
         results["slicing"] = slicing_case(s)
+        grpo_cfg = s.cfg.grpo
+        s.cfg = s.cfg.model_copy(update={"grpo": grpo_cfg.model_copy(update={"std_normalization_scope": "batch"})})
+        results["slicing_batch_std"] = slicing_case(s)  # the std of every rank's rewards
+        s.cfg = s.cfg.model_copy(update={"grpo": grpo_cfg})
         for mode in MODES:
             results[f"grpo/{mode}"] = grpo_case(run_config(model_path, out, mode), s)
         import trainer.learners.grpo

@@ -188,6 +188,9 @@ class GRPOConfig(_Section):
               "(Zheng et al. 2025; its paper clips at cliprange=3e-4, cliprange_high=4e-4); cispo: REINFORCE "
               "weighted by the clipped, detached token ratio (MiniMax-M1, 2025)"))
     use_std_normalization: bool = True
+    std_normalization_scope: Literal["group", "batch"] = Field(
+        "group", description="the std that use_std_normalization divides by: each group's own (GRPO), or that of "
+        "every reward of the step's rollout batch, all ranks (group mean, batch std: REINFORCE++, ScaleRL)")
     advantage_eps: float = Field(1e-6, ge=0.0)
     length_normalization: Literal["sequence_mean", "constant", "token"] = "sequence_mean"
     cliprange: float = Field(0.2, gt=0.0)

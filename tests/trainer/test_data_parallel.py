@@ -171,6 +171,20 @@ def test_groups_are_not_split_across_ranks(runs: dict[int, dict[str, Any]]) -> N
     assert all(s == one["sampler_state"][0] for s in two["sampler_state"]), "samplers out of step"
 
 
+def test_batch_std_advantages_use_every_ranks_rewards(runs: dict[int, dict[str, Any]]) -> None:
+    """``grpo.std_normalization_scope: batch``: each rank divides its group-centred rewards by the std of the
+    whole batch's rewards (every rank's), as one process does; by hand from the gathered rewards."""
+    one, two = runs[1]["slicing_batch_std"], runs[2]["slicing_batch_std"]
+    rewards = torch.tensor(one["rank_rewards"][0], dtype=torch.float64)
+    group = runs[1]["group_size"]
+    centred = (rewards.view(-1, group) - rewards.view(-1, group).mean(-1, keepdim=True)).flatten()
+    want = centred / (rewards.std() + 1e-6)
+    assert float(rewards.std()) > 0 and float(centred.abs().max()) > 0
+    torch.testing.assert_close(torch.tensor(one["rank_advantages"][0], dtype=torch.float64), want, rtol=1e-6, atol=1e-7)
+    got = torch.tensor([a for ads in two["rank_advantages"] for a in ads], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_only_rank_zero_writes_files(runs: dict[int, dict[str, Any]]) -> None:
     files_one, files_two = runs[1]["files"], runs[2]["files"]
     rank0, *others = files_two["rank_writes"]

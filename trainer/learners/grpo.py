@@ -2,9 +2,11 @@
 
 1. sample ``rollout_batch_size / group_size`` questions, ``group_size`` samples each; 2. rewards [+ DAPO
    overlong shaping, ``overlong_buffer``: `trainer.overlong`], and group-normalised advantages
-   ``A = (r − mean_g) / (std_g + eps)`` (unbiased std), or ``r − mean_g`` with ``use_std_normalization:
-   false`` (Dr. GRPO); optional DAPO dynamic sampling drops zero-std groups and refills from new questions; 3. old log-probs, once, only when off-policy (``epochs_per_rollout_batch >
-   1`` or ``train_batch_size < rollout_batch_size``); on-policy the ratio is 1;
+   ``A = (r − mean_g) / (std_g + eps)`` (unbiased std; ``std_normalization_scope: batch``: the std of the whole
+   rollout batch's rewards instead, REINFORCE++ / ScaleRL), or ``r − mean_g`` with ``use_std_normalization:
+   false`` (Dr. GRPO); optional DAPO dynamic sampling drops zero-std groups and refills from new questions;
+   3. old log-probs, once, only when off-policy (``epochs_per_rollout_batch > 1`` or ``train_batch_size <
+   rollout_batch_size``); on-policy the ratio is 1;
 4. ``epochs_per_rollout_batch`` epochs of optimizer batches of ``train_batch_size`` in
    ``gradient_accumulation_steps`` micro-batches; per-token loss = policy-gradient loss (`loss_type`)
    [× truncated importance weight min(π_learner/π_rollout, ``tis_cap``)] [+ ``kl_coef`` · k3 KL to the
@@ -28,6 +30,7 @@ corrects the staleness (and engine/learner numerics) exactly; it is the synchron
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,7 +112,10 @@ def sample_and_score(s: Rollouts, sampler: QuestionSampler[Example], step: int) 
         kept = _concat(kept, new)
     missing_rows = n_questions * g.group_size - len(kept[0])
     samples, rewards, _ = _concat(kept, _select(dropped, torch.arange(len(dropped[0])) < missing_rows))
-    advantages = group_normalize(rewards, g.group_size, g.advantage_eps, g.use_std_normalization)
+    by_group = g.use_std_normalization and g.std_normalization_scope == "group"
+    advantages = group_normalize(rewards, g.group_size, g.advantage_eps, by_group)
+    if g.use_std_normalization and not by_group:
+        advantages = divide_by_batch_std(advantages, global_std(s, rewards), g.advantage_eps)
     metrics = global_reward_metrics(s, generated[2], g.group_size)
     if g.overlong_buffer:
         metrics["reward/overlong_penalty_mean"] = global_mean(s, [x.extra["overlong_penalty"] for x in generated[0]])
@@ -131,6 +137,21 @@ def global_reward_metrics(s: Rollouts, scores: list[RewardResult], group_size: i
     table = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(keys))  # (N, 3)
     meta = reward_metadata([dict(zip(keys, row, strict=True)) for row in rows], table[:, 0], group_size)
     return {f"reward/{k}": float(v) for k, v in meta.items()}
+
+
+def global_std(s: Rollouts, rewards: torch.Tensor) -> float:
+    """The unbiased std of every rank's `rewards` together (0 for fewer than two)."""
+    r = rewards.double()
+    moments = torch.stack([torch.tensor(float(len(r)), dtype=torch.float64), r.sum(), (r * r).sum()])
+    if s.accelerator.num_processes > 1:
+        moments = s.accelerator.reduce(moments.to(s.accelerator.device), "sum").cpu()
+    n, total, squares = moments.tolist()
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
+
+
+def divide_by_batch_std(centred: torch.Tensor, std: float, eps: float) -> torch.Tensor:
+    """Group-centred advantages over the batch's reward std (+ eps); unchanged (all 0) where the std is 0."""
+    return centred if std == 0 else centred / (std + eps)
 
 
 def global_mean(s: Rollouts, values: list[float]) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import Any
 
 import pytest
 import torch
@@ -109,3 +110,20 @@ def test_reward_metadata_single_reward_std_zero() -> None:
     meta = reward_metadata([{"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}], torch.ones(1), 1)
     assert meta["reward_std"] == 0.0
     assert meta["frac_zero_std_groups"] == 1.0
+
+
+def test_batch_std_scope_by_hand() -> None:
+    """Groups [1, 0] and [1, 1]: centred [0.5, −0.5, 0, 0]; the batch [1, 0, 1, 1] has unbiased std 0.5
+    (mean 0.75, squares 0.75 / 3), so the advantages are [1, −1, 0, 0]; a batch of equal rewards stays 0."""
+    from types import SimpleNamespace
+
+    from trainer.learners.grpo import divide_by_batch_std, global_std
+
+    one_process: Any = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1))
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    centred = group_normalize(rewards, 2, 0.0, normalize_by_std=False)
+    assert global_std(one_process, rewards) == pytest.approx(0.5, abs=1e-12)
+    assert divide_by_batch_std(centred, 0.5, 0.0).tolist() == [1.0, -1.0, 0.0, 0.0]
+    flat = torch.ones(4)
+    assert global_std(one_process, flat) == 0.0
+    assert divide_by_batch_std(group_normalize(flat, 2, 0.0, False), 0.0, 0.0).tolist() == [0.0] * 4
