@@ -35,8 +35,9 @@ lint: install
 	$(VENV)/bin/ruff check trainer rollout tests benchmarks
 	$(VENV)/bin/mypy
 
+# the 25 longest tests close the report: where CI time goes
 pytest: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=25
 
 test: lint pytest
 
