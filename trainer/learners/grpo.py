@@ -30,7 +30,6 @@ corrects the staleness (and engine/learner numerics) exactly; it is the synchron
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,14 @@ import torch
 
 from rollout.engines.protocol import Sample, rollout_metrics
 from rollout.reward import RewardResult
-from trainer.advantages import group_normalize, reward_metadata
+from trainer.advantages import group_normalize
+from trainer.batch_stats import (
+    divide_by_batch_std,
+    global_max,
+    global_mean,
+    global_reward_metrics,
+    global_std,
+)
 from trainer.config import GRPOConfig, RunConfig
 from trainer.data.batching import TokenBatch, micro_batch_slices, pack_token_ids, pad_float_rows
 from trainer.data.prompts import format_prompt
@@ -101,7 +107,7 @@ def sample_and_score(s: Rollouts, sampler: QuestionSampler[Example], step: int) 
         if isinstance(s, RolloutSide):
             s.stop_if_asked()
         missing = n_questions - len(kept[0]) // g.group_size
-        most_missing = _global_max(s, missing)
+        most_missing = global_max(s.accelerator, missing)
         if most_missing == 0:
             break
         new = _sample_groups(s, sampler, most_missing, missing, step, round_)
@@ -115,51 +121,15 @@ def sample_and_score(s: Rollouts, sampler: QuestionSampler[Example], step: int) 
     by_group = g.use_std_normalization and g.std_normalization_scope == "group"
     advantages = group_normalize(rewards, g.group_size, g.advantage_eps, by_group)
     if g.use_std_normalization and not by_group:
-        advantages = divide_by_batch_std(advantages, global_std(s, rewards), g.advantage_eps)
-    metrics = global_reward_metrics(s, generated[2], g.group_size)
+        advantages = divide_by_batch_std(advantages, global_std(s.accelerator, rewards), g.advantage_eps)
+    metrics = global_reward_metrics(s.accelerator, generated[2], g.group_size)
     if g.overlong_buffer:
-        metrics["reward/overlong_penalty_mean"] = global_mean(s, [x.extra["overlong_penalty"] for x in generated[0]])
+        penalties = [x.extra["overlong_penalty"] for x in generated[0]]
+        metrics["reward/overlong_penalty_mean"] = global_mean(s.accelerator, penalties)
     metrics |= rollout_metrics(generated[0], s.timer.seconds["generate"])
     if g.dynamic_sampling:
         metrics["rollout/dropped_zero_std_groups"] = float(len(dropped[0]) // g.group_size)
     return samples, rewards, advantages, metrics
-
-
-def global_reward_metrics(s: Rollouts, scores: list[RewardResult], group_size: int) -> dict[str, float]:
-    """`reward_metadata` over every rank's rollouts (gathered; ranks may hold different numbers of whole
-    groups under dynamic sampling), so every rank computes the global statistics."""
-    keys = ("reward", "format_reward", "answer_reward")
-    rows = [(sc.reward, sc.format_reward, sc.answer_reward) for sc in scores]  # (N_rank, 3), in `keys` order
-    if s.accelerator.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        rows = [tuple(row) for rank_rows in gather_object([rows]) for row in rank_rows]  # rank-major
-    table = torch.tensor(rows, dtype=torch.float32).reshape(-1, len(keys))  # (N, 3)
-    meta = reward_metadata([dict(zip(keys, row, strict=True)) for row in rows], table[:, 0], group_size)
-    return {f"reward/{k}": float(v) for k, v in meta.items()}
-
-
-def global_std(s: Rollouts, rewards: torch.Tensor) -> float:
-    """The unbiased std of every rank's `rewards` together (0 for fewer than two)."""
-    r = rewards.double()
-    moments = torch.stack([torch.tensor(float(len(r)), dtype=torch.float64), r.sum(), (r * r).sum()])
-    if s.accelerator.num_processes > 1:
-        moments = s.accelerator.reduce(moments.to(s.accelerator.device), "sum").cpu()
-    n, total, squares = moments.tolist()
-    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
-
-
-def divide_by_batch_std(centred: torch.Tensor, std: float, eps: float) -> torch.Tensor:
-    """Group-centred advantages over the batch's reward std (+ eps); unchanged (all 0) where the std is 0."""
-    return centred if std == 0 else centred / (std + eps)
-
-
-def global_mean(s: Rollouts, values: list[float]) -> float:
-    """The mean of `values` over every rank's entries."""
-    total = torch.tensor([sum(values), len(values)], dtype=torch.float64)
-    if s.accelerator.num_processes > 1:
-        total = s.accelerator.reduce(total.to(s.accelerator.device), "sum").cpu()
-    return float(total[0] / total[1])
 
 
 def _sample_groups(s: Rollouts, sampler: QuestionSampler[Example], per_rank: int, n_needed: int, step: int,
@@ -196,12 +166,6 @@ def _select(groups: Groups, keep: torch.Tensor) -> Groups:
 
 def _concat(a: Groups, b: Groups) -> Groups:
     return a[0] + b[0], torch.cat([a[1], b[1]]), a[2] + b[2]
-
-
-def _global_max(s: Rollouts, value: int) -> int:
-    if s.accelerator.num_processes == 1:
-        return value
-    return int(s.accelerator.reduce(torch.tensor(value, device=s.accelerator.device), "max"))
 
 
 def to_batch(samples: list[Sample], rewards: torch.Tensor, advantages: torch.Tensor, pad_id: int,

@@ -117,9 +117,9 @@ def test_batch_std_scope_by_hand() -> None:
     (mean 0.75, squares 0.75 / 3), so the advantages are [1, −1, 0, 0]; a batch of equal rewards stays 0."""
     from types import SimpleNamespace
 
-    from trainer.learners.grpo import divide_by_batch_std, global_std
+    from trainer.batch_stats import divide_by_batch_std, global_std
 
-    one_process: Any = SimpleNamespace(accelerator=SimpleNamespace(num_processes=1))
+    one_process: Any = SimpleNamespace(num_processes=1)
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
     centred = group_normalize(rewards, 2, 0.0, normalize_by_std=False)
     assert global_std(one_process, rewards) == pytest.approx(0.5, abs=1e-12)
