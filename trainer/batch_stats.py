@@ -2,8 +2,9 @@
 normalises by) the numbers of the whole batch, as one process holding it all would: the reward statistics
 (`trainer.advantages.reward_metadata`), a mean, the rewards' standard deviation
 (``grpo.std_normalization_scope: batch``: group-centred rewards over the batch std, as REINFORCE++ and
-ScaleRL normalise), and a maximum. On one process each is the plain local value; `accelerator` is
-accelerate's (only ``num_processes``, ``device``, ``reduce`` are used).
+ScaleRL normalise), a maximum, and the elementwise sum every learner reduces with (`sum_over_processes`).
+On one process each is the plain local value; `accelerator` is accelerate's (only ``num_processes``,
+``device``, ``reduce`` are used).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def global_reward_metrics(accelerator: Any, scores: list[RewardResult], group_si
 def global_std(accelerator: Any, rewards: torch.Tensor) -> float:
     """The unbiased std of every rank's `rewards` together (0 for fewer than two)."""
     r = rewards.double()
-    moments = _summed(accelerator, torch.stack([torch.tensor(float(len(r)), dtype=torch.float64), r.sum(),
+    moments = sum_over_processes(accelerator, torch.stack([torch.tensor(float(len(r)), dtype=torch.float64), r.sum(),
                                                 (r * r).sum()]))
     n, total, squares = moments.tolist()
     return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1)) if n > 1 else 0.0
@@ -47,7 +48,7 @@ def divide_by_batch_std(centred: torch.Tensor, std: float, eps: float) -> torch.
 
 def global_mean(accelerator: Any, values: list[float]) -> float:
     """The mean of `values` over every rank's entries."""
-    total = _summed(accelerator, torch.tensor([sum(values), len(values)], dtype=torch.float64))
+    total = sum_over_processes(accelerator, torch.tensor([sum(values), len(values)], dtype=torch.float64))
     return float(total[0] / total[1])
 
 
@@ -58,8 +59,8 @@ def global_max(accelerator: Any, value: int) -> int:
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), "max"))
 
 
-def _summed(accelerator: Any, values: torch.Tensor) -> torch.Tensor:
-    """`values` summed elementwise over the ranks, on the CPU."""
+def sum_over_processes(accelerator: Any, values: torch.Tensor) -> torch.Tensor:
+    """`values` summed elementwise over all ranks (every rank must call it), on the CPU; itself on one process."""
     if accelerator.num_processes == 1:
         return values
     summed: torch.Tensor = accelerator.reduce(values.to(accelerator.device), "sum")

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rollout.model_path import local_path_problem
+from trainer.batch_stats import sum_over_processes
 from trainer.config import ConfigError, ModelConfig, OptimConfig, RunConfig
 from trainer.data.batching import TokenBatch, deal_micro_batches
 from trainer.logprobs import forward_log_probs
@@ -326,11 +327,7 @@ def global_token_count(learner: Learner, mask: torch.Tensor) -> float:
 
 def sum_over_ranks(learner: Learner, values: torch.Tensor) -> torch.Tensor:
     """`values` summed elementwise over all ranks (every rank must call it), on the CPU; itself on one process."""
-    acc = learner.accelerator
-    if acc.num_processes == 1:
-        return values
-    summed: torch.Tensor = acc.reduce(values.to(acc.device), "sum")
-    return summed.cpu()
+    return sum_over_processes(learner.accelerator, values)
 
 
 def heldout_share(learner: Learner, n_batches: int) -> list[tuple[int, bool]]:

@@ -246,14 +246,7 @@ def compute_policy_gradient_loss(
         need(response_mask, "response_mask")
         assert response_mask is not None
         return compute_gspo_loss(advantages, policy_log_probs, old_log_probs, response_mask, low, high)
-    return compute_grpo_clip_loss(
-        advantages,
-        policy_log_probs,
-        old_log_probs,
-        cliprange if cliprange is not None else 0.0,
-        cliprange_low=cliprange_low,
-        cliprange_high=cliprange_high,
-    )
+    return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, low, cliprange_high=high)
 
 
 def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
