@@ -2,6 +2,7 @@
 
     reasonrl train --config configs/grpo_tiny_cpu.yaml [section.key=value ...]
     reasonrl train --resume RUN_DIR [section.key=value ...]
+    reasonrl train --config CONFIG --dry-run [--world-size N]   (checks and the schedule; nothing loaded or written)
     reasonrl eval --config CONFIG --checkpoint DIR [section.key=value ...]
     reasonrl plot RUN_DIR
     reasonrl tiny OUT_DIR
@@ -97,6 +98,15 @@ def _cpu_threads() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = _load_train(args)
+    if args.dry_run:
+        from trainer.tools.dry_run import dry_run
+
+        lines = dry_run(cfg, resume=bool(args.resume), world_size=args.world_size)
+        warned = sum(line.startswith("warning:") for line in lines)
+        print("\n".join(lines))
+        print(f"dry run: the run would start{f', with {warned} warning(s)' if warned else ''} (nothing was loaded "
+              "onto a device or written)")
+        return 0
     _cpu_threads()
     result = _import(TRAINERS[cfg.mode])(cfg, resume=bool(args.resume))
     if isinstance(result, dict) and result:
@@ -159,6 +169,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 OVERRIDES_HELP = "changes to the config, e.g. grpo.n_grpo_steps=50 optim.learning_rate=3e-4"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reasonrl", description="RL post-training for reasoning LLMs")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (give it before the command)")
@@ -168,6 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", help="the run's YAML config (not with --resume)")
     train.add_argument("--resume", metavar="RUN_DIR",
                        help="continue RUN_DIR from its newest checkpoint, with its saved config.yaml + overrides")
+    train.add_argument("--dry-run", action="store_true",
+                       help="check the config, model config, tokenizer, data, reward and output directory, print "
+                       "the run's schedule, and exit: no weights loaded, nothing written")
+    train.add_argument("--world-size", type=_positive, default=int(os.environ.get("WORLD_SIZE", "1")),
+                       help="with --dry-run: the number of learner processes to check the batch split for "
+                       "(default: WORLD_SIZE, else 1)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)
     train.set_defaults(fn=cmd_train)
 

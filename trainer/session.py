@@ -66,11 +66,7 @@ class Session:
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         set_seed(cfg.seed)
-        if not resume and (self.run_dir / "metrics.jsonl").exists():
-            raise FileExistsError(
-                f"output_dir={self.run_dir} already holds a run: pass --resume {self.run_dir} to continue it, "
-                "or choose another output_dir"
-            )
+        check_new_run(self.run_dir, resume)
         check_data(cfg)  # data first: a bad file is an error before anything is loaded or written
         for name, template in cfg.data.templates.items():
             register_template(name, template)
@@ -303,6 +299,15 @@ class Session:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_new_run(run_dir: Path, resume: bool) -> None:
+    """A run directory that already holds a run is continued only with ``--resume``."""
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(
+            f"output_dir={run_dir} already holds a run: pass --resume {run_dir} to continue it, "
+            "or choose another output_dir"
+        )
 
 
 def _check_world(num_processes: int) -> None:
