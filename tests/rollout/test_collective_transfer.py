@@ -165,11 +165,12 @@ def test_a_send_completing_after_the_servers_answer_is_not_an_error() -> None:
     tensor, so a send whose completion lags behind it is waited for (within ``settle_s``), not reported lost;
     an error answer ends the wait with that error; no answer at all, with the timeout."""
     sender = CollectiveSender(client=None, server_url="http://127.0.0.1:1", backend="gloo",  # type: ignore[arg-type]
-                              timeout_s=0.5, host="127.0.0.1")  # fmt: skip
+                              timeout_s=30, host="127.0.0.1")  # fmt: skip
     answered: Future[Any] = Future()
     answered.set_result({})
     polls = iter([False] * 20 + [True])
     sender._await(lambda: next(polls), answered, "lm_head.weight")  # completes after the answer: fine
+    sender.timeout_s = 0.5  # above, 20 sleeps of 0.5 ms had to fit in it: a starved machine overran it
     sender.settle_s = 0.05
     with pytest.raises(RuntimeError, match=r"sending lm_head\.weight did not complete within 0\.05 s after it"):
         sender._await(lambda: False, answered, "lm_head.weight")

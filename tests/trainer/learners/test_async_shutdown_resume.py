@@ -57,6 +57,27 @@ class Recorder:
         return [], torch.zeros(0), torch.zeros(0), {"time/step": 0.0}
 
 
+class ReleaseOn(logging.Handler):
+    """Sets `event` when a record containing `words` is logged."""
+
+    def __init__(self, words: str, event: threading.Event) -> None:
+        super().__init__()
+        self.words, self.event = words, event  # not `release`: Handler.release() unlocks its I/O lock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.words in record.getMessage():
+            self.event.set()
+
+
+def wait_until(condition: Any, seconds: float = WAIT_S) -> bool:
+    end = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
 def producer(sample: Any, k: int, side: RolloutSide | None = None, **kwargs: Any) -> RolloutProducer:
     return RolloutProducer(side or fake_side(), QuestionSampler(list(range(100)), 0), sample, lambda e, s: {},
                            start=0, total=10, max_staleness=k, **kwargs)
@@ -66,14 +87,17 @@ def producer(sample: Any, k: int, side: RolloutSide | None = None, **kwargs: Any
 def test_close_stops_after_the_batch_in_progress() -> None:
     """k = 3: the weights of step 0 allow the batches of steps 1-4 at once. Closed while step 1's generates,
     the producer ends after that batch: no other is started, and close returns with the thread ended."""
-    sample = Recorder(seconds=0.3)
+    release = threading.Event()
+    sample = Recorder(release=release)
     p = producer(sample, k=3)
     assert sample.first.wait(WAIT_S)
-    began = time.monotonic()
-    p.close()
-    assert sample.started == [1]
-    assert not p._thread.is_alive()
-    assert time.monotonic() - began < 1.0  # one batch (0.3 s), not four
+    closer = threading.Thread(target=p.close)
+    closer.start()
+    assert wait_until(p.side.stop.is_set)  # asked to stop while step 1's batch is under way
+    release.set()
+    closer.join(WAIT_S)
+    assert not closer.is_alive() and not p._thread.is_alive()
+    assert sample.started == [1]  # one batch, not four
 
 
 def test_close_ends_a_producer_waiting_for_weights() -> None:
@@ -92,9 +116,13 @@ def test_close_waits_past_its_timeout_for_a_batch_under_way(caplog: pytest.LogCa
     sample = Recorder(release=release)
     p = producer(sample, k=2)
     assert sample.first.wait(WAIT_S)
-    threading.Timer(0.5, release.set).start()
-    with caplog.at_level(logging.WARNING, logger="reasonrl"):
-        p.close(timeout_s=0.1)
+    released_by_the_warning = ReleaseOn("still generating", release)  # the batch outlasts the timeout, always
+    logging.getLogger("reasonrl").addHandler(released_by_the_warning)
+    try:
+        with caplog.at_level(logging.WARNING, logger="reasonrl"):
+            p.close(timeout_s=0.1)
+    finally:
+        logging.getLogger("reasonrl").removeHandler(released_by_the_warning)
     assert release.is_set() and not p._thread.is_alive() and sample.started == [1]
     assert "the rollout producer is still generating the rollouts of step 1 0 s after it was asked to stop" \
         in caplog.text

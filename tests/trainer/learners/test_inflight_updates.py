@@ -101,19 +101,26 @@ def test_a_live_update_lands_between_two_decode_steps(server: RolloutServer, mod
         old = live.policy_version
         weights = weights_of(model, restore=False)
         result: dict[str, list[Sample]] = {}
-        for fraction in (4, 8, 16):  # timed (vLLM's /metrics counts tokens only once requests finish): a loaded
-            result.clear()           # machine may finish first; then the next try swaps back and sooner
+        # timed (vLLM's /metrics counts tokens only once requests finish). A try can miss either way on a loaded
+        # machine: late (every token drawn by the old weights: the batch finished first) or early (every token
+        # by the new: the swap came before the request ran); the next try swaps back and aims sooner or later
+        delay = reference_s / 4
+        for _ in range(5):
+            result.clear()
             if live.policy_version != old:
                 live.update_weights(weights_of(model, restore=True))
                 old = live.policy_version
                 weights = weights_of(model, restore=False)
             worker = threading.Thread(target=lambda: result.update(samples=live.generate([prompt], LONG)))
             worker.start()
-            time.sleep(reference_s / fraction)
+            time.sleep(delay)
             live.update_weights_live(weights)
             worker.join(120)
-            if all(len(x.version_spans) == 2 for x in result["samples"]):
+            spans = [x.version_spans for x in result["samples"]]
+            if all(len(x) == 2 for x in spans):
                 break
+            early = all(len(x) == 1 and x[0][0] == old + 1 for x in spans)
+            delay = min(delay * 2, reference_s / 2) if early else delay / 2
     finally:
         live.close()
     uniform = -math.log(model.config.vocab_size - 1)
