@@ -9,7 +9,9 @@ every question, the world-size split), without loading weights, starting an engi
 - model: the tokenizer and the model's config only; parameters counted on the meta device;
 - data (GRPO, EI): every training and held-out question formatted with the prompt template and tokenized:
   prompt lengths, and those too long for the engine's context skipped as training skips them (an error
-  past ``data.max_skipped_fraction``, as in training). SFT/DPO files are read and checked as training does;
+  past ``data.max_skipped_fraction``, as in training); a warning counts the prompts that leave less than
+  ``rollout.max_tokens`` (held-out: ``eval.max_tokens``) of the context, whose responses the engine cuts
+  short. SFT/DPO files are read and checked as training does;
 - schedule (GRPO, EI): steps, rollouts and questions per step, passes over the training questions, optimizer
   steps;
 - golds: one spanning several lines is a warning (the whole worked solution was read: a wrong
@@ -114,9 +116,17 @@ def usable_questions(cfg: RunConfig, tokenizer: Any, model_config: Any, split: s
                                       source or task_name(cfg))
     lengths = [len(tokenizer(format_prompt(d.prompt_template, question=ex.question))["input_ids"]) for ex in kept]
     where = "the server's --max-model-len, checked at start" if cfg.rollout.placement == "remote" else context
-    lines.append(f"data ({'train' if split == 'train' else 'held-out'}): {len(kept):,} questions from "
-                 f"{source or task_name(cfg)}, {skipped} skipped as too long (context {where}); prompt tokens "
-                 f"median {statistics.median(lengths or [0]):.0f}, max {max(lengths, default=0)}")
+    name = "train" if split == "train" else "held-out"
+    lines.append(f"data ({name}): {len(kept):,} questions from {source or task_name(cfg)}, {skipped} skipped as "
+                 f"too long (context {where}); prompt tokens median {statistics.median(lengths or [0]):.0f}, max "
+                 f"{max(lengths, default=0)}")
+    budget, key = (cfg.rollout.max_tokens, "rollout") if split == "train" else (cfg.eval.max_tokens, "eval")
+    cramped = 0
+    if context is not None and cfg.rollout.placement != "remote":  # a server's own limit is read at start
+        cramped = sum(n + budget > context for n in lengths)
+    if cramped:
+        lines.append(f"warning: {cramped} of {len(kept):,} {name} prompts leave fewer than {key}.max_tokens={budget} "
+                     f"tokens of the {context}-token context: their responses end early (finish_reason length)")
     return kept
 
 

@@ -60,8 +60,9 @@ def test_cli_prints_the_schedule_and_writes_nothing(tiny_qwen2_path: str, gsm8k_
 
 
 def test_prompt_lengths_and_the_context_check(tiny_qwen2_path: str, gsm8k_dir: Path, tmp_path: Path) -> None:
-    """The prompt lengths are the tokenizer's count of the formatted prompts; a context that fits none of them
-    is the error training raises when it loads the questions (data.max_skipped_fraction)."""
+    """The prompt lengths are the tokenizer's count of the formatted prompts; prompts that leave less than
+    eval.max_tokens of a 512-token context are counted in a warning (as many as a hand count finds); a context
+    that fits none of them is the error training raises when it loads the questions (data.max_skipped_fraction)."""
     from trainer.data.prompts import format_prompt
     from trainer.data.tasks import load_task
     from trainer.learner import load_tokenizer
@@ -74,6 +75,13 @@ def test_prompt_lengths_and_the_context_check(tiny_qwen2_path: str, gsm8k_dir: P
     median = (lengths[24] + lengths[25]) / 2
     assert any(line.startswith("data (held-out): 50 questions") and f"median {median:.0f}, max {lengths[-1]}" in line
                for line in lines), lines
+    assert not any(line.startswith("warning") for line in lines)  # 2048 positions: room for 1024 new tokens
+    cramped = load_config(GSM8K_CONFIG, [*gsm8k_overrides(tiny_qwen2_path, gsm8k_dir, tmp_path / "run"),
+                                         "eval.limit=50", "rollout.max_model_len=512", "eval.max_tokens=300"])
+    expected = sum(n + 300 > 512 for n in lengths)
+    assert 0 < expected < 50
+    assert (f"warning: {expected} of 50 held-out prompts leave fewer than eval.max_tokens=300 tokens of the "
+            "512-token context: their responses end early (finish_reason length)") in dry_run(cramped)
     short = load_config(GSM8K_CONFIG, [*gsm8k_overrides(tiny_qwen2_path, gsm8k_dir, tmp_path / "run"),
                                        "rollout.max_model_len=64", "rollout.max_tokens=32", "eval.max_tokens=32"])
     with pytest.raises(DatasetFormatError, match="64 tokens or more"):
