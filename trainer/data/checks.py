@@ -98,24 +98,34 @@ def drop_identical_pairs(pairs: Sequence[PreferencePair], max_fraction: float,
                          source, max_fraction, lambda p: p.where)
 
 
+def prompt_lengths(examples: Sequence[Example], template: str, tokenizer: Any, limit: int | None) -> list[int]:
+    """The token count of each example's formatted prompt, as the engines encode it (the tokenizer's default
+    special tokens). A prompt of more characters than `limit` times the longest vocabulary entry counts as
+    `limit` without being tokenized (a 10 MB line would take seconds to tokenize); `limit` None: all counted."""
+    longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1) if limit is not None else 0
+
+    def count(ex: Example) -> int:
+        prompt = format_prompt(template, question=ex.question)
+        if limit is not None and len(prompt) > limit * max(longest_token, 1):
+            return limit
+        return len(tokenizer(prompt)["input_ids"])
+
+    return [count(ex) for ex in examples]
+
+
 def drop_long_prompts(examples: Sequence[Example], template: str, tokenizer: Any, limit: int | None,
-                      max_fraction: float, source: str) -> tuple[list[Example], int]:
+                      max_fraction: float, source: str, lengths: Sequence[int] | None = None) -> tuple[list[Example], int]:
     """The examples whose formatted prompt leaves the engine room for a response (fewer than `limit` tokens,
-    counted as the engines encode it: the tokenizer's default special tokens), and how many did not. A
-    prompt of more characters than `limit` times the longest vocabulary entry is too long without being
-    tokenized (a 10 MB line would take seconds to tokenize). `limit` None: no limit known, nothing dropped."""
+    `prompt_lengths`, or the `lengths` given), and how many did not. `limit` None: no limit known, nothing
+    dropped."""
     if limit is None:
         return list(examples), 0
-    longest_token = max((len(t) for t in tokenizer.get_vocab()), default=1)
-
-    def too_long(ex: Example) -> bool:
-        prompt = format_prompt(template, question=ex.question)
-        if len(prompt) > limit * max(longest_token, 1):
-            return True
-        return len(tokenizer(prompt)["input_ids"]) >= limit
-
+    counted = list(zip(examples, prompt_lengths(examples, template, tokenizer, limit) if lengths is None else lengths,
+                       strict=True))
     what = f"prompts of {limit} tokens or more (the rollout engine's context: no room for a response)"
-    return skip_unusable(examples, too_long, what, source, max_fraction, lambda ex: f"{ex.question[:40]!r}")
+    kept, skipped = skip_unusable(counted, lambda pair: pair[1] >= limit, what, source, max_fraction,
+                                  lambda pair: f"{pair[0].question[:40]!r}")
+    return [ex for ex, _ in kept], skipped
 
 
 def context_limit(cfg: RunConfig, model_config: Any, engine_limit: int | None = None) -> int | None:

@@ -103,8 +103,7 @@ def model_lines(cfg: RunConfig, lines: list[str]) -> tuple[Any, Any]:
 def usable_questions(cfg: RunConfig, tokenizer: Any, model_config: Any, split: str, lines: list[str]) -> list[Any]:
     """The split's questions that leave the engine room for a response (as `Session.usable_prompts` keeps
     them); a data line with their count, the skipped and the prompt lengths is appended to `lines`."""
-    from trainer.data.checks import context_limit, drop_long_prompts, task_columns, task_name
-    from trainer.data.prompts import format_prompt
+    from trainer.data.checks import context_limit, drop_long_prompts, prompt_lengths, task_columns, task_name
     from trainer.data.tasks import load_task
 
     d = cfg.data
@@ -112,9 +111,11 @@ def usable_questions(cfg: RunConfig, tokenizer: Any, model_config: Any, split: s
     limit = d.train_limit if split == "train" else cfg.eval.limit or d.eval_limit
     examples = load_task(task_name(cfg), source, split, limit, cfg.seed, task_columns(cfg))
     context = context_limit(cfg, model_config)
+    every = prompt_lengths(examples, d.prompt_template, tokenizer, context)  # each prompt tokenized once
     kept, skipped = drop_long_prompts(examples, d.prompt_template, tokenizer, context, d.max_skipped_fraction,
-                                      source or task_name(cfg))
-    lengths = [len(tokenizer(format_prompt(d.prompt_template, question=ex.question))["input_ids"]) for ex in kept]
+                                      source or task_name(cfg), lengths=every)
+    length_of = dict(zip(examples, every, strict=True))  # Example is frozen: equal questions, equal lengths
+    lengths = [length_of[ex] for ex in kept]
     where = "the server's --max-model-len, checked at start" if cfg.rollout.placement == "remote" else context
     name = "train" if split == "train" else "held-out"
     lines.append(f"data ({name}): {len(kept):,} questions from {source or task_name(cfg)}, {skipped} skipped as "
@@ -161,13 +162,12 @@ def reward_lines(cfg: RunConfig, examples: Sequence[Any]) -> list[str]:
 
 
 def _self_graded(cfg: RunConfig, examples: Sequence[Any]) -> list[str]:
-    from rollout.reward.custom import reward_fn_from_spec
+    from rollout.reward.custom import CombinedReward, reward_fn_from_spec
 
-    spec = cfg.reward.fn
-    first = spec if isinstance(spec, str) else _term_name(spec[0])
+    fn = reward_fn_from_spec(cfg.reward.fn)  # custom modules were imported at config load already
+    first = fn.terms[0].fn if isinstance(fn, CombinedReward) else str(cfg.reward.fn)  # the task's grader
     if first not in IDEAL:
         return [f"reward: {first} (your own function: not graded against the golds here)"]
-    fn = reward_fn_from_spec(spec)
     sample = list(examples)[:: max(1, len(examples) // GOLD_SAMPLE)][:GOLD_SAMPLE]
     missed = [ex.answer for ex in sample if fn(IDEAL[first].format(ex.answer), ex.answer).answer_reward != 1.0]
     line = f"reward: {first}: {len(sample) - len(missed)}/{len(sample)} sampled golds, written as its ideal response, score 1"
@@ -184,7 +184,3 @@ def _count(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} "
-
-
-def _term_name(term: Any) -> str:
-    return str(term["fn"] if isinstance(term, dict) else term.fn)
