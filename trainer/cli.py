@@ -97,11 +97,15 @@ def _cpu_threads() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.world_size is not None and not args.dry_run:
+        raise ConfigError([f"--world-size {args.world_size} goes with --dry-run: a run's world size is the "
+                           "launcher's (accelerate launch --num_processes N)"], "command line")
     cfg = _load_train(args)
     if args.dry_run:
         from trainer.tools.dry_run import dry_run
 
-        lines = dry_run(cfg, resume=bool(args.resume), world_size=args.world_size)
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        lines = dry_run(cfg, resume=bool(args.resume), world_size=world)
         warned = sum(line.startswith("warning:") for line in lines)
         print("\n".join(lines))
         print(f"dry run: the run would start{f', with {warned} warning(s)' if warned else ''} (nothing was loaded "
@@ -188,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dry-run", action="store_true",
                        help="check the config, model config, tokenizer, data, reward and output directory, print "
                        "the run's schedule, and exit: no weights loaded, nothing written")
-    train.add_argument("--world-size", type=_positive, default=int(os.environ.get("WORLD_SIZE", "1")),
+    train.add_argument("--world-size", type=_positive,
                        help="with --dry-run: the number of learner processes to check the batch split for "
                        "(default: WORLD_SIZE, else 1)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value", help=OVERRIDES_HELP)

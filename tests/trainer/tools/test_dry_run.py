@@ -145,3 +145,12 @@ def test_counts_are_printed_with_their_unit() -> None:
 
     assert (_count(1_543_714_304), _count(3_087_428_608), _count(460_160), _count(12)) == (
         "1.54 G", "3.09 G", "460.16 k", "12 ")
+
+
+def test_world_size_goes_with_dry_run_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Without --dry-run the launcher sets the world size: `--world-size` there is refused, not ignored."""
+    from trainer.cli import main
+
+    code = main(["train", "--config", str(GSM8K_CONFIG), "--world-size", "8", f"output_dir={tmp_path / 'run'}"])
+    assert code == 2 and not (tmp_path / "run").exists()
+    assert "--world-size 8 goes with --dry-run" in capsys.readouterr().err
