@@ -1,11 +1,12 @@
 """Answer grading: `grade_answer(pred, gold)` decides whether an extracted answer equals the gold one.
 
 1. **Fast path** (pure Python, microseconds). Both sides are unwrapped (``\\boxed{}``, ``$…$``, ``\\$``,
-   ``\\text{units}``, a trailing period); plain numbers (``1,000``, ``$18``, ``18 dollars``, ``50%``) and
-   simple fractions are compared exactly as rationals, and then the fast path is final (``180`` and
-   ``1.8`` are not ``18``). Words after a number are dropped unless they name mathematics (``2 pi`` is
-   wrong) or a magnitude (``18 thousand``: left to the later steps); see `_word_kind`. Otherwise equal
-   strings (without spaces and ``\\left``/``\\right``) are equal.
+   ``\\text{units}``, a trailing period), and plain-text ``pi`` and ``sqrt(…)`` are written as LaTeX, as
+   the reference grader's sympy reads them (``16 pi`` is ``16\\pi``; `_spelled_latex`). Plain numbers
+   (``1,000``, ``$18``, ``18 dollars``, ``50%``) and simple fractions are compared exactly as rationals, and
+   then the fast path is final (``180`` and ``1.8`` are not ``18``). Words after a number are dropped
+   unless they name mathematics (``2 sqrt`` is wrong) or a magnitude (``18 thousand``: left to the later
+   steps); see `_word_kind`. Otherwise equal strings (without spaces and ``\\left``/``\\right``) are equal.
 2. **Guards** (`rollout.reward.guard`): malformed text (unbalanced braces, control characters) and inputs
    whose symbolic evaluation would take seconds (``9**9**9``, ``(10^6)!``, ``(x+1)^{999}``) are wrong.
 3. **Slow path**: ``math_verify.parse`` / ``verify`` (LaTeX, symbolic equality, sets, intervals), within
@@ -154,10 +155,11 @@ _NUMBER_WORDS = re.compile(
 # a. **Maths word** anywhere among them (``pi``, ``sqrt``, ``root``, ``squared``, ``cubed``,
 #    ``factorial``, fraction words ``half``/``halves``/``third(s)``/``…th(s)`` such as ``hundredths``,
 #    Greek letter names such as ``theta``, and ``sin``/``cos``/``log``/``ln``/``exp``): the text is not
-#    that number and is graded **wrong** on the fast path (``2 pi``, ``3 squared``, ``5 factorial``,
-#    ``5 hundredths``, ``2 sqrt``, and also ``2 big pi``: a maths word is never dropped, whatever comes
-#    before it). One exception: ``squared``/``cubed`` directly after a listed unit is a unit power
-#    (``5 feet squared``, ``3 cm cubed``) and is dropped with the unit.
+#    that number and is graded **wrong** on the fast path (``3 squared``, ``5 factorial``, ``5 hundredths``,
+#    ``2 sqrt``, ``2 theta``, and also ``2 big sqrt``: a maths word is never dropped, whatever comes before
+#    it). One exception: ``squared``/``cubed`` directly after a listed unit is a unit power (``5 feet
+#    squared``, ``3 cm cubed``) and is dropped with the unit. A plain-text ``pi`` is ``\pi`` by then
+#    (`_spelled_latex`), so ``2 pi`` goes on to math-verify, which finds it equal to ``2\pi``, not ``2``.
 # b. **Magnitude or number word** (``hundred``, ``thousand``, ``million``, ``dozen``, ``twenty``,
 #    ``one``, …): not a plain number; left to the later steps (``18 thousand`` is neither ``18`` nor,
 #    here, ``18000``; ``18 or twenty`` is a hedge, not ``18``).
@@ -224,7 +226,7 @@ def _as_number(s: str) -> _Number | None:
             if _MAGNITUDE_WORDS.search(unit) or _MATH_WORDS.search(unit):
                 return None
         elif unit and _bare_words_kind(m) != "drop":
-            return None  # "18 thousand", "2 pi", "2 big pi": not a number followed by units or nouns
+            return None  # "18 thousand", "2 sqrt", "2 big sqrt": not a number followed by units or nouns
         digits = (m.group("int") or "0").replace(",", "") + "." + (m.group("frac") or "0")
         value = Fraction(digits)
         if m.group("sign") in ("-", "\u2212"):
@@ -239,6 +241,21 @@ def _as_number(s: str) -> _Number | None:
         value = Fraction(int(num), int(den))
         return _Number(-value if f.group("sign") in ("-", "\u2212") else value, False)
     return None
+
+
+_SPELLED_PI = re.compile(r"(?<![\\A-Za-z])pi(?![A-Za-z])")
+_SPELLED_SQRT = re.compile(r"(?<![\\A-Za-z])sqrt\s*\(([^()]*)\)")
+
+
+def _spelled_latex(s: str) -> str:
+    """Plain-text ``pi`` and ``sqrt(…)`` written as LaTeX (``16 pi`` → ``16 \\pi``, ``2 sqrt(3)`` →
+    ``2 \\sqrt{3}``), as the reference grader reads them (sympy with ``pi`` the constant); math-verify would
+    read ``pi`` as the symbols p·i. Words that merely contain them (``spin``, ``pie``) are left alone.
+
+    >>> _spelled_latex("pi/2 + sqrt(3) - spin")
+    '\\\\pi/2 + \\\\sqrt{3} - spin'
+    """
+    return _SPELLED_SQRT.sub(r"\\sqrt{\1}", _SPELLED_PI.sub(r"\\pi", s))
 
 
 def _plain(s: str) -> str:
@@ -346,7 +363,7 @@ def grade_answer(pred: str, gold: str, *, time_limit_s: float | None = TIME_LIMI
     >>> grade_answer("$18.", "18"), grade_answer("1.8", "18").correct, grade_answer("", "18").method
     (Grade(correct=True, method='fast'), False, 'empty')
     """
-    p, g = _unwrap(pred), _unwrap(gold)
+    p, g = _spelled_latex(_unwrap(pred)), _spelled_latex(_unwrap(gold))
     if not p or not g:
         return Grade(False, "empty")
     pn, gn = _as_number(p), _as_number(g)
@@ -358,7 +375,7 @@ def grade_answer(pred: str, gold: str, *, time_limit_s: float | None = TIME_LIMI
         return Grade(False, "fast")
     if slow_path_risk(pred) is not None:
         return Grade(False, "guard")
-    return _slow_path(pred.strip(), gold.strip(), time_limit_s)
+    return _slow_path(_spelled_latex(pred.strip()), _spelled_latex(gold.strip()), time_limit_s)
 
 
 @functools.cache

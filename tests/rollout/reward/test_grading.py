@@ -109,9 +109,26 @@ def test_extract_boxed(text: str, expected: str | None) -> None:
         ("2 dozen", "2", False),
         ("2xy", "2", False),
         ("2xy", "2yz", False),  # not both "2" with a dropped word
-        # math-verify reads a bare "pi" as the symbols p*i, not as the constant, so "2 pi" is not 2\pi;
-        # False is acceptable: the prediction is not a LaTeX answer ("2\pi" and "2π" are graded right)
-        ("2 pi", "2\\pi", False),
+        # plain-text pi and sqrt(...) are the constant and the root, as the reference grader (sympy) reads
+        # them; math-verify alone reads "pi" as the symbols p*i
+        ("2 pi", "2\\pi", True),
+        ("16 pi", "16\\pi", True),
+        ("2pi", "2\\pi", True),
+        ("16*pi", "16\\pi", True),
+        ("pi/2", "\\frac{\\pi}{2}", True),
+        ("4 pi/3", "\\frac{4\\pi}{3}", True),
+        ("1/(2pi)", "\\frac{1}{2\\pi}", True),
+        ("\\boxed{8 pi - 4}", "8\\pi-4", True),
+        ("pi", "\\pi", True),
+        ("2 sqrt(3)", "2\\sqrt{3}", True),
+        ("sqrt(2)/2", "\\frac{\\sqrt{2}}{2}", True),
+        ("16 pi", "16", False),  # still not the number before it
+        ("16 pi", "17\\pi", False),
+        ("pi", "3.14", False),
+        ("2 big pi", "2\\pi", False),
+        ("sqrt(2)", "2", False),
+        ("2 pie", "2\\pi", False),  # a word that merely contains "pi" stays a word
+        ("2 spin", "2\\pi", False),
         ("2\\pi", "2\\pi", True),
         ("2 \u03c0", "2\\pi", True),
         # fractions, percentages
@@ -167,7 +184,8 @@ def test_grade_answer(pred: str, gold: str, correct: bool) -> None:
         ("\\frac{\\sqrt{2}}{2}", "\\sqrt{2}/2", "math_verify"),
         ("2 sqrt", "2", "fast"),  # a number followed by a math word is graded wrong without math-verify
         ("18 apples", "18", "fast"),  # plain words after a number are dropped like units
-        ("2 big pi", "2", "fast"),  # a maths word among them: wrong without math-verify
+        ("2 big sqrt", "2", "fast"),  # a maths word among them: wrong without math-verify
+        ("16 pi", "16\\pi", "fast"),  # equal once "pi" is written \pi
         ("18 thousand", "18", "math_verify"),  # a magnitude word: not a plain number
         ("2xy", "2yz", "math_verify"),  # a non-unit word written onto the number
         ("5}}}}}", "5", "guard"),
