@@ -89,8 +89,9 @@ def test_rollout_server_command_passes_its_arguments_through() -> None:
 def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr[-2000:]
-    [line] = proc.stderr.splitlines()
-    return line
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr[-2000:]  # shows what else reached stderr
+    return lines[0]
 
 
 def test_plot_refuses_what_it_cannot_read_in_one_line(tmp_path: Path) -> None:
