@@ -35,12 +35,6 @@ def validate_for_cluster(config: RunConfig, world_size: int, devices: Sequence[s
                 f"rollout_batch_size/group_size={grpo.rollout_batch_size // grpo.group_size} questions "
                 f"cannot be split whole-group across {world_size} ranks"
             )
-        if grpo.max_staleness and world_size > 1:
-            problems.append(
-                f"grpo.max_staleness={grpo.max_staleness} with world size {world_size}: the asynchronous rollout "
-                "producer runs beside one learner process (its reward statistics and weight pushes would need "
-                "collectives from a second thread). Launch one learner process, or set grpo.max_staleness=0"
-            )
         if grpo.dynamic_sampling and world_size > 100:
             problems.append(
                 f"grpo.dynamic_sampling with world size {world_size}: generation seeds are seed + 1000·step + "

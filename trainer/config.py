@@ -213,8 +213,8 @@ class GRPOConfig(_Section):
     )
     max_staleness: int = Field(
         0, ge=0, description="asynchronous GRPO: the rollouts of steps t+1..t+k are generated while step t "
-        "trains, each sampled by the weights k steps older (rollout.placement remote or dedicated, one learner "
-        "process); 0 = synchronous")
+        "trains, each sampled by the weights k steps older (rollout.placement remote, where rank 0 samples for "
+        "every learner rank, or dedicated); 0 = synchronous")
     inflight_weight_updates: bool = Field(
         False, description="asynchronous GRPO on a remote vLLM >= 0.32 server: new weights are loaded between "
         "decode steps of the batch being generated, not after it (PipelineRL); each token keeps the version that "

@@ -25,6 +25,8 @@ learner's policy at train time (the old log-probs above; π_θ itself, detached,
 sampling log-probs (`Sample.logprobs`); other loss types: their per-token loss × w_t. Chosen over clipping
 u = π_θ/μ: the trust region stays one update wide around the current policy whatever the lag, and w_t
 corrects the staleness (and engine/learner numerics) exactly; it is the synchronous path × the TIS weight.
+With several learner ranks rank 0 samples each whole batch as one process would and every rank trains on its
+whole groups of it (`share_batch`, `rank_share`).
 """
 
 from __future__ import annotations
@@ -53,17 +55,21 @@ from trainer.data.tasks import Example
 from trainer.evaluate import sampling_config
 from trainer.learner import Learner, global_token_count, load_frozen_reference
 from trainer.learners.async_rollouts import (
+    ONE_PROCESS,
     ProbeExpectation,
     ProducedBatch,
     RolloutProducer,
     RolloutSide,
     WeightSnapshot,
     probe_check,
+    rank_share,
     restore_pending,
+    share_batch,
 )
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts
 from trainer.logprobs import forward_log_probs, length_sorted_order, real_lengths
+from trainer.lora import weight_stream
 from trainer.losses import aggregate_loss, compute_policy_gradient_loss, k3_kl, masked_mean
 from trainer.overlong import mask_truncated, shape_overlong
 from trainer.rollout_table import log_rollout_table
@@ -329,26 +335,37 @@ def learn(s: Session, batch: RolloutBatch, ref_model: torch.nn.Module | None) ->
     return metrics | s.learner_throughput(real_lengths(batch.tokens).tolist(), passes=g.epochs_per_rollout_batch)
 
 
-def async_grpo_step(s: Session, producer: RolloutProducer, probe: StaleWeightProbe, step: int,
+def async_grpo_step(s: Session, producer: RolloutProducer | None, probe: StaleWeightProbe, step: int,
                     ref_model: torch.nn.Module | None) -> StepResult:
-    """One asynchronous step: take the producer's batch (waiting: ``time/wait_rollouts``) → old log-probs →
-    update → hand the new weights to the producer (``time/sync``: the CPU snapshot) → log."""
+    """One asynchronous step: take the producer's batch (waiting: ``time/wait_rollouts``; with several ranks,
+    rank 0's, shared, and this rank's slice of it) → old log-probs → update → hand the new weights to the
+    producer (``time/sync``: the CPU snapshot; every rank takes part, rank 0 hands it over) → log."""
     with s.timer("wait_rollouts"):
-        produced = producer.take(step)
-    metrics = dict(produced.metrics)
-    log_rollout_table(s, step, produced.samples, produced.rewards, produced.advantages)
-    already_global = [k for k in metrics if k.startswith("reward/")]
+        produced = share_batch(s.accelerator, producer, step)
     version = int(s.trainer_state["policy_version"])  # the learner's weights: those after step - 1
-    metrics |= staleness(version, produced.samples, s.cfg.grpo.max_staleness)
-    batch = to_batch(produced.samples, produced.rewards, produced.advantages, s.learner.tokenizer.pad_token_id,
+    metrics = dict(produced.metrics) | staleness(version, produced.samples, s.cfg.grpo.max_staleness)
+    already_global = list(metrics)  # of the whole batch, the same on every rank
+    mine = rank_share(produced, s.accelerator.process_index, s.accelerator.num_processes)
+    log_rollout_table(s, step, mine.samples, mine.rewards, mine.advantages)
+    batch = to_batch(mine.samples, mine.rewards, mine.advantages, s.learner.tokenizer.pad_token_id,
                      s.cfg.grpo.mask_truncated)
     metrics |= learn(s, batch, ref_model)
     with s.timer("sync"):
-        expected = ProbeExpectation.of(probe, s.engine, s.learner.unwrapped)  # reads the engine's limits only
-        producer.hand_weights(WeightSnapshot(s.learner.unwrapped, s.cfg.rollout.sync_bucket_mb, version + 1, step,
-                                             expected))
+        hand_over(s, producer, probe, version + 1, step)
     s.trainer_state["policy_version"] = version + 1
     return metrics, already_global
+
+
+def hand_over(s: Session, producer: RolloutProducer | None, probe: StaleWeightProbe, version: int, step: int) -> None:
+    """The weights after `step` as a `WeightSnapshot` for rank 0's producer. Every rank runs the probe's forward
+    and reads the weight stream (under ZeRO-3 both gather collectively); the other ranks keep no copy."""
+    model = s.learner.unwrapped
+    expected = ProbeExpectation.of(probe, s.engine, model)  # reads the engine's limits only
+    if producer is not None:
+        producer.hand_weights(WeightSnapshot(model, s.cfg.rollout.sync_bucket_mb, version, step, expected))
+        return
+    for _ in weight_stream(model, s.cfg.rollout.sync_bucket_mb, None):  # in step with rank 0's gathers
+        pass
 
 
 def staleness(learner_version: int, samples: list[Sample], max_staleness: int) -> dict[str, float]:
@@ -390,14 +407,16 @@ def _postfix(m: dict[str, float]) -> dict[str, str]:
 
 def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch.nn.Module | None,
                  pending: list[ProducedBatch]) -> dict[str, float]:
-    """The loop with a `RolloutProducer` generating ahead (first serving the checkpoint's `pending` batches);
-    evaluation runs on its thread (the engine's)."""
+    """The loop with a `RolloutProducer` generating ahead on rank 0 (first serving the checkpoint's `pending`
+    batches); evaluation runs on its thread (the engine's), and on the other ranks' learner threads."""
     total, start = s.cfg.grpo.n_grpo_steps, int(s.trainer_state["step"])
     probe = make_probe(s.cfg, s.learner)
-    side = RolloutSide(s.cfg, s.accelerator, s.engine, s.scorer, PhaseTimer())
-    producer = RolloutProducer(side, sampler, _sample_for_producer, probe_check(probe), start=start, total=total,
-                               max_staleness=s.cfg.grpo.max_staleness, pending=pending,
-                               inflight=s.cfg.grpo.inflight_weight_updates)
+    producer = None
+    if s.accelerator.process_index == 0:
+        side = RolloutSide(s.cfg, ONE_PROCESS, s.engine, s.scorer, PhaseTimer())
+        producer = RolloutProducer(side, sampler, _sample_for_producer, probe_check(probe), start=start,
+                                   total=total, max_staleness=s.cfg.grpo.max_staleness, pending=pending,
+                                   inflight=s.cfg.grpo.inflight_weight_updates)
     taken = [start]
 
     def step(n: int) -> StepResult:
@@ -406,14 +425,22 @@ def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch
 
     def checkpoint_state() -> dict[str, Any]:  # called after every step; only saved steps need the batches
         n, every = taken[0], s.cfg.checkpoint.save_every
-        return producer.checkpoint_state(n) if n == total or (every and n % every == 0) else {}
+        due = n == total or (every and n % every == 0)
+        return producer.checkpoint_state(n) if due and producer is not None else {}
+
+    def evaluate(n: int) -> dict[str, float]:  # once the server holds the newest weights (rank 0's producer)
+        def after_weights() -> dict[str, float]:
+            s.accelerator.wait_for_everyone()
+            return s.evaluate(n)
+
+        return producer.call(after_weights) if producer is not None else after_weights()
 
     try:
-        return run(s, Mode(name="grpo", total_steps=total, step=step,
-                           evaluate=lambda n: producer.call(lambda: s.evaluate(n)), postfix=_postfix,
+        return run(s, Mode(name="grpo", total_steps=total, step=step, evaluate=evaluate, postfix=_postfix,
                            checkpoint_state=checkpoint_state))
     finally:
-        producer.close()
+        if producer is not None:
+            producer.close()
 
 
 def _sample_for_producer(side: RolloutSide, sampler: QuestionSampler[Example],

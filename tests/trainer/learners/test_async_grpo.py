@@ -40,8 +40,12 @@ def test_colocated_async_is_a_config_error_that_says_why(tiny_qwen2_path: str, t
         small_config(tiny_qwen2_path, tmp_path, "grpo.max_staleness=1")
     cfg = remote_config(tiny_qwen2_path, tmp_path, "grpo.max_staleness=2")
     assert cfg.grpo.max_staleness == 2 and small_config(tiny_qwen2_path, tmp_path).grpo.max_staleness == 0
-    with pytest.raises(ConfigError, match=r"grpo.max_staleness=2 with world size 2"):
-        validate_for_cluster(cfg, 2, ["cpu", "cpu"])
+    validate_for_cluster(cfg, 2, ["cpu", "cpu"])  # several ranks share the remote server: rank 0 produces
+    dedicated = small_config(tiny_qwen2_path, tmp_path, "rollout.engine=vllm", "rollout.placement=dedicated",
+                             "rollout.device=cuda:1", "grpo.max_staleness=1")
+    validate_for_cluster(dedicated, 1, ["cuda:0"], cuda_devices=2)
+    with pytest.raises(ConfigError, match=r"rollout.placement=dedicated with world size 2"):
+        validate_for_cluster(dedicated, 2, ["cuda:0", "cuda:2"], cuda_devices=3)
 
 
 # ---- the objective -------------------------------------------------------------------------------------
