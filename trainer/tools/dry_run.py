@@ -13,7 +13,7 @@ every question, the world-size split), without loading weights, starting an engi
   ``rollout.max_tokens`` (held-out: ``eval.max_tokens``) of the context, whose responses the engine cuts
   short. SFT/DPO files are read and checked as training does;
 - schedule (GRPO, EI): steps, rollouts and questions per step, passes over the training questions, optimizer
-  steps;
+  steps; for GRPO, who samples the rollouts (each rank, or rank 0 alone when asynchronous) and from where;
 - golds: one spanning several lines is a warning (the whole worked solution was read: a wrong
   ``data.answer_parser`` or ``answer_column``); with a built-in grader, up to `GOLD_SAMPLE` golds, each
   written as the reward's ideal response (``</think> <answer>GOLD</answer>`` for r1_zero, ``\\boxed{GOLD}``
@@ -55,6 +55,7 @@ def dry_run(cfg: RunConfig, resume: bool = False, world_size: int = 1) -> list[s
         train = usable_questions(cfg, tokenizer, model_config, "train", lines)
         eval_examples = usable_questions(cfg, tokenizer, model_config, "test", lines)
         lines += schedule_lines(cfg, len(train))
+        lines += rollout_lines(cfg, world_size) if cfg.mode == "grpo" else []
         lines += reward_lines(cfg, [*train, *eval_examples])
     return lines
 
@@ -149,6 +150,24 @@ def schedule_lines(cfg: RunConfig, n_train: int) -> list[str]:
     return [f"schedule: {steps} steps x {rollouts} rollouts ({questions} questions x {rollouts // questions}) = "
             f"{drawn:,} questions drawn, {drawn / max(n_train, 1):.2f} passes over the training questions; "
             f"{updates}{warm}"]
+
+
+def rollout_lines(cfg: RunConfig, world_size: int) -> list[str]:
+    """Who samples a GRPO step's rollouts, and how many each learner rank trains on."""
+    g, r = cfg.grpo, cfg.rollout
+    questions = g.rollout_batch_size // g.group_size
+    learners = "each rank" if world_size > 1 else "the learner"
+    where = {"colocated": f"vLLM colocated with {learners}" if r.engine == "vllm" else "the learner's own module (HF)",
+             "dedicated": f"vLLM on {r.device}", "remote": f"the rollout server at {r.server_url}"}[r.placement]
+    if g.max_staleness:
+        many = world_size > 1
+        return [f"rollouts: asynchronous (grpo.max_staleness={g.max_staleness}): "
+                f"{'rank 0' if many else 'a producer thread'} samples each step's {g.rollout_batch_size} rollouts "
+                f"from {where} while {'the ranks train' if many else 'the learner trains'} on an earlier step's"
+                + (f"; each of {world_size} ranks trains on {g.rollout_batch_size // world_size}" if many else "")]
+    who = f"each of {world_size} ranks samples" if world_size > 1 else "the learner samples"
+    return [f"rollouts: {who} {questions // world_size} questions x {g.group_size} per step from {where}, then "
+            "trains on them"]
 
 
 def reward_lines(cfg: RunConfig, examples: Sequence[Any]) -> list[str]:

@@ -51,6 +51,7 @@ def test_cli_prints_the_schedule_and_writes_nothing(tiny_qwen2_path: str, gsm8k_
     assert ("schedule: 200 steps x 256 rollouts (32 questions x 8) = 6,400 questions drawn, 0.86 passes over the "
             "training questions; 200 optimizer steps") in out
     assert "data (train): 7,473 questions" in out and "data (held-out): 1,024 questions" in out
+    assert "rollouts: each of 8 ranks samples 4 questions x 8 per step from vLLM colocated with each rank" in out
     assert "reward: r1_zero: 64/64 sampled golds" in out and "warning" not in out
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(tiny_qwen2_path).parameters())
     assert f"{params / 1e3:.2f} k parameters" in out  # the meta-device count is the loaded model's
@@ -104,6 +105,21 @@ def test_refusals_come_before_training(tiny_qwen2_path: str, gsm8k_dir: Path, tm
     unwritable = load_config(GSM8K_CONFIG, gsm8k_overrides(tiny_qwen2_path, gsm8k_dir, beside_a_file / "run"))
     with pytest.raises(StorageError, match=r"notes\.txt is not a writable directory"):
         dry_run(unwritable)
+
+
+def test_the_rollout_layout_is_named(tiny_qwen2_path: str, gsm8k_dir: Path, tmp_path: Path) -> None:
+    """Asynchronous GRPO on 4 ranks and a rollout server: rank 0 samples the 256 rollouts, each rank trains on 64;
+    synchronous on the same server: each rank samples 32 / 4 = 8 questions x 8."""
+    remote = [*gsm8k_overrides(tiny_qwen2_path, gsm8k_dir, tmp_path / "run"), "rollout.placement=remote",
+              "rollout.server_url=http://rollouts:8000", f"rollout.weight_transfer_dir={tmp_path / 'weights'}",
+              "rollout.sleep_between_rollouts=false"]
+    lines = dry_run(load_config(GSM8K_CONFIG, [*remote, "grpo.max_staleness=1"]), world_size=4)
+    assert ("rollouts: asynchronous (grpo.max_staleness=1): rank 0 samples each step's 256 rollouts from the "
+            "rollout server at http://rollouts:8000 while the ranks train on an earlier step's; each of 4 ranks "
+            "trains on 64") in lines
+    lines = dry_run(load_config(GSM8K_CONFIG, remote), world_size=4)
+    assert ("rollouts: each of 4 ranks samples 8 questions x 8 per step from the rollout server at "
+            "http://rollouts:8000, then trains on them") in lines
 
 
 def test_golds_the_reward_can_never_pay_are_named(tiny_qwen2_path: str, tmp_path: Path) -> None:
