@@ -42,14 +42,8 @@ def main(out: Path) -> None:
     from accelerate.utils import InitProcessGroupKwargs
 
     from trainer.data.sampler import QuestionSampler
-    from trainer.learners.async_rollouts import (
-        ONE_PROCESS,
-        RolloutProducer,
-        RolloutProducerError,
-        RolloutSide,
-        rank_share,
-        share_batch,
-    )
+    from trainer.learners.async_ranks import ONE_PROCESS, rank_share, share_batch
+    from trainer.learners.async_rollouts import RolloutProducer, RolloutProducerError, RolloutSide
     from trainer.timing import PhaseTimer
 
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60))])

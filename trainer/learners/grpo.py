@@ -54,17 +54,15 @@ from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.evaluate import sampling_config
 from trainer.learner import Learner, global_token_count, load_frozen_reference
+from trainer.learners.async_ranks import ONE_PROCESS, rank_share, share_batch
 from trainer.learners.async_rollouts import (
-    ONE_PROCESS,
     ProbeExpectation,
     ProducedBatch,
     RolloutProducer,
     RolloutSide,
     WeightSnapshot,
     probe_check,
-    rank_share,
     restore_pending,
-    share_batch,
 )
 from trainer.learners.loop import Mode, StepResult, run
 from trainer.learners.warmstart import refuse_under_deepspeed, start_rollouts

@@ -13,7 +13,8 @@ import torch
 from helpers import REPO, launch_worlds
 
 from rollout.engines.protocol import Sample
-from trainer.learners.async_rollouts import ProducedBatch, rank_share
+from trainer.learners.async_ranks import rank_share
+from trainer.learners.async_rollouts import ProducedBatch
 
 WORKER = REPO / "tests" / "share_worker.py"
 
