@@ -363,7 +363,8 @@ def grade_answer(pred: str, gold: str, *, time_limit_s: float | None = TIME_LIMI
     >>> grade_answer("$18.", "18"), grade_answer("1.8", "18").correct, grade_answer("", "18").method
     (Grade(correct=True, method='fast'), False, 'empty')
     """
-    p, g = _spelled_latex(_unwrap(pred)), _spelled_latex(_unwrap(gold))
+    pred, gold = _spelled_latex(pred), _spelled_latex(gold)  # the fast and the slow path read the same text
+    p, g = _unwrap(pred), _unwrap(gold)
     if not p or not g:
         return Grade(False, "empty")
     pn, gn = _as_number(p), _as_number(g)
@@ -375,7 +376,7 @@ def grade_answer(pred: str, gold: str, *, time_limit_s: float | None = TIME_LIMI
         return Grade(False, "fast")
     if slow_path_risk(pred) is not None:
         return Grade(False, "guard")
-    return _slow_path(_spelled_latex(pred.strip()), _spelled_latex(gold.strip()), time_limit_s)
+    return _slow_path(pred.strip(), gold.strip(), time_limit_s)
 
 
 @functools.cache
