@@ -4,9 +4,11 @@ rank 0's rollout batches to every learner rank.
 Run as one plain process (world 1) and as 2 gloo ranks (``torchrun --nproc_per_node 2``). Rank 0 runs a real
 `RolloutProducer` whose sample function draws 4 questions of the sampler per step and makes a group of 2
 samples for each (rewards 0..7 in row order); the batch of step 2 fails (the server gone). Every rank calls
-`share_batch` for steps 1 and 2 and keeps `rank_share` of step 1. Each rank writes ``OUT/rank{R}.json``: the
-rows of the whole batch (question index and reward), its own rows, and the error step 2 raised. The process
-group has a 60 s timeout, so a rank left waiting in a collective fails instead of hanging.
+`share_batch` for steps 1 and 2 and keeps `rank_share` of step 1, then `evaluate_everywhere` with the failed
+producer, then with a working one. Each rank writes ``OUT/rank{R}.json``: the rows of the whole batch (question
+index and reward), its own rows, the errors step 2 and the first evaluation raised, and what the second
+evaluation returned (the rank, and whether it ran on the main thread). The process group has a 60 s timeout, so
+a rank left waiting in a collective fails instead of hanging.
 Usage: ``python tests/share_worker.py OUT_DIR``.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import datetime
 import json
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +45,23 @@ def main(out: Path) -> None:
     from accelerate.utils import InitProcessGroupKwargs
 
     from trainer.data.sampler import QuestionSampler
-    from trainer.learners.async_ranks import ONE_PROCESS, rank_share, share_batch
+    from trainer.learners.async_ranks import ONE_PROCESS, evaluate_everywhere, rank_share, share_batch
     from trainer.learners.async_rollouts import RolloutProducer, RolloutProducerError, RolloutSide
     from trainer.timing import PhaseTimer
 
     acc = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=60))])
-    producer = None
-    if acc.process_index == 0:
+
+    def start_producer(total: int) -> RolloutProducer | None:
+        if acc.process_index != 0:
+            return None
         side = RolloutSide(None, ONE_PROCESS, None, None, PhaseTimer())  # type: ignore[arg-type]
-        producer = RolloutProducer(side, QuestionSampler(list(range(100)), seed=3), sample,
-                                   lambda engine, snapshot: {}, start=0, total=2, max_staleness=1)
+        return RolloutProducer(side, QuestionSampler(list(range(100)), seed=3), sample,
+                               lambda engine, snapshot: {}, start=0, total=total, max_staleness=1)
+
+    def where() -> list[Any]:
+        return [acc.process_index, threading.current_thread() is threading.main_thread()]
+
+    producer = start_producer(total=2)
     whole = share_batch(acc, producer, 1)
     mine = rank_share(whole, acc.process_index, acc.num_processes)
     result: dict[str, Any] = {
@@ -64,8 +74,17 @@ def main(out: Path) -> None:
         result["error"] = None
     except RolloutProducerError as err:
         result["error"] = str(err)
+    try:
+        evaluate_everywhere(acc, producer, where)
+        result["eval_error"] = None
+    except RolloutProducerError as err:
+        result["eval_error"] = str(err)
     if producer is not None:
         producer.close()
+    working = start_producer(total=1)
+    result["evaluated"] = evaluate_everywhere(acc, working, where)
+    if working is not None:
+        working.close()
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
 

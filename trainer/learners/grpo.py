@@ -54,7 +54,7 @@ from trainer.data.sampler import QuestionSampler
 from trainer.data.tasks import Example
 from trainer.evaluate import sampling_config
 from trainer.learner import Learner, global_token_count, load_frozen_reference
-from trainer.learners.async_ranks import ONE_PROCESS, rank_share, share_batch
+from trainer.learners.async_ranks import ONE_PROCESS, evaluate_everywhere, rank_share, share_batch
 from trainer.learners.async_rollouts import (
     ProbeExpectation,
     ProducedBatch,
@@ -426,12 +426,8 @@ def _train_async(s: Session, sampler: QuestionSampler[Example], ref_model: torch
         due = n == total or (every and n % every == 0)
         return producer.checkpoint_state(n) if due and producer is not None else {}
 
-    def evaluate(n: int) -> dict[str, float]:  # once the server holds the newest weights (rank 0's producer)
-        def after_weights() -> dict[str, float]:
-            s.accelerator.wait_for_everyone()
-            return s.evaluate(n)
-
-        return producer.call(after_weights) if producer is not None else after_weights()
+    def evaluate(n: int) -> dict[str, float]:
+        return evaluate_everywhere(s.accelerator, producer, lambda: s.evaluate(n))
 
     try:
         return run(s, Mode(name="grpo", total_steps=total, step=step, evaluate=evaluate, postfix=_postfix,

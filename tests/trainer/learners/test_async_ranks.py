@@ -1,6 +1,7 @@
 """Asynchronous GRPO on several learner ranks: rank 0's producer samples the whole batch, `share_batch` hands it
-to every rank and `rank_share` gives each its whole groups; a producer failure reaches every rank as one
-`RolloutProducerError`. Two real gloo ranks against one process (`tests/share_worker.py`). Whole runs on two
+to every rank and `rank_share` gives each its whole groups; `evaluate_everywhere` runs on rank 0's producer thread
+and the other ranks' learner threads; a producer failure reaches every rank as one `RolloutProducerError`, in a
+step or before an evaluation. Two real gloo ranks against one process (`tests/share_worker.py`). Whole runs on two
 ranks through a rollout server: `tests/trainer/test_deepspeed_runs.py::test_zero3_ranks_share_one_rollout_server`."""
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ def test_rank_share_by_hand() -> None:
 def test_every_rank_gets_rank_0s_batch_and_its_error(tmp_path: Path) -> None:
     """World 2 against world 1: both ranks receive the batch one process samples (8 rows, the same questions and
     rewards), rank 0 keeps rows 0-3 and rank 1 rows 4-7, and the failed batch of step 2 raises on both ranks:
-    rank 0's own error, rank 1 the same cause named as rank 0's producer's."""
+    rank 0's own error, rank 1 the same cause named as rank 0's producer's. An evaluation after that failure
+    raises on both ranks too (rank 1 waited in a barrier for ever before), and with a working producer it runs on
+    rank 0's producer thread and on rank 1's main thread."""
     for world in (1, 2):
         (tmp_path / f"w{world}").mkdir()
     launch_worlds(WORKER, lambda world: [str(tmp_path / f"w{world}")], tmp_path, timeout_s=240)
@@ -50,3 +53,8 @@ def test_every_rank_gets_rank_0s_batch_and_its_error(tmp_path: Path) -> None:
         assert "ConnectionError: the rollout server is gone" in rank["error"]
     assert ranks[1]["error"].startswith("rank 0's rollout producer failed: the rollout producer failed while")
     assert one["error"] == ranks[0]["error"]
+    for rank in (one, *ranks):
+        assert "running a call (evaluation)" in rank["eval_error"] and "ConnectionError" in rank["eval_error"]
+    assert ranks[1]["eval_error"].startswith("rank 0's rollout producer failed: ")
+    assert one["eval_error"] == ranks[0]["eval_error"]
+    assert one["evaluated"] == [0, False] and [r["evaluated"] for r in ranks] == [[0, False], [1, True]]
