@@ -35,13 +35,9 @@ lint: install
 	$(VENV)/bin/ruff check trainer rollout tests benchmarks
 	$(VENV)/bin/mypy
 
-# Two test workers (pytest-xdist; each module on one worker, beside its module-scoped servers) for all but the
-# `timing` tests, which then run on their own (tests/conftest.py says why). PYTEST_WORKERS=0: one process for the
-# first part too. The longest tests close each report: where CI time goes.
-PYTEST_WORKERS ?= 2
+# the 25 longest tests close the report: where CI time goes
 pytest: install
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile -m "not timing" --durations=25
-	$(PY) -m pytest -m timing --durations=10
+	$(PY) -m pytest --durations=25
 
 test: lint pytest
 
