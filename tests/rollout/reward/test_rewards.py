@@ -359,7 +359,8 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=repo_pythonpath())
     proc = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script)],
+         "--main_process_port", str(free_port()), "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(script)],
         capture_output=True, text=True, timeout=240, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
