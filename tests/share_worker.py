@@ -87,6 +87,8 @@ def main(out: Path) -> None:
         working.close()
     (out / f"rank{acc.process_index}.json").write_text(json.dumps(result))
     acc.wait_for_everyone()
+    if torch.distributed.is_initialized():  # an exit with the gloo group alive can abort (`Learner.end_distributed`)
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

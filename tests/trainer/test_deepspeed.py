@@ -107,6 +107,8 @@ def worker(phase: str, model_path: str, out_dir: str, dtype: str) -> None:
     if acc.is_main_process:
         torch.save(record, out / f"{phase}.pt")
     acc.wait_for_everyone()
+    learner.end_distributed()  # as a run ends (`Session.close`); an exit with the group alive can abort
+    assert not torch.distributed.is_initialized()
 
 
 # ---- the tests --------------------------------------------------------------------------------------

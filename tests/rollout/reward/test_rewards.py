@@ -340,6 +340,7 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             import json, os, sys, threading
+            import torch
             sys.path.insert(0, {str(repo)!r})
             from accelerate import Accelerator
             from rollout.reward.pool import RewardScorer
@@ -353,6 +354,7 @@ def test_inside_accelerate_launch(tmp_path: Path) -> None:
             accelerator.wait_for_everyone()
             with open(os.path.join({str(tmp_path)!r}, f"rank{{accelerator.process_index}}.json"), "w") as f:
                 json.dump([r.reward for r in out], f)
+            torch.distributed.destroy_process_group()  # an exit with the group alive can abort
             """
         )
     )
