@@ -29,7 +29,7 @@ def test_learner_step_prints_every_layout(tiny_qwen2_path: str) -> None:
 @pytest.mark.vllm
 def test_rollout_benchmark_small() -> None:
     out = run_script("rollout.py", "--small", "--num-seqs", "16", "--prompt-len", "16", "--max-new-tokens", "8",
-                     "--repeats", "1")
+                     "--repeats", "1", "--enforce-eager")  # compiled: tests/rollout/engines/test_vllm_compiled.py
     for row in ("raw vllm.LLM.generate (logprobs=0)", "VLLMEngine.generate", "HFEngine.generate",
                 "VLLMEngine.update_weights"):
         assert row in out, out
