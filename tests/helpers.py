@@ -207,6 +207,15 @@ def capture_grads_at_step(learner: Any) -> dict[str, torch.Tensor]:
     return captured
 
 
+def rolled_token_rows(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """`model`'s weights with the embedding and LM-head rows shifted by one token: wrong weights of the right
+    shapes, which a weight check passes and the stale-weight probe must catch."""
+    from rollout.weights import iter_state_dict
+
+    rolled = ("model.embed_tokens.weight", "lm_head.weight")
+    return ((n, t.roll(1, 0) if n in rolled else t) for n, t in iter_state_dict(model))
+
+
 def tiny_vllm_engine(path: str) -> Any:
     """An in-process float32 `VLLMEngine` of the tiny Qwen2 with a small fixed KV cache (quick start-up)."""
     from rollout.engines.vllm import VLLMEngine

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import perturbed
+from helpers import perturbed, rolled_token_rows
 from transformers import AutoModelForCausalLM
 
 from rollout.engines.hf import HFEngine
 from rollout.engines.protocol import SamplingConfig
 from rollout.engines.vllm import VLLMEngine
-from rollout.weights import WeightStream, iter_state_dict
+from rollout.weights import WeightStream
 from trainer.sync import StaleWeightProbe, StaleWeightsError
 
 GREEDY = SamplingConfig(max_tokens=16, temperature=0.0, min_tokens=0, stop=())
@@ -51,8 +51,7 @@ def test_compiled_engine_syncs_and_probes_like_the_learner(tiny_qwen2_path: str)
         probe = StaleWeightProbe(tokenizer=engine.tokenizer, dtype=torch.float32)
         assert probe(engine, learner).ok
 
-        rolled = ("model.embed_tokens.weight", "lm_head.weight")  # wrong weights: token rows shifted by one
-        engine.update_weights((n, t.roll(1, 0) if n in rolled else t) for n, t in iter_state_dict(learner))
+        engine.update_weights(rolled_token_rows(learner))
         with pytest.raises(StaleWeightsError):
             probe(engine, learner)
     finally:

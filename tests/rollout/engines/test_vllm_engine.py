@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import perturbed, tiny_vllm_engine
+from helpers import perturbed, rolled_token_rows, tiny_vllm_engine
 from packaging.version import Version
 from transformers import AutoModelForCausalLM
 
@@ -556,8 +556,7 @@ def test_gpu_bf16_colocated_generate_sleep_sync_probe(tmp_path: Path, tiny_qwen2
         result = probe(engine, learner)
         assert result.ok, result
         assert engine.generate(["What is 2 + 3?"], params)[0].policy_version == 1
-        rolled = ("model.embed_tokens.weight", "lm_head.weight")  # wrong weights: token rows shifted by one
-        engine.update_weights((n, t.roll(1, 0) if n in rolled else t) for n, t in iter_state_dict(learner))
+        engine.update_weights(rolled_token_rows(learner))
         with pytest.raises(StaleWeightsError):
             probe(engine, learner)
     finally:
