@@ -273,7 +273,7 @@ class Session:
 
     # ---- cleanup ----------------------------------------------------------------------------------
     def close(self) -> None:
-        for closer in (self._close_engine, self._close_scorer, self.tracker.finish, self._end_distributed):
+        for closer in (self._close_engine, self._close_scorer, self.tracker.finish, self.learner.end_distributed):
             try:
                 closer()
             except Exception as err:  # keep closing the rest
@@ -288,9 +288,6 @@ class Session:
         if self._scorer is not None:
             self._scorer.close()
             self._scorer = None
-
-    def _end_distributed(self) -> None:
-        self.learner.end_distributed()
 
     def __enter__(self) -> Session:
         return self
